@@ -1,0 +1,154 @@
+"""Pipeline stages of the :class:`~rewrite.rewriter.Rewriter`, assembled by name from YAML.
+
+Each stage follows the haystack-2.x component shape: a light ``__init__``, a heavy
+``warm_up()`` (load models, open connections) and a typed ``run(state) -> state``. A stage
+may finish the request (``state.done = True``) — e.g. a precomputed hit — and later stages
+are then skipped. New stages register with :func:`register_stage` and are listed in
+``service.pipeline`` in ``configs/*.yaml``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from rewrite import metrics
+from rewrite.config import Settings
+from rewrite.normalize import normalize_utterance
+from rewrite.store import PairStore, StoreUnavailableError
+from rewrite.types import Candidate, RewriteRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RewriteState:
+    """Mutable per-request state passed through the stages."""
+
+    request: RewriteRequest
+    normalized: str = ""
+    rewrite: str | None = None
+    source: str = "none"
+    confidence: float = 0.0
+    model_version: str = ""
+    reason: str = ""
+    candidates: list[Candidate] = field(default_factory=list)
+    done: bool = False
+
+
+class Stage(Protocol):
+    """One pipeline step."""
+
+    name: str
+
+    def warm_up(self) -> None:
+        """Load heavy resources once before serving."""
+
+    def run(self, state: RewriteState) -> RewriteState:
+        """Process one request; set ``state.done`` to stop the pipeline."""
+
+
+@dataclass
+class Resources:
+    """Shared handles the stages may use (built once per Rewriter)."""
+
+    settings: Settings
+    pair_store: PairStore | None = None
+
+
+class NormalizeStage:
+    """Fills ``state.normalized`` with :func:`rewrite.normalize.normalize_utterance`."""
+
+    name = "normalize"
+
+    def __init__(self, resources: Resources) -> None:
+        del resources
+
+    def warm_up(self) -> None:
+        return None
+
+    def run(self, state: RewriteState) -> RewriteState:
+        state.normalized = normalize_utterance(state.request.utterance)
+        if not state.normalized:
+            state.reason, state.done = "empty_after_normalization", True
+        return state
+
+
+class PrecomputedStage:
+    """Exact-key lookup of a precomputed (absorbing-Markov-chain) pair in Redis.
+
+    On a Redis failure it records ``reason="store_unavailable"`` and finishes the request as a
+    pass-through (the caller never sees the error).
+    """
+
+    name = "precomputed"
+
+    def __init__(self, resources: Resources) -> None:
+        self._resources = resources
+
+    def warm_up(self) -> None:
+        if self._resources.pair_store is None:
+            raise RuntimeError("precomputed stage needs a pair store (redis)")
+
+    def run(self, state: RewriteState) -> RewriteState:
+        store = self._resources.pair_store
+        assert store is not None, "warm_up() not called"
+        try:
+            hit = store.lookup(state.normalized)
+        except StoreUnavailableError:
+            metrics.STORE_ERRORS.inc()
+            state.reason, state.done = "store_unavailable", True
+            return state
+        if hit is None:
+            state.reason = "no_pair"
+            try:
+                state.model_version = store.active_version() or ""
+            except StoreUnavailableError:
+                state.model_version = ""
+            return state
+        state.model_version = hit.version
+        if state.request.explain:
+            state.candidates.append(
+                Candidate(
+                    hit.rewrite,
+                    "precomputed",
+                    hit.confidence,
+                    {"support": float(hit.support), "n_users": float(hit.n_users)},
+                )
+            )
+        if hit.rewrite != state.normalized:
+            state.rewrite, state.source = hit.rewrite, "precomputed"
+            state.confidence = hit.confidence
+            state.reason, state.done = "", True
+        return state
+
+
+StageFactory = Callable[[Resources], Stage]
+_REGISTRY: dict[str, StageFactory] = {}
+
+
+def register_stage(name: str, factory: StageFactory) -> None:
+    """Make a stage available to ``service.pipeline`` under ``name``."""
+    _REGISTRY[name] = factory
+
+
+def available_stages() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_pipeline(names: list[str], resources: Resources) -> list[Stage]:
+    """Instantiate the stages named in config, in order.
+
+    Raises:
+        ValueError: an unknown stage name (the message lists the known ones).
+    """
+    unknown = [n for n in names if n not in _REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown pipeline stage(s) {unknown}; known: {available_stages()}")
+    return [_REGISTRY[n](resources) for n in names]
+
+
+register_stage("normalize", NormalizeStage)
+register_stage("precomputed", PrecomputedStage)

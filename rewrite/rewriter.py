@@ -1,0 +1,141 @@
+"""The plain-Python :class:`Rewriter`: validate → run the configured stages → result.
+
+No gRPC here; :mod:`rewrite.server` is a thin adapter over it. Never raises on a Redis outage
+(pass-through instead); raises :class:`~rewrite.types.InvalidRequestError` for requests that
+break the API contract.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from rewrite import metrics
+from rewrite.config import Settings, load_settings
+from rewrite.pipeline import Resources, RewriteState, Stage, build_pipeline
+from rewrite.redis_server import resolve_redis_url
+from rewrite.store import PairStore
+from rewrite.types import InvalidRequestError, RewriteRequest, RewriteResult
+
+log = logging.getLogger(__name__)
+
+
+def _has_bad_control_chars(text: str) -> bool:
+    return any((ord(c) < 32 and c not in "\t\n\r") or c == "\x7f" for c in text)
+
+
+class Rewriter:
+    """Query rewriter: normalize → precomputed pair → (later issues: online retrieval) →
+    rewrite or pass-through.
+
+    Args:
+        settings: loaded :class:`~rewrite.config.Settings`.
+        pair_store: store to use; default one built from ``settings.redis``.
+
+    Call :meth:`warm_up` once before :meth:`rewrite`.
+    """
+
+    def __init__(self, settings: Settings, pair_store: PairStore | None = None) -> None:
+        self.settings = settings
+        if pair_store is None:
+            url = resolve_redis_url(settings.redis.url, settings.redis.data_dir)
+            pair_store = PairStore(
+                url,
+                socket_timeout_s=settings.redis.socket_timeout_s,
+                connect_timeout_s=settings.redis.connect_timeout_s,
+                version_cache_s=settings.service.version_cache_s,
+            )
+        self.resources = Resources(settings=settings, pair_store=pair_store)
+        self.stages: list[Stage] = build_pipeline(settings.service.pipeline, self.resources)
+        self._warm = False
+
+    @classmethod
+    def from_config(cls, config: str | None = None) -> Rewriter:
+        """Build from a YAML config path (default: ``configs/default.yaml``)."""
+        return cls(load_settings(config))
+
+    def warm_up(self) -> None:
+        """Warm every stage up (idempotent)."""
+        if not self._warm:
+            for stage in self.stages:
+                stage.warm_up()
+            self._warm = True
+
+    def validate(self, request: RewriteRequest) -> None:
+        """Check the API contract.
+
+        Raises:
+            InvalidRequestError: empty/oversized utterance or user id, control characters,
+                too many context turns, negative ``seconds_ago``.
+        """
+        svc = self.settings.service
+        if not request.utterance or not request.utterance.strip():
+            raise InvalidRequestError("utterance is required and must not be blank")
+        if len(request.utterance) > svc.max_utterance_chars:
+            raise InvalidRequestError(
+                f"utterance too long: {len(request.utterance)} > {svc.max_utterance_chars} chars"
+            )
+        if _has_bad_control_chars(request.utterance):
+            raise InvalidRequestError("utterance contains control characters")
+        if not request.user_id or not request.user_id.strip():
+            raise InvalidRequestError("user_id is required")
+        if len(request.user_id) > svc.max_user_id_chars:
+            raise InvalidRequestError(f"user_id longer than {svc.max_user_id_chars} chars")
+        if len(request.context) > svc.max_context_turns:
+            raise InvalidRequestError(
+                f"too many context turns: {len(request.context)} > {svc.max_context_turns}"
+            )
+        for i, turn in enumerate(request.context):
+            if turn.seconds_ago < 0 or turn.seconds_ago != turn.seconds_ago:
+                raise InvalidRequestError(f"context[{i}].seconds_ago must be >= 0")
+            if len(turn.utterance) > svc.max_utterance_chars:
+                raise InvalidRequestError(f"context[{i}].utterance too long")
+
+    def rewrite(self, request: RewriteRequest) -> RewriteResult:
+        """Rewrite one utterance, or pass it through.
+
+        Returns:
+            :class:`RewriteResult`; on pass-through ``rewrite == request.utterance``.
+
+        Raises:
+            InvalidRequestError: see :meth:`validate`.
+        """
+        t0 = time.perf_counter()
+        try:
+            self.validate(request)
+        except InvalidRequestError:
+            metrics.INVALID.inc()
+            raise
+        if not self._warm:
+            self.warm_up()
+        state = RewriteState(request=request)
+        for stage in self.stages:
+            state = stage.run(state)
+            if state.done:
+                break
+        rewritten = state.rewrite is not None
+        if not rewritten and not state.reason:
+            state.reason = "below_threshold"
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        metrics.LATENCY.observe(latency_ms / 1000.0)
+        metrics.REQUESTS.labels(state.source, request.arm or "default").inc()
+        if not rewritten:
+            metrics.PASS_THROUGH.labels(state.reason).inc()
+        return RewriteResult(
+            rewrite=state.rewrite if state.rewrite is not None else request.utterance,
+            rewritten=rewritten,
+            source=state.source if rewritten else "none",
+            confidence=state.confidence if rewritten else 0.0,
+            model_version=state.model_version,
+            normalized=state.normalized,
+            arm=request.arm,
+            reason="" if rewritten else state.reason,
+            candidates=tuple(state.candidates) if request.explain else (),
+            latency_ms=latency_ms,
+            request_id=request.request_id,
+        )
+
+    def close(self) -> None:
+        """Release connections."""
+        if self.resources.pair_store is not None:
+            self.resources.pair_store.close()
