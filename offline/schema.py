@@ -66,7 +66,7 @@ class TurnLog(BaseModel):
         return v
 
     def to_json_dict(self) -> dict[str, Any]:
-        """JSON-ready dict with the timestamp as ISO-8601 UTC (``...Z``); ``None`` fields dropped."""
+        """JSON-ready dict, timestamp as ISO-8601 UTC (``...Z``), ``None`` fields dropped."""
         d = self.model_dump(exclude_none=True)
         d["timestamp"] = self.timestamp.isoformat().replace("+00:00", "Z")
         return d
@@ -211,9 +211,7 @@ def read_turn_logs(
                 out = validator.validate(row)
                 if isinstance(out, str):
                     raw_text = raw or json.dumps(row, default=str)
-                    res.quarantined.append(
-                        QuarantinedRow(str(path), line_no, out, raw_text[:2000])
-                    )
+                    res.quarantined.append(QuarantinedRow(str(path), line_no, out, raw_text[:2000]))
                 else:
                     res.turns.append(out)
         except (OSError, ValueError) as e:  # unreadable / truncated parquet
@@ -224,7 +222,7 @@ def read_turn_logs(
 
 
 def write_quarantine(rows: Iterable[QuarantinedRow], path: Path) -> int:
-    """Write quarantined rows as JSONL (``source``, ``line``, ``reason``, ``raw``); returns count."""
+    """Write quarantined rows as JSONL (``source``, ``line``, ``reason``, ``raw``); return count."""
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with path.open("w", encoding="utf-8") as fh:

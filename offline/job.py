@@ -1,0 +1,252 @@
+"""The nightly job: validate → sessionize → rephrase detection → rephrase chains →
+absorbing Markov chain → rewrite pairs → (publish).
+
+Writes into ``RUN_DIR``: ``pairs.parquet`` (source, rewrite, absorption_probability,
+support, n_users), ``rephrases.parquet`` (detected links), ``quarantine.jsonl`` and
+``report.json`` (counts per stage, timings in seconds, quarantined rows).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from offline.defects import DefectRule
+from offline.markov import RephraseChain, RewritePair, mine_pairs
+from offline.publish import connect, content_hash, publish_pairs
+from offline.rephrase import RephraseLink, build_detector
+from offline.schema import SCHEMA_VERSION, TurnValidator, read_turn_logs, write_quarantine
+from offline.sessionize import Session, Turn, sessionize, to_turns
+from rewrite.config import Settings
+from rewrite.redis_server import resolve_redis_url
+
+log = logging.getLogger(__name__)
+
+PAIRS_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("rewrite", pa.string()),
+        ("absorption_probability", pa.float64()),
+        ("support", pa.int64()),
+        ("n_users", pa.int64()),
+    ]
+)
+
+
+@dataclass
+class NightlyReport:
+    """What ``report.json`` holds."""
+
+    schema_version: str
+    started_at: str
+    logs: list[str]
+    counts: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    quarantined: dict[str, Any] = field(default_factory=dict)
+    markov: dict[str, Any] = field(default_factory=dict)
+    pairs_content_hash: str = ""
+    publish: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def build_chains(
+    turns: Sequence[Turn],
+    sessions: Sequence[Session],
+    links: Sequence[RephraseLink],
+    rule: DefectRule,
+) -> tuple[list[RephraseChain], Counter[str]]:
+    """Follow rephrase links into chains and label each chain's last turn with the defect rule.
+
+    Returns:
+        (chains — one per chain start, singletons included; defect-reason counts over all turns).
+    """
+    next_of = {lk.earlier: lk.later for lk in links}
+    has_prev = {lk.later for lk in links}
+    last_in_session = {s.turns[-1] for s in sessions}
+    reasons: Counter[str] = Counter()
+    defective: dict[int, bool] = {}
+    for t in turns:
+        lab = rule.label(
+            t.response, t.barge_in, t.feedback, t.idx in next_of, t.idx in last_in_session
+        )
+        defective[t.idx] = lab.defect
+        reasons.update(lab.reasons)
+        reasons["defect" if lab.defect else "success"] += 1
+    chains: list[RephraseChain] = []
+    for s in sessions:
+        for start in s.turns:
+            if start in has_prev:
+                continue
+            seq = [start]
+            while seq[-1] in next_of:
+                seq.append(next_of[seq[-1]])
+            utts = tuple(turns[i].normalized for i in seq)
+            chains.append(RephraseChain(utts, not defective[seq[-1]], s.user_id))
+    return chains, reasons
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str):  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - t0, 4)
+
+
+def write_pairs(pairs: Sequence[RewritePair], path: Path) -> None:
+    """Write pairs as Parquet with :data:`PAIRS_SCHEMA`."""
+    cols = {name: [getattr(p, name) for p in pairs] for name in PAIRS_SCHEMA.names}
+    pq.write_table(pa.Table.from_pydict(cols, schema=PAIRS_SCHEMA), path)
+
+
+def read_pairs(path: Path) -> list[RewritePair]:
+    """Read ``pairs.parquet`` back into :class:`RewritePair` objects.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+    """
+    if not Path(path).exists():
+        raise FileNotFoundError(f"pairs file not found: {path} (run `qrw nightly` first)")
+    return [RewritePair(**row) for row in pq.read_table(path).to_pylist()]
+
+
+def run_nightly(
+    logs: Sequence[str | Path],
+    out: Path,
+    settings: Settings,
+    publish: bool = False,
+    now: datetime | None = None,
+) -> NightlyReport:
+    """Run the nightly job end to end.
+
+    Args:
+        logs: turn-log files or directories (JSONL / Parquet).
+        out: run directory (created).
+        settings: loaded settings (thresholds in ``session``, ``rephrase``, ``markov``).
+        publish: also publish the pairs to Redis and flip the active version.
+        now: reference time for the future-timestamp check (default: wall clock).
+
+    Returns:
+        The :class:`NightlyReport` also written to ``out/report.json``.
+
+    Raises:
+        FileNotFoundError: a log path does not exist.
+        offline.publish.PublishError: ``publish`` and Redis is unreachable.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    report = NightlyReport(
+        schema_version=SCHEMA_VERSION,
+        started_at=datetime.now(UTC).isoformat(),
+        logs=[str(p) for p in logs],
+        settings={
+            "session": settings.session.model_dump(),
+            "rephrase": settings.rephrase.model_dump(),
+            "markov": settings.markov.model_dump(),
+        },
+    )
+    t_all = time.perf_counter()
+    with _timed(timings, "validate"):
+        validator = TurnValidator(
+            settings.schema_.max_utterance_chars, settings.schema_.max_future_skew_s, now=now
+        )
+        read = read_turn_logs(logs, validator)
+        write_quarantine(read.quarantined, out / "quarantine.jsonl")
+    reasons = Counter(q.reason.split(":")[0] for q in read.quarantined)
+    report.quarantined = {
+        "rows": len(read.quarantined),
+        "file": str(out / "quarantine.jsonl"),
+        "by_reason": dict(reasons.most_common(20)),
+    }
+    with _timed(timings, "sessionize"):
+        turns = to_turns(read.turns)
+        sessions = sessionize(turns, settings.session.gap_s)
+    with _timed(timings, "rephrase"):
+        detector = build_detector(settings.rephrase, settings.defects)
+        detector.warm_up()
+        detected = detector.detect(turns, sessions)
+        pq.write_table(
+            pa.Table.from_pylist(
+                [
+                    {
+                        "earlier_turn_id": turns[lk.earlier].turn_id,
+                        "later_turn_id": turns[lk.later].turn_id,
+                        "earlier": turns[lk.earlier].normalized,
+                        "later": turns[lk.later].normalized,
+                        "score": lk.score,
+                    }
+                    for lk in detected.links
+                ],
+                schema=pa.schema(
+                    [
+                        ("earlier_turn_id", pa.string()),
+                        ("later_turn_id", pa.string()),
+                        ("earlier", pa.string()),
+                        ("later", pa.string()),
+                        ("score", pa.float64()),
+                    ]
+                ),
+            ),
+            out / "rephrases.parquet",
+        )
+    with _timed(timings, "chains"):
+        chains, defect_reasons = build_chains(
+            turns, sessions, detected.links, DefectRule(settings.defects)
+        )
+    with _timed(timings, "markov"):
+        pairs, mstats = mine_pairs(chains, settings.markov)
+    with _timed(timings, "write"):
+        write_pairs(pairs, out / "pairs.parquet")
+    report.pairs_content_hash = content_hash(pairs)
+    report.counts = {
+        "rows_in": read.rows_in,
+        "turns_valid": len(read.turns),
+        "rows_quarantined": len(read.quarantined),
+        "users": len({t.user_id for t in turns}),
+        "sessions": len(sessions),
+        "rephrase_candidates_scored": detected.candidates_scored,
+        "rephrase_links": len(detected.links),
+        "rephrase_detector": detector.name,
+        "defects": dict(defect_reasons),
+        "chains": len(chains),
+        "pairs": len(pairs),
+    }
+    report.markov = asdict(mstats)
+    if publish:
+        with _timed(timings, "publish"):
+            url = resolve_redis_url(settings.redis.url, settings.redis.data_dir)
+            client = connect(url)
+            res = publish_pairs(
+                client,
+                pairs,
+                keep_versions=settings.redis.keep_versions,
+                version_ttl_s=settings.redis.version_ttl_s,
+                run_info={"run_dir": str(out.resolve())},
+            )
+            client.close()
+        report.publish = asdict(res)
+    timings["total"] = round(time.perf_counter() - t_all, 4)
+    report.timings_s = timings
+    if timings["total"] > 0:
+        report.counts["turns_per_min"] = round(60.0 * len(read.turns) / timings["total"], 1)
+    (out / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
+    log.info(
+        "nightly: %d rows, %d quarantined, %d links, %d pairs in %.2f s",
+        read.rows_in,
+        len(read.quarantined),
+        len(detected.links),
+        len(pairs),
+        timings["total"],
+    )
+    return report

@@ -1,0 +1,241 @@
+"""Absorbing Markov chain over rephrase chains → precomputed rewrite pairs.
+
+States are normalized utterances. Each rephrase chain ``u1 → u2 → … → un`` observed in a
+session adds one transition count per step; its last turn is absorbed into
+``success(un)`` when that turn succeeded, or into ``FAIL`` when it was a defect. Turns that
+nobody rephrased are one-element chains, so an utterance that usually works carries its own
+success mass. With ``Q`` (transient → transient) and ``R`` (transient → absorbing) the
+row-normalized counts, the absorption probabilities are
+
+    B = N R,   N = (I − Q)⁻¹ (the fundamental matrix),
+
+solved with a sparse LU factorization (``scipy.sparse.linalg.splu``) per connected
+component of the rephrase graph — never a dense inverse of the whole graph. A pair is
+(transient utterance → the success state with the highest absorption probability) when that
+state is another utterance and probability, support and distinct users pass the thresholds.
+
+Sources: Kemeny & Snell, *Finite Markov Chains* (1960), ch. 3; Ponnusamy et al.,
+"Feedback-Based Self-Learning in Large-Scale Conversational AI Agents", AAAI 2020.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+from scipy.sparse.linalg import splu
+
+from rewrite.config import MarkovSettings
+
+log = logging.getLogger(__name__)
+
+FAIL = "<FAIL>"
+_BLOCK_CELLS = 4_000_000  # dense (n × block) right-hand sides solved at a time
+
+
+@dataclass(frozen=True)
+class RephraseChain:
+    """One chain of a user's turns, each rephrasing the previous.
+
+    Attributes:
+        utterances: normalized utterances in time order (length >= 1).
+        success: whether the last turn succeeded (absorbed into ``success(last)``).
+        user_id: the user behind the chain.
+    """
+
+    utterances: tuple[str, ...]
+    success: bool
+    user_id: str
+
+
+@dataclass(frozen=True)
+class RewritePair:
+    """A mined rewrite: ``source`` → ``rewrite`` (both normalized)."""
+
+    source: str
+    rewrite: str
+    absorption_probability: float
+    support: int
+    n_users: int
+
+
+@dataclass
+class MarkovStats:
+    """Counts reported by :func:`mine_pairs`."""
+
+    chains: int = 0
+    states: int = 0
+    rephrase_edges: int = 0
+    components: int = 0
+    components_solved: int = 0
+    components_skipped_giant: int = 0
+    largest_component: int = 0
+    candidates: int = 0
+    pairs: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+def fundamental_matrix(q: np.ndarray) -> np.ndarray:
+    """Dense ``N = (I − Q)⁻¹`` for a small chain (tests, docs).
+
+    Args:
+        q: (n, n) float64 transient-to-transient transition probabilities.
+
+    Returns:
+        (n, n) float64: expected visits to state j starting from state i.
+
+    Raises:
+        numpy.linalg.LinAlgError: ``I − Q`` is singular (some state never absorbs).
+    """
+    return np.linalg.inv(np.eye(q.shape[0]) - q)
+
+
+def absorption_probabilities(q: sp.spmatrix, r: sp.spmatrix) -> np.ndarray:
+    """``B = (I − Q)⁻¹ R`` by sparse LU, without forming the inverse.
+
+    Args:
+        q: (n, n) sparse, row-substochastic transient transitions.
+        r: (n, m) sparse transient-to-absorbing transitions; rows of ``[Q R]`` sum to 1.
+
+    Returns:
+        (n, m) float64 dense absorption probabilities; rows sum to 1.
+
+    Raises:
+        RuntimeError: ``I − Q`` is singular (from SuperLU).
+    """
+    n = q.shape[0]
+    a = (sp.identity(n, format="csc") - sp.csc_matrix(q)).tocsc()
+    lu = splu(a)
+    r = sp.csc_matrix(r)
+    m = r.shape[1]
+    step = max(1, _BLOCK_CELLS // max(n, 1))
+    out = np.empty((n, m), dtype=np.float64)
+    for c0 in range(0, m, step):
+        block = r[:, c0 : c0 + step].toarray()
+        out[:, c0 : c0 + step] = lu.solve(block)
+    return out
+
+
+def _support(chains: Iterable[RephraseChain]) -> tuple[Counter[tuple[str, str]], dict]:
+    support: Counter[tuple[str, str]] = Counter()
+    users: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for ch in chains:
+        if not ch.success:
+            continue
+        target = ch.utterances[-1]
+        for u in set(ch.utterances[:-1]):
+            if u != target:
+                support[(u, target)] += 1
+                users[(u, target)].add(ch.user_id)
+    return support, users
+
+
+def mine_pairs(
+    chains: Sequence[RephraseChain], settings: MarkovSettings
+) -> tuple[list[RewritePair], MarkovStats]:
+    """Solve the absorbing chain per connected component and keep the pairs that pass.
+
+    Args:
+        chains: every chain of the run (including one-turn chains).
+        settings: thresholds ``min_absorption_probability``, ``min_support``, ``min_users``
+            and the component size cap ``max_component_states``.
+
+    Returns:
+        (pairs sorted by source, stats).
+    """
+    stats = MarkovStats(chains=len(chains))
+    state_id: dict[str, int] = {}
+    for ch in chains:
+        for u in ch.utterances:
+            state_id.setdefault(u, len(state_id))
+    n = len(state_id)
+    stats.states = n
+    trans: Counter[tuple[int, int]] = Counter()
+    absorb: Counter[tuple[int, int]] = Counter()  # (state, absorbing state id or -1 = FAIL)
+    for ch in chains:
+        ids = [state_id[u] for u in ch.utterances]
+        for a, b in itertools.pairwise(ids):
+            trans[(a, b)] += 1
+        absorb[(ids[-1], ids[-1] if ch.success else -1)] += 1
+    edges = [(a, b) for (a, b) in trans if a != b]
+    stats.rephrase_edges = len(edges)
+    if not edges:
+        return [], stats
+    rows = np.fromiter((a for a, _ in edges), dtype=np.int64, count=len(edges))
+    cols = np.fromiter((b for _, b in edges), dtype=np.int64, count=len(edges))
+    graph = sp.coo_matrix((np.ones(len(edges)), (rows, cols)), shape=(n, n)).tocsr()
+    n_comp, labels = connected_components(graph, directed=False)
+    comp_sizes = np.bincount(labels, minlength=n_comp)
+    multi = np.flatnonzero(comp_sizes > 1)
+    stats.components = len(multi)
+    stats.largest_component = int(comp_sizes.max()) if n else 0
+
+    out_trans: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for (a, b), c in trans.items():
+        out_trans[a].append((b, c))
+    out_abs: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for (a, k), c in absorb.items():
+        out_abs[a].append((k, c))
+
+    names = np.empty(n, dtype=object)
+    for u, i in state_id.items():
+        names[i] = u
+    support, users = _support(chains)
+    rejected: Counter[str] = Counter()
+    pairs: list[RewritePair] = []
+    members_of = defaultdict(list)
+    for i, lab in enumerate(labels):
+        if comp_sizes[lab] > 1:
+            members_of[int(lab)].append(i)
+    for lab in sorted(members_of):
+        members = members_of[lab]
+        if len(members) > settings.max_component_states:
+            stats.components_skipped_giant += 1
+            log.warning("skipping giant component with %d states", len(members))
+            continue
+        stats.components_solved += 1
+        local = {g: k for k, g in enumerate(members)}
+        k = len(members)
+        q_rows, q_cols, q_vals, r_rows, r_cols, r_vals = [], [], [], [], [], []
+        for g in members:
+            total = sum(c for _, c in out_trans[g]) + sum(c for _, c in out_abs[g])
+            for b, c in out_trans[g]:
+                q_rows.append(local[g])
+                q_cols.append(local[b])
+                q_vals.append(c / total)
+            for a, c in out_abs[g]:
+                r_rows.append(local[g])
+                r_cols.append(k if a < 0 else local[a])  # column k = FAIL
+                r_vals.append(c / total)
+        q = sp.csr_matrix((q_vals, (q_rows, q_cols)), shape=(k, k))
+        r = sp.csr_matrix((r_vals, (r_rows, r_cols)), shape=(k, k + 1))
+        absorption = absorption_probabilities(q, r)
+        success = absorption[:, :k]
+        best = success.argmax(axis=1)
+        for li, g in enumerate(members):
+            tgt = int(best[li])
+            prob = float(success[li, tgt])
+            if tgt == li or prob <= 0.0:
+                continue  # the utterance itself is its most likely success: no rewrite
+            stats.candidates += 1
+            src, dst = str(names[g]), str(names[members[tgt]])
+            sup = support.get((src, dst), 0)
+            n_users = len(users.get((src, dst), ()))
+            if prob < settings.min_absorption_probability:
+                rejected["probability"] += 1
+            elif sup < settings.min_support:
+                rejected["support"] += 1
+            elif n_users < settings.min_users:
+                rejected["users"] += 1
+            else:
+                pairs.append(RewritePair(src, dst, round(prob, 6), sup, n_users))
+    pairs.sort(key=lambda p: p.source)
+    stats.pairs = len(pairs)
+    stats.rejected = dict(rejected)
+    return pairs, stats
