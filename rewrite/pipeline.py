@@ -17,7 +17,7 @@ from typing import Protocol
 from rewrite import metrics
 from rewrite.config import Settings
 from rewrite.normalize import normalize_utterance
-from rewrite.store import PairStore, StoreUnavailableError
+from rewrite.store import PairHit, StoreUnavailableError
 from rewrite.types import Candidate, RewriteRequest
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,23 @@ class Stage(Protocol):
         """Process one request; set ``state.done`` to stop the pipeline."""
 
 
+class PairLookup(Protocol):
+    """What the precomputed stage needs from a store (:class:`rewrite.store.PairStore`,
+    :class:`rewrite.store.StaticPairStore`)."""
+
+    def active_version(self, refresh: bool = False) -> str | None: ...
+
+    def lookup(self, normalized: str) -> PairHit | None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class Resources:
     """Shared handles the stages may use (built once per Rewriter)."""
 
     settings: Settings
-    pair_store: PairStore | None = None
+    pair_store: PairLookup | None = None
 
 
 class NormalizeStage:

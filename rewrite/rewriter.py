@@ -12,7 +12,7 @@ import time
 
 from rewrite import metrics
 from rewrite.config import Settings, load_settings
-from rewrite.pipeline import Resources, RewriteState, Stage, build_pipeline
+from rewrite.pipeline import PairLookup, Resources, RewriteState, Stage, build_pipeline
 from rewrite.redis_server import resolve_redis_url
 from rewrite.store import PairStore
 from rewrite.types import InvalidRequestError, RewriteRequest, RewriteResult
@@ -35,7 +35,7 @@ class Rewriter:
     Call :meth:`warm_up` once before :meth:`rewrite`.
     """
 
-    def __init__(self, settings: Settings, pair_store: PairStore | None = None) -> None:
+    def __init__(self, settings: Settings, pair_store: PairLookup | None = None) -> None:
         self.settings = settings
         if pair_store is None:
             url = resolve_redis_url(settings.redis.url, settings.redis.data_dir)

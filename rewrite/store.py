@@ -131,3 +131,30 @@ class PairStore:
 
     def close(self) -> None:
         self._client.close()
+
+
+class StaticPairStore:
+    """In-memory pair store with the :class:`PairStore` lookup interface.
+
+    Used to evaluate a run directory's pairs without publishing them, and in tests.
+
+    Args:
+        pairs: ``{normalized source: (rewrite, confidence, support, n_users)}``.
+        version: the version id reported in results.
+    """
+
+    def __init__(self, pairs: dict[str, tuple[str, float, int, int]], version: str) -> None:
+        self._pairs = pairs
+        self._version = version
+
+    def active_version(self, refresh: bool = False) -> str | None:
+        return self._version
+
+    def lookup(self, normalized: str) -> PairHit | None:
+        row = self._pairs.get(normalized)
+        if row is None:
+            return None
+        return PairHit(row[0], float(row[1]), int(row[2]), int(row[3]), self._version)
+
+    def close(self) -> None:
+        return None

