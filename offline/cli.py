@@ -225,7 +225,7 @@ def evaluate(
     config: ConfigOpt = None,
 ) -> None:
     """Replay held-out logs through the rewriter; print wins/losses/ties, ratio, coverage."""
-    from offline.evaluate import replay_evaluate
+    from offline.evaluate import replay_evaluate, rewriter_for_run
 
     settings = _settings(config)
     if (run is None) == (target is None):
@@ -244,20 +244,6 @@ def evaluate(
         out.write_text(json.dumps(data, indent=2))
     data.pop("examples", None)
     _print_json(data)
-
-
-def rewriter_for_run(run: Path, settings: Settings) -> Any:
-    """An in-process Rewriter over a run directory's pairs (nothing published)."""
-    from offline.job import read_pairs
-    from offline.publish import content_hash
-    from rewrite.rewriter import Rewriter
-    from rewrite.store import StaticPairStore
-
-    pairs = read_pairs(run / "pairs.parquet")
-    table = {p.source: (p.rewrite, p.absorption_probability, p.support, p.n_users) for p in pairs}
-    rewriter = Rewriter(settings, pair_store=StaticPairStore(table, f"v{content_hash(pairs)[:16]}"))
-    rewriter.warm_up()
-    return rewriter
 
 
 @app.command()

@@ -4,8 +4,8 @@ Every turn of the logs is replayed in time order as a :class:`rewrite.types.Rewr
 with the user's recent turns as session context, and the answer is compared with what the
 user really meant (the truth file's ``intended_text``, e.g. DSTC2's human transcription) by
 word error rate. Both sides are normalized with :func:`rewrite.normalize.normalize_utterance`
-first. WER comes from ``jiwer`` (``jiwer.process_words``): (substitutions + deletions +
-insertions) / reference words.
+(apostrophes dropped) first. WER comes from ``jiwer`` (``jiwer.process_words``):
+(substitutions + deletions + insertions) / reference words.
 
 A rewritten turn **wins** when its WER is lower than the original utterance's, **loses** when
 higher, **ties** otherwise; the **win/loss ratio** is wins / losses (DESIGN.md, "Measures").
@@ -27,7 +27,9 @@ import jiwer
 from tqdm import tqdm
 
 from offline.schema import TurnLog, read_turn_logs
+from rewrite.config import Settings
 from rewrite.normalize import normalize_utterance
+from rewrite.rewriter import Rewriter
 from rewrite.types import ContextTurn, RewriteRequest, RewriteResult
 
 log = logging.getLogger(__name__)
@@ -158,12 +160,21 @@ class _Errors:
         return self.edits / self.ref_words
 
 
+def _wer_form(text: str) -> str:
+    """Scoring form: :func:`normalize_utterance` with apostrophes dropped ("i'm" → "im").
+
+    DSTC2 transcriptions are written without apostrophes while its ASR emits them, so
+    keeping them would count every "i'm"/"im" as an error on both sides of the comparison.
+    """
+    return normalize_utterance(text).replace("'", "")
+
+
 def _word_errors(reference: str, hypothesis: str) -> _Errors:
     """Edit counts of normalized ``hypothesis`` against normalized ``reference`` (jiwer).
 
     An empty reference has no words: its error count is the hypothesis length (insertions).
     """
-    ref, hyp = normalize_utterance(reference), normalize_utterance(hypothesis)
+    ref, hyp = _wer_form(reference), _wer_form(hypothesis)
     if not ref:
         return _Errors(len(hyp.split()), 0)
     if not hyp:
@@ -355,3 +366,23 @@ def replay_evaluate(
         rep.missing_truth,
     )
     return rep
+
+
+def rewriter_for_run(run: Path, settings: Settings) -> Rewriter:
+    """An in-process :class:`Rewriter` over a run directory's ``pairs.parquet``.
+
+    Nothing is published: the pairs are served from a
+    :class:`rewrite.store.StaticPairStore`, so a run can be evaluated before it ships.
+
+    Raises:
+        FileNotFoundError: ``run/pairs.parquet`` does not exist.
+    """
+    from offline.job import read_pairs
+    from offline.publish import content_hash
+    from rewrite.store import StaticPairStore
+
+    pairs = read_pairs(run / "pairs.parquet")
+    table = {p.source: (p.rewrite, p.absorption_probability, p.support, p.n_users) for p in pairs}
+    rewriter = Rewriter(settings, pair_store=StaticPairStore(table, f"v{content_hash(pairs)[:16]}"))
+    rewriter.warm_up()
+    return rewriter
