@@ -106,6 +106,7 @@ def test_cycles_and_components_are_solved_separately() -> None:
 
 def test_giant_component_is_skipped_and_reported() -> None:
     chains = [RephraseChain((f"s{i}", f"s{i + 1}"), True, f"u{i}") for i in range(10)]
-    pairs, stats = mine_pairs(chains, MarkovSettings(min_support=1, min_users=1,
-                                                     max_component_states=5))
+    pairs, stats = mine_pairs(
+        chains, MarkovSettings(min_support=1, min_users=1, max_component_states=5)
+    )
     assert pairs == [] and stats.components_skipped_giant == 1
