@@ -104,7 +104,7 @@ class ServiceSettings(BaseModel):
 class SimulatorSettings(BaseModel):
     """Defaults for ``qrw simulate``; see :mod:`offline.simulate`."""
 
-    turns_per_user_day: float = 6.0
+    requests_per_user_day: float = 8.0
     habit_share: float = 0.6
 
 
