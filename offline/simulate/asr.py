@@ -121,6 +121,9 @@ class ChannelConfig(BaseModel):
     hard_max: float = Field(default=0.85, ge=0.0, le=1.0)
     reproduce_prob: float = Field(default=0.8, ge=0.0, le=1.0)
     """P(a hard sentence comes out with its canonical corruption)."""
+    repeat_reproduce_prob: float = Field(default=0.35, ge=0.0, le=1.0)
+    """The same for a deliberate repeat right after a failure: users speak more carefully
+    (hyperarticulate) when they repeat, so the canonical error recurs less often."""
     clean_share: float = Field(default=0.75, ge=0.0, le=1.0)
     """Of the other utterances of a hard sentence: share heard clean (rest: fresh error)."""
     fresh_base: float = Field(default=0.02, ge=0.0, le=1.0)
@@ -334,15 +337,22 @@ class NoisyChannel:
         self._patterns[ck] = pat
         return pat
 
-    def transmit(self, text: str, wer: float, rng: np.random.Generator) -> Heard:
-        """Hear one utterance of ``text`` (a normalized sentence) with per-turn randomness."""
+    def transmit(
+        self, text: str, wer: float, rng: np.random.Generator, careful: bool = False
+    ) -> Heard:
+        """Hear one utterance of ``text`` (a normalized sentence) with per-turn randomness.
+
+        ``careful``: the user is repeating the same words after a failure; the canonical
+        corruption then recurs with ``repeat_reproduce_prob`` instead of ``reproduce_prob``.
+        """
         c = self.config
         pat = self.pattern(text, wer)
         u = rng.random()
+        reproduce = c.repeat_reproduce_prob if careful else c.reproduce_prob
         if pat.corrupted is not None:
-            if u < c.reproduce_prob:
+            if u < reproduce:
                 return Heard(pat.corrupted, pat.error_type, "canonical")
-            if u < c.reproduce_prob + (1.0 - c.reproduce_prob) * c.clean_share:
+            if u < reproduce + (1.0 - reproduce) * c.clean_share:
                 return Heard(text, "none", "clean")
         elif u >= min(1.0, c.fresh_base + c.fresh_wer_slope * max(wer, 0.0)):
             return Heard(text, "none", "clean")

@@ -502,11 +502,12 @@ class Simulator:
                 said = phrasing
                 tried = {said.text}
                 rephrase_of: str | None = None
+                repeat = False
                 failures = 0
                 while True:
                     n_turn += 1
                     turn_id = f"{prefix}-t{n_turn:04d}"
-                    heard = self.channel.transmit(said.text, said.wer, rng)
+                    heard = self.channel.transmit(said.text, said.wer, rng, careful=repeat)
                     row: dict[str, Any] = {
                         "turn_id": turn_id,
                         "user_id": user.user_id,
@@ -613,7 +614,9 @@ class Simulator:
                         counts.abandons += 1
                         abandoned = True
                         break
+                    before = said.text
                     said = self._rephrase(goal, said, tried, rng)
+                    repeat = said.text == before
                     tried.add(said.text)
                     rephrase_of = turn_id
                     t += _uniform(
