@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 Outcome = Literal["win", "loss", "tie"]
 RewriteFn = Callable[[RewriteRequest], RewriteResult]
+SuccessFn = Callable[[str, str], bool]
+"""``success_fn(text, intended_text)``: would the assistant do what the user meant on ``text``?"""
 
 CONTEXT_WINDOW_S = 300.0
 MAX_CONTEXT_TURNS = 5
@@ -107,6 +109,9 @@ class ReplayReport:
         examples: rewritten turns to look at (dicts: ``turn_id``, ``user_id``, ``utterance``,
             ``rewrite``, ``intended``, ``outcome``, ``source``, ``confidence``,
             ``wer_before``, ``wer_after``).
+        task_wins, task_losses, task_win_loss_ratio(_str): only with a ``success_fn``: the
+            DESIGN.md definition — rewrites that turn a failing request into a successful
+            one vs. rewrites that break a working one (None without ``success_fn``).
     """
 
     turns: int = 0
@@ -126,6 +131,10 @@ class ReplayReport:
     by_source: dict[str, int] = field(default_factory=dict)
     outcomes_by_source: dict[str, dict[str, int]] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
+    task_wins: int | None = None
+    task_losses: int | None = None
+    task_win_loss_ratio: float | None = None
+    task_win_loss_ratio_str: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field."""
@@ -234,6 +243,7 @@ def replay_evaluate(
     examples: int = 20,
     context_window_s: float = CONTEXT_WINDOW_S,
     max_context_turns: int = MAX_CONTEXT_TURNS,
+    success_fn: SuccessFn | None = None,
 ) -> ReplayReport:
     """Replay held-out turn logs through ``rewrite_fn`` and score the rewrites by WER.
 
@@ -260,6 +270,8 @@ def replay_evaluate(
         examples: how many rewritten turns to keep in ``examples`` (first wins and losses).
         context_window_s: context look-back, seconds (DESIGN: the 300 s session gap).
         max_context_turns: most context turns sent per request.
+        success_fn: optional task-success oracle ``(text, intended_text) -> bool`` (e.g. the
+            simulator's NLU); adds the task win/loss counts.
 
     Returns:
         :class:`ReplayReport`.
@@ -282,6 +294,7 @@ def replay_evaluate(
     by_source_outcome: dict[str, Counter[str]] = defaultdict(Counter)
     scored: list[tuple[Outcome, dict[str, Any]]] = []
     edits_before = edits_after = ref_words = 0
+    task_wins = task_losses = 0
 
     for turn in tqdm(turns, desc="replay", unit="turn", disable=not progress):
         hist = history[turn.user_id]
@@ -319,6 +332,10 @@ def replay_evaluate(
         edits_after += after.edits
         rep.rewritten += 1
         outcome = _outcome(before, after)
+        if success_fn is not None:
+            ok_before, ok_after = success_fn(turn.utterance, ref), success_fn(result.rewrite, ref)
+            task_wins += ok_after and not ok_before
+            task_losses += ok_before and not ok_after
         by_source_outcome[result.source][outcome] += 1
         scored.append(
             (
@@ -349,6 +366,9 @@ def replay_evaluate(
         s: {o: c[o] for o in ("win", "loss", "tie")} for s, c in sorted(by_source_outcome.items())
     }
     rep.examples = _pick_examples(scored, examples)
+    if success_fn is not None:
+        rep.task_wins, rep.task_losses = task_wins, task_losses
+        rep.task_win_loss_ratio, rep.task_win_loss_ratio_str = win_loss(task_wins, task_losses)
     if rep.errors:
         log.warning("rewrite_fn raised on %d of %d turns", rep.errors, rep.turns)
     log.info(

@@ -183,3 +183,19 @@ def test_load_truth_and_missing_paths(files: tuple[Path, Path], tmp_path: Path) 
         load_truth(tmp_path / "missing.jsonl")
     with pytest.raises(FileNotFoundError):
         replay_evaluate([tmp_path / "missing.jsonl"], truth, DictRewriter())
+
+
+def test_task_success_win_loss(files: tuple[Path, Path]) -> None:
+    logs, truth = files
+
+    # a toy NLU that understands only exact intended texts, plus "set an alarm" as a timer
+    def success(text: str, intended: str) -> bool:
+        t, i = normalize_utterance(text), normalize_utterance(intended)
+        return t == i or (t, i) == ("set an alarm", "set a timer")
+
+    rep = replay_evaluate([logs], truth, DictRewriter(), success_fn=success)
+    # wins: bee, mum, wheather fixed; "set an alarm" still succeeds (no loss); tie stays ok
+    assert (rep.task_wins, rep.task_losses, rep.task_win_loss_ratio_str) == (3, 0, "3:0")
+    assert (rep.wins, rep.losses) == (3, 1)  # the WER view still counts the alarm as a loss
+    plain = replay_evaluate([logs], truth, DictRewriter())
+    assert plain.task_wins is None and plain.task_win_loss_ratio is None

@@ -15,7 +15,13 @@ from offline.simulate.core import (
     SimulatorConfig,
     simulate,
 )
-from offline.simulate.corpus import Goal, Realization, SlurpCorpus, TemplateGrammar
+from offline.simulate.corpus import (
+    Goal,
+    Realization,
+    SlurpCorpus,
+    TemplateGrammar,
+    task_success_oracle,
+)
 
 __all__ = [
     "FAILURE_RESPONSE",
@@ -33,4 +39,5 @@ __all__ = [
     "SlurpCorpus",
     "TemplateGrammar",
     "simulate",
+    "task_success_oracle",
 ]

@@ -24,7 +24,7 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -397,3 +397,21 @@ def fill(tokens: Iterable[str], slots: Sequence[SlotPair]) -> str:
         else:
             out.append(tok)
     return " ".join(out)
+
+
+def task_success_oracle(corpus: Path | SlurpCorpus) -> Callable[[str, str], bool]:
+    """The simulated NLU as an oracle for replay evaluation.
+
+    Returns ``success(text, intended_text)``: True when ``text`` realizes a goal that
+    ``intended_text`` realizes (both parsed by the SLURP template grammar), i.e. the simulated
+    assistant would do what the user meant. Used for the task-level win/loss ratio.
+
+    Raises:
+        FileNotFoundError: the corpus path does not exist.
+    """
+    c = corpus if isinstance(corpus, SlurpCorpus) else SlurpCorpus.load(Path(corpus))
+
+    def success(text: str, intended_text: str) -> bool:
+        return bool(set(c.grammar.parse(text)) & set(c.grammar.parse(intended_text)))
+
+    return success
