@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,11 @@ class EmbeddedRedis:
     def ping(self) -> bool:
         """True when the server answers PING on its socket."""
         try:
-            client = redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=0.5)
+            client = redis.Redis(
+                unix_socket_path=str(self.socket_path),
+                socket_timeout=0.5,
+                retry=Retry(NoBackoff(), 0),
+            )
             return bool(client.ping())
         except (redis.RedisError, OSError):
             return False
@@ -139,7 +145,11 @@ class EmbeddedRedis:
         if pid is None:
             return False
         try:
-            client = redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=2)
+            client = redis.Redis(
+                unix_socket_path=str(self.socket_path),
+                socket_timeout=2,
+                retry=Retry(NoBackoff(), 0),
+            )
             client.shutdown(save=True)
         except (redis.RedisError, OSError):
             pass

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from rewrite import keyspace
 
@@ -62,6 +64,7 @@ class PairStore:
             socket_connect_timeout=connect_timeout_s,
             decode_responses=True,
             retry_on_timeout=False,
+            retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
         self.version_cache_s = version_cache_s

@@ -45,8 +45,8 @@ def test_nightly_mines_the_recurring_fix(tmp_path: Path, settings: Settings) -> 
     logs = _logs(tmp_path)
     run = tmp_path / "run"
     report = run_nightly([logs], run, settings)
-    assert report.counts["rows_in"] == 15
-    assert report.counts["turns_valid"] == 14 and report.counts["rows_quarantined"] == 1
+    assert report.counts["rows_in"] == 14
+    assert report.counts["turns_valid"] == 13 and report.counts["rows_quarantined"] == 1
     assert report.counts["sessions"] == 9 and report.counts["rephrase_links"] == 4
     assert report.counts["defects"]["barge_in"] == 4
     pairs = read_pairs(run / "pairs.parquet")
@@ -64,7 +64,7 @@ def test_nightly_mines_the_recurring_fix(tmp_path: Path, settings: Settings) -> 
     saved = json.loads((run / "report.json").read_text())
     assert saved["quarantined"]["rows"] == 1 and "total" in saved["timings_s"]
     q = [json.loads(x) for x in (run / "quarantine.jsonl").read_text().splitlines()]
-    assert q[0]["line"] == 15 and q[0]["reason"].startswith("invalid JSON")
+    assert q[0]["line"] == 14 and q[0]["reason"].startswith("invalid JSON")
 
 
 @pytest.mark.integration

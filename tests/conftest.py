@@ -1,0 +1,77 @@
+"""Shared pytest fixtures: a real Redis and a real gRPC server on 127.0.0.1.
+
+Fixtures (reuse them from any test module):
+
+- ``redis_server`` (session): an :class:`~rewrite.redis_server.EmbeddedRedis` in a temp dir,
+  started once and stopped by its handle at the end; ``None`` when ``REDIS_URL`` is set (that
+  server is used instead and nothing is started).
+- ``redis_url`` (session): URL of that Redis (``unix://...`` or ``$REDIS_URL``).
+- ``settings`` (session): :func:`~rewrite.config.load_settings` with ``redis.url`` pointed at
+  ``redis_url``. Shared: don't mutate it; take ``settings.model_copy(deep=True)`` to change.
+- ``clean_redis`` (function): FLUSHDB, then a ``redis.Redis`` client (``decode_responses``)
+  on ``redis_url``.
+- ``grpc_server`` (session): a running :class:`~rewrite.server.RewriteServer` on
+  127.0.0.1 with an ephemeral port (``.port``, ``.target``), stopped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from rewrite.config import Settings, load_settings
+from rewrite.redis_server import EmbeddedRedis
+from rewrite.server import RewriteServer
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis | None]:
+    """An embedded redis-server for the session, or None when ``REDIS_URL`` is set."""
+    if os.environ.get("REDIS_URL"):
+        yield None
+        return
+    server = EmbeddedRedis(Path(tmp_path_factory.mktemp("redis")))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: EmbeddedRedis | None) -> str:
+    """URL of the session's Redis."""
+    return redis_server.url if redis_server is not None else os.environ["REDIS_URL"]
+
+
+@pytest.fixture(scope="session")
+def settings(redis_url: str) -> Settings:
+    """Project settings using the session's Redis (shared: copy before changing)."""
+    loaded = load_settings()
+    loaded.redis.url = redis_url
+    return loaded
+
+
+@pytest.fixture
+def clean_redis(redis_url: str) -> Iterator[redis.Redis]:
+    """An emptied Redis database (FLUSHDB) and a string-decoding client on it."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def grpc_server(settings: Settings) -> Iterator[RewriteServer]:
+    """A real rewrite server on 127.0.0.1 (ephemeral port) for the session."""
+    server = RewriteServer(settings, host="127.0.0.1", port=0).start()
+    try:
+        yield server
+    finally:
+        server.stop(grace_s=1.0)
