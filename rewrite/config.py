@@ -71,7 +71,7 @@ class RephraseSettings(BaseModel):
     detector: str = "heuristic_baseline"
     max_gap_s: float = 45.0
     lookback_turns: int = 2
-    min_similarity: float = 0.55
+    min_similarity: float = 0.8
     min_similarity_after_failure: float = 0.35
     phonetic_weight: float = 0.5
 
@@ -97,7 +97,6 @@ class ServiceSettings(BaseModel):
     max_message_bytes: int = 256 * 1024
     request_deadline_s: float = 1.0
     version_cache_s: float = 1.0
-    max_workers: int = 8
     grace_s: float = 5.0
 
 

@@ -37,7 +37,6 @@ At concurrency 1 the modes tie (within run-to-run noise; earlier runs had sync a
 0.1 ms p50); at 8, aio inline gives +24 % QPS and -36 % p99 over the thread pool, whose
 workers contend for the GIL. run_in_executor only adds a thread hop. Re-measure when
 CPU-heavy online stages (DPR encoder, FAISS, which release the GIL) join the pipeline.
-``service.max_workers`` is therefore unused by this server (it sized the sync thread pool).
 
 Per-call budget (work stays bounded when the client sends no deadline): a call's budget is
 the client's deadline, capped at ``service.request_deadline_s`` seconds. A call whose client
