@@ -37,7 +37,7 @@ unit: install
 test: lint typecheck unit
 
 bench: install
-	$(BIN)/python bench/bench_server_mode.py
+	$(BIN)/python bench/bench_server_mode.py --rounds 3
 
 clean:
 	rm -rf $(VENV) rewrite/_pb *.egg-info build
