@@ -110,7 +110,7 @@ def nightly(
     settings = _settings(config)
     try:
         report = run_nightly(logs, out, settings, publish=publish)
-    except (FileNotFoundError, PublishError) as e:
+    except (FileNotFoundError, PublishError) as e:  # incl. DetectorModelMissingError
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
     _print_json(

@@ -218,6 +218,10 @@ def run_nightly(
         "rephrase_candidates_scored": detected.candidates_scored,
         "rephrase_links": len(detected.links),
         "rephrase_detector": detector.name,
+        "rephrase_detector_artifact": str(getattr(detector, "artifact", "") or ""),
+        "rephrase_candidate_pairs_per_s": round(
+            detected.candidates_scored / max(timings["rephrase"], 1e-9), 1
+        ),
         "defects": dict(defect_reasons),
         "chains": len(chains),
         "pairs": len(pairs),

@@ -16,9 +16,11 @@ rephrased at most once, so rephrases form simple chains.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import jellyfish
 from rapidfuzz import fuzz
@@ -26,6 +28,8 @@ from rapidfuzz import fuzz
 from offline.defects import DefectRule
 from offline.sessionize import Session, Turn
 from rewrite.config import DefectSettings, RephraseSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,8 +124,106 @@ class HeuristicBaselineDetector:
         return res
 
 
+class DetectorModelMissingError(FileNotFoundError):
+    """No trained rephrase-detector artifact where the settings point."""
+
+
+def resolve_detector_artifact(settings: RephraseSettings) -> Path:
+    """The artifact dir to load: ``detector_artifact`` or the one ``artifacts_dir/LATEST`` names.
+
+    Raises:
+        DetectorModelMissingError: nothing trained there (the message names the command).
+    """
+    if settings.detector_artifact is not None:
+        path = Path(settings.detector_artifact)
+    else:
+        latest = Path(settings.artifacts_dir) / "LATEST"
+        name = latest.read_text().strip() if latest.exists() else ""
+        path = Path(settings.artifacts_dir) / name if name else Path(settings.artifacts_dir)
+    if not (path / "detector.json").exists():
+        raise DetectorModelMissingError(
+            f"no trained rephrase detector at {path}; run `qrw train detector` first "
+            "(or set rephrase.detector: heuristic_baseline, or rephrase.on_missing_model: train)"
+        )
+    return path
+
+
+class BertSpanRephraseDetector:
+    """The contextual BERT span detector (ContReph, Wang et al., EMNLP 2021) as a job stage.
+
+    Builds one :class:`~offline.detector.examples.DetectorExample` per turn with earlier
+    session turns within ``max_gap_s`` (newest first, at most ``lookback_turns``), runs the
+    span model batched on ONNX Runtime, and keeps predicted rephrases with span probability
+    >= ``min_detector_score``. Each earlier turn is rephrased at most once (highest score wins).
+
+    Args:
+        settings: ``rephrase`` settings (artifact location, backend, thresholds).
+        defects: unused (signals reach the model as input tokens); kept for the factory shape.
+    """
+
+    name = "bert_span"
+
+    def __init__(self, settings: RephraseSettings, defects: DefectSettings) -> None:
+        del defects
+        self.settings = settings
+        self._model: Any = None
+        self.artifact: Path | None = None
+
+    def warm_up(self) -> None:
+        """Load the artifact (or train one when ``on_missing_model: train``).
+
+        Raises:
+            DetectorModelMissingError: no artifact and ``on_missing_model: refuse``.
+        """
+        if self._model is not None:
+            return
+        try:
+            self.artifact = resolve_detector_artifact(self.settings)
+        except DetectorModelMissingError:
+            if self.settings.on_missing_model != "train":
+                raise
+            from offline.detector.pipeline import train_detector_pipeline
+            from rewrite.config import load_settings
+
+            log.warning("no rephrase detector artifact; training one (on_missing_model: train)")
+            settings = load_settings()
+            settings.rephrase = self.settings
+            self.artifact = train_detector_pipeline(settings).artifact
+        from offline.detector.inference import SpanDetector
+
+        self._model = SpanDetector.load(self.artifact, backend=self.settings.detector_backend)
+
+    def detect(self, turns: Sequence[Turn], sessions: Sequence[Session]) -> RephraseResult:
+        from offline.detector.examples import build_examples
+
+        self.warm_up()
+        s = self.settings
+        examples = build_examples(turns, sessions, s.lookback_turns, s.max_gap_s)
+        preds = self._model.predict(examples, batch_size=s.batch_size) if examples else []
+        res = RephraseResult(candidates_scored=sum(len(ex.context) for ex in examples))
+        chosen = sorted(
+            (
+                (p.score, ex.context_idx[p.label], ex.current_idx)
+                for ex, p in zip(examples, preds, strict=True)
+                if p.label >= 0 and p.score >= s.min_detector_score
+            ),
+            key=lambda x: (-x[0], x[1], x[2]),
+        )
+        used: set[int] = set()
+        for score, earlier, later in chosen:
+            if earlier in used:
+                continue
+            used.add(earlier)
+            res.links.append(RephraseLink(earlier, later, round(float(score), 6)))
+        res.links.sort(key=lambda lk: lk.later)
+        return res
+
+
 DetectorFactory = Callable[[RephraseSettings, DefectSettings], RephraseDetector]
-DETECTORS: dict[str, DetectorFactory] = {"heuristic_baseline": HeuristicBaselineDetector}
+DETECTORS: dict[str, DetectorFactory] = {
+    "heuristic_baseline": HeuristicBaselineDetector,
+    "bert_span": BertSpanRephraseDetector,
+}
 
 
 def build_detector(settings: RephraseSettings, defects: DefectSettings) -> RephraseDetector:

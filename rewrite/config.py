@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import (
@@ -66,14 +66,20 @@ class DefectSettings(BaseModel):
 
 
 class RephraseSettings(BaseModel):
-    """Rephrase candidate generation and the heuristic baseline detector."""
+    """Rephrase candidate generation, the BERT span detector and the heuristic baseline."""
 
     detector: str = "heuristic_baseline"
     max_gap_s: float = 45.0
-    lookback_turns: int = 2
+    lookback_turns: int = 3
     min_similarity: float = 0.8
     min_similarity_after_failure: float = 0.35
     phonetic_weight: float = 0.5
+    artifacts_dir: Path = Path("artifacts/detector")
+    detector_artifact: Path | None = None
+    detector_backend: Literal["onnx-int8", "onnx", "torch"] = "onnx-int8"
+    min_detector_score: float = 0.5
+    on_missing_model: Literal["refuse", "train"] = "refuse"
+    batch_size: int = 64
 
 
 class MarkovSettings(BaseModel):

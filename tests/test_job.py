@@ -81,3 +81,14 @@ def test_publish_then_rewrite(
     same = rewriter.rewrite(RewriteRequest("turn on the lights", user_id="u"))
     assert not same.rewritten and same.rewrite == "turn on the lights" and same.reason == "no_pair"
     rewriter.close()
+
+
+def test_bert_detector_without_artifact_refuses_clearly(tmp_path: Path, settings: Settings) -> None:
+    from offline.rephrase import DetectorModelMissingError
+
+    s = settings.model_copy(deep=True)
+    s.rephrase.detector = "bert_span"
+    s.rephrase.artifacts_dir = tmp_path / "no-models"
+    s.rephrase.on_missing_model = "refuse"
+    with pytest.raises(DetectorModelMissingError, match="qrw train detector"):
+        run_nightly([_logs(tmp_path)], tmp_path / "run", s)
