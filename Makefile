@@ -38,6 +38,7 @@ test: lint typecheck unit
 
 bench: install
 	$(BIN)/python bench/bench_server_mode.py --rounds 3
+	$(BIN)/python bench/bench_detector.py
 
 clean:
 	rm -rf $(VENV) rewrite/_pb *.egg-info build

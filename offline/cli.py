@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
+
+# torch's OpenMP threads busy-wait by default; with 2 cores and another busy process that
+# starves the working thread (measured: a training step 4x slower). Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer
 from rich.console import Console
@@ -129,14 +134,19 @@ def nightly(
 @train_app.command("detector")
 def train_detector_cmd(
     data_root: Annotated[
-        Path | None, typer.Option(help="folder with slurp/ (default data_root)")
+        Path | None, typer.Option(help="folder with slurp/ and dstc2/ (default data_root)")
     ] = None,
     budget: Annotated[
         str, typer.Option(help="full (~15 min on 2 cores) | demo (~4 min) | tiny")
     ] = "full",
-    work_dir: Annotated[Path, typer.Option(help="simulated training data goes here")] = Path(
+    work_dir: Annotated[Path, typer.Option(help="labelled training data goes here")] = Path(
         "data/detector"
     ),
+    sim_users: Annotated[int, typer.Option(help="users in the training simulation")] = 1200,
+    dstc2_max_calls: Annotated[
+        int | None, typer.Option(help="first N calls of each DSTC2 file only (default all)")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="training seed (default from config)")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train the contextual BERT span rephrase detector; point artifacts/detector/LATEST at it."""
@@ -151,8 +161,16 @@ def train_detector_cmd(
     }
     if budget not in budgets:
         raise typer.BadParameter(f"budget must be one of {sorted(budgets)}")
+    train_config = budgets[budget]
+    if seed is not None:
+        train_config = dataclasses.replace(train_config, seed=seed)
     res = train_detector_pipeline(
-        settings, data_root=data_root, work_dir=work_dir, config=budgets[budget]
+        settings,
+        data_root=data_root,
+        work_dir=work_dir,
+        config=train_config,
+        sim_users=sim_users,
+        dstc2_max_calls=dstc2_max_calls,
     )
     meta = json.loads((res.artifact / "detector.json").read_text())
     _print_json(
@@ -270,21 +288,46 @@ def rewrite_cmd(
 
 @app.command()
 def evaluate(
-    logs: Annotated[list[Path], typer.Option("--logs", help="held-out turn logs")],
-    truth: Annotated[Path, typer.Option("--truth", help="truth JSONL (turn_id, intended_text)")],
+    kind: Annotated[str, typer.Argument(help="replay (default) | detector")] = "replay",
+    logs: Annotated[list[Path] | None, typer.Option("--logs", help="held-out turn logs")] = None,
+    truth: Annotated[
+        Path | None, typer.Option("--truth", help="truth JSONL (turn_id, intended_text)")
+    ] = None,
     run: Annotated[
         Path | None, typer.Option("--run", help="run dir whose pairs.parquet to use")
     ] = None,
     target: Annotated[
         str | None, typer.Option(help="evaluate a live service at host:port instead")
     ] = None,
+    data: Annotated[Path, typer.Option(help="detector: folder of train/dev/test*.jsonl")] = Path(
+        "data/detector"
+    ),
+    pairwise: Annotated[
+        bool, typer.Option(help="detector: include the pairwise cross-encoder")
+    ] = True,
     out: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Replay held-out logs through the rewriter; print wins/losses/ties, ratio, coverage."""
+    """`qrw evaluate --logs ... --truth ... (--run DIR | --target H:P)`: replay held-out logs,
+    print wins/losses/ties, ratio, coverage. `qrw evaluate detector`: P/R/F1 and exact-span
+    accuracy of every rephrase detector on the same held-out examples."""
+    settings = _settings(config)
+    if kind == "detector":
+        from offline.detector.metrics import format_table, metrics_to_json
+        from offline.detector.report import run_detector_evaluation
+
+        rows = run_detector_evaluation(settings, data, include_pairwise=pairwise)
+        console.print(format_table(rows))
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(metrics_to_json(rows), indent=2))
+        return
+    if kind != "replay":
+        raise typer.BadParameter("kind must be replay or detector")
     from offline.evaluate import replay_evaluate, rewriter_for_run
 
-    settings = _settings(config)
+    if not logs or truth is None:
+        raise typer.BadParameter("replay needs --logs and --truth")
     if (run is None) == (target is None):
         raise typer.BadParameter("give exactly one of --run or --target")
     if run is not None:
@@ -295,12 +338,12 @@ def evaluate(
 
         with RewriteClient(str(target)) as client:
             report = replay_evaluate(list(logs), truth, client.rewrite, progress=True)
-    data = report.to_dict()
+    data_out = report.to_dict()
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(data, indent=2))
-    data.pop("examples", None)
-    _print_json(data)
+        out.write_text(json.dumps(data_out, indent=2))
+    data_out.pop("examples", None)
+    _print_json(data_out)
 
 
 @app.command()

@@ -97,6 +97,22 @@ class HeuristicBaselineDetector:
     def warm_up(self) -> None:
         return None
 
+    def score_pair(
+        self, earlier: str, later: str, response: str, barge_in: bool, feedback: int = 0
+    ) -> tuple[float, bool]:
+        """The baseline's test of one (earlier, later) pair of normalized utterances.
+
+        Returns:
+            ``(similarity in [0, 1], clears the bar)``: the bar is
+            ``min_similarity_after_failure`` when the earlier turn shows a failure signal
+            (barge-in, failure response, negative feedback), else ``min_similarity``.
+        """
+        s = self.settings
+        sim = similarity(earlier, later, s.phonetic_weight)
+        failed = self.rule.failure_signal(response, barge_in, feedback)
+        bar = s.min_similarity_after_failure if failed else s.min_similarity
+        return sim, sim >= bar
+
     def detect(self, turns: Sequence[Turn], sessions: Sequence[Session]) -> RephraseResult:
         s = self.settings
         res = RephraseResult()
@@ -111,12 +127,14 @@ class HeuristicBaselineDetector:
                     if earlier.idx in used or later.ts - earlier.ts > s.max_gap_s:
                         continue
                     res.candidates_scored += 1
-                    sim = similarity(earlier.normalized, later.normalized, s.phonetic_weight)
-                    failed = self.rule.failure_signal(
-                        earlier.response, earlier.barge_in, earlier.feedback
+                    sim, ok = self.score_pair(
+                        earlier.normalized,
+                        later.normalized,
+                        earlier.response,
+                        earlier.barge_in,
+                        earlier.feedback,
                     )
-                    bar = s.min_similarity_after_failure if failed else s.min_similarity
-                    if sim >= bar and (best is None or sim > best[0]):
+                    if ok and (best is None or sim > best[0]):
                         best = (sim, earlier.idx)
                 if best is not None:
                     used.add(best[1])

@@ -20,6 +20,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+# Before torch loads: OpenMP threads otherwise busy-wait and starve the other core's work.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import redis
 

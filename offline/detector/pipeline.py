@@ -1,76 +1,27 @@
 """``qrw train detector``: build labelled training data without human labels, train the span
 detector, point ``<artifacts_dir>/LATEST`` at it.
 
-Training data (v1): simulated sessions from SLURP under a training seed distinct from the
-demo's, labelled from the simulator's truth (``rephrase_of``), split by user (80/10/10 by a
-stable hash of the user id — a user never appears in two splits). The DSTC2 weak-labelling
-rule is the next step (see README, "Rephrase detector").
+Training data (:func:`offline.detector.labels.build_datasets`): simulated sessions from SLURP
+under a training seed distinct from the demo's, labelled from the simulator's truth
+(``rephrase_of``), plus DSTC2 train calls labelled by the documented weak rule
+(:func:`offline.detector.labels.dstc2_rephrase_of`). Split by user, never by turn: simulated
+users 80/10/10 (train/dev/test_sim), DSTC2 train-file callers 90/10 (train/dev); the DSTC2
+dev file is held out whole as ``test_dstc2``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from offline.detector.examples import DetectorExample, build_examples, write_examples
+from offline.detector.examples import read_examples
+from offline.detector.labels import build_datasets
 from offline.detector.train import SpanTrainConfig, TrainResult, train_span_detector
-from offline.schema import read_turn_logs
-from offline.sessionize import sessionize, to_turns
 from rewrite.config import Settings
 
 log = logging.getLogger(__name__)
-
-
-def label_from_truth(
-    examples: Sequence[DetectorExample], rephrase_of: dict[str, str | None]
-) -> list[DetectorExample]:
-    """Set each example's label to the context index of ``rephrase_of[example_id]``.
-
-    Examples whose rephrased turn is not in the context (too far back) keep -1.
-    """
-    out = []
-    for ex in examples:
-        target = rephrase_of.get(ex.example_id)
-        label = next((i for i, c in enumerate(ex.context) if c.turn_id == target), -1)
-        out.append(replace(ex, label=label))
-    return out
-
-
-def user_split(user_id: str) -> str:
-    """Stable split of a user: ``train`` (80 %), ``dev`` (10 %), ``test`` (10 %)."""
-    bucket = int(hashlib.sha256(user_id.encode()).hexdigest()[:8], 16) % 10
-    return "train" if bucket < 8 else ("dev" if bucket == 8 else "test")
-
-
-def simulated_examples(sim_dir: Path, settings: Settings) -> dict[str, list[DetectorExample]]:
-    """Labelled examples from a simulator output folder, split by user.
-
-    Raises:
-        FileNotFoundError: no ``truth.jsonl`` / day files in ``sim_dir``.
-    """
-    truth_path = sim_dir / "truth.jsonl"
-    if not truth_path.exists():
-        raise FileNotFoundError(f"simulator truth not found: {truth_path}")
-    rephrase_of: dict[str, str | None] = {}
-    with truth_path.open() as fh:
-        for line in fh:
-            row = json.loads(line)
-            rephrase_of[row["turn_id"]] = row.get("rephrase_of")
-    read = read_turn_logs(sorted(sim_dir.glob("day-*.jsonl")))
-    turns = to_turns(read.turns)
-    sessions = sessionize(turns, settings.session.gap_s)
-    r = settings.rephrase
-    examples = label_from_truth(
-        build_examples(turns, sessions, r.lookback_turns, r.max_gap_s, source="sim"), rephrase_of
-    )
-    splits: dict[str, list[DetectorExample]] = {"train": [], "dev": [], "test": []}
-    for ex in examples:
-        splits[user_split(ex.user_id)].append(ex)
-    return splits
 
 
 @dataclass
@@ -91,38 +42,48 @@ def train_detector_pipeline(
     sim_users: int = 1200,
     sim_days: int = 3,
     sim_seed: int = 1001,
+    dstc2_max_calls: int | None = None,
     progress: bool = True,
 ) -> PipelineResult:
-    """Simulate training traffic, label it, train, and mark the artifact as LATEST.
+    """Build (or reuse) the labelled datasets, train, and mark the artifact as LATEST.
 
     Args:
         settings: loaded settings (``rephrase`` context size and artifacts folder).
-        data_root: folder with ``slurp/utterances.jsonl`` (default ``settings.data_root``).
-        work_dir: where simulated logs and example files go (git-ignored).
+        data_root: folder with ``slurp/`` and ``dstc2/`` (default ``settings.data_root``).
+        work_dir: where simulated logs and example files go (git-ignored); reused when its
+            ``stats.json`` was written with the same simulation arguments.
         config: training config (default :class:`SpanTrainConfig`).
         sim_users, sim_days, sim_seed: the training simulation (seed distinct from the demo's).
+        dstc2_max_calls: first N calls of each DSTC2 file only (fast runs); ``None``: all.
 
     Raises:
-        FileNotFoundError: the SLURP corpus is missing.
+        FileNotFoundError: the SLURP corpus or a DSTC2 file is missing.
     """
-    from offline.simulate import SimulatorConfig, simulate
-
-    corpus = Path(data_root or settings.data_root) / "slurp" / "utterances.jsonl"
-    if not corpus.exists():
-        raise FileNotFoundError(f"SLURP corpus not found: {corpus}")
-    sim_dir = work_dir / f"sim-s{sim_seed}-u{sim_users}-d{sim_days}"
-    if not (sim_dir / "truth.jsonl").exists():
-        sim_config = SimulatorConfig.from_settings(settings.simulator)
-        simulate(corpus, sim_users, sim_days, sim_seed, sim_dir, config=sim_config,
-                 progress=progress)  # fmt: skip
-    splits = simulated_examples(sim_dir, settings)
-    for name, rows in splits.items():
-        write_examples(rows, work_dir / f"{name}.jsonl")
-    counts = {f"{k}_examples": len(v) for k, v in splits.items()}
-    counts.update({f"{k}_positives": sum(ex.label >= 0 for ex in v) for k, v in splits.items()})
+    root = Path(data_root or settings.data_root)
+    stats_path = work_dir / "stats.json"
+    wanted: dict[str, int | None] = {
+        "sim_users": sim_users,
+        "sim_days": sim_days,
+        "sim_seed": sim_seed,
+    }
+    wanted["dstc2_max_calls"] = dstc2_max_calls
+    fresh = False
+    if stats_path.exists():
+        cfg = json.loads(stats_path.read_text()).get("config", {})
+        fresh = all(cfg.get(k) == v for k, v in wanted.items())
+    if not fresh:
+        build_datasets(work_dir, root, settings, sim_users, sim_days, sim_seed,
+                       dstc2_max_calls=dstc2_max_calls, progress=progress)  # fmt: skip
+    train = read_examples(work_dir / "train.jsonl")
+    dev = read_examples(work_dir / "dev.jsonl")
+    counts = {
+        "train_examples": len(train),
+        "dev_examples": len(dev),
+        "train_positives": sum(ex.label >= 0 for ex in train),
+        "dev_positives": sum(ex.label >= 0 for ex in dev),
+    }
     res: TrainResult = train_span_detector(
-        splits["train"], splits["dev"], config, out_root=settings.rephrase.artifacts_dir,
-        progress=progress,
-    )  # fmt: skip
+        train, dev, config, out_root=settings.rephrase.artifacts_dir, progress=progress
+    )
     (Path(settings.rephrase.artifacts_dir) / "LATEST").write_text(res.artifact.name + "\n")
     return PipelineResult(res.artifact, res.reused, work_dir, counts)
