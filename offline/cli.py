@@ -13,6 +13,7 @@ from typing import Annotated, Any
 # torch's OpenMP threads busy-wait by default; with 2 cores and another busy process that
 # starves the working thread (measured: a training step 4x slower). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no weight-load reports in CLI output
 
 import typer
 from rich.console import Console
@@ -154,14 +155,10 @@ def train_detector_cmd(
     from offline.detector.train import SpanTrainConfig
 
     settings = _settings(config)
-    budgets = {
-        "full": SpanTrainConfig(),
-        "demo": SpanTrainConfig.demo(),
-        "tiny": SpanTrainConfig.tiny(),
-    }
-    if budget not in budgets:
-        raise typer.BadParameter(f"budget must be one of {sorted(budgets)}")
-    train_config = budgets[budget]
+    try:
+        train_config = SpanTrainConfig.for_budget(budget)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
     if seed is not None:
         train_config = dataclasses.replace(train_config, seed=seed)
     res = train_detector_pipeline(
@@ -181,6 +178,134 @@ def train_detector_cmd(
             "best_dev_pair_f1": meta.get("best_dev_pair_f1"),
             "train_seconds": meta.get("train_seconds"),
             "onnx_agreement": meta.get("onnx_agreement"),
+        }
+    )
+
+
+@train_app.command("dpr")
+def train_dpr_cmd(
+    run: Annotated[
+        Path | None,
+        typer.Option(help="nightly run dir: pairs.parquet, rephrases.parquet, catalog.parquet"),
+    ] = None,
+    budget: Annotated[str, typer.Option(help="full (a few minutes on 2 cores) | tiny")] = "full",
+    zero_shot: Annotated[
+        bool,
+        typer.Option("--zero-shot", help="export base MiniLM as both towers (baseline/fallback)"),
+    ] = False,
+    seed: Annotated[int | None, typer.Option(help="training seed (default 13)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="artifacts dir (default dpr.artifacts_dir)")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Fine-tune the DPR query/passage encoders on a run's rewrite pairs (or export zero-shot
+    MiniLM); ONNX towers under artifacts/dpr/<hash>/, LATEST points at it."""
+    from offline.dpr.train import DprTrainConfig, train_from_run
+
+    settings = _settings(config)
+    if run is None and not zero_shot:
+        raise typer.BadParameter("give --run RUN_DIR (or --zero-shot)")
+    try:
+        train_config = DprTrainConfig.for_budget(budget)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    train_config = dataclasses.replace(train_config, max_length=settings.dpr.max_length)
+    if seed is not None:
+        train_config = dataclasses.replace(train_config, seed=seed)
+    try:
+        res = train_from_run(
+            run, train_config, out or settings.dpr.artifacts_dir, zero_shot=zero_shot
+        )
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    m = res.meta
+    _print_json(
+        {
+            "artifact": str(res.artifact),
+            "encoder_id": m["encoder_id"],
+            "variant": m.get("variant"),
+            "reused": res.reused,
+            "data": m.get("data"),
+            "zero_shot_dev": m.get("zero_shot_dev"),
+            "best": m.get("best"),
+            "dev_onnx": m.get("dev_onnx"),
+            "int8": m.get("int8"),
+            "train_seconds": m.get("train_seconds"),
+            "stopped": m.get("stopped"),
+        }
+    )
+
+
+@train_app.command("ranker")
+def train_ranker_cmd(
+    data: Annotated[
+        Path | None,
+        typer.Option(help="ranker groups Parquet (offline.rerank_train.write_groups)"),
+    ] = None,
+    run: Annotated[
+        Path | None,
+        typer.Option(help="nightly run dir: pairs.parquet (+ catalog.parquet), fuzzy retrieval"),
+    ] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="candidates per query (--run)")] = 10,
+    seed: Annotated[int | None, typer.Option(help="split/LightGBM seed")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="artifacts dir (default rerank.artifacts_dir)")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train the LightGBM lambdarank reranker + trigger threshold; point LATEST at it."""
+    from offline.rerank_train import (
+        FuzzyCatalogRetriever,
+        RankerTrainConfig,
+        build_groups,
+        catalog_from_run,
+        examples_from_run,
+        read_groups,
+        train_ranker,
+    )
+
+    settings = _settings(config)
+    if (data is None) == (run is None):
+        raise typer.BadParameter("give exactly one of --data GROUPS.parquet or --run RUN_DIR")
+    try:
+        if data is not None:
+            groups = read_groups(data)
+            source = f"data:{data}"
+        else:
+            assert run is not None
+            retriever = FuzzyCatalogRetriever(catalog_from_run(run), top_k=top_k)
+            groups = build_groups(examples_from_run(run), retriever)
+            source = f"run:{run} (fuzzy catalog retrieval, char-3gram dense stand-in)"
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    train_config = RankerTrainConfig()
+    if seed is not None:
+        train_config = dataclasses.replace(train_config, seed=seed)
+    try:
+        res = train_ranker(
+            groups,
+            out or settings.rerank.artifacts_dir,
+            train_config,
+            heuristic_threshold=settings.rerank.heuristic_threshold,
+            source=source,
+        )
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    m = res.meta
+    _print_json(
+        {
+            "artifact": str(res.artifact),
+            "groups": len(groups),
+            "trigger_threshold": m["trigger_threshold"],
+            "threshold_met": m["threshold_met"],
+            "best_iteration": m["best_iteration"],
+            "dev": m["metrics"]["dev"],
+            "test": m["metrics"]["test"],
+            "train_seconds": m["train_seconds"],
         }
     )
 
@@ -288,7 +413,9 @@ def rewrite_cmd(
 
 @app.command()
 def evaluate(
-    kind: Annotated[str, typer.Argument(help="replay (default) | detector")] = "replay",
+    kind: Annotated[
+        str, typer.Argument(help="replay (default) | detector | downstream")
+    ] = "replay",
     logs: Annotated[list[Path] | None, typer.Option("--logs", help="held-out turn logs")] = None,
     truth: Annotated[
         Path | None, typer.Option("--truth", help="truth JSONL (turn_id, intended_text)")
@@ -305,13 +432,35 @@ def evaluate(
     pairwise: Annotated[
         bool, typer.Option(help="detector: include the pairwise cross-encoder")
     ] = True,
+    detectors: Annotated[
+        str, typer.Option(help="downstream: detectors to compare, comma-separated")
+    ] = "heuristic_baseline,bert_span",
+    data_root: Annotated[
+        Path | None, typer.Option(help="downstream: folder with slurp/ and dstc2/")
+    ] = None,
+    users: Annotated[int, typer.Option(help="downstream: simulated users")] = 1000,
     out: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """`qrw evaluate --logs ... --truth ... (--run DIR | --target H:P)`: replay held-out logs,
     print wins/losses/ties, ratio, coverage. `qrw evaluate detector`: P/R/F1 and exact-span
-    accuracy of every rephrase detector on the same held-out examples."""
+    accuracy of every rephrase detector on the same held-out examples. `qrw evaluate
+    downstream`: mine pairs with each detector, replay DSTC2 dev and a held-out simulated
+    day."""
     settings = _settings(config)
+    if kind == "downstream":
+        from offline.detector.downstream import downstream_compare, standard_sources
+
+        root = Path(data_root or settings.data_root)
+        work = Path("runs") / "downstream"
+        sources = standard_sources(settings, root, work, sim_users=users)
+        names = [d.strip() for d in detectors.split(",") if d.strip()]
+        result = downstream_compare(sources, settings, names, work)
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2))
+        _print_json(result)
+        return
     if kind == "detector":
         from offline.detector.metrics import format_table, metrics_to_json
         from offline.detector.report import run_detector_evaluation
@@ -323,7 +472,7 @@ def evaluate(
             out.write_text(json.dumps(metrics_to_json(rows), indent=2))
         return
     if kind != "replay":
-        raise typer.BadParameter("kind must be replay or detector")
+        raise typer.BadParameter("kind must be replay, detector or downstream")
     from offline.evaluate import replay_evaluate, rewriter_for_run
 
     if not logs or truth is None:

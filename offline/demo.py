@@ -57,6 +57,27 @@ def _examples_table(title: str, examples: list[dict[str, Any]], n: int = 12) -> 
     return table
 
 
+def _ensure_detector(settings: Settings, data_root: Path, console: Console) -> Path:
+    """The span detector artifact the job will load; trains one (``demo`` budget) if missing."""
+    from offline.rephrase import DetectorModelMissingError, resolve_detector_artifact
+
+    try:
+        artifact = resolve_detector_artifact(settings.rephrase)
+        console.print(f"   rephrase detector: bert_span, artifact {artifact}")
+        return artifact
+    except DetectorModelMissingError:
+        from offline.detector.pipeline import train_detector_pipeline
+        from offline.detector.train import SpanTrainConfig
+
+        console.print(
+            "   no rephrase detector artifact: training one with the demo budget "
+            "(`qrw train detector --budget demo`, a few minutes; `--budget full` is better)"
+        )
+        res = train_detector_pipeline(settings, data_root=data_root, config=SpanTrainConfig.demo())
+        console.print(f"   rephrase detector trained: {res.artifact}")
+        return res.artifact
+
+
 def run_demo(
     settings: Settings,
     data_root: Path,
@@ -101,6 +122,8 @@ def run_demo(
     else:
         console.print(f"[bold]1.[/bold] Redis at {settings.redis.url}")
     try:
+        if settings.rephrase.detector == "bert_span":
+            _ensure_detector(settings, data_root, console)
         console.print("[bold]2.[/bold] DSTC2: import train/dev, nightly job on train, replay dev")
         tr = import_dstc2(dstc2 / "train.jsonl", out / "dstc2" / "train",
                           settings.session.fixed_spacing_s)  # fmt: skip

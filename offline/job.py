@@ -1,9 +1,11 @@
 """The nightly job: validate → sessionize → rephrase detection → rephrase chains →
-absorbing Markov chain → rewrite pairs → (publish).
+absorbing Markov chain → rewrite pairs → catalog + personal histories → (publish).
 
 Writes into ``RUN_DIR``: ``pairs.parquet`` (source, rewrite, absorption_probability,
-support, n_users), ``rephrases.parquet`` (detected links), ``quarantine.jsonl`` and
-``report.json`` (counts per stage, timings in seconds, quarantined rows).
+support, n_users), ``rephrases.parquet`` (detected links), ``catalog.parquet`` (the global
+catalog of rewrite targets, :mod:`offline.catalog`), ``personal.parquet`` (per-user
+successful utterances, pseudonymous user keys), ``quarantine.jsonl`` and ``report.json``
+(counts per stage, timings in seconds, quarantined rows).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -22,13 +24,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from offline.catalog import build_catalog, write_catalog, write_personal
 from offline.defects import DefectRule
 from offline.markov import RephraseChain, RewritePair, mine_pairs
+from offline.online_build import OnlineBuild, build_online, install_index
 from offline.publish import connect, content_hash, publish_pairs
 from offline.rephrase import RephraseLink, build_detector
 from offline.schema import SCHEMA_VERSION, TurnValidator, read_turn_logs, write_quarantine
 from offline.sessionize import Session, Turn, sessionize, to_turns
 from rewrite.config import Settings
+from rewrite.privacy import user_key_from_settings
 from rewrite.redis_server import resolve_redis_url
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,7 @@ class NightlyReport:
     markov: dict[str, Any] = field(default_factory=dict)
     pairs_content_hash: str = ""
     publish: dict[str, Any] | None = None
+    online: dict[str, Any] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -97,7 +103,7 @@ def build_chains(
 
 
 @contextmanager
-def _timed(timings: dict[str, float], name: str):  # type: ignore[no-untyped-def]
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     t0 = time.perf_counter()
     yield
     timings[name] = round(time.perf_counter() - t0, 4)
@@ -154,6 +160,7 @@ def run_nightly(
             "session": settings.session.model_dump(),
             "rephrase": settings.rephrase.model_dump(),
             "markov": settings.markov.model_dump(),
+            "catalog": settings.catalog.model_dump(),
         },
     )
     t_all = time.perf_counter()
@@ -172,9 +179,10 @@ def run_nightly(
     with _timed(timings, "sessionize"):
         turns = to_turns(read.turns)
         sessions = sessionize(turns, settings.session.gap_s)
-    with _timed(timings, "rephrase"):
+    with _timed(timings, "rephrase_warm_up"):
         detector = build_detector(settings.rephrase, settings.defects)
         detector.warm_up()
+    with _timed(timings, "rephrase"):
         detected = detector.detect(turns, sessions)
         pq.write_table(
             pa.Table.from_pylist(
@@ -208,6 +216,28 @@ def run_nightly(
         pairs, mstats = mine_pairs(chains, settings.markov)
     with _timed(timings, "write"):
         write_pairs(pairs, out / "pairs.parquet")
+    with _timed(timings, "catalog"):
+        cat = build_catalog(
+            turns,
+            sessions,
+            detected.links,
+            DefectRule(settings.defects),
+            settings.catalog,
+            user_key_from_settings(settings),
+        )
+        write_catalog(cat.catalog, out / "catalog.parquet")
+        write_personal(cat.personal, out / "personal.parquet")
+    online: OnlineBuild | None = None
+    if settings.dpr.build_index:
+        with _timed(timings, "index"):
+            online = build_online(out, settings)
+        report.online = {
+            "encoder_kind": online.encoder_kind,
+            "encoder_id": online.info.encoder_id,
+            "index_kind": online.info.kind,
+            "index_entries": online.info.n,
+            "index_dir": str(online.index_dir),
+        }
     report.pairs_content_hash = content_hash(pairs)
     report.counts = {
         "rows_in": read.rows_in,
@@ -225,18 +255,33 @@ def run_nightly(
         "defects": dict(defect_reasons),
         "chains": len(chains),
         "pairs": len(pairs),
+        "success_turns": cat.n_success_turns,
+        "utterances": cat.n_utterances,
+        "catalog_entries": len(cat.catalog),
+        "personal_users": cat.n_personal_users,
+        "personal_entries": len(cat.personal),
     }
     report.markov = asdict(mstats)
     if publish:
         with _timed(timings, "publish"):
             url = resolve_redis_url(settings.redis.url, settings.redis.data_dir)
             client = connect(url)
+            extra: dict[str, Any] = {}
+            if online is not None:
+                extra = {
+                    "encode": online.encoder.encode,
+                    "encoder_id": online.info.encoder_id,
+                    "index_dir": install_index(online, settings),
+                    "extra_content": {"index_sha256": online.content_id},
+                }
             res = publish_pairs(
                 client,
                 pairs,
                 keep_versions=settings.redis.keep_versions,
                 version_ttl_s=settings.redis.version_ttl_s,
                 run_info={"run_dir": str(out.resolve())},
+                personal=cat.personal,
+                **extra,
             )
             client.close()
         report.publish = asdict(res)

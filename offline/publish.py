@@ -6,12 +6,18 @@ Protocol (see :mod:`rewrite.keyspace`):
 2. write every key of the new version (pipelined batches); the version id is derived from
    the content hash, so re-publishing identical content rewrites identical keys
    (idempotent) and a crashed publish is finished by re-running it;
+   — the rewrite pairs and, when given, each user's personal history
+   (``qrw:{version}:personal:{pseudo_user}``, optionally with float16 passage vectors);
 3. write ``meta`` with ``complete=1``;
 4. in one ``MULTI/EXEC`` transaction: ``SET qrw:active``, push the id on ``qrw:versions``;
 5. give versions beyond ``keep_versions`` a TTL so they expire later.
 
 A reader that read ``qrw:active`` before step 4 keeps reading the old version's keys, which
 are unchanged; after step 4 it reads the new one. It never sees a mix.
+
+The version id is ``v`` + the first 16 hex chars of :func:`version_content_hash`: pairs only →
+:func:`content_hash` (unchanged ids for pair-only publishes); with personal histories, an
+encoder id or extra content, a hash over all of them, so identical input → identical id.
 """
 
 from __future__ import annotations
@@ -20,17 +26,24 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import redis
+from redis.typing import EncodableT, FieldT
 
+from offline.catalog import PersonalEntry
 from offline.markov import RewritePair
 from rewrite import keyspace
 
 log = logging.getLogger(__name__)
 
 _BATCH = 2000
+_ENCODE_BATCH = 4096
+
+Encode = Callable[[Sequence[str]], np.ndarray]
 
 
 class PublishError(RuntimeError):
@@ -46,6 +59,7 @@ class PublishResult:
     n_pairs: int
     seconds: float
     unchanged: bool
+    n_personal_users: int = 0
 
 
 def content_hash(pairs: Sequence[RewritePair]) -> str:
@@ -56,6 +70,113 @@ def content_hash(pairs: Sequence[RewritePair]) -> str:
         h.update(json.dumps(row, ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()
+
+
+def _personal_groups(
+    personal: Sequence[PersonalEntry],
+) -> list[tuple[str, list[PersonalEntry]]]:
+    """Entries grouped by user (ascending), each most used first, then most recent, then text.
+
+    Raises:
+        ValueError: a (user, text) pair occurs twice.
+    """
+    by_user: dict[str, list[PersonalEntry]] = {}
+    for e in personal:
+        by_user.setdefault(e.user, []).append(e)
+    groups = []
+    for user in sorted(by_user):
+        entries = sorted(by_user[user], key=lambda e: (-e.count, -e.last_seen, e.text))
+        if len({e.text for e in entries}) != len(entries):
+            raise ValueError(f"duplicate texts in the personal history of user {user}")
+        groups.append((user, entries))
+    return groups
+
+
+def personal_content_hash(personal: Sequence[PersonalEntry]) -> str:
+    """SHA-256 (hex) of personal histories, independent of the input order.
+
+    Raises:
+        ValueError: a (user, text) pair occurs twice.
+    """
+    h = hashlib.sha256(b"qrw-personal-v1\n")
+    for user, entries in _personal_groups(personal):
+        rows = [[e.text, e.count, repr(float(e.last_seen))] for e in entries]
+        h.update(json.dumps([user, rows], ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def version_content_hash(
+    pairs: Sequence[RewritePair],
+    personal: Sequence[PersonalEntry] = (),
+    encoder_id: str | None = None,
+    with_vectors: bool = False,
+    extra_content: Mapping[str, str] | None = None,
+) -> str:
+    """SHA-256 (hex) of everything a published version holds.
+
+    Pairs only (no personal entries, encoder id, vectors or extra content) gives exactly
+    :func:`content_hash` of the pairs. Otherwise a hash over the pairs' hash, the personal
+    histories' hash, ``encoder_id`` (which identifies the vectors), ``with_vectors`` and
+    ``extra_content`` (e.g. ``{"index_sha256": ...}`` of the version's FAISS index).
+    """
+    pairs_digest = content_hash(pairs)
+    if not personal and encoder_id is None and not with_vectors and not extra_content:
+        return pairs_digest
+    h = hashlib.sha256(b"qrw-version-v2\n")
+    parts = [
+        pairs_digest,
+        personal_content_hash(personal),
+        encoder_id or "",
+        "vectors" if with_vectors else "no-vectors",
+        sorted((extra_content or {}).items()),
+    ]
+    h.update(json.dumps(parts, ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def _encode_personal(
+    groups: Sequence[tuple[str, list[PersonalEntry]]], encode: Encode
+) -> tuple[dict[str, int], np.ndarray]:
+    """Encode each distinct personal text once (batches of 4096).
+
+    Returns:
+        (``{text: row}``, ``(n_texts, dim)`` little-endian float16, rows L2-normalised).
+
+    Raises:
+        ValueError: ``encode`` returned the wrong shape or non-finite values.
+    """
+    texts = sorted({e.text for _, entries in groups for e in entries})
+    chunks: list[np.ndarray] = []
+    dim = -1
+    for i in range(0, len(texts), _ENCODE_BATCH):
+        batch = texts[i : i + _ENCODE_BATCH]
+        vecs = np.asarray(encode(batch), dtype=np.float32)
+        if vecs.ndim != 2 or vecs.shape[0] != len(batch) or (dim >= 0 and vecs.shape[1] != dim):
+            raise ValueError(f"encode returned shape {vecs.shape} for {len(batch)} texts")
+        if not np.isfinite(vecs).all():
+            raise ValueError("encode returned non-finite values")
+        dim = vecs.shape[1]
+        vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        chunks.append(vecs.astype("<f2"))
+    matrix = np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype="<f2")
+    return {t: i for i, t in enumerate(texts)}, matrix
+
+
+def _personal_mapping(
+    entries: Sequence[PersonalEntry],
+    rows: dict[str, int] | None,
+    matrix: np.ndarray | None,
+) -> dict[FieldT, EncodableT]:
+    mapping: dict[FieldT, EncodableT] = {
+        "texts": json.dumps([e.text for e in entries], ensure_ascii=False),
+        "counts": json.dumps([int(e.count) for e in entries]),
+        "last_seen": json.dumps([float(e.last_seen) for e in entries]),
+    }
+    if rows is not None and matrix is not None:
+        idx = np.fromiter((rows[e.text] for e in entries), dtype=np.int64, count=len(entries))
+        mapping["vectors"] = np.ascontiguousarray(matrix[idx]).tobytes()
+    return mapping
 
 
 def connect(url: str, timeout_s: float = 5.0) -> redis.Redis:
@@ -92,8 +213,14 @@ def publish_pairs(
     version_ttl_s: int = 14 * 24 * 3600,
     run_info: dict[str, str] | None = None,
     lock_ttl_s: int = 600,
+    *,
+    personal: Sequence[PersonalEntry] = (),
+    encode: Encode | None = None,
+    encoder_id: str | None = None,
+    index_dir: str | Path | None = None,
+    extra_content: Mapping[str, str] | None = None,
 ) -> PublishResult:
-    """Write ``pairs`` as a new version and make it active.
+    """Write ``pairs`` (and personal histories) as a new version and make it active.
 
     Args:
         client: redis-py client (``decode_responses=True``).
@@ -102,22 +229,37 @@ def publish_pairs(
         version_ttl_s: TTL given to versions that fall out of the keep window, seconds.
         run_info: extra metadata stored in the version's meta hash.
         lock_ttl_s: publish-lock lifetime, seconds (a crashed job releases it by expiry).
+        personal: personal-history entries (pseudonymous users), written as one hash per user
+            (``qrw:{version}:personal:{user}``) with ``texts``, ``counts``, ``last_seen``.
+        encode: passage encoder, ``texts -> (n, dim) float32`` L2-normalised (e.g.
+            ``rewrite.encoder.PassageEncoder.encode``); when given, each hash also gets
+            ``vectors`` (float16 little-endian bytes, ``(n, dim)``). None = no vectors.
+        encoder_id: id of that encoder; part of the version content and stored in meta.
+        index_dir: the version's global index directory, stored in meta (not hashed).
+        extra_content: more content identifiers folded into the version id (e.g. the FAISS
+            index's sha256), see :func:`version_content_hash`.
 
     Returns:
         :class:`PublishResult`.
 
     Raises:
         PublishError: another publish holds the lock, or Redis failed.
-        ValueError: duplicate sources in ``pairs``.
+        ValueError: duplicate sources in ``pairs``, duplicate (user, text) in ``personal``, or
+            ``encode`` returned a wrong shape.
     """
     t0 = time.perf_counter()
     sources = [p.source for p in pairs]
     if len(set(sources)) != len(sources):
         raise ValueError("duplicate sources in pairs")
-    digest = content_hash(pairs)
+    groups = _personal_groups(personal)
+    digest = version_content_hash(pairs, personal, encoder_id, encode is not None, extra_content)
     version = f"v{digest[:16]}"
     token = f"{version}:{time.time_ns()}"
+    rows: dict[str, int] | None = None
+    matrix: np.ndarray | None = None
     try:
+        if encode is not None and groups and client.get(keyspace.ACTIVE) != version:
+            rows, matrix = _encode_personal(groups, encode)  # before the lock: may be slow
         if not client.set(keyspace.PUBLISH_LOCK, token, nx=True, ex=lock_ttl_s):
             raise PublishError("another publish is in progress (lock held)")
         try:
@@ -125,7 +267,9 @@ def publish_pairs(
             previous = str(prev) if prev else None
             if previous == version:
                 log.info("version %s already active; nothing to publish", version)
-                return PublishResult(version, previous, len(pairs), 0.0, unchanged=True)
+                return PublishResult(
+                    version, previous, len(pairs), 0.0, unchanged=True, n_personal_users=len(groups)
+                )
             pipe = client.pipeline(transaction=False)
             pipe.delete(keyspace.meta_key(version))
             for i, p in enumerate(pairs, start=1):
@@ -143,12 +287,28 @@ def publish_pairs(
                 if i % _BATCH == 0:
                     pipe.execute()
             pipe.execute()
+            for i, (user, entries) in enumerate(groups, start=1):
+                key = keyspace.personal_version_key(version, user)
+                pipe.delete(key)
+                pipe.hset(key, mapping=_personal_mapping(entries, rows, matrix))
+                if i % _BATCH == 0:
+                    pipe.execute()
+            pipe.execute()
             meta: dict[str, str] = {
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "n_pairs": str(len(pairs)),
                 "content_hash": digest,
                 **(run_info or {}),
             }
+            if groups:
+                meta["n_personal_users"] = str(len(groups))
+                meta["n_personal_entries"] = str(len(personal))
+            if matrix is not None:
+                meta["personal_dim"] = str(matrix.shape[1])
+            if encoder_id is not None:
+                meta["encoder_id"] = encoder_id
+            if index_dir is not None:
+                meta["index_dir"] = str(index_dir)
             for name, value in meta.items():
                 client.hset(keyspace.meta_key(version), name, value)
             client.hset(keyspace.meta_key(version), "complete", "1")
@@ -166,8 +326,17 @@ def publish_pairs(
     except (redis.RedisError, OSError) as e:
         raise PublishError(f"publish failed: {e}") from e
     secs = time.perf_counter() - t0
-    log.info("published %s (%d pairs) in %.2f s; previous %s", version, len(pairs), secs, previous)
-    return PublishResult(version, previous, len(pairs), secs, unchanged=False)
+    log.info(
+        "published %s (%d pairs, %d personal histories) in %.2f s; previous %s",
+        version,
+        len(pairs),
+        len(groups),
+        secs,
+        previous,
+    )
+    return PublishResult(
+        version, previous, len(pairs), secs, unchanged=False, n_personal_users=len(groups)
+    )
 
 
 def rollback(client: redis.Redis, version_ttl_s: int = 14 * 24 * 3600) -> tuple[str, str]:

@@ -201,12 +201,18 @@ class BertSpanRephraseDetector:
             if self.settings.on_missing_model != "train":
                 raise
             from offline.detector.pipeline import train_detector_pipeline
+            from offline.detector.train import SpanTrainConfig
             from rewrite.config import load_settings
 
-            log.warning("no rephrase detector artifact; training one (on_missing_model: train)")
+            budget = self.settings.train_budget
+            log.warning(
+                "no rephrase detector artifact; training one (on_missing_model: train, budget %s)",
+                budget,
+            )
             settings = load_settings()
             settings.rephrase = self.settings
-            self.artifact = train_detector_pipeline(settings).artifact
+            config = SpanTrainConfig.for_budget(budget)
+            self.artifact = train_detector_pipeline(settings, config=config).artifact
         from offline.detector.inference import SpanDetector
 
         self._model = SpanDetector.load(self.artifact, backend=self.settings.detector_backend)

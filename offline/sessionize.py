@@ -24,6 +24,7 @@ class Turn:
         ts: UTC timestamp, seconds since the epoch.
         normalized: :func:`normalize_utterance` of the text NLU received (the logged
             ``rewrite`` when the service rewrote the turn, else ``utterance``).
+        domain, intent: the NLU result when logged, else ``""``.
     """
 
     idx: int
@@ -36,6 +37,8 @@ class Turn:
     barge_in: bool
     feedback: int
     rewrite_source: str
+    domain: str = ""
+    intent: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ def to_turns(logs: Sequence[TurnLog]) -> list[Turn]:
                 barge_in=bool(t.barge_in),
                 feedback=int(t.feedback or 0),
                 rewrite_source=t.rewrite_source or "",
+                domain=t.domain or "",
+                intent=t.intent or "",
             )
         )
     return out

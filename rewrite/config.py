@@ -68,7 +68,7 @@ class DefectSettings(BaseModel):
 class RephraseSettings(BaseModel):
     """Rephrase candidate generation, the BERT span detector and the heuristic baseline."""
 
-    detector: str = "heuristic_baseline"
+    detector: str = "bert_span"
     max_gap_s: float = 45.0
     lookback_turns: int = 3
     min_similarity: float = 0.8
@@ -79,6 +79,7 @@ class RephraseSettings(BaseModel):
     detector_backend: Literal["onnx-int8", "onnx", "torch"] = "onnx-int8"
     min_detector_score: float = 0.5
     on_missing_model: Literal["refuse", "train"] = "refuse"
+    train_budget: Literal["full", "demo", "tiny"] = "full"
     batch_size: int = 64
 
 
@@ -113,6 +114,72 @@ class SimulatorSettings(BaseModel):
     habit_share: float = 0.6
 
 
+class DprSettings(BaseModel):
+    """DPR encoders (``qrw train dpr``) and the FAISS global index built from the catalog.
+
+    ``artifact`` null = the one ``artifacts_dir/LATEST`` names. The index is exact
+    (``IndexFlatIP``) up to ``flat_max_entries`` catalog entries and HNSW above (choice and
+    defaults measured by ``bench/bench_index.py``).
+    """
+
+    artifacts_dir: Path = Path("artifacts/dpr")
+    artifact: Path | None = None
+    max_length: int = 32
+    threads: int = 1
+    flat_max_entries: int = 200_000
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 64
+    top_k: int = 10
+    build_index: bool = True
+    index_root: Path = Path("var/index")
+
+
+class RerankSettings(BaseModel):
+    """Online reranker (:mod:`rewrite.rerank`) and trigger decision.
+
+    ``artifact`` null = the ranker ``artifacts_dir/LATEST`` names (``qrw train ranker``);
+    ``trigger_threshold`` null = the threshold stored in the trained ranker's meta (chosen on
+    dev for precision at trigger >= 0.9), or ``heuristic_threshold`` when no trained ranker
+    exists and the weighted dense + fuzzy :class:`~rewrite.rerank.HeuristicRanker` is used.
+    """
+
+    artifacts_dir: Path = Path("artifacts/ranker")
+    artifact: Path | None = None
+    trigger_threshold: float | None = None
+    personal_top_k: int = 10
+    heuristic_threshold: float = 0.8
+
+
+class CatalogSettings(BaseModel):
+    """Global catalog of rewrite targets and personal histories (see :mod:`offline.catalog`).
+
+    A normalized utterance enters the global catalog when it was heard in at least
+    ``min_frequency`` turns from at least ``min_users`` users and succeeded in at least
+    ``min_success_rate`` of them. A user's personal history keeps their utterances that
+    succeeded at least ``personal_min_count`` times with a per-user success rate of at least
+    ``personal_min_success_rate``, most used first, at most ``personal_max_per_user``.
+    """
+
+    min_frequency: int = Field(default=3, ge=1)
+    min_users: int = Field(default=2, ge=1)
+    min_success_rate: float = Field(default=0.7, ge=0.0, le=1.0)
+    personal_min_count: int = Field(default=1, ge=1)
+    personal_max_per_user: int = Field(default=200, ge=1)
+    personal_min_success_rate: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+DEV_USER_KEY = "qrw-dev-user-key-not-for-production"
+
+
+class PrivacySettings(BaseModel):
+    """Pseudonymization of user ids (``rewrite.privacy``): HMAC-SHA256 keyed by ``user_key``.
+
+    Set ``QRW_PRIVACY__USER_KEY`` in production; the default dev key logs a warning.
+    """
+
+    user_key: str = Field(default=DEV_USER_KEY, repr=False, min_length=1)
+
+
 class Settings(BaseSettings):
     """All settings of qrw. Build with :func:`load_settings`."""
 
@@ -129,6 +196,10 @@ class Settings(BaseSettings):
     markov: MarkovSettings = Field(default_factory=MarkovSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     simulator: SimulatorSettings = Field(default_factory=SimulatorSettings)
+    catalog: CatalogSettings = Field(default_factory=CatalogSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    rerank: RerankSettings = Field(default_factory=RerankSettings)
+    dpr: DprSettings = Field(default_factory=DprSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -7,7 +7,12 @@ Layout (see DESIGN.md):
 - ``qrw:{version}:meta`` → hash: ``created_at``, ``n_pairs``, ``content_hash``, ``complete``.
 - ``qrw:{version}:pair:{normalized utterance}`` → hash: ``rewrite``, ``confidence``
   (absorption probability), ``support``, ``n_users``.
-- ``qrw:personal:{user}`` → the user's successful utterances (a later issue).
+- ``qrw:{version}:meta`` may also hold ``n_personal_users``, ``personal_dim``, ``index_dir``
+  and ``encoder_id`` (the global FAISS index and passage encoder of the version).
+- ``qrw:{version}:personal:{pseudo_user}`` → hash: ``texts``, ``counts``, ``last_seen`` (JSON
+  lists: normalized utterances, successful uses, float epoch s), optional ``vectors`` (raw
+  float16 little-endian bytes, shape ``(n, dim)``, L2-normalised). ``pseudo_user`` is
+  :func:`rewrite.privacy.pseudonymize` of the user id; raw ids never appear in keys.
 
 A version's keys are written completely before ``qrw:active`` flips to it and are never
 modified afterwards, so a reader holding a version id always sees one consistent version.
@@ -37,5 +42,13 @@ def version_pattern(version: str) -> str:
 
 
 def personal_key(user: str) -> str:
-    """The user's personal history (pseudonymous user key)."""
+    """Unversioned personal key of the first design sketch; not written by publish.
+
+    Use :func:`personal_version_key`, which versions personal histories with the rest.
+    """
     return f"{PREFIX}:personal:{user}"
+
+
+def personal_version_key(version: str, pseudo_user: str) -> str:
+    """Hash with one user's personal history in one version (``pseudo_user``: pseudonym)."""
+    return f"{PREFIX}:{version}:personal:{pseudo_user}"

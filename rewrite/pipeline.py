@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+import numpy as np
 
 from rewrite import metrics
 from rewrite.config import Settings
@@ -36,6 +38,12 @@ class RewriteState:
     reason: str = ""
     candidates: list[Candidate] = field(default_factory=list)
     done: bool = False
+    # online stages (rewrite/online.py)
+    online: Any = None  # the OnlineSnapshot answering this request
+    query_vector: np.ndarray | None = None  # (dim,) float32, L2-normalised
+    retrieved: list[Any] = field(default_factory=list)  # RetrievedCandidate, best first
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n,) ranker scores
+    user_success_count: int = 0  # the user's successful uses of the query itself
 
 
 class Stage(Protocol):
@@ -67,6 +75,7 @@ class Resources:
 
     settings: Settings
     pair_store: PairLookup | None = None
+    online: Any = None  # rewrite.online.OnlineLayer, created by the first online stage
 
 
 class NormalizeStage:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
+import rewrite.online  # noqa: F401  (registers the online stages)
 from rewrite import metrics
 from rewrite.config import Settings, load_settings
 from rewrite.pipeline import PairLookup, Resources, RewriteState, Stage, build_pipeline
@@ -25,8 +26,8 @@ def _has_bad_control_chars(text: str) -> bool:
 
 
 class Rewriter:
-    """Query rewriter: normalize → precomputed pair → (later issues: online retrieval) →
-    rewrite or pass-through.
+    """Query rewriter: normalize → precomputed pair → (miss) encode → global + personal
+    retrieval → rerank → trigger → rewrite or pass-through (stages from ``service.pipeline``).
 
     Args:
         settings: loaded :class:`~rewrite.config.Settings`.

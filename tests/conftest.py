@@ -22,6 +22,10 @@ from pathlib import Path
 
 # Before torch loads: OpenMP threads otherwise busy-wait and starve the other core's work.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The default config runs the BERT span detector, which needs a trained artifact. Tests of the
+# job's mechanics (and CLI subprocesses) use the deterministic heuristic baseline; the span
+# detector's tests set ``rephrase.detector = "bert_span"`` with a tiny trained artifact.
+os.environ.setdefault("QRW_REPHRASE__DETECTOR", "heuristic_baseline")
 
 import pytest
 import redis

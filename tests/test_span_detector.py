@@ -33,6 +33,7 @@ from offline.detector.train import (
     sha256_file,
     train_span_detector,
 )
+from rewrite.config import Settings
 
 Run = tuple[TrainResult, list[DetectorExample]]
 
@@ -322,3 +323,109 @@ def test_onnx_int8_agrees_with_torch(tiny_run: Run) -> None:
     assert cmp["onnx-int8"]["label_agreement"] >= 0.9
     labels = [p.label for p in dets["onnx"].predict(dev)]
     assert labels == [p.label for p in dets["torch"].predict(dev)]
+
+
+@pytest.mark.slow
+def test_nightly_job_runs_the_span_detector(
+    tiny_run: Run, tmp_path: Path, settings: Settings
+) -> None:
+    """The job's ``bert_span`` stage loads the artifact, scores every candidate pair on ONNX
+    Runtime, and reports its throughput; links are exactly the model's own decisions."""
+    from offline.detector.examples import build_examples
+    from offline.detector.inference import SpanDetector
+    from offline.job import run_nightly
+    from offline.schema import read_turn_logs
+    from offline.sessionize import sessionize, to_turns
+
+    res, _ = tiny_run
+    logs = tmp_path / "day-01.jsonl"
+    rows = []
+    for k, ex in enumerate(synthetic_examples(12, seed=5)):
+        turns = [*reversed(ex.context), ContextFeature(ex.example_id, ex.current, 0, False, OKAY)]
+        t = 1000.0 * k
+        for j, c in enumerate(turns):
+            t += 1.0 if j == 0 else turns[j - 1].gap_s
+            ts = f"2026-01-05T{int(t // 3600):02d}:{int(t % 3600 // 60):02d}:{t % 60:06.3f}Z"
+            row = {"turn_id": c.turn_id, "user_id": ex.user_id, "timestamp": ts}
+            rows.append(
+                {**row, "utterance": c.text, "response": c.response, "barge_in": c.barge_in}
+            )
+    logs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = settings.model_copy(deep=True)
+    s.rephrase.detector = "bert_span"
+    s.rephrase.detector_artifact = res.artifact
+    s.rephrase.min_detector_score = 0.0
+    report = run_nightly([logs], tmp_path / "run", s, publish=False)
+    c = report.counts
+    assert c["rephrase_detector"] == "bert_span" and c["rephrase_detector_artifact"] == str(
+        res.artifact
+    )
+    # the same examples, decoded by the model directly
+    turns = to_turns(read_turn_logs([logs]).turns)
+    sessions = sessionize(turns, s.session.gap_s)
+    examples = build_examples(turns, sessions, s.rephrase.lookback_turns, s.rephrase.max_gap_s)
+    assert c["rephrase_candidates_scored"] == sum(len(ex.context) for ex in examples) > 0
+    assert c["rephrase_candidate_pairs_per_s"] > 0
+    preds = SpanDetector.load(res.artifact, backend=s.rephrase.detector_backend).predict(examples)
+    predicted = {
+        (ex.context[p.label].turn_id, ex.example_id)
+        for ex, p in zip(examples, preds, strict=True)
+        if p.label >= 0
+    }
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "run" / "rephrases.parquet").to_pylist()
+    links = {(r["earlier_turn_id"], r["later_turn_id"]) for r in table}
+    assert links and links <= predicted and len(links) == c["rephrase_links"]
+
+
+def test_dev_subset_takes_every_source_round_robin() -> None:
+    from offline.detector.train import dev_subset
+
+    rows = [DetectorExample(f"s{i}", "u", "sim", "x", (), -1) for i in range(5)]
+    rows += [DetectorExample(f"d{i}", "u", "dstc2", "x", (), -1) for i in range(2)]
+    assert [ex.example_id for ex in dev_subset(rows, 5)] == ["s0", "d0", "s1", "d1", "s2"]
+    assert len(dev_subset(rows, 100)) == 7 and dev_subset(rows, 0) == []
+
+
+def test_default_config_runs_the_span_detector() -> None:
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / "default.yaml").read_text())
+    assert raw["rephrase"]["detector"] == "bert_span"
+    assert raw["rephrase"]["on_missing_model"] == "refuse"  # never a silent fallback
+
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA / "dstc2" / "train.jsonl").exists(), reason="needs ../shared/data")
+def test_job_trains_a_detector_when_missing_and_allowed(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``on_missing_model: train``: the job builds the labelled data (sim + DSTC2), trains (tiny
+    budget here), points LATEST at the artifact and uses it."""
+    from offline.job import run_nightly
+
+    monkeypatch.chdir(tmp_path)  # data/detector goes under tmp_path
+    s = settings.model_copy(deep=True)
+    s.data_root = DATA
+    s.rephrase.detector = "bert_span"
+    s.rephrase.artifacts_dir = tmp_path / "models"
+    s.rephrase.on_missing_model = "train"
+    s.rephrase.train_budget = "tiny"
+    monkeypatch.setattr("rewrite.config.load_settings", lambda *a, **k: s)
+    logs = tmp_path / "day-01.jsonl"
+    logs.write_text(
+        json.dumps({"turn_id": "t1", "user_id": "u", "timestamp": "2026-01-05T09:00:00Z",
+                    "utterance": "play jazz", "response": "Sorry?", "barge_in": True}) + "\n"
+        + json.dumps({"turn_id": "t2", "user_id": "u", "timestamp": "2026-01-05T09:00:04Z",
+                      "utterance": "play jazz music", "response": "Playing jazz."}) + "\n"
+    )  # fmt: skip
+    report = run_nightly([logs], tmp_path / "run", s)
+    latest = (tmp_path / "models" / "LATEST").read_text().strip()
+    assert report.counts["rephrase_detector_artifact"] == str(tmp_path / "models" / latest)
+    stats = json.loads((tmp_path / "data" / "detector" / "stats.json").read_text())
+    assert stats["files"]["train"]["dstc2"]["examples"] > 0
+    assert stats["files"]["train"]["sim"]["examples"] > 0

@@ -100,7 +100,8 @@ class SpanTrainConfig:
         max_steps: optimisation steps at most; max_epochs: passes over the data at most.
         eval_every: steps between dev evaluations (also one at the end).
         patience: dev evaluations without improvement (pair F1, then dev loss) before stopping.
-        max_dev_examples: dev examples used for evaluation (the first ones).
+        max_dev_examples: dev examples used for evaluation (:func:`dev_subset`: round-robin
+            over sources).
         verify_examples: dev examples for the torch/ONNX/int8 agreement check.
         max_int8_accuracy_drop: exact-span accuracy the int8 graph may lose against torch on
             those examples and still pass the check (0.002 = 2 flips in 1,000; the check is
@@ -133,13 +134,32 @@ class SpanTrainConfig:
     def tiny() -> SpanTrainConfig:
         """A few steps on tiny data, for tests (seconds)."""
         return SpanTrainConfig(
-            batch_size=8, lr=2e-4, max_steps=12, eval_every=4, patience=10, verify_examples=32
+            batch_size=8,
+            lr=2e-4,
+            max_steps=12,
+            eval_every=4,
+            patience=10,
+            max_dev_examples=128,
+            verify_examples=32,
         )
 
     @staticmethod
     def demo() -> SpanTrainConfig:
         """The ``make demo`` budget (~4 minutes on 2 cores)."""
         return SpanTrainConfig(max_steps=220, eval_every=55, max_dev_examples=600)
+
+    @staticmethod
+    def for_budget(budget: str) -> SpanTrainConfig:
+        """``full`` (the defaults), ``demo`` or ``tiny``.
+
+        Raises:
+            ValueError: unknown budget.
+        """
+        budgets = {"full": SpanTrainConfig, "demo": SpanTrainConfig.demo,
+                   "tiny": SpanTrainConfig.tiny}  # fmt: skip
+        if budget not in budgets:
+            raise ValueError(f"unknown training budget {budget!r}; known: {sorted(budgets)}")
+        return budgets[budget]()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -243,6 +263,25 @@ def load(artifact: Path) -> tuple[Renderer, SpanRephraseModel, dict[str, Any]]:
     renderer = Renderer(tok, RenderConfig.from_dict(meta["render"]))
     model = load_span_model(Path(artifact))
     return renderer, model, meta
+
+
+def dev_subset(dev: Sequence[DetectorExample], n: int) -> list[DetectorExample]:
+    """At most ``n`` dev examples, taken round-robin over ``source`` (in file order), so that
+    early stopping sees every source (sim and DSTC2) even when one comes first in the file."""
+    by_source: dict[str, list[DetectorExample]] = {}
+    for ex in dev:
+        by_source.setdefault(ex.source, []).append(ex)
+    queues = [iter(v) for v in by_source.values()]
+    out: list[DetectorExample] = []
+    while queues and len(out) < n:
+        alive = []
+        for q in queues:
+            nxt = next(q, None)
+            if nxt is not None and len(out) < n:
+                out.append(nxt)
+                alive.append(q)
+        queues = alive
+    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -447,7 +486,7 @@ def train_span_detector(
     if not rendered:
         raise ValueError("no usable training examples (every gold turn was truncated away)")
     version = code_version()
-    dev = list(dev)[: config.max_dev_examples]
+    dev = dev_subset(dev, config.max_dev_examples)
     dev_rendered = renderer.render_many(dev)
     batches_per_epoch = math.ceil(len(rendered) / config.batch_size)
     total_steps = min(config.max_steps, config.max_epochs * batches_per_epoch)

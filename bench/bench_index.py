@@ -1,0 +1,318 @@
+"""FAISS global index: exact IndexFlatIP vs HNSW on a synthetic catalog (default 1M entries).
+
+Database: ``--n`` random L2-normalised ``--dim``-d vectors (float32). Queries: ``--queries``
+database entries perturbed with Gaussian noise and re-normalised so that the cosine to their
+source is ~``1/sqrt(1 + noise^2)`` (0.8 at the default ``--noise 0.75``), i.e. a query that has
+one clearly best catalog entry, like a misrecognised utterance and its fix; the other entries are
+at cosine ~0 +- 0.05. Exact top-``--k`` (``IndexFlatIP``) is the ground truth.
+
+Printed per configuration: build time (s), resident memory added by the index (MB, from
+``/proc/self/statm``), single-query search latency p50/p99 (ms, one query per call, FAISS with
+``--threads`` OpenMP threads = the online setting) at k = ``--k``, and for HNSW recall@1
+(top-1 equals the exact top-1) and recall@k (share of the exact top-k found) per ``efSearch``.
+Flat latency is measured on prefixes of the database (``--flat-sizes``) to place the flat/HNSW
+threshold; the script ends with the settings it recommends:
+
+- ``flat_max_entries``: the largest measured flat size whose p99 <= ``--budget-ms``;
+- ``hnsw_ef_search``: the smallest ``efSearch`` with recall@1 >= ``--target-recall``;
+- ``hnsw_m``: the ``M`` measured (sweep with ``--m 16,32``).
+
+The HNSW index is cached under ``--cache`` (git-ignored ``data/bench/``), keyed by n, dim, seed,
+M and efConstruction, so later runs skip the build; ``--no-cache`` rebuilds.
+:func:`synthetic_index_dir` writes a complete index folder (index + catalog sidecar +
+index.json) for service benchmarks.
+
+Usage::
+
+    python bench/bench_index.py                      # 1M entries (HNSW build is most of it)
+    python bench/bench_index.py --n 200000 --m 16,32 --ef 16,32,64,128
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from offline.index import EF_CONSTRUCTION, make_faiss_index, write_index_dir  # noqa: E402
+from rewrite.config import DprSettings  # noqa: E402
+
+log = logging.getLogger("bench_index")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_mb() -> float:
+    """Resident set size of this process, MB."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * PAGE / 2**20
+
+
+def unit_rows(
+    n: int, dim: int, seed: int, rank: int | None = None, chunk: int = 100_000
+) -> np.ndarray:
+    """``(n, dim)`` float32 rows, L2-normalised (generated in chunks).
+
+    ``rank`` None: isotropic Gaussian rows (uniform on the sphere; the worst case for graph
+    indexes: no structure, every point about equally far). ``rank`` r: ``normalize(z @ A)`` with
+    ``z ~ N(0, I_r)`` and a fixed random ``(r, dim)`` ``A``, i.e. vectors on an r-dimensional
+    subspace, closer to real sentence embeddings, whose intrinsic dimension is far below 384.
+    """
+    rng = np.random.default_rng(seed)
+    basis = None
+    if rank is not None:
+        basis = rng.standard_normal((rank, dim), dtype=np.float32) / np.sqrt(rank)
+    out = np.empty((n, dim), dtype=np.float32)
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        if basis is None:
+            x = rng.standard_normal((m, dim), dtype=np.float32)
+        else:
+            x = rng.standard_normal((m, basis.shape[0]), dtype=np.float32) @ basis
+        out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def make_queries(
+    db: np.ndarray, n: int, noise: float, seed: int, rank: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` perturbed database rows (re-normalised) and their source row ids; with ``rank``
+    the noise lies in the data's subspace (same generator as :func:`unit_rows`)."""
+    rng = np.random.default_rng(seed + 1)
+    src = rng.choice(len(db), size=n, replace=False)
+    if rank is None:
+        g = rng.standard_normal((n, db.shape[1]), dtype=np.float32) / np.sqrt(db.shape[1])
+    else:
+        g = unit_rows(n, db.shape[1], seed, rank)  # same basis (same seed), fresh coefficients
+        g = g[rng.permutation(n)]
+    q = db[src] + noise * g
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32), src
+
+
+def latencies_ms(index: Any, queries: np.ndarray, k: int, warmup: int = 5) -> np.ndarray:
+    """Wall time of one ``index.search`` per query (ms)."""
+    for q in queries[:warmup]:
+        index.search(q[None, :], k)
+    out = np.empty(len(queries))
+    for i, q in enumerate(queries):
+        t = time.perf_counter()
+        index.search(q[None, :], k)
+        out[i] = (time.perf_counter() - t) * 1e3
+    return out
+
+
+@dataclass
+class Row:
+    """One line of the result table."""
+
+    kind: str
+    n: int
+    params: str
+    build_s: float
+    mem_mb: float
+    p50_ms: float
+    p99_ms: float
+    recall1: float = 1.0
+    recallk: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _cache_key(n: int, dim: int, seed: int, m: int, efc: int) -> str:
+    return hashlib.sha256(f"{n}-{dim}-{seed}-{m}-{efc}".encode()).hexdigest()[:12]
+
+
+def hnsw_index(
+    db: np.ndarray, m: int, efc: int, seed: int, cache: Path | None
+) -> tuple[Any, float, float, bool]:
+    """Build (or load from ``cache``) an HNSW index. Returns (index, build_s, mem_mb, cached)."""
+    import faiss
+
+    path = None
+    if cache is not None:
+        path = cache / f"hnsw-{len(db)}-{_cache_key(len(db), db.shape[1], seed, m, efc)}.faiss"
+        if path.exists():
+            r0 = rss_mb()
+            index = faiss.read_index(str(path))
+            return index, float("nan"), rss_mb() - r0, True
+    r0 = rss_mb()
+    t = time.perf_counter()
+    index = make_faiss_index(db, "hnsw", hnsw_m=m, ef_construction=efc)
+    build_s = time.perf_counter() - t
+    mem = rss_mb() - r0
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(index, str(path))
+    return index, build_s, mem, False
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    """All measurements; prints progress to stderr."""
+    import faiss
+
+    rows: list[Row] = []
+    t0 = time.perf_counter()
+    rank = args.rank if args.data == "lowrank" else None
+    db = unit_rows(args.n, args.dim, args.seed, rank)
+    queries, _src = make_queries(db, args.queries, args.noise, args.seed + 7, rank)
+    print(
+        f"data: {args.data} {args.n} x {args.dim} in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
+
+    faiss.omp_set_num_threads(args.build_threads)
+    full = faiss.IndexFlatIP(args.dim)
+    full.add(db)
+    _, gt = full.search(queries, args.k)  # batched exact ground truth
+    del full
+
+    faiss.omp_set_num_threads(args.threads)
+    for size in sorted({min(s, args.n) for s in args.flat_sizes}):
+        r0 = rss_mb()
+        t = time.perf_counter()
+        flat = make_faiss_index(db[:size], "flat")
+        build_s = time.perf_counter() - t
+        mem = rss_mb() - r0
+        nq = args.queries if size <= 200_000 else args.flat_queries
+        lat = latencies_ms(flat, queries[:nq], args.k)
+        rows.append(Row("flat", size, "-", build_s, mem, *np.percentile(lat, [50, 99]).tolist()))
+        print(f"flat n={size}: p50 {rows[-1].p50_ms:.2f} ms", file=sys.stderr)
+        del flat
+
+    cache = None if args.no_cache else Path(args.cache)
+    for m in args.m:
+        faiss.omp_set_num_threads(args.build_threads)
+        seed_key = args.seed if rank is None else args.seed * 1000 + rank
+        index, build_s, mem, cached = hnsw_index(db, m, args.ef_construction, seed_key, cache)
+        print(f"hnsw M={m}: build {build_s:.1f} s{' (cached)' if cached else ''}", file=sys.stderr)
+        faiss.omp_set_num_threads(args.threads)
+        for ef in args.ef:
+            index.hnsw.efSearch = ef
+            lat = latencies_ms(index, queries, args.k)
+            _, ids = index.search(queries, args.k)
+            r1 = float(np.mean(ids[:, 0] == gt[:, 0]))
+            rk = float(
+                np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ids, gt, strict=True)])
+            )
+            p50, p99 = np.percentile(lat, [50, 99]).tolist()
+            params = f"M={m} efC={args.ef_construction} ef={ef}"
+            rows.append(
+                Row("hnsw", args.n, params, build_s, mem, p50, p99, r1, rk, {"m": m, "ef": ef})
+            )
+        del index
+    return rows
+
+
+def recommend(rows: Sequence[Row], budget_ms: float, target_recall: float) -> dict[str, Any]:
+    """Settings from the measurements (see the module docstring)."""
+    flat_ok = [r.n for r in rows if r.kind == "flat" and r.p99_ms <= budget_ms]
+    hnsw = [r for r in rows if r.kind == "hnsw" and r.recall1 >= target_recall]
+    best = min(hnsw, key=lambda r: (r.p99_ms, r.extra["ef"])) if hnsw else None
+    return {
+        "flat_max_entries": max(flat_ok) if flat_ok else None,
+        "hnsw_m": best.extra["m"] if best else None,
+        "hnsw_ef_search": best.extra["ef"] if best else None,
+        "budget_ms": budget_ms,
+        "target_recall@1": target_recall,
+    }
+
+
+def print_table(rows: Sequence[Row], k: int) -> None:
+    """The result table on stdout."""
+    head = (
+        f"{'kind':5} {'n':>9} {'params':26} {'build_s':>8} {'mem_MB':>8} {'p50_ms':>7} "
+        f"{'p99_ms':>7} {'recall@1':>8} {f'recall@{k}':>9}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(
+            f"{r.kind:5} {r.n:>9} {r.params:26} {r.build_s:>8.1f} {r.mem_mb:>8.0f} "
+            f"{r.p50_ms:>7.3f} {r.p99_ms:>7.3f} {r.recall1:>8.3f} {r.recallk:>9.3f}"
+        )
+
+
+def synthetic_index_dir(
+    out_dir: Path,
+    n: int,
+    dim: int = 384,
+    seed: int = 0,
+    settings: DprSettings | None = None,
+    encoder_id: str = "synthetic",
+) -> Path:
+    """A complete index folder (random unit vectors, texts ``"synthetic utterance <i>"``) for
+    service benchmarks; reused when ``out_dir/index.json`` exists with the same n and dim."""
+    import json
+
+    import pyarrow as pa
+
+    from offline.index import normalize_catalog
+
+    meta = Path(out_dir) / "index.json"
+    if meta.exists():
+        info = json.loads(meta.read_text())
+        if info.get("n") == n and info.get("dim") == dim:
+            return Path(out_dir)
+    db = unit_rows(n, dim, seed)
+    catalog = normalize_catalog(
+        pa.table(
+            {
+                "text": [f"synthetic utterance {i}" for i in range(n)],
+                "frequency": np.full(n, 5, dtype=np.int64),
+                "n_users": np.full(n, 3, dtype=np.int64),
+                "success_rate": np.full(n, 0.9),
+            }
+        )
+    )
+    write_index_dir(db, catalog, Path(out_dir), encoder_id, settings or DprSettings())
+    return Path(out_dir)
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--n", type=int, default=1_000_000, help="database entries")
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--data", choices=("random", "lowrank"), default="random")
+    p.add_argument("--rank", type=int, default=32, help="subspace dimension of --data lowrank")
+    p.add_argument("--queries", type=int, default=500, help="queries for latency and recall")
+    p.add_argument("--flat-queries", type=int, default=100, help="queries for flat > 200k")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--noise", type=float, default=0.75, help="query perturbation (see doc)")
+    p.add_argument(
+        "--flat-sizes", type=_ints, default=[10_000, 50_000, 100_000, 200_000, 1_000_000]
+    )
+    p.add_argument("--m", type=_ints, default=[16], help="HNSW M values")
+    p.add_argument("--ef", type=_ints, default=[16, 32, 64, 128], help="efSearch values")
+    p.add_argument("--ef-construction", type=int, default=EF_CONSTRUCTION)
+    p.add_argument("--threads", type=int, default=1, help="FAISS threads while searching")
+    p.add_argument("--build-threads", type=int, default=2, help="FAISS threads while building")
+    p.add_argument("--budget-ms", type=float, default=1.0, help="flat p99 budget (ms)")
+    p.add_argument("--target-recall", type=float, default=0.99, help="HNSW recall@1 target")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=str(ROOT / "data" / "bench"), help="HNSW index cache")
+    p.add_argument("--no-cache", action="store_true")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    rows = run(args)
+    print_table(rows, args.k)
+    rec = recommend(rows, args.budget_ms, args.target_recall)
+    print(f"\nrecommended: {rec}")
+    print(f"total {time.perf_counter() - t0:.0f} s, peak-ish RSS now {rss_mb():.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

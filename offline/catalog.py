@@ -1,0 +1,357 @@
+"""The global catalog of rewrite targets and per-user personal histories (nightly job).
+
+A turn **succeeds** when it is not a defect under the shared :class:`~offline.defects.DefectRule`
+— no barge-in, no negative feedback, no failure response — and no later turn of its session
+rephrases it (the job's rephrase links). Utterances are the normalized text NLU received
+(:attr:`offline.sessionize.Turn.normalized`).
+
+- **Global catalog**: per normalized utterance, ``frequency`` (turns), ``n_users`` (distinct
+  users), ``success_rate`` (successful turns / turns), the most common logged ``domain`` and
+  ``intent`` ("" when never logged; ties broken alphabetically) and ``last_seen`` (latest turn,
+  float epoch seconds). An utterance is a rewrite target when ``frequency >= min_frequency``,
+  ``n_users >= min_users`` and ``success_rate >= min_success_rate`` (``catalog:`` settings).
+  Rows are ordered by frequency (descending), then text, so row ``i`` is FAISS id ``i`` of the
+  index built over ``catalog.parquet``.
+- **Personal histories**: per user, keyed by :func:`rewrite.privacy.pseudonymize` of the user
+  id (raw ids never leave this module), the utterances with ``count`` (the user's successful
+  turns) ``>= personal_min_count`` and the user's own success rate ``>=
+  personal_min_success_rate``; most used first (then most recent, then text), at most
+  ``personal_max_per_user``; ``last_seen`` is the user's latest *successful* use.
+
+Aggregation is vectorised with pyarrow ``group_by`` (hash aggregation), O(turns). Design
+sources: success from implicit feedback (Ponnusamy et al., "Feedback-Based Self-Learning in
+Large-Scale Conversational AI Agents", AAAI 2020); users' historically successful
+interactions as a personal memory for rewriting (Roshan-Ghias et al., "Personalized Query
+Rewriting in Conversational AI Agents", arXiv:2011.04748, 2020).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from offline.defects import DefectRule
+from offline.rephrase import RephraseLink
+from offline.sessionize import Session, Turn
+from rewrite.config import CatalogSettings
+from rewrite.privacy import pseudonymize
+
+log = logging.getLogger(__name__)
+
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("text", pa.string()),
+        ("frequency", pa.int64()),
+        ("n_users", pa.int64()),
+        ("success_rate", pa.float64()),
+        ("domain", pa.string()),
+        ("intent", pa.string()),
+        ("last_seen", pa.float64()),
+    ]
+)
+PERSONAL_SCHEMA = pa.schema(
+    [
+        ("user", pa.string()),
+        ("text", pa.string()),
+        ("count", pa.int64()),
+        ("last_seen", pa.float64()),
+    ]
+)
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One rewrite target of the global catalog.
+
+    Attributes:
+        text: normalized utterance.
+        frequency: turns with this utterance (all users, successful or not).
+        n_users: distinct users behind those turns.
+        success_rate: successful turns / ``frequency``, in [0, 1].
+        domain, intent: most common logged NLU domain / intent ("" when never logged).
+        last_seen: latest turn with this utterance, epoch seconds (UTC).
+    """
+
+    text: str
+    frequency: int
+    n_users: int
+    success_rate: float
+    domain: str
+    intent: str
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class PersonalEntry:
+    """One utterance of one user's personal history.
+
+    Attributes:
+        user: pseudonymous user key (:func:`rewrite.privacy.pseudonymize`), never the raw id.
+        text: normalized utterance.
+        count: the user's successful turns with it.
+        last_seen: the user's latest successful turn with it, epoch seconds (UTC).
+    """
+
+    user: str
+    text: str
+    count: int
+    last_seen: float
+
+
+@dataclass
+class CatalogResult:
+    """Output of :func:`build_catalog`.
+
+    Attributes:
+        catalog: global rewrite targets, frequency-descending (row i = FAISS id i).
+        personal: personal entries grouped by user (ascending pseudonym), most used first.
+        n_turns: turns aggregated.
+        n_success_turns: turns that succeeded.
+        n_utterances: distinct normalized utterances seen.
+        n_personal_users: users with a non-empty personal history.
+    """
+
+    catalog: list[CatalogEntry]
+    personal: list[PersonalEntry]
+    n_turns: int
+    n_success_turns: int
+    n_utterances: int
+    n_personal_users: int
+
+
+def turn_success(
+    turns: Sequence[Turn],
+    sessions: Sequence[Session],
+    links: Sequence[RephraseLink],
+    rule: DefectRule,
+) -> np.ndarray:
+    """Success of every turn: not a defect under ``rule`` and not rephrased by a later turn.
+
+    Args:
+        turns: the job's turns (``turns[i].idx == i``).
+        sessions: their sessions (for ``last_in_session``).
+        links: rephrase links (``earlier`` is rephrased by ``later``).
+        rule: the job's defect rule.
+
+    Returns:
+        ``(len(turns),)`` bool array, True = success.
+    """
+    rephrased = {lk.earlier for lk in links}
+    last_in_session = {s.turns[-1] for s in sessions if s.turns}
+    ok = np.zeros(len(turns), dtype=bool)
+    for i, t in enumerate(turns):
+        lab = rule.label(
+            t.response, t.barge_in, t.feedback, t.idx in rephrased, t.idx in last_in_session
+        )
+        ok[i] = not lab.defect
+    return ok
+
+
+def _most_common(tbl: pa.Table, column: str) -> dict[str, str]:
+    """``{text: most common non-empty value of column}``; ties go to the smallest value."""
+    sub = tbl.filter(pc.not_equal(tbl[column], ""))
+    if sub.num_rows == 0:
+        return {}
+    counts = sub.group_by(["text", column], use_threads=False).aggregate([(column, "count")])
+    counts = counts.sort_by(
+        [("text", "ascending"), (f"{column}_count", "descending"), (column, "ascending")]
+    )
+    texts = np.asarray(counts["text"].to_pylist(), dtype=object)
+    first = np.ones(len(texts), dtype=bool)
+    first[1:] = texts[1:] != texts[:-1]
+    values = counts[column].to_pylist()
+    return {str(texts[i]): str(values[i]) for i in np.flatnonzero(first)}
+
+
+def _global(tbl: pa.Table, cfg: CatalogSettings) -> tuple[list[CatalogEntry], int]:
+    agg = tbl.group_by("text", use_threads=False).aggregate(
+        [("ts", "count"), ("user", "count_distinct"), ("ok", "sum"), ("ts", "max")]
+    )
+    freq = agg["ts_count"].to_numpy()
+    users = agg["user_count_distinct"].to_numpy()
+    succ = agg["ok_sum"].to_numpy()
+    keep = (
+        (freq >= cfg.min_frequency)
+        & (users >= cfg.min_users)
+        & (succ >= cfg.min_success_rate * freq - _EPS)
+    )
+    agg = agg.filter(pa.array(keep)).append_column(
+        "success_rate", pa.array(succ[keep] / np.maximum(freq[keep], 1), pa.float64())
+    )
+    agg = agg.sort_by([("ts_count", "descending"), ("text", "ascending")])
+    kept = tbl.filter(pc.is_in(tbl["text"], value_set=agg["text"]))
+    domains = _most_common(kept, "domain")
+    intents = _most_common(kept, "intent")
+    entries = [
+        CatalogEntry(
+            text=text,
+            frequency=int(f),
+            n_users=int(u),
+            success_rate=float(r),
+            domain=domains.get(text, ""),
+            intent=intents.get(text, ""),
+            last_seen=float(ls),
+        )
+        for text, f, u, r, ls in zip(
+            agg["text"].to_pylist(),
+            agg["ts_count"].to_pylist(),
+            agg["user_count_distinct"].to_pylist(),
+            agg["success_rate"].to_pylist(),
+            agg["ts_max"].to_pylist(),
+            strict=True,
+        )
+    ]
+    return entries, len(freq)
+
+
+def _personal(tbl: pa.Table, cfg: CatalogSettings) -> list[PersonalEntry]:
+    ts_ok = pc.if_else(pc.equal(tbl["ok"], 1), tbl["ts"], pa.scalar(None, pa.float64()))
+    agg = (
+        tbl.append_column("ts_ok", ts_ok)
+        .group_by(["puser", "text"], use_threads=False)
+        .aggregate([("ok", "sum"), ("ts", "count"), ("ts_ok", "max")])
+    )
+    count = agg["ok_sum"].to_numpy()
+    uses = agg["ts_count"].to_numpy()
+    keep = (count >= cfg.personal_min_count) & (
+        count >= cfg.personal_min_success_rate * uses - _EPS
+    )
+    agg = agg.filter(pa.array(keep)).sort_by(
+        [
+            ("puser", "ascending"),
+            ("ok_sum", "descending"),
+            ("ts_ok_max", "descending"),
+            ("text", "ascending"),
+        ]
+    )
+    users = np.asarray(agg["puser"].to_pylist(), dtype=object)
+    n = len(users)
+    if n == 0:
+        return []
+    pos = np.arange(n)
+    start = np.ones(n, dtype=bool)
+    start[1:] = users[1:] != users[:-1]
+    rank = pos - np.maximum.accumulate(np.where(start, pos, 0))
+    sel = np.flatnonzero(rank < cfg.personal_max_per_user)
+    agg = agg.take(pa.array(sel))
+    return [
+        PersonalEntry(user=u, text=t, count=int(c), last_seen=float(ls))
+        for u, t, c, ls in zip(
+            agg["puser"].to_pylist(),
+            agg["text"].to_pylist(),
+            agg["ok_sum"].to_pylist(),
+            agg["ts_ok_max"].to_pylist(),
+            strict=True,
+        )
+    ]
+
+
+def build_catalog(
+    turns: Sequence[Turn],
+    sessions: Sequence[Session],
+    links: Sequence[RephraseLink],
+    rule: DefectRule,
+    settings: CatalogSettings,
+    user_key: bytes,
+) -> CatalogResult:
+    """Compute the global catalog and the personal histories of one job run.
+
+    Args:
+        turns: the job's turns (``turns[i].idx == i``).
+        sessions: their sessions.
+        links: rephrase links from the job's detector.
+        rule: the job's defect rule (the same one the Markov chain uses).
+        settings: thresholds (``catalog:`` section).
+        user_key: HMAC key for pseudonymous user keys
+            (:func:`rewrite.privacy.user_key_from_settings`).
+
+    Returns:
+        :class:`CatalogResult`.
+
+    Raises:
+        ValueError: ``user_key`` is empty.
+    """
+    if not user_key:
+        raise ValueError("user_key must not be empty")
+    ok = turn_success(turns, sessions, links, rule)
+    raw_users = [t.user_id for t in turns]
+    pseudo = {u: pseudonymize(u, user_key) for u in set(raw_users)}
+    tbl = pa.table(
+        {
+            "text": pa.array([t.normalized for t in turns], pa.string()),
+            "user": pa.array(raw_users, pa.string()),
+            "puser": pa.array([pseudo[u] for u in raw_users], pa.string()),
+            "ts": pa.array([t.ts for t in turns], pa.float64()),
+            "ok": pa.array(ok.astype(np.int64), pa.int64()),
+            "domain": pa.array([t.domain for t in turns], pa.string()),
+            "intent": pa.array([t.intent for t in turns], pa.string()),
+        }
+    )
+    catalog, n_utterances = _global(tbl, settings)
+    personal = _personal(tbl, settings)
+    result = CatalogResult(
+        catalog=catalog,
+        personal=personal,
+        n_turns=len(turns),
+        n_success_turns=int(ok.sum()),
+        n_utterances=n_utterances,
+        n_personal_users=len({p.user for p in personal}),
+    )
+    log.info(
+        "catalog: %d of %d utterances; personal: %d entries for %d users",
+        len(catalog),
+        n_utterances,
+        len(personal),
+        result.n_personal_users,
+    )
+    return result
+
+
+def write_catalog(entries: Sequence[CatalogEntry], path: Path) -> None:
+    """Write ``catalog.parquet`` (:data:`CATALOG_SCHEMA`), rows in the given order."""
+    cols = {name: [getattr(e, name) for e in entries] for name in CATALOG_SCHEMA.names}
+    pq.write_table(pa.Table.from_pydict(cols, schema=CATALOG_SCHEMA), path)
+
+
+def read_catalog(path: Path) -> list[CatalogEntry]:
+    """Read ``catalog.parquet`` back, row order kept (row i = FAISS id i).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: its columns are not :data:`CATALOG_SCHEMA`'s.
+    """
+    return [CatalogEntry(**row) for row in _read(path, CATALOG_SCHEMA).to_pylist()]
+
+
+def write_personal(entries: Sequence[PersonalEntry], path: Path) -> None:
+    """Write ``personal.parquet`` (:data:`PERSONAL_SCHEMA`: pseudonymous user, text, count,
+    last_seen), rows in the given order."""
+    cols = {name: [getattr(e, name) for e in entries] for name in PERSONAL_SCHEMA.names}
+    pq.write_table(pa.Table.from_pydict(cols, schema=PERSONAL_SCHEMA), path)
+
+
+def read_personal(path: Path) -> list[PersonalEntry]:
+    """Read ``personal.parquet`` back, row order kept.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: its columns are not :data:`PERSONAL_SCHEMA`'s.
+    """
+    return [PersonalEntry(**row) for row in _read(path, PERSONAL_SCHEMA).to_pylist()]
+
+
+def _read(path: Path, schema: pa.Schema) -> pa.Table:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} not found (run `qrw nightly` first)")
+    tbl = pq.read_table(path)
+    if tbl.schema.names != schema.names:
+        raise ValueError(f"{path}: columns {tbl.schema.names}, expected {schema.names}")
+    return tbl.cast(schema)

@@ -1,0 +1,271 @@
+"""Build the FAISS global index from the catalog (the nightly job's index stage).
+
+:func:`build_index` encodes every catalog text with the DPR passage tower
+(:class:`rewrite.encoder.PassageEncoder`, L2-normalised 384-d vectors) and writes an index
+folder that :class:`rewrite.retrieval.GlobalIndex` loads:
+
+- ``index.faiss``: exact ``faiss.IndexFlatIP`` up to ``dpr.flat_max_entries`` entries,
+  ``faiss.IndexHNSWFlat`` (inner product, ``M = dpr.hnsw_m``, ``efConstruction`` =
+  :data:`EF_CONSTRUCTION`, ``efSearch = dpr.hnsw_ef_search``) above; FAISS id i = catalog row i.
+  Threshold and HNSW parameters were chosen with ``bench/bench_index.py``.
+- ``catalog.parquet``: the id sidecar (:data:`rewrite.retrieval.CATALOG_COLUMNS`, in id order;
+  duplicate texts dropped, missing metadata filled with defaults);
+- ``index.json`` (:class:`rewrite.retrieval.IndexInfo`), written last, so a folder without it is
+  incomplete. Files are written under temporary names and renamed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from rewrite.config import DprSettings
+from rewrite.encoder import PassageEncoder
+from rewrite.retrieval import (
+    CATALOG_FILE,
+    INDEX_FILE,
+    INDEX_META,
+    IndexInfo,
+    sha256_file,
+)
+
+log = logging.getLogger(__name__)
+
+EF_CONSTRUCTION = 80
+"""HNSW ``efConstruction`` (build-time search breadth; bench/bench_index.py)."""
+
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("text", pa.string()),
+        ("frequency", pa.int64()),
+        ("n_users", pa.int64()),
+        ("success_rate", pa.float64()),
+        ("domain", pa.string()),
+        ("intent", pa.string()),
+        ("last_seen", pa.float64()),
+    ]
+)
+_DEFAULTS: dict[str, Any] = {
+    "frequency": 0,
+    "n_users": 0,
+    "success_rate": 0.0,
+    "domain": "",
+    "intent": "",
+    "last_seen": -1.0,
+}
+
+
+def normalize_catalog(table: pa.Table) -> pa.Table:
+    """The catalog in :data:`CATALOG_SCHEMA`: columns cast, nulls and missing metadata columns
+    filled with defaults (``last_seen`` -1 = unknown; a timestamp column becomes epoch
+    seconds), empty texts and repeated texts (after the first) dropped.
+
+    Raises:
+        ValueError: no ``text`` column.
+    """
+    if "text" not in table.column_names:
+        raise ValueError(f"catalog has no 'text' column (columns: {table.column_names})")
+    n = table.num_rows
+    cols: dict[str, pa.Array] = {}
+    for fld in CATALOG_SCHEMA:
+        if fld.name not in table.column_names:
+            cols[fld.name] = pa.array([_DEFAULTS[fld.name]] * n, type=fld.type)
+            continue
+        col = table.column(fld.name)
+        if fld.name == "last_seen" and pa.types.is_timestamp(col.type):
+            col = pc.divide(pc.cast(pc.cast(col, pa.timestamp("us", tz="UTC")), pa.int64()), 1e6)
+        col = pc.cast(col, fld.type)
+        if fld.name != "text":
+            col = pc.fill_null(col, pa.scalar(_DEFAULTS[fld.name], type=fld.type))
+        cols[fld.name] = col
+    out = pa.table(cols, schema=CATALOG_SCHEMA)
+    texts = out.column("text").to_pylist()
+    seen: set[str] = set()
+    keep = []
+    for i, t in enumerate(texts):
+        if t and t not in seen:
+            seen.add(t)
+            keep.append(i)
+    if len(keep) != n:
+        log.warning("catalog: dropped %d empty or repeated texts of %d", n - len(keep), n)
+        out = out.take(pa.array(keep, type=pa.int64()))
+    return out
+
+
+def choose_kind(n: int, flat_max_entries: int) -> str:
+    """``"flat"`` (exact IndexFlatIP) when ``n <= flat_max_entries``, else ``"hnsw"``."""
+    return "flat" if n <= flat_max_entries else "hnsw"
+
+
+def make_faiss_index(
+    vectors: np.ndarray,
+    kind: str,
+    hnsw_m: int = 32,
+    ef_construction: int = EF_CONSTRUCTION,
+    ef_search: int = 64,
+) -> Any:
+    """A FAISS inner-product index over ``vectors`` (``(n, dim)`` float32, L2-normalised).
+
+    Raises:
+        ValueError: unknown ``kind`` or a non-2-D input.
+    """
+    import faiss
+
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"vectors must be (n, dim), got {x.shape}")
+    dim = x.shape[1]
+    index: Any
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.hnsw.efSearch = ef_search
+    else:
+        raise ValueError(f"unknown index kind {kind!r} (flat | hnsw)")
+    if len(x):
+        index.add(x)
+    return index
+
+
+def _replace_into(tmp: Path, final: Path) -> None:
+    os.replace(tmp, final)
+
+
+def write_index_dir(
+    vectors: np.ndarray,
+    catalog: pa.Table,
+    out_dir: Path,
+    encoder_id: str,
+    settings: DprSettings,
+    version: str = "",
+    ef_construction: int = EF_CONSTRUCTION,
+    threads: int | None = None,
+) -> IndexInfo:
+    """Index ``vectors`` (row i = catalog row i) and write the index folder.
+
+    Args:
+        vectors: ``(n, dim)`` float32, L2-normalised passage vectors.
+        catalog: the catalog in :data:`CATALOG_SCHEMA` (see :func:`normalize_catalog`), n rows.
+        out_dir: the index folder (created; an older index there is replaced).
+        encoder_id: the passage encoder's ``encoder_id``.
+        settings: ``dpr`` settings (``flat_max_entries``, ``hnsw_m``, ``hnsw_ef_search``).
+        version: the published version this index belongs to.
+        threads: FAISS OpenMP threads for the build (None = FAISS default).
+
+    Raises:
+        ValueError: row counts differ.
+    """
+    import faiss
+
+    if len(vectors) != catalog.num_rows:
+        raise ValueError(f"{len(vectors)} vectors for {catalog.num_rows} catalog rows")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INDEX_META).unlink(missing_ok=True)  # incomplete until index.json is back
+    if threads is not None:
+        faiss.omp_set_num_threads(int(threads))
+    n = len(vectors)
+    dim = int(vectors.shape[1]) if vectors.ndim == 2 else 0
+    kind = choose_kind(n, settings.flat_max_entries)
+    t0 = time.perf_counter()
+    index = make_faiss_index(
+        vectors, kind, settings.hnsw_m, ef_construction, settings.hnsw_ef_search
+    )
+    build_s = time.perf_counter() - t0
+    pid = os.getpid()
+    tmp_index = out_dir / f".{INDEX_FILE}.tmp-{pid}"
+    tmp_cat = out_dir / f".{CATALOG_FILE}.tmp-{pid}"
+    faiss.write_index(index, str(tmp_index))
+    pq.write_table(catalog.cast(CATALOG_SCHEMA), tmp_cat)
+    _replace_into(tmp_index, out_dir / INDEX_FILE)
+    _replace_into(tmp_cat, out_dir / CATALOG_FILE)
+    params: dict[str, Any] = {"build_seconds": round(build_s, 3)}
+    if kind == "hnsw":
+        params.update(
+            hnsw_m=settings.hnsw_m,
+            ef_construction=ef_construction,
+            ef_search=settings.hnsw_ef_search,
+        )
+    info = IndexInfo(
+        version=version,
+        encoder_id=encoder_id,
+        dim=dim,
+        n=n,
+        kind=kind,
+        sha256={
+            INDEX_FILE: sha256_file(out_dir / INDEX_FILE),
+            CATALOG_FILE: sha256_file(out_dir / CATALOG_FILE),
+        },
+        params=params,
+        built_unix=round(time.time(), 3),
+    )
+    tmp_meta = out_dir / f".{INDEX_META}.tmp-{pid}"
+    tmp_meta.write_text(info.to_json())
+    _replace_into(tmp_meta, out_dir / INDEX_META)
+    log.info("index written to %s: %s, n=%d, %.2f s build", out_dir, kind, n, build_s)
+    return info
+
+
+def encode_catalog(
+    encoder: PassageEncoder, texts: list[str], chunk: int = 1024, progress: bool = True
+) -> np.ndarray:
+    """Passage vectors of ``texts``: ``(len(texts), dim)`` float32, L2-normalised."""
+    out = np.zeros((len(texts), encoder.dim), dtype=np.float32)
+    bar = tqdm(total=len(texts), desc="encode catalog", unit="text", disable=not progress)
+    for s in range(0, len(texts), chunk):
+        out[s : s + chunk] = encoder.encode(texts[s : s + chunk])
+        bar.update(min(chunk, len(texts) - s))
+    bar.close()
+    return out
+
+
+def build_index(
+    catalog: Path | pa.Table,
+    encoder: PassageEncoder,
+    out_dir: Path,
+    settings: DprSettings,
+    version: str = "",
+    progress: bool = True,
+) -> IndexInfo:
+    """Encode the catalog with the passage tower and write the index folder.
+
+    Args:
+        catalog: ``catalog.parquet`` path or its table (columns ``text, frequency, n_users,
+            success_rate, domain, intent, last_seen``; only ``text`` is required).
+        encoder: the DPR passage encoder; its ``encoder_id`` goes into ``index.json``.
+        out_dir: the index folder.
+        settings: ``dpr`` settings.
+        version: the published version id.
+        progress: tqdm progress bar while encoding.
+
+    Returns:
+        The :class:`IndexInfo` written to ``index.json``.
+
+    Raises:
+        FileNotFoundError: no catalog file; ValueError: no ``text`` column.
+    """
+    if isinstance(catalog, pa.Table):
+        table = catalog
+    else:
+        if not Path(catalog).exists():
+            raise FileNotFoundError(f"catalog not found: {catalog}")
+        table = pq.read_table(catalog)
+    table = normalize_catalog(table)
+    texts: list[str] = table.column("text").to_pylist()
+    t0 = time.perf_counter()
+    vectors = encode_catalog(encoder, texts, progress=progress)
+    log.info("encoded %d catalog texts in %.1f s", len(texts), time.perf_counter() - t0)
+    if not len(texts):
+        vectors = np.zeros((0, encoder.dim), dtype=np.float32)
+    return write_index_dir(vectors, table, out_dir, encoder.encoder_id, settings, version)

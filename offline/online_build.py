@@ -1,0 +1,114 @@
+"""The nightly job's online artifacts: the DPR passage encoder, the FAISS global index of the
+catalog, and the index folder a published version points at.
+
+The passage encoder is the fine-tuned DPR artifact ``dpr.artifact`` / ``dpr.artifacts_dir/LATEST``
+(``qrw train dpr``); when none is trained the job uses the zero-shot MiniLM artifact (exported
+on first use, no training) and says so in the log and in ``report.json``
+(``online.encoder_kind``). The index is written into the run dir; publishing copies it to
+``dpr.index_root/<index sha256[:16]>/`` (content-addressed, so the folder name is known before
+the version id) and records that folder and the ``encoder_id`` in the version's meta.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from rewrite.config import Settings
+from rewrite.encoder import DprModelMissingError, PassageEncoder, resolve_dpr_artifact
+from rewrite.retrieval import CATALOG_FILE, INDEX_FILE, INDEX_META, IndexInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OnlineBuild:
+    """What the job built for the online layer.
+
+    Attributes:
+        encoder: the passage encoder (also used for personal-history vectors).
+        encoder_kind: ``"fine-tuned"`` or ``"zero-shot"``.
+        index_dir: the index folder inside the run dir.
+        info: its ``index.json``.
+    """
+
+    encoder: PassageEncoder
+    encoder_kind: str
+    index_dir: Path
+    info: IndexInfo
+
+    @property
+    def content_id(self) -> str:
+        """sha256 of the index file (part of the published version's content)."""
+        return self.info.sha256[INDEX_FILE]
+
+
+def load_passage_encoder(settings: Settings) -> tuple[PassageEncoder, str]:
+    """The DPR passage tower the settings name, else the zero-shot MiniLM one.
+
+    Returns:
+        ``(encoder, kind)`` with kind ``"fine-tuned"`` or ``"zero-shot"``.
+
+    Raises:
+        DprModelMissingError: ``dpr.artifact`` is set explicitly but missing (an explicit
+            choice is never replaced).
+    """
+    d = settings.dpr
+    try:
+        path = resolve_dpr_artifact(Path(d.artifacts_dir), d.artifact)
+        kind = "fine-tuned"
+    except DprModelMissingError:
+        if d.artifact is not None:
+            raise
+        from offline.dpr.train import export_zero_shot
+
+        log.warning(
+            "no fine-tuned DPR encoder under %s (run `qrw train dpr`); the job indexes the "
+            "catalog with the zero-shot MiniLM encoder",
+            d.artifacts_dir,
+        )
+        path = export_zero_shot(Path(d.artifacts_dir)).artifact
+        kind = "zero-shot"
+    enc = PassageEncoder.load(path, threads=2)
+    if enc.meta.get("zero_shot"):
+        kind = "zero-shot"
+    return enc, kind
+
+
+def build_online(run_dir: Path, settings: Settings, progress: bool = False) -> OnlineBuild:
+    """Encode ``run_dir/catalog.parquet`` and write ``run_dir/index/``.
+
+    Raises:
+        FileNotFoundError: no catalog in the run dir.
+    """
+    from offline.index import build_index
+
+    encoder, kind = load_passage_encoder(settings)
+    info = build_index(
+        run_dir / CATALOG_FILE, encoder, run_dir / "index", settings.dpr, progress=progress
+    )
+    return OnlineBuild(encoder, kind, run_dir / "index", info)
+
+
+def install_index(build: OnlineBuild, settings: Settings) -> Path:
+    """Copy the run's index folder to ``dpr.index_root/<sha256[:16]>/`` (idempotent).
+
+    The copy is written under a temporary name and renamed, so a reader never sees a partial
+    folder. Returns the installed folder (absolute).
+    """
+    root = Path(settings.dpr.index_root).resolve()
+    final = root / build.content_id[:16]
+    if (final / INDEX_META).exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name in (INDEX_FILE, CATALOG_FILE, INDEX_META):
+        shutil.copy2(build.index_dir / name, tmp / name)
+    if final.exists():  # an incomplete leftover (no index.json)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final

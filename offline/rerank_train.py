@@ -1,0 +1,848 @@
+"""Train the online reranker (``qrw train ranker``): LightGBM lambdarank over
+:data:`rewrite.rerank.FEATURE_NAMES`, plus the trigger threshold chosen for precision.
+
+Data: one **group** per query — a defective utterance whose correct rewrite is known (mined
+pairs / rephrase links) — with the candidates a :data:`CandidateGenerator` retrieves for it
+(global + personal); label 1 for the candidate equal to the known rewrite, 0 for the others.
+A group whose rewrite equals the query (the utterance was fine) teaches "don't rewrite": the
+identical candidate is the positive and the trigger never fires on it.
+
+Training: groups split **by user** (no user in two splits; train/dev/test), LightGBM
+``objective=lambdarank``, ``metric=ndcg@1,3``, deterministic (``seed``, ``deterministic=True``,
+``force_row_wise=True``, ``num_threads``), early stopping on dev ndcg@1 (LightGBM: Ke et al.,
+NeurIPS 2017; LambdaMART: Burges, MSR-TR-2010-82).
+
+Trigger threshold: on dev, the **lowest** score threshold whose precision at trigger is >= the
+target (0.9). Precision at trigger = share of triggered queries whose top candidate is the
+correct rewrite; a query whose correct rewrite is not among its candidates is a wrong trigger if
+it triggers. A query triggers when its top candidate differs from the query and scores >= the
+threshold (:func:`rewrite.rerank.trigger`). A Platt scaling of the top score (Platt, 1999),
+fitted on dev, gives the response confidence.
+
+Artifacts: ``<artifacts_dir>/<content-hash>/ranker.txt`` (LightGBM text model) and
+``ranker.json``; ``<artifacts_dir>/LATEST`` names the newest. Written under a temporary name and
+renamed when complete.
+
+Figures reported per split (dev, test): recall@1 and MRR of the dense order (retrieval alone),
+the :class:`~rewrite.rerank.HeuristicRanker` and the trained ranker; precision at trigger and
+trigger rate of the ranker at the chosen threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rapidfuzz import fuzz, process
+
+from rewrite.rerank import (
+    FEATURE_NAMES,
+    RANKER_META_FILE,
+    RANKER_MODEL_FILE,
+    HeuristicRanker,
+    feature_matrix,
+)
+from rewrite.retrieval import RetrievedCandidate
+from rewrite.types import ContextTurn
+
+log = logging.getLogger(__name__)
+
+#: ``generate(query, user) -> candidates`` (normalized texts; global + personal, merged).
+CandidateGenerator = Callable[[str, str], list[RetrievedCandidate]]
+
+GROUPS_FORMAT = "qrw-rank-groups-v1"
+
+
+@dataclass(frozen=True)
+class RankExample:
+    """One training query: the normalized ``query`` of ``user`` and its known ``rewrite``."""
+
+    query: str
+    user: str
+    rewrite: str
+    now_s: float = 0.0
+    context: tuple[ContextTurn, ...] = ()
+
+
+@dataclass
+class RankGroup:
+    """A query with its retrieved candidates; ``correct`` is the known rewrite's text."""
+
+    query: str
+    user: str
+    correct: str
+    candidates: list[RetrievedCandidate]
+    now_s: float = 0.0
+    context: tuple[ContextTurn, ...] = ()
+
+    def labels(self) -> np.ndarray:
+        """``(n,)`` float32: 1.0 for the candidate equal to ``correct``, else 0.0."""
+        return np.array([c.text == self.correct for c in self.candidates], dtype=np.float32)
+
+    @property
+    def has_correct(self) -> bool:
+        """Whether the correct rewrite is among the candidates."""
+        return any(c.text == self.correct for c in self.candidates)
+
+
+def build_groups(examples: Iterable[RankExample], generate: CandidateGenerator) -> list[RankGroup]:
+    """One :class:`RankGroup` per example with the candidates ``generate(query, user)`` returns.
+
+    The correct rewrite is never injected: when retrieval misses it the group keeps all labels
+    0 (it still counts in the metrics, as in serving).
+    """
+    return [
+        RankGroup(
+            ex.query, ex.user, ex.rewrite, list(generate(ex.query, ex.user)), ex.now_s, ex.context
+        )
+        for ex in examples
+    ]
+
+
+# --------------------------------------------------------------------------- groups on disk
+
+
+def write_groups(groups: Sequence[RankGroup], path: Path) -> None:
+    """Write groups to Parquet: one row per group, candidates as a list of structs."""
+    rows = [
+        {
+            "query": g.query,
+            "user": g.user,
+            "correct": g.correct,
+            "now_s": float(g.now_s),
+            "context": json.dumps([asdict(t) for t in g.context]),
+            "candidates": [asdict(c) for c in g.candidates],
+        }
+        for g in groups
+    ]
+    cand_type = pa.struct(
+        [
+            ("text", pa.string()),
+            ("layer", pa.string()),
+            ("dense_score", pa.float64()),
+            ("frequency", pa.int64()),
+            ("success_rate", pa.float64()),
+            ("n_users", pa.int64()),
+            ("personal_count", pa.int64()),
+            ("personal_age_s", pa.float64()),
+            ("domain", pa.string()),
+            ("intent", pa.string()),
+        ]
+    )
+    schema = pa.schema(
+        [
+            ("query", pa.string()),
+            ("user", pa.string()),
+            ("correct", pa.string()),
+            ("now_s", pa.float64()),
+            ("context", pa.string()),
+            ("candidates", pa.list_(cand_type)),
+        ],
+        metadata={"format": GROUPS_FORMAT},
+    )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def read_groups(path: Path) -> list[RankGroup]:
+    """Read groups written by :func:`write_groups`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a required column is missing.
+    """
+    table = pq.read_table(path)
+    missing = {"query", "user", "correct", "candidates"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path}: not a ranker groups file (missing {sorted(missing)})")
+    out = []
+    for row in table.to_pylist():
+        ctx = tuple(ContextTurn(**t) for t in json.loads(row.get("context") or "[]"))
+        cands = [RetrievedCandidate(**c) for c in row["candidates"] or []]
+        out.append(
+            RankGroup(
+                row["query"],
+                row["user"],
+                row["correct"],
+                cands,
+                float(row.get("now_s") or 0.0),
+                ctx,
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- a fuzzy retriever
+
+
+def char_ngram_cosine(query: str, texts: Sequence[str], n: int = 3) -> np.ndarray:
+    """Cosine of character ``n``-gram count vectors (padded with spaces), ``(len(texts),)``.
+
+    A cheap, encoder-free stand-in for a dense score in [0, 1].
+    """
+
+    def grams(s: str) -> Counter[str]:
+        p = f" {s} "
+        return Counter(p[i : i + n] for i in range(max(len(p) - n + 1, 1)))
+
+    gq = grams(query)
+    nq = math.sqrt(sum(v * v for v in gq.values()))
+    out = np.zeros(len(texts), dtype=np.float64)
+    for i, t in enumerate(texts):
+        gt = grams(t)
+        nt = math.sqrt(sum(v * v for v in gt.values()))
+        dot = sum(v * gt.get(k, 0) for k, v in gq.items())
+        out[i] = dot / (nq * nt) if nq and nt else 0.0
+    return out
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A catalog row (see ``catalog.parquet``)."""
+
+    text: str
+    frequency: int = 0
+    success_rate: float = 0.0
+    n_users: int = 0
+    domain: str = ""
+    intent: str = ""
+
+
+@dataclass(frozen=True)
+class PersonalEntry:
+    """One utterance of a user's personal history."""
+
+    text: str
+    count: int
+    age_s: float = -1.0
+
+
+class FuzzyCatalogRetriever:
+    """A :data:`CandidateGenerator` without an encoder: rapidfuzz ``WRatio`` top-k over the
+    catalog plus the user's personal history, merged by text (layer ``"personal"`` when the
+    user has it, global metadata kept). ``dense_score`` comes from ``dense`` (default
+    :func:`char_ngram_cosine`), a stand-in for the DPR cosine — the lead's real generator
+    (DPR + FAISS + personal layer) replaces this class.
+
+    Args:
+        catalog: global rewrite targets.
+        personal: user → history entries.
+        top_k: global and personal candidates each.
+        dense: ``(query, texts) -> (len(texts),)`` scores.
+    """
+
+    def __init__(
+        self,
+        catalog: Sequence[CatalogEntry],
+        personal: Mapping[str, Sequence[PersonalEntry]] | None = None,
+        top_k: int = 10,
+        dense: Callable[[str, Sequence[str]], np.ndarray] = char_ngram_cosine,
+    ) -> None:
+        self.catalog = list(catalog)
+        self.texts = [c.text for c in self.catalog]
+        self.personal = dict(personal or {})
+        self.top_k = top_k
+        self.dense = dense
+
+    def __call__(self, query: str, user: str) -> list[RetrievedCandidate]:
+        """Candidates for ``query`` of ``user`` (global top-k ∪ personal top-k)."""
+        hits = process.extract(query, self.texts, scorer=fuzz.WRatio, limit=self.top_k)
+        by_text: dict[str, RetrievedCandidate] = {}
+        for _text, _score, idx in hits:
+            e = self.catalog[idx]
+            by_text[e.text] = RetrievedCandidate(
+                text=e.text,
+                layer="global",
+                dense_score=0.0,
+                frequency=e.frequency,
+                success_rate=e.success_rate,
+                n_users=e.n_users,
+                domain=e.domain,
+                intent=e.intent,
+            )
+        hist = list(self.personal.get(user, ()))
+        if hist:
+            phits = process.extract(
+                query, [h.text for h in hist], scorer=fuzz.WRatio, limit=self.top_k
+            )
+            for _text, _score, idx in phits:
+                h = hist[idx]
+                g = by_text.get(h.text) or RetrievedCandidate(h.text, "global", 0.0)
+                by_text[h.text] = RetrievedCandidate(
+                    text=h.text,
+                    layer="personal",
+                    dense_score=0.0,
+                    frequency=g.frequency,
+                    success_rate=g.success_rate,
+                    n_users=g.n_users,
+                    personal_count=h.count,
+                    personal_age_s=h.age_s,
+                    domain=g.domain,
+                    intent=g.intent,
+                )
+        cands = list(by_text.values())
+        dense = self.dense(query, [c.text for c in cands])
+        out = [replace(c, dense_score=float(d)) for c, d in zip(cands, dense, strict=True)]
+        out.sort(key=lambda c: -c.dense_score)
+        return out
+
+
+def read_catalog(path: Path) -> list[CatalogEntry]:
+    """``catalog.parquet`` rows (columns ``text, frequency, n_users, success_rate`` and,
+    optionally, ``domain, intent``)."""
+    names = {f.name for f in fields(CatalogEntry)}
+    return [
+        CatalogEntry(**{k: v for k, v in row.items() if k in names and v is not None})
+        for row in pq.read_table(path).to_pylist()
+    ]
+
+
+def examples_from_run(run_dir: Path) -> list[RankExample]:
+    """Training queries from a nightly run dir: one per mined pair (``pairs.parquet``,
+    source → rewrite).
+
+    ``pairs.parquet`` carries no users, so the user key is the query text (``q:<source>``): the
+    by-user split then keeps each query in one split. Groups with real users come from
+    ``--data`` (:func:`write_groups`).
+
+    Raises:
+        FileNotFoundError: no ``pairs.parquet`` in ``run_dir``.
+    """
+    path = Path(run_dir) / "pairs.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run `qrw nightly --out {run_dir}` first")
+    rows = pq.read_table(path).to_pylist()
+    return [RankExample(r["source"], f"q:{r['source']}", r["rewrite"]) for r in rows]
+
+
+def catalog_from_run(run_dir: Path) -> list[CatalogEntry]:
+    """``catalog.parquet`` of the run when present, else the distinct rewrite targets of
+    ``pairs.parquet`` (frequency = support, success rate 1.0: absorbing states succeed)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "catalog.parquet").exists():
+        return read_catalog(run_dir / "catalog.parquet")
+    log.warning("%s has no catalog.parquet; using the pair rewrites as the catalog", run_dir)
+    support: Counter[str] = Counter()
+    users: dict[str, int] = defaultdict(int)
+    for r in pq.read_table(run_dir / "pairs.parquet").to_pylist():
+        support[r["rewrite"]] += int(r["support"])
+        users[r["rewrite"]] = max(users[r["rewrite"]], int(r["n_users"]))
+    return [CatalogEntry(t, f, 1.0, users[t]) for t, f in sorted(support.items())]
+
+
+# --------------------------------------------------------------------------- split, metrics
+
+
+def split_by_user(
+    groups: Sequence[RankGroup], dev_frac: float, test_frac: float, seed: int
+) -> dict[str, list[RankGroup]]:
+    """Split groups into ``train``/``dev``/``test`` so that no user is in two splits.
+
+    Users are shuffled with ``random.Random(seed)`` (sorted first: deterministic) and cut by
+    count; dev and test get at least one user each when there are >= 3 users.
+    """
+    users = sorted({g.user for g in groups})
+    random.Random(seed).shuffle(users)
+    n = len(users)
+    n_dev = max(round(n * dev_frac), 1 if n >= 3 else 0)
+    n_test = max(round(n * test_frac), 1 if n >= 3 else 0)
+    part = {u: "dev" for u in users[:n_dev]}
+    part.update({u: "test" for u in users[n_dev : n_dev + n_test]})
+    out: dict[str, list[RankGroup]] = {"train": [], "dev": [], "test": []}
+    for g in groups:
+        out[part.get(g.user, "train")].append(g)
+    return out
+
+
+@dataclass
+class GroupMatrix:
+    """Features of many groups stacked: ``x`` (N, F) float32, ``y`` (N,) float32, and
+    ``offsets`` (G+1,) int64 so group g owns rows ``offsets[g]:offsets[g+1]``."""
+
+    x: np.ndarray
+    y: np.ndarray
+    offsets: np.ndarray
+
+    def sizes(self) -> np.ndarray:
+        """``(G,)`` candidates per group."""
+        return np.diff(self.offsets)
+
+
+def group_matrix(groups: Sequence[RankGroup]) -> GroupMatrix:
+    """Stack :func:`rewrite.rerank.feature_matrix` of each group."""
+    xs = [feature_matrix(g.query, g.candidates, g.now_s, g.context) for g in groups]
+    ys = [g.labels() for g in groups]
+    sizes = [len(g.candidates) for g in groups]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    x = np.vstack(xs) if xs else np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
+    y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.float32)
+    return GroupMatrix(x.astype(np.float32), y.astype(np.float32), offsets)
+
+
+@dataclass(frozen=True)
+class TopChoice:
+    """Per group: the top candidate under some scores."""
+
+    score: np.ndarray  # (G,) float64 top score (-inf: no candidates)
+    correct: np.ndarray  # (G,) bool: top candidate is the correct rewrite
+    eligible: np.ndarray  # (G,) bool: top candidate differs from the query (can trigger)
+    rank: np.ndarray  # (G,) int: 1-based rank of the correct candidate, 0 when absent
+
+
+def top_choices(groups: Sequence[RankGroup], scores: np.ndarray, offsets: np.ndarray) -> TopChoice:
+    """Top candidate of each group under ``scores`` ((N,) aligned with ``offsets``).
+
+    Ties break by candidate order (stable sort).
+    """
+    g_n = len(groups)
+    top = np.full(g_n, -np.inf)
+    correct = np.zeros(g_n, dtype=bool)
+    eligible = np.zeros(g_n, dtype=bool)
+    rank = np.zeros(g_n, dtype=np.int64)
+    for gi, g in enumerate(groups):
+        s = scores[offsets[gi] : offsets[gi + 1]]
+        if len(s) == 0:
+            continue
+        order = np.argsort(-s, kind="stable")
+        best = g.candidates[int(order[0])]
+        top[gi] = float(s[order[0]])
+        correct[gi] = best.text == g.correct
+        eligible[gi] = best.text != g.query
+        for r, ci in enumerate(order, start=1):
+            if g.candidates[int(ci)].text == g.correct:
+                rank[gi] = r
+                break
+    return TopChoice(top, correct, eligible, rank)
+
+
+def ranking_metrics(tc: TopChoice) -> dict[str, float]:
+    """recall@1, recall@3, MRR over all groups (a missing correct candidate counts as a miss)."""
+    n = max(len(tc.rank), 1)
+    return {
+        "recall@1": float(np.sum(tc.rank == 1) / n),
+        "recall@3": float(np.sum((tc.rank >= 1) & (tc.rank <= 3)) / n),
+        "mrr": float(np.sum(np.where(tc.rank > 0, 1.0 / np.maximum(tc.rank, 1), 0.0)) / n),
+    }
+
+
+def trigger_metrics(tc: TopChoice, threshold: float) -> dict[str, float]:
+    """Precision at trigger and trigger rate of a threshold (see the module docstring).
+
+    ``good_trigger_rate`` = share of all groups rewritten to the correct, different text.
+    """
+    trig = tc.eligible & (tc.score >= threshold)
+    n = max(len(trig), 1)
+    n_trig = int(trig.sum())
+    n_good = int((trig & tc.correct).sum())
+    return {
+        "precision_at_trigger": n_good / n_trig if n_trig else float("nan"),
+        "trigger_rate": n_trig / n,
+        "good_trigger_rate": n_good / n,
+        "triggered": n_trig,
+        "groups": len(trig),
+    }
+
+
+def choose_threshold(tc: TopChoice, target_precision: float = 0.9) -> tuple[float, bool]:
+    """The lowest threshold (among the top scores) whose precision at trigger >= target.
+
+    Returns:
+        ``(threshold, met)``; when no threshold reaches the target, ``met`` is False and the
+        threshold is above every top score (nothing triggers on dev).
+    """
+    s = tc.score[tc.eligible]
+    c = tc.correct[tc.eligible]
+    if len(s) == 0:
+        return float("inf"), False
+    order = np.argsort(-s, kind="stable")
+    s, c = s[order], c[order]
+    cum_good = np.cumsum(c)
+    cum_n = np.arange(1, len(s) + 1)
+    # only the last index of each run of equal scores is a reachable threshold
+    last = np.r_[s[1:] != s[:-1], True]
+    ok = last & (cum_good / cum_n >= target_precision)
+    if not ok.any():
+        return float(s[0]) + 1.0, False
+    return float(s[np.nonzero(ok)[0][-1]]), True
+
+
+def fit_platt(scores: np.ndarray, correct: np.ndarray, l2: float = 1e-3) -> dict[str, float]:
+    """Platt scaling ``P(correct | s) = sigmoid(a * s + b)`` by Newton's method (L2 ``l2``)."""
+    if len(scores) == 0 or correct.all() or not correct.any():
+        return {"a": 1.0, "b": 0.0, "fitted": 0.0}
+    x = np.stack([scores, np.ones_like(scores)], axis=1)
+    y = correct.astype(np.float64)
+    w = np.zeros(2)
+    for _ in range(50):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30, 30)))
+        grad = x.T @ (p - y) + l2 * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return {"a": float(w[0]), "b": float(w[1]), "fitted": 1.0}
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class RankerTrainConfig:
+    """LightGBM and split settings of ``qrw train ranker``."""
+
+    num_boost_round: int = 500
+    learning_rate: float = 0.05
+    num_leaves: int = 15
+    min_data_in_leaf: int = 20
+    feature_fraction: float = 1.0
+    lambda_l2: float = 1.0
+    early_stopping_rounds: int = 50
+    seed: int = 13
+    num_threads: int = 2
+    dev_frac: float = 0.15
+    test_frac: float = 0.15
+    target_precision: float = 0.9
+
+    def params(self) -> dict[str, Any]:
+        """LightGBM parameters (deterministic)."""
+        return {
+            "objective": "lambdarank",
+            "metric": ["ndcg"],
+            "eval_at": [1, 3],
+            "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "min_data_in_leaf": self.min_data_in_leaf,
+            "feature_fraction": self.feature_fraction,
+            "lambda_l2": self.lambda_l2,
+            "seed": self.seed,
+            "deterministic": True,
+            "force_row_wise": True,
+            "num_threads": self.num_threads,
+            "verbosity": -1,
+        }
+
+
+@dataclass
+class RankerTrainResult:
+    """Where the ranker went and what it measured (``meta`` = ``ranker.json``)."""
+
+    artifact: Path
+    meta: dict[str, Any]
+    booster: lgb.Booster | None = None
+    splits: dict[str, list[RankGroup]] = field(default_factory=dict)
+
+
+def _dataset(gm: GroupMatrix, reference: lgb.Dataset | None = None) -> lgb.Dataset | None:
+    """LightGBM dataset of the groups with >= 1 positive (others carry no ranking signal)."""
+    keep = [
+        gi
+        for gi in range(len(gm.offsets) - 1)
+        if gm.y[gm.offsets[gi] : gm.offsets[gi + 1]].sum() > 0
+    ]
+    if not keep:
+        return None
+    rows = np.concatenate([np.arange(gm.offsets[g], gm.offsets[g + 1]) for g in keep])
+    sizes = gm.sizes()[keep]
+    return lgb.Dataset(
+        gm.x[rows],
+        label=gm.y[rows],
+        group=sizes,
+        feature_name=list(FEATURE_NAMES),
+        reference=reference,
+        free_raw_data=False,
+        params={"verbosity": -1},
+    )
+
+
+def _split_report(
+    groups: Sequence[RankGroup],
+    gm: GroupMatrix,
+    ranker_scores: np.ndarray,
+    threshold: float,
+    heuristic: HeuristicRanker,
+) -> dict[str, Any]:
+    dense = gm.x[:, FEATURE_NAMES.index("dense_cosine")].astype(np.float64)
+    heur = heuristic.score_matrix(gm.x)
+    tc_ranker = top_choices(groups, ranker_scores, gm.offsets)
+    tc_heur = top_choices(groups, heur, gm.offsets)
+    return {
+        "groups": len(groups),
+        "users": len({g.user for g in groups}),
+        "correct_in_candidates": float(np.mean([g.has_correct for g in groups])) if groups else 0.0,
+        "dense": ranking_metrics(top_choices(groups, dense, gm.offsets)),
+        "heuristic": {
+            **ranking_metrics(tc_heur),
+            **trigger_metrics(tc_heur, heuristic.trigger_threshold),
+        },
+        "ranker": {**ranking_metrics(tc_ranker), **trigger_metrics(tc_ranker, threshold)},
+    }
+
+
+def _round(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else round(obj, 4)
+    if isinstance(obj, dict):
+        return {k: _round(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_round(v) for v in obj]
+    return obj
+
+
+def train_ranker(
+    groups: Sequence[RankGroup],
+    out_root: Path = Path("artifacts/ranker"),
+    config: RankerTrainConfig | None = None,
+    heuristic_threshold: float = 0.8,
+    source: str = "",
+    update_latest: bool = True,
+) -> RankerTrainResult:
+    """Split by user, train the lambdarank model, choose the trigger threshold on dev, save.
+
+    Args:
+        groups: all training groups (:func:`build_groups` / :func:`read_groups`).
+        out_root: ``artifacts/ranker``; the model goes to ``<out_root>/<content-hash>/``.
+        config: training settings (default :class:`RankerTrainConfig`).
+        heuristic_threshold: threshold of the heuristic baseline in the report.
+        source: where the groups came from (recorded in the meta).
+        update_latest: point ``<out_root>/LATEST`` at the new artifact.
+
+    Raises:
+        ValueError: no train or no dev group with the correct rewrite among its candidates.
+    """
+    config = config or RankerTrainConfig()
+    t0 = time.perf_counter()
+    splits = split_by_user(groups, config.dev_frac, config.test_frac, config.seed)
+    mats = {name: group_matrix(gs) for name, gs in splits.items()}
+    train_ds = _dataset(mats["train"])
+    if train_ds is None:
+        raise ValueError("no training group has its correct rewrite among the candidates")
+    dev_ds = _dataset(mats["dev"], reference=train_ds)
+    if dev_ds is None:
+        raise ValueError("no dev group has its correct rewrite among the candidates")
+    evals: dict[str, Any] = {}
+    booster = lgb.train(
+        config.params(),
+        train_ds,
+        num_boost_round=config.num_boost_round,
+        valid_sets=[dev_ds],
+        valid_names=["dev"],
+        callbacks=[
+            lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False),
+            lgb.record_evaluation(evals),
+        ],
+    )
+    best_iter = int(booster.best_iteration or booster.current_iteration())
+    model_str = booster.model_to_string(num_iteration=best_iter)
+    booster = lgb.Booster(model_str=model_str)  # exactly what is saved
+    train_s = time.perf_counter() - t0
+
+    scores = {
+        name: np.asarray(booster.predict(m.x, num_threads=config.num_threads), dtype=np.float64)
+        if len(m.x)
+        else np.zeros(0)
+        for name, m in mats.items()
+    }
+    tc_dev = top_choices(splits["dev"], scores["dev"], mats["dev"].offsets)
+    threshold, met = choose_threshold(tc_dev, config.target_precision)
+    if not met:
+        log.warning(
+            "no dev threshold reaches precision %.2f; the ranker will not trigger",
+            config.target_precision,
+        )
+    eligible = tc_dev.eligible & np.isfinite(tc_dev.score)
+    platt = fit_platt(tc_dev.score[eligible], tc_dev.correct[eligible])
+    heuristic = HeuristicRanker(heuristic_threshold)
+    metrics = {
+        name: _split_report(splits[name], mats[name], scores[name], threshold, heuristic)
+        for name in ("train", "dev", "test")
+    }
+    gain = booster.feature_importance(importance_type="gain")
+    model_sha = hashlib.sha256(model_str.encode()).hexdigest()
+    h = hashlib.sha256(model_sha.encode())
+    h.update(json.dumps([FEATURE_NAMES, threshold], default=str).encode())
+    chash = h.hexdigest()[:16]
+    meta: dict[str, Any] = {
+        "name": "lightgbm_lambdarank",
+        "content_hash": chash,
+        "model_sha256": model_sha,
+        "feature_names": list(FEATURE_NAMES),
+        "trigger_threshold": threshold,
+        "threshold_met": met,
+        "target_precision": config.target_precision,
+        "calibration": platt,
+        "config": asdict(config),
+        "params": config.params(),
+        "best_iteration": best_iter,
+        "dev_ndcg_history": {
+            k: [round(v, 5) for v in vs] for k, vs in evals.get("dev", {}).items()
+        },
+        "feature_importance_gain": {
+            n: round(float(g), 3)
+            for n, g in sorted(zip(FEATURE_NAMES, gain, strict=True), key=lambda t: -t[1])
+        },
+        "metrics": _round(metrics),
+        "source": source,
+        "train_seconds": round(train_s, 2),
+        "versions": {"lightgbm": metadata.version("lightgbm")},
+        "created_unix": round(time.time(), 3),
+    }
+    out = Path(out_root) / chash
+    if not (out / RANKER_META_FILE).exists():
+        tmp = out.with_name(f".{chash}.tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        (tmp / RANKER_MODEL_FILE).write_text(model_str)
+        (tmp / RANKER_META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    else:
+        log.info("ranker %s already saved; reusing", chash)
+    if update_latest:
+        (Path(out_root) / "LATEST").write_text(chash + "\n")
+    log.info(
+        "ranker %s: dev recall@1 %.3f (dense %.3f), threshold %.3f, precision@trigger %s",
+        chash,
+        metrics["dev"]["ranker"]["recall@1"],
+        metrics["dev"]["dense"]["recall@1"],
+        threshold,
+        metrics["dev"]["ranker"]["precision_at_trigger"],
+    )
+    return RankerTrainResult(out, meta, booster, splits)
+
+
+# --------------------------------------------------------------------------- synthetic task
+
+_SYN_TEMPLATES = (
+    "what's the weather in {}",
+    "navigate to {}",
+    "play music by {}",
+    "call {}",
+    "book a table at {}",
+)
+_SYN_SLOTS = (
+    ("wilkerson", "wilkinson", "wilson", "wilkes"),
+    ("boston", "austin", "houston", "bolton"),
+    ("paris", "harris", "ferris", "parris"),
+    ("adele", "adelle", "odell", "del"),
+    ("madison", "addison", "mattison", "davidson"),
+    ("sheffield", "springfield", "shelby", "sheldon"),
+    ("tina", "dina", "gina", "nina"),
+    ("marco", "mario", "margo", "marcel"),
+)
+
+
+def _garble(word: str, rng: random.Random) -> str:
+    """An ASR-like misspelling: a dropped, doubled, swapped or replaced letter."""
+    if len(word) < 3:
+        return word + word[-1:]
+    i = rng.randrange(1, len(word) - 1)
+    op = rng.randrange(4)
+    if op == 0:
+        return word[:i] + word[i + 1 :]
+    if op == 1:
+        return word[:i] + word[i] + word[i:]
+    if op == 2:
+        return word[: i - 1] + word[i] + word[i - 1] + word[i + 1 :]
+    return word[:i] + rng.choice("aeiouy") + word[i + 1 :]
+
+
+def synthetic_task(
+    n_users: int = 120, queries_per_user: int = 6, seed: int = 0, top_k: int = 8
+) -> tuple[list[RankGroup], FuzzyCatalogRetriever]:
+    """A small reranking task where fuzzy similarity, frequency and personal history decide
+    better than the dense score (for tests and smoke runs).
+
+    Catalog: templates x confusable slot values, each slot family with one dominant value
+    (frequency) and users' personal favourites (some users prefer a rarer value). Queries:
+    10% the target said right (correct = the query itself), 25% misheard as another value of
+    the slot family (sometimes garbled too: only frequency and personal history can tell),
+    65% the target with a garbled slot word; 20% also drop a filler word. ``dense_score`` is
+    nearly entity-blind: word overlap outside the slot, a little character overlap, and
+    noise, so dense alone confuses the slot values.
+    """
+    rng = random.Random(seed)
+    catalog: list[CatalogEntry] = []
+    for tpl in _SYN_TEMPLATES:
+        for fam in _SYN_SLOTS:
+            for rank, val in enumerate(fam):
+                freq = int(200 / (rank + 1) ** 2 * rng.uniform(0.7, 1.3))
+                catalog.append(
+                    CatalogEntry(tpl.format(val), freq, rng.uniform(0.75, 0.98), max(freq // 4, 1))
+                )
+    prior = {c.text: c.frequency for c in catalog}
+    slot_words = {v for fam in _SYN_SLOTS for v in fam}
+
+    noise_rng = random.Random(seed + 1)
+    noise: dict[tuple[str, str], float] = {}
+
+    def dense(query: str, texts: Sequence[str]) -> np.ndarray:
+        qw = {w for w in query.split() if w not in slot_words}
+        out = []
+        chars = char_ngram_cosine(query, texts)
+        for i, t in enumerate(texts):
+            tw = {w for w in t.split() if w not in slot_words}
+            jac = len(qw & tw) / max(len(qw | tw), 1)
+            key = (query, t)
+            if key not in noise:
+                noise[key] = noise_rng.gauss(0.0, 0.05)
+            out.append(0.5 + 0.3 * jac + 0.15 * chars[i] + noise[key])
+        return np.clip(np.array(out), -1.0, 1.0)
+
+    personal: dict[str, list[PersonalEntry]] = {}
+    examples: list[RankExample] = []
+    for u in range(n_users):
+        user = f"u{u:04d}"
+        favs: dict[int, str] = {}
+        if rng.random() < 0.35:  # this user prefers a rarer value of one slot family
+            fam_i = rng.randrange(len(_SYN_SLOTS))
+            favs[fam_i] = rng.choice(_SYN_SLOTS[fam_i][1:])
+        hist: dict[str, PersonalEntry] = {}
+        for _q in range(queries_per_user):
+            tpl = rng.choice(_SYN_TEMPLATES)
+            fam_i = rng.randrange(len(_SYN_SLOTS))
+            fam = _SYN_SLOTS[fam_i]
+            if fam_i in favs:
+                val = favs[fam_i]
+            else:
+                weights = [prior[tpl.format(v)] for v in fam]
+                val = rng.choices(fam, weights=weights)[0]
+            target = tpl.format(val)
+            if fam_i in favs or rng.random() < 0.3:  # the user said it successfully before
+                hist[target] = PersonalEntry(target, rng.randint(1, 8), rng.uniform(3600, 3e6))
+            r = rng.random()
+            if r < 0.1:  # said right
+                query = target
+            elif r < 0.35:  # misheard as another value of the family (maybe garbled too)
+                heard = rng.choice([v for v in fam if v != val])
+                query = tpl.format(_garble(heard, rng) if rng.random() < 0.5 else heard)
+            else:
+                query = tpl.format(_garble(val, rng))
+            if rng.random() < 0.2:
+                query = query.replace("the ", "").replace(" to ", " ")
+            examples.append(RankExample(query, user, target))
+        # a distractor the user used once: a different value of a family they did not ask for
+        d_fam = _SYN_SLOTS[rng.randrange(len(_SYN_SLOTS))]
+        d_text = rng.choice(_SYN_TEMPLATES).format(rng.choice(d_fam))
+        hist.setdefault(d_text, PersonalEntry(d_text, 1, rng.uniform(3600, 3e6)))
+        personal[user] = list(hist.values())
+    retriever = FuzzyCatalogRetriever(catalog, personal, top_k=top_k, dense=dense)
+    return build_groups(examples, retriever), retriever

@@ -1,0 +1,262 @@
+"""DPR query and passage encoders on ONNX Runtime (the torch-free online path).
+
+A DPR artifact (written by ``qrw train dpr``, :mod:`offline.dpr.train`) is a folder
+``artifacts/dpr/<content-hash>/`` holding
+
+- ``query.onnx`` and ``passage.onnx``: the two towers of the bi-encoder (Karpukhin et al.,
+  "Dense Passage Retrieval for Open-Domain Question Answering", EMNLP 2020), each a BERT
+  (all-MiniLM-L6-v2) with mean pooling over the attention mask and L2 normalisation inside the
+  graph; inputs ``input_ids``, ``attention_mask`` ``(batch, seq) int64``, output
+  ``embedding`` ``(batch, 384) float32``;
+- optionally ``query.int8.onnx``: the query tower with int8 MatMul weights (ONNX Runtime dynamic
+  quantization), present only when it kept cosine >= 0.99 to the fp32 tower on dev texts;
+- the tokenizer files (``tokenizer.json`` etc.);
+- ``dpr.json``: metadata, among it ``encoder_id`` (= the content hash; it goes into
+  ``index.json`` so an index is never searched with vectors of another encoder), ``dim``,
+  ``max_length``, training metrics.
+
+Tokenization uses the artifact's fast (Rust) tokenizer through the ``tokenizers`` library:
+``transformers.AutoTokenizer`` returns the same ids (it wraps this tokenizer) but importing it
+loads torch, which the online service must not do. The ``tokenizer.json`` holds the BERT
+normalizer (lower-casing, accent stripping) and the ``[CLS] ... [SEP]`` template.
+
+ONNX Runtime sessions run ``threads`` intra-op threads, one inter-op thread, and idle threads
+sleep instead of spinning (``session.intra_op.allow_spinning = 0``), which matters on a machine
+shared with other processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DPR_META = "dpr.json"
+QUERY_ONNX = "query.onnx"
+QUERY_INT8_ONNX = "query.int8.onnx"
+PASSAGE_ONNX = "passage.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "embedding"
+TRAIN_COMMAND = "qrw train dpr"
+
+
+class DprModelMissingError(FileNotFoundError):
+    """No complete DPR artifact where the settings point (the message names the command)."""
+
+
+def resolve_dpr_artifact(artifacts_dir: Path, artifact: Path | None = None) -> Path:
+    """The DPR artifact folder to load: ``artifact`` if given, else the one ``LATEST`` names.
+
+    Args:
+        artifacts_dir: ``dpr.artifacts_dir`` (holds ``<hash>/`` folders and ``LATEST``).
+        artifact: ``dpr.artifact``; a specific artifact folder, or None.
+
+    Raises:
+        DprModelMissingError: no ``dpr.json`` there (the message names ``qrw train dpr``).
+    """
+    if artifact is not None:
+        path = Path(artifact)
+    else:
+        latest = Path(artifacts_dir) / "LATEST"
+        name = latest.read_text().strip() if latest.exists() else ""
+        path = Path(artifacts_dir) / name if name else Path(artifacts_dir)
+    if not (path / DPR_META).exists():
+        raise DprModelMissingError(
+            f"no DPR encoder artifact at {path} (missing {DPR_META}); run `{TRAIN_COMMAND} "
+            f"--run RUN_DIR` (fine-tuned) or `{TRAIN_COMMAND} --zero-shot` (base MiniLM) first"
+        )
+    return path
+
+
+def read_dpr_meta(artifact_dir: Path) -> dict[str, Any]:
+    """``dpr.json`` of an artifact.
+
+    Raises:
+        DprModelMissingError: the file is missing.
+    """
+    path = Path(artifact_dir) / DPR_META
+    if not path.exists():
+        raise DprModelMissingError(
+            f"no DPR encoder artifact at {artifact_dir} (missing {DPR_META}); "
+            f"run `{TRAIN_COMMAND}` first"
+        )
+    meta: dict[str, Any] = json.loads(path.read_text())
+    return meta
+
+
+def onnx_session(path: Path, threads: int = 1) -> Any:
+    """An ONNX Runtime CPU session: ``threads`` intra-op threads, 1 inter-op, no spinning.
+
+    Raises:
+        FileNotFoundError: no ONNX file at ``path``.
+    """
+    import onnxruntime as ort
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"ONNX model not found: {path}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, int(threads))
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def load_fast_tokenizer(artifact_dir: Path, max_length: int) -> Any:
+    """The artifact's ``tokenizers.Tokenizer`` with truncation to ``max_length`` tokens
+    (``[CLS]``/``[SEP]`` included) and padding to the longest text of a batch.
+
+    Raises:
+        FileNotFoundError: no ``tokenizer.json`` in the artifact.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(artifact_dir) / TOKENIZER_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no fast tokenizer ({TOKENIZER_FILE}) in {artifact_dir}")
+    tok = Tokenizer.from_file(str(path))
+    tok.enable_truncation(max_length=max_length)
+    pad_id = tok.token_to_id("[PAD]")
+    tok.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+    return tok
+
+
+class _OnnxTower:
+    """One tower of a DPR artifact on ONNX Runtime (shared code of the two encoders)."""
+
+    onnx_file = QUERY_ONNX
+
+    def __init__(
+        self,
+        session: Any,
+        tokenizer: Any,
+        meta: dict[str, Any],
+        artifact_dir: Path,
+        onnx_path: Path,
+        batch_size: int = 64,
+        cache_size: int = 4096,
+    ) -> None:
+        self.session = session
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.artifact_dir = artifact_dir
+        self.onnx_path = onnx_path
+        self.encoder_id: str = str(meta["encoder_id"])
+        self.dim: int = int(meta["dim"])
+        self.batch_size = batch_size
+        self._one = functools.lru_cache(maxsize=max(0, cache_size))(self._encode_one)
+
+    @classmethod
+    def _pick_onnx(cls, artifact_dir: Path, meta: dict[str, Any], quantized: bool | None) -> Path:
+        return artifact_dir / cls.onnx_file
+
+    @classmethod
+    def load(
+        cls,
+        artifact_dir: Path,
+        threads: int = 1,
+        max_length: int | None = None,
+        quantized: bool | None = None,
+        cache_size: int = 4096,
+    ) -> Self:
+        """Open the tower of a DPR artifact.
+
+        Args:
+            artifact_dir: the artifact folder (see :func:`resolve_dpr_artifact`).
+            threads: ONNX Runtime intra-op threads.
+            max_length: tokens per text (default: the artifact's training ``max_length``).
+            quantized: query tower only; True = ``query.int8.onnx`` (error if absent), False =
+                fp32, None = int8 when the artifact has it (it passed the cosine check).
+            cache_size: LRU cache entries for single-text :meth:`encode` calls (0 = none).
+
+        Raises:
+            DprModelMissingError: no ``dpr.json``; FileNotFoundError: an ONNX or tokenizer file
+            is missing.
+        """
+        artifact_dir = Path(artifact_dir)
+        meta = read_dpr_meta(artifact_dir)
+        length = int(max_length or meta.get("max_length", 32))
+        onnx_path = cls._pick_onnx(artifact_dir, meta, quantized)
+        session = onnx_session(onnx_path, threads)
+        tokenizer = load_fast_tokenizer(artifact_dir, length)
+        log.info("%s loaded from %s (encoder_id %s)", cls.__name__, onnx_path, meta["encoder_id"])
+        return cls(session, tokenizer, meta, artifact_dir, onnx_path, cache_size=cache_size)
+
+    def _run(self, texts: Sequence[str]) -> np.ndarray:
+        encs = self.tokenizer.encode_batch(list(texts))
+        ids = np.asarray([e.ids for e in encs], dtype=np.int64)
+        mask = np.asarray([e.attention_mask for e in encs], dtype=np.int64)
+        (out,) = self.session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})
+        vecs = np.asarray(out, dtype=np.float32)
+        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+        return vecs / np.maximum(norms, 1e-12)
+
+    def _encode_one(self, text: str) -> np.ndarray:
+        vec = self._run([text])[0]
+        vec.setflags(write=False)
+        return vec
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed ``texts``: ``(len(texts), dim)`` float32, L2-normalised rows.
+
+        A single text goes through an LRU cache; larger inputs are sorted by length and run in
+        batches of ``batch_size`` with padding to the batch's longest text, then put back in
+        input order.
+        """
+        n = len(texts)
+        if n == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if n == 1:
+            return self._one(texts[0])[None, :].copy()
+        out = np.empty((n, self.dim), dtype=np.float32)
+        order = sorted(range(n), key=lambda i: len(texts[i]))
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            out[idx] = self._run([texts[i] for i in idx])
+        return out
+
+    def cache_info(self) -> Any:
+        """``functools`` cache statistics of the single-text cache."""
+        return self._one.cache_info()
+
+
+class QueryEncoder(_OnnxTower):
+    """The DPR query tower on ONNX Runtime (online: one utterance per request).
+
+    Attributes:
+        encoder_id: content hash of the artifact (must equal the index's ``encoder_id``).
+        dim: embedding size (384).
+
+    Use :meth:`load`; :meth:`encode` returns ``(n, dim)`` float32 L2-normalised rows.
+    """
+
+    onnx_file = QUERY_ONNX
+
+    @classmethod
+    def _pick_onnx(cls, artifact_dir: Path, meta: dict[str, Any], quantized: bool | None) -> Path:
+        int8 = artifact_dir / QUERY_INT8_ONNX
+        if quantized is True and not int8.exists():
+            raise FileNotFoundError(f"no int8 query tower in {artifact_dir}")
+        if quantized is None:
+            quantized = int8.exists() and bool(meta.get("int8", {}).get("passed", False))
+        return int8 if quantized else artifact_dir / QUERY_ONNX
+
+
+class PassageEncoder(_OnnxTower):
+    """The DPR passage tower on ONNX Runtime (offline: catalog and personal-history vectors).
+
+    Same API as :class:`QueryEncoder`; always the fp32 graph.
+    """
+
+    onnx_file = PASSAGE_ONNX

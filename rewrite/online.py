@@ -1,0 +1,360 @@
+"""Online rewriting stages: encode → global retrieval → personal retrieval → rerank → trigger.
+
+The stages share one :class:`OnlineLayer` (held by :class:`~rewrite.pipeline.Resources`): the
+DPR query encoder (:class:`rewrite.encoder.QueryEncoder`, ONNX Runtime) and the FAISS global
+index (:class:`rewrite.retrieval.GlobalIndex`) of one published version, the personal store
+(:class:`rewrite.personal.PersonalStore`) and the ranker (:func:`rewrite.rerank.load_ranker`).
+
+**Versions never mix inside the online layer.** The nightly job records ``index_dir`` and
+``encoder_id`` in ``qrw:{version}:meta``; the layer loads that index with the query encoder
+whose artifact folder is named by that ``encoder_id`` (``dpr.artifacts_dir/<encoder_id>``), and
+the personal histories are read from the same version. When ``qrw:active`` moves, the new
+version's index is loaded in a background thread while requests keep using the complete
+previous snapshot; an index that is missing, corrupt or built with another encoder is refused
+(logged, counted in ``qrw_online_index_errors_total``) and the previous snapshot stays in use.
+With no snapshot at all (nothing published with an index yet) the online stages pass through
+(``reason="online_unavailable"``).
+
+Design: the online path of Ponnusamy et al. (2020/2022, Alexa self-learning) — DPR retrieval
+(Karpukhin et al., EMNLP 2020) with a global and a personal layer, then a learning-to-rank
+reranker and a precision-oriented trigger.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client import Counter
+
+from rewrite import keyspace
+from rewrite.config import Settings
+from rewrite.encoder import QueryEncoder
+from rewrite.personal import PersonalStore
+from rewrite.pipeline import Resources, RewriteState, register_stage
+from rewrite.rerank import FEATURE_NAMES, CandidateRanker, feature_matrix, load_ranker, trigger
+from rewrite.retrieval import GlobalIndex, RetrievedCandidate
+from rewrite.store import StoreUnavailableError
+from rewrite.types import Candidate
+
+log = logging.getLogger(__name__)
+
+INDEX_ERRORS = Counter(
+    "qrw_online_index_errors_total", "Published indexes the service refused to load"
+)
+INDEX_LOADS = Counter("qrw_online_index_loads_total", "Published indexes loaded")
+
+
+@dataclass(frozen=True)
+class OnlineSnapshot:
+    """A consistent online model: one version's index with its matching query encoder."""
+
+    version: str
+    index: GlobalIndex
+    encoder: QueryEncoder
+
+
+class OnlineLayer:
+    """Loads and swaps the online snapshot of the active version; owns personal store + ranker.
+
+    Args:
+        settings: loaded settings (``dpr``, ``rerank``, ``catalog``, ``redis``).
+        redis_client: a redis-py client (``decode_responses=True``) used to read version meta.
+        active_version: callable returning the active version id (cached by the pair store).
+
+    ``warm_up()`` loads the ranker, opens the personal store and loads the active version's
+    snapshot synchronously (if one is published); later version changes load in background.
+    """
+
+    def __init__(self, settings: Settings, redis_client: Any, active_version: Any) -> None:
+        self.settings = settings
+        self._redis = redis_client
+        self._active_version = active_version
+        self._snapshot: OnlineSnapshot | None = None
+        self._encoders: dict[str, QueryEncoder] = {}
+        self._tried: set[str] = set()
+        self._loading: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.personal: PersonalStore | None = None
+        self.ranker: CandidateRanker | None = None
+        self._warm = False
+
+    def warm_up(self) -> None:
+        """Load ranker, personal store and the active version's snapshot (idempotent)."""
+        if self._warm:
+            return
+        self.ranker = load_ranker(self.settings.rerank)
+        self.personal = PersonalStore.from_settings(self.settings)
+        try:
+            version = self._active_version()
+        except StoreUnavailableError:
+            version = None
+        if version:
+            self._load(version)
+        self._warm = True
+
+    def _encoder(self, encoder_id: str) -> QueryEncoder:
+        enc = self._encoders.get(encoder_id)
+        if enc is None:
+            path = Path(self.settings.dpr.artifacts_dir) / encoder_id
+            enc = QueryEncoder.load(path, threads=self.settings.dpr.threads)
+            if enc.encoder_id != encoder_id:
+                raise ValueError(
+                    f"DPR artifact {path} has encoder_id {enc.encoder_id}, expected {encoder_id}"
+                )
+            self._encoders[encoder_id] = enc
+        return enc
+
+    def _load(self, version: str) -> None:
+        """Load ``version``'s index + encoder; on failure keep the current snapshot."""
+        with self._lock:
+            if version in self._tried:
+                return
+            self._tried.add(version)
+        try:
+            meta = self._redis.hgetall(keyspace.meta_key(version))
+            index_dir, encoder_id = meta.get("index_dir"), meta.get("encoder_id")
+            if not index_dir or not encoder_id:
+                log.info("version %s has no online index; online layer unchanged", version)
+                return
+            encoder = self._encoder(encoder_id)
+            index = GlobalIndex.load(
+                Path(index_dir),
+                expected_encoder_id=encoder_id,
+                ef_search=self.settings.dpr.hnsw_ef_search,
+            )
+        except Exception as err:  # refuse anything that fails to load; keep serving the old one
+            INDEX_ERRORS.inc()
+            log.error("refusing the online index of version %s: %s", version, err)
+            return
+        with self._lock:
+            self._snapshot = OnlineSnapshot(version, index, encoder)
+        INDEX_LOADS.inc()
+        log.info("online layer now serves version %s (%d catalog entries)", version, len(index))
+
+    def snapshot(self) -> OnlineSnapshot | None:
+        """The snapshot to answer with; starts a background load when the active version moved.
+
+        Never blocks on a load and never raises (a Redis failure keeps the current snapshot).
+        """
+        current = self._snapshot
+        try:
+            version = self._active_version()
+        except StoreUnavailableError:
+            return current
+        if version and (current is None or current.version != version):
+            with self._lock:
+                busy = self._loading is not None and self._loading.is_alive()
+                if not busy and version not in self._tried:
+                    self._loading = threading.Thread(
+                        target=self._load, args=(version,), name="qrw-index-load", daemon=True
+                    )
+                    self._loading.start()
+        return current
+
+    def wait_loaded(self, timeout_s: float = 30.0) -> None:
+        """Block until a background load finishes (tests, benchmarks)."""
+        t = self._loading
+        if t is not None:
+            t.join(timeout_s)
+
+
+def _online(resources: Resources) -> OnlineLayer:
+    """The shared :class:`OnlineLayer` of these resources (created on first use)."""
+    layer = resources.online
+    if layer is None:
+        store = resources.pair_store
+        if store is None or not hasattr(store, "client"):
+            raise RuntimeError("online stages need the Redis pair store (redis)")
+        layer = OnlineLayer(resources.settings, store.client, store.active_version)
+        resources.online = layer
+    assert isinstance(layer, OnlineLayer)
+    return layer
+
+
+class EncodeStage:
+    """Query vector of the normalized utterance (DPR query tower, ONNX Runtime).
+
+    Sets ``state.online`` (the snapshot) and ``state.query_vector`` ((dim,) float32,
+    L2-normalised); passes through with ``reason="online_unavailable"`` when no online index
+    is published.
+    """
+
+    name = "encode"
+
+    def __init__(self, resources: Resources) -> None:
+        self._resources = resources
+
+    def warm_up(self) -> None:
+        _online(self._resources).warm_up()
+
+    def run(self, state: RewriteState) -> RewriteState:
+        snap = _online(self._resources).snapshot()
+        if snap is None:
+            state.reason, state.done = "online_unavailable", True
+            return state
+        state.online = snap
+        state.query_vector = snap.encoder.encode([state.normalized])[0]
+        return state
+
+
+class GlobalRetrievalStage:
+    """Top ``dpr.top_k`` catalog entries by inner product from the snapshot's FAISS index."""
+
+    name = "global_retrieval"
+
+    def __init__(self, resources: Resources) -> None:
+        self._resources = resources
+
+    def warm_up(self) -> None:
+        _online(self._resources).warm_up()
+
+    def run(self, state: RewriteState) -> RewriteState:
+        snap = state.online
+        assert isinstance(snap, OnlineSnapshot) and state.query_vector is not None
+        k = self._resources.settings.dpr.top_k
+        state.retrieved = list(snap.index.search(state.query_vector[None, :], k)[0])
+        return state
+
+
+class PersonalRetrievalStage:
+    """The user's own successful history (same version), scored exactly, merged with global.
+
+    Reads one hash (:class:`rewrite.personal.PersonalStore`), scores its float16 vectors
+    against the query vector (``(n, dim) @ (dim,)``), keeps the top ``rerank.personal_top_k``,
+    and merges by text: an utterance found by both layers becomes one candidate with
+    ``layer="personal"`` and the global metadata kept. Also records how often the query itself
+    succeeded for this user (``state.user_success_count``; the trigger never rewrites those).
+    A Redis failure passes the request through (``reason="store_unavailable"``).
+    """
+
+    name = "personal_retrieval"
+
+    def __init__(self, resources: Resources) -> None:
+        self._resources = resources
+
+    def warm_up(self) -> None:
+        _online(self._resources).warm_up()
+
+    def run(self, state: RewriteState) -> RewriteState:
+        from rewrite import metrics
+
+        layer = _online(self._resources)
+        snap = state.online
+        assert isinstance(snap, OnlineSnapshot) and layer.personal is not None
+        try:
+            hist = layer.personal.history(state.request.user_id, version=snap.version)
+        except StoreUnavailableError:
+            metrics.STORE_ERRORS.inc()
+            state.reason, state.done = "store_unavailable", True
+            return state
+        state.user_success_count = hist.count_of(state.normalized)
+        if not len(hist) or hist.vectors is None or state.query_vector is None:
+            return state
+        scores = hist.vectors @ state.query_vector
+        k = min(self._resources.settings.rerank.personal_top_k, len(hist))
+        top = np.argsort(-scores, kind="stable")[:k]
+        now = time.time()
+        by_text = {c.text: c for c in state.retrieved}
+        for i in top.tolist():
+            text = hist.texts[i]
+            g = by_text.get(text) or snap.index.lookup(text)
+            by_text[text] = RetrievedCandidate(
+                text=text,
+                layer="personal",
+                dense_score=float(scores[i]),
+                frequency=g.frequency if g else 0,
+                success_rate=g.success_rate if g else 0.0,
+                n_users=g.n_users if g else 0,
+                personal_count=int(hist.counts[i]),
+                personal_age_s=max(0.0, now - float(hist.last_seen[i])),
+                domain=g.domain if g else "",
+                intent=g.intent if g else "",
+            )
+        state.retrieved = list(by_text.values())
+        return state
+
+
+class RerankStage:
+    """Orders ``state.retrieved`` with the ranker (LightGBM lambdarank, or the heuristic one).
+
+    Sets ``state.scores`` ((n,) float64, best first); with ``explain`` every candidate is
+    returned with its features and score.
+    """
+
+    name = "rerank"
+
+    def __init__(self, resources: Resources) -> None:
+        self._resources = resources
+
+    def warm_up(self) -> None:
+        _online(self._resources).warm_up()
+
+    def run(self, state: RewriteState) -> RewriteState:
+        ranker = _online(self._resources).ranker
+        assert ranker is not None
+        cands = state.retrieved
+        if not cands:
+            state.scores = np.zeros(0)
+            return state
+        now = time.time()
+        x = feature_matrix(state.normalized, cands, now, state.request.context)
+        scores = ranker.score_matrix(x)
+        order = np.argsort(-scores, kind="stable")
+        state.retrieved = [cands[i] for i in order.tolist()]
+        state.scores = scores[order]
+        if state.request.explain:
+            for rank, i in enumerate(order.tolist()):
+                c = cands[i]
+                feats = {n: float(v) for n, v in zip(FEATURE_NAMES, x[i].tolist(), strict=True)}
+                state.candidates.append(Candidate(c.text, c.layer, float(scores[rank]), feats))
+        return state
+
+
+class TriggerStage:
+    """Rewrite with the top candidate only when :func:`rewrite.rerank.trigger` says so."""
+
+    name = "trigger"
+
+    def __init__(self, resources: Resources) -> None:
+        self._resources = resources
+
+    def warm_up(self) -> None:
+        _online(self._resources).warm_up()
+
+    def run(self, state: RewriteState) -> RewriteState:
+        ranker = _online(self._resources).ranker
+        assert ranker is not None
+        best = state.retrieved[0] if state.retrieved else None
+        best_score = float(state.scores[0]) if best is not None and len(state.scores) else 0.0
+        decision = trigger(
+            state.normalized,
+            best.text if best else None,
+            best_score,
+            ranker.trigger_threshold,
+            state.user_success_count,
+            self._resources.settings.catalog.personal_min_count,
+        )
+        snap = state.online
+        if isinstance(snap, OnlineSnapshot):
+            state.model_version = snap.version
+        if decision.rewrite and best is not None:
+            state.rewrite, state.source = best.text, best.layer
+            state.confidence = ranker.confidence(best_score)
+            state.reason = ""
+        else:
+            state.reason = decision.reason
+        state.done = True
+        return state
+
+
+register_stage("encode", EncodeStage)
+register_stage("global_retrieval", GlobalRetrievalStage)
+register_stage("personal_retrieval", PersonalRetrievalStage)
+register_stage("rerank", RerankStage)
+register_stage("trigger", TriggerStage)

@@ -1,0 +1,420 @@
+"""Reranking of retrieved rewrite candidates and the trigger decision (online).
+
+Per candidate the ranker sees fuzzy string similarity (rapidfuzz), a phonetic match
+(Metaphone codes from jellyfish, compared with rapidfuzz), the dense cosine of the DPR
+retrieval, catalog metadata (frequency, success rate, users), the user's personal history
+(count, recency, layer) and the request context. A LightGBM lambdarank model (Burges,
+"From RankNet to LambdaRank to LambdaMART", MSR-TR-2010-82; LightGBM, Ke et al., NeurIPS 2017)
+trained by ``qrw train ranker`` (:mod:`offline.rerank_train`) orders them; without a trained
+model a weighted dense + fuzzy :class:`HeuristicRanker` does. :func:`trigger` then decides
+whether to rewrite at all: only when the best candidate clears a threshold chosen on dev for
+precision at trigger >= 0.9, differs from the query, and the query does not already succeed
+for this user (Ponnusamy et al., "Feedback-based self-learning in large-scale conversational
+AI agents", AAAI 2020; Cho et al., "Personalized search-based query rewrite system for
+conversational AI", 2021).
+
+Artifacts (``artifacts/ranker/<content-hash>/``): ``ranker.txt`` (LightGBM text model) and
+``ranker.json`` (feature names, trigger threshold, Platt calibration, metrics, sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import jellyfish
+import lightgbm as lgb
+import numpy as np
+from rapidfuzz import fuzz, process
+from rapidfuzz.distance import JaroWinkler
+
+from rewrite.config import RerankSettings
+from rewrite.normalize import normalize_utterance
+from rewrite.retrieval import RetrievedCandidate
+from rewrite.types import ContextTurn
+
+log = logging.getLogger(__name__)
+
+RANKER_MODEL_FILE = "ranker.txt"
+RANKER_META_FILE = "ranker.json"
+
+#: Feature order of :func:`feature_matrix` columns and of the trained model (fixed; a model
+#: whose stored names differ is refused by :meth:`Ranker.load`). Ranges:
+#:
+#: - ``token_set_ratio``, ``partial_ratio``, ``ratio``: rapidfuzz ``fuzz`` scores / 100, [0, 1]
+#: - ``jaro_winkler``: rapidfuzz ``JaroWinkler.normalized_similarity``, [0, 1]
+#: - ``phonetic_ratio``: ``fuzz.ratio`` of the Metaphone keys / 100, [0, 1]
+#: - ``phonetic_equal``: 1.0 when the Metaphone keys are equal, {0, 1}
+#: - ``dense_cosine``: the retrieval cosine, [-1, 1]
+#: - ``log_frequency``: ``log1p(frequency)``, >= 0
+#: - ``success_rate``: catalog success rate, [0, 1]
+#: - ``log_n_users``: ``log1p(n_users)``, >= 0
+#: - ``log_personal_count``: ``log1p(personal_count)``, >= 0
+#: - ``has_personal``: 1.0 when the user succeeded with the candidate before, {0, 1}
+#: - ``personal_log_age_s``: ``log1p(seconds since the user's last success)``, >= 0; -1 unknown
+#: - ``is_personal``: 1.0 when the candidate came from the personal layer, {0, 1}
+#: - ``len_diff_words``: candidate words minus query words, clipped to [-20, 20]
+#: - ``query_in_context``: 1.0 when the user said the query in an earlier turn, {0, 1}
+#: - ``context_max_ratio``: max ``token_set_ratio`` / 100 of candidate vs context turns, [0, 1]
+#: - ``identical_to_query``: 1.0 when the candidate equals the normalized query, {0, 1}
+FEATURE_NAMES: tuple[str, ...] = (
+    "token_set_ratio",
+    "partial_ratio",
+    "ratio",
+    "jaro_winkler",
+    "phonetic_ratio",
+    "phonetic_equal",
+    "dense_cosine",
+    "log_frequency",
+    "success_rate",
+    "log_n_users",
+    "log_personal_count",
+    "has_personal",
+    "personal_log_age_s",
+    "is_personal",
+    "len_diff_words",
+    "query_in_context",
+    "context_max_ratio",
+    "identical_to_query",
+)
+N_FEATURES = len(FEATURE_NAMES)
+_COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
+MAX_LEN_DIFF_WORDS = 20.0
+
+
+@lru_cache(maxsize=100_000)
+def phonetic_key(normalized: str) -> str:
+    """Space-joined Metaphone codes of the words of a normalized utterance (jellyfish).
+
+    A word without a code (e.g. digits) stands for itself. Cached (LRU, 100k entries):
+    catalog texts repeat across requests.
+
+    Example:
+        >>> phonetic_key("weather in wilkerson")
+        'W0R IN WLKRSN'
+    """
+    return " ".join(jellyfish.metaphone(w) or w for w in normalized.split())
+
+
+def _context_utterances(context: Sequence[ContextTurn]) -> list[str]:
+    return [u for u in (normalize_utterance(t.utterance) for t in context) if u]
+
+
+def feature_matrix(
+    query: str,
+    cands: Sequence[RetrievedCandidate],
+    now_s: float,
+    context: Sequence[ContextTurn] = (),
+) -> np.ndarray:
+    """Features of all candidates of one request, vectorised (one rapidfuzz ``cdist`` call per
+    string measure).
+
+    Args:
+        query: the normalized query (:func:`rewrite.normalize.normalize_utterance`).
+        cands: retrieved candidates (texts normalized).
+        now_s: request time, epoch seconds. Recency comes precomputed in
+            ``cand.personal_age_s``; ``now_s`` is part of the signature for time features.
+        context: earlier turns of the session (utterances normalized here).
+
+    Returns:
+        ``(len(cands), len(FEATURE_NAMES))`` float32, columns in :data:`FEATURE_NAMES` order,
+        all finite.
+    """
+    del now_s  # recency is precomputed per candidate (personal_age_s)
+    n = len(cands)
+    x = np.zeros((n, N_FEATURES), dtype=np.float32)
+    if n == 0:
+        return x
+    texts = [c.text for c in cands]
+    q = [query]
+    x[:, _COL["token_set_ratio"]] = process.cdist(q, texts, scorer=fuzz.token_set_ratio)[0]
+    x[:, _COL["partial_ratio"]] = process.cdist(q, texts, scorer=fuzz.partial_ratio)[0]
+    x[:, _COL["ratio"]] = process.cdist(q, texts, scorer=fuzz.ratio)[0]
+    x[:, [_COL["token_set_ratio"], _COL["partial_ratio"], _COL["ratio"]]] /= 100.0
+    x[:, _COL["jaro_winkler"]] = process.cdist(q, texts, scorer=JaroWinkler.normalized_similarity)[
+        0
+    ]
+    qkey = phonetic_key(query)
+    ckeys = [phonetic_key(t) for t in texts]
+    x[:, _COL["phonetic_ratio"]] = process.cdist([qkey], ckeys, scorer=fuzz.ratio)[0] / 100.0
+    x[:, _COL["phonetic_equal"]] = [k == qkey for k in ckeys]
+    x[:, _COL["dense_cosine"]] = [c.dense_score for c in cands]
+    x[:, _COL["log_frequency"]] = np.log1p([max(c.frequency, 0) for c in cands])
+    x[:, _COL["success_rate"]] = [c.success_rate for c in cands]
+    x[:, _COL["log_n_users"]] = np.log1p([max(c.n_users, 0) for c in cands])
+    x[:, _COL["log_personal_count"]] = np.log1p([max(c.personal_count, 0) for c in cands])
+    x[:, _COL["has_personal"]] = [c.personal_count > 0 for c in cands]
+    x[:, _COL["personal_log_age_s"]] = [
+        math.log1p(c.personal_age_s) if c.personal_age_s >= 0 else -1.0 for c in cands
+    ]
+    x[:, _COL["is_personal"]] = [c.layer == "personal" for c in cands]
+    nq = len(query.split())
+    x[:, _COL["len_diff_words"]] = np.clip(
+        [len(t.split()) - nq for t in texts], -MAX_LEN_DIFF_WORDS, MAX_LEN_DIFF_WORDS
+    )
+    ctx = _context_utterances(context)
+    if ctx:
+        x[:, _COL["query_in_context"]] = float(query in ctx)
+        sims = process.cdist(texts, ctx, scorer=fuzz.token_set_ratio)
+        x[:, _COL["context_max_ratio"]] = sims.max(axis=1) / 100.0
+    x[:, _COL["identical_to_query"]] = [t == query for t in texts]
+    # Defensive: metadata from storage could hold NaN/inf; the model needs finite inputs.
+    np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return x
+
+
+def candidate_features(
+    query: str,
+    cand: RetrievedCandidate,
+    now_s: float,
+    context: Sequence[ContextTurn] = (),
+) -> dict[str, float]:
+    """Features of one candidate by name (the row :func:`feature_matrix` computes; for
+    ``explain`` responses and tests). Ranges are documented at :data:`FEATURE_NAMES`."""
+    row = feature_matrix(query, [cand], now_s, context)[0]
+    return {name: float(v) for name, v in zip(FEATURE_NAMES, row, strict=True)}
+
+
+class CandidateRanker(Protocol):
+    """What the rerank stage needs: :class:`Ranker` or :class:`HeuristicRanker`."""
+
+    name: str
+    model_version: str
+    trigger_threshold: float
+
+    def score(
+        self,
+        query: str,
+        cands: Sequence[RetrievedCandidate],
+        now_s: float,
+        context: Sequence[ContextTurn] = (),
+    ) -> np.ndarray:
+        """``(n,)`` float64 scores, higher is better."""
+
+    def score_matrix(self, x: np.ndarray) -> np.ndarray:
+        """Scores of a precomputed ``(n, F)`` feature matrix."""
+
+    def confidence(self, score: float) -> float:
+        """A score mapped to [0, 1] (response ``confidence``)."""
+
+
+def _sigmoid(z: float) -> float:
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+class Ranker:
+    """LightGBM lambdarank booster over :data:`FEATURE_NAMES` plus its trigger threshold.
+
+    Build with :meth:`load`. ``model_version`` is the artifact's content hash.
+
+    Attributes:
+        trigger_threshold: raw-score threshold of :func:`trigger` (from ``ranker.json``
+            unless overridden).
+        meta: the whole ``ranker.json``.
+    """
+
+    name = "lightgbm_lambdarank"
+
+    def __init__(
+        self,
+        booster: lgb.Booster,
+        meta: dict[str, Any],
+        trigger_threshold: float | None = None,
+        num_threads: int = 1,
+    ) -> None:
+        self.booster = booster
+        self.meta = meta
+        self.model_version = str(meta.get("content_hash", ""))
+        self.trigger_threshold = float(
+            meta["trigger_threshold"] if trigger_threshold is None else trigger_threshold
+        )
+        platt = meta.get("calibration") or {}
+        self._platt_a = float(platt.get("a", 1.0))
+        self._platt_b = float(platt.get("b", -self.trigger_threshold))
+        self.num_threads = num_threads
+
+    @classmethod
+    def load(
+        cls,
+        artifact_dir: Path,
+        trigger_threshold: float | None = None,
+        num_threads: int = 1,
+    ) -> Ranker:
+        """Load ``ranker.txt`` + ``ranker.json`` from an artifact directory.
+
+        Args:
+            artifact_dir: ``artifacts/ranker/<content-hash>``.
+            trigger_threshold: override of the stored threshold (settings).
+            num_threads: LightGBM prediction threads (1 online).
+
+        Raises:
+            FileNotFoundError: a file is missing.
+            ValueError: the model file's sha256 differs from the meta, or the stored feature
+                names differ from :data:`FEATURE_NAMES` (trained by other code).
+        """
+        artifact_dir = Path(artifact_dir)
+        meta = json.loads((artifact_dir / RANKER_META_FILE).read_text())
+        model_bytes = (artifact_dir / RANKER_MODEL_FILE).read_bytes()
+        digest = hashlib.sha256(model_bytes).hexdigest()
+        if meta.get("model_sha256") and meta["model_sha256"] != digest:
+            raise ValueError(f"{artifact_dir / RANKER_MODEL_FILE}: sha256 mismatch (corrupt?)")
+        if tuple(meta.get("feature_names", ())) != FEATURE_NAMES:
+            raise ValueError(
+                f"{artifact_dir}: ranker features {meta.get('feature_names')} differ from "
+                f"this code's FEATURE_NAMES; retrain with `qrw train ranker`"
+            )
+        booster = lgb.Booster(model_str=model_bytes.decode("utf-8"))
+        if booster.num_feature() != N_FEATURES:
+            raise ValueError(f"{artifact_dir}: model has {booster.num_feature()} features")
+        log.info("ranker %s loaded from %s", meta.get("content_hash"), artifact_dir)
+        return cls(booster, meta, trigger_threshold=trigger_threshold, num_threads=num_threads)
+
+    def score_matrix(self, x: np.ndarray) -> np.ndarray:
+        """Raw lambdarank scores of an ``(n, F)`` float32 feature matrix → ``(n,)`` float64."""
+        if x.shape[0] == 0:
+            return np.zeros(0, dtype=np.float64)
+        out = self.booster.predict(x, num_threads=self.num_threads)
+        return np.asarray(out, dtype=np.float64)
+
+    def score(
+        self,
+        query: str,
+        cands: Sequence[RetrievedCandidate],
+        now_s: float,
+        context: Sequence[ContextTurn] = (),
+    ) -> np.ndarray:
+        """``(len(cands),)`` float64 raw scores (higher better; comparable to
+        ``trigger_threshold``)."""
+        return self.score_matrix(feature_matrix(query, cands, now_s, context))
+
+    def confidence(self, score: float) -> float:
+        """Platt-calibrated probability (fitted on dev) that the top candidate is correct."""
+        return _sigmoid(self._platt_a * score + self._platt_b)
+
+
+#: Weights of :class:`HeuristicRanker` (dense cosine, rapidfuzz ``ratio`` / 100).
+HEURISTIC_WEIGHTS = {"dense_cosine": 0.6, "ratio": 0.4, "has_personal": 0.1}
+
+
+class HeuristicRanker:
+    """Fallback without a trained model: ``0.6 * dense_cosine + 0.4 * ratio / 100 + 0.1 *
+    has_personal`` (the user's own past success breaks near-ties with the global layer).
+
+    Same interface as :class:`Ranker`; scores lie in [-0.6, 1.1]; threshold from settings
+    (``rerank.heuristic_threshold`` unless ``rerank.trigger_threshold`` is set).
+    """
+
+    name = "heuristic"
+    model_version = "heuristic"
+
+    def __init__(self, trigger_threshold: float = 0.8) -> None:
+        self.trigger_threshold = float(trigger_threshold)
+        self._w = np.zeros(N_FEATURES, dtype=np.float64)
+        for feat, w in HEURISTIC_WEIGHTS.items():
+            self._w[_COL[feat]] = w
+
+    def score_matrix(self, x: np.ndarray) -> np.ndarray:
+        """Weighted sum of two columns of an ``(n, F)`` feature matrix → ``(n,)`` float64."""
+        return np.asarray(x, dtype=np.float64) @ self._w
+
+    def score(
+        self,
+        query: str,
+        cands: Sequence[RetrievedCandidate],
+        now_s: float,
+        context: Sequence[ContextTurn] = (),
+    ) -> np.ndarray:
+        """``(len(cands),)`` float64 scores in [-0.6, 1.1]."""
+        return self.score_matrix(feature_matrix(query, cands, now_s, context))
+
+    def confidence(self, score: float) -> float:
+        """The score clipped to [0, 1]."""
+        return min(max(score, 0.0), 1.0)
+
+
+def resolve_ranker_artifact(settings: RerankSettings) -> Path | None:
+    """``rerank.artifact``, or the dir ``artifacts_dir/LATEST`` names; None when untrained."""
+    if settings.artifact is not None:
+        return Path(settings.artifact)
+    latest = Path(settings.artifacts_dir) / "LATEST"
+    if not latest.exists():
+        return None
+    name = latest.read_text().strip()
+    return Path(settings.artifacts_dir) / name if name else None
+
+
+def load_ranker(settings: RerankSettings, num_threads: int = 1) -> Ranker | HeuristicRanker:
+    """The trained ranker the settings point at, else the :class:`HeuristicRanker` (logged).
+
+    Raises:
+        FileNotFoundError / ValueError: ``rerank.artifact`` is set explicitly but missing or
+            invalid (an explicit choice is never silently replaced).
+    """
+    path = resolve_ranker_artifact(settings)
+    if path is None or (settings.artifact is None and not (path / RANKER_META_FILE).exists()):
+        log.warning(
+            "no trained ranker under %s (run `qrw train ranker`); using the heuristic ranker",
+            settings.artifacts_dir,
+        )
+        threshold = settings.trigger_threshold
+        return HeuristicRanker(settings.heuristic_threshold if threshold is None else threshold)
+    return Ranker.load(path, trigger_threshold=settings.trigger_threshold, num_threads=num_threads)
+
+
+@dataclass(frozen=True)
+class TriggerDecision:
+    """Whether to rewrite, and why.
+
+    Attributes:
+        rewrite: True = hand the best candidate to NLU instead of the query.
+        reason: ``"triggered"``, ``"no_candidates"``, ``"already_succeeds"``,
+            ``"same_as_query"`` or ``"below_threshold"``.
+    """
+
+    rewrite: bool
+    reason: str
+
+
+def trigger(
+    query: str,
+    best_text: str | None,
+    best_score: float,
+    threshold: float,
+    user_success_count: int,
+    min_success_count: int = 1,
+) -> TriggerDecision:
+    """The trigger decision for the top-ranked candidate.
+
+    Checked in this order: no candidate → ``no_candidates``; the query already succeeds for
+    this user (``user_success_count >= min_success_count``, i.e. the normalized query is in the
+    user's personal history; ``catalog.personal_min_count``) → ``already_succeeds``; the best
+    candidate is the query itself → ``same_as_query``; ``best_score < threshold`` (or NaN) →
+    ``below_threshold``; else rewrite (``triggered``).
+
+    Args:
+        query: normalized query.
+        best_text: text of the top-ranked candidate, None when there is none.
+        best_score: its ranker score (same scale as ``threshold``).
+        threshold: the ranker's trigger threshold.
+        user_success_count: the user's successful uses of the query itself (0 unknown).
+        min_success_count: count from which the query counts as succeeding (>= 1).
+    """
+    if best_text is None:
+        return TriggerDecision(False, "no_candidates")
+    if user_success_count >= max(min_success_count, 1):
+        return TriggerDecision(False, "already_succeeds")
+    if best_text == query:
+        return TriggerDecision(False, "same_as_query")
+    if not best_score >= threshold:  # also catches NaN
+        return TriggerDecision(False, "below_threshold")
+    return TriggerDecision(True, "triggered")

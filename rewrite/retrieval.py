@@ -1,0 +1,350 @@
+"""Dense retrieval over the global catalog index.
+
+:class:`GlobalIndex` is the online searcher of the FAISS index that the nightly job builds
+(:mod:`offline.index`) from the catalog, modelled on Pyserini's ``FaissSearcher`` (Lin et al.,
+"Pyserini", SIGIR 2021): a FAISS index file, an id sidecar that maps FAISS id i to row i of the
+catalog, and result dataclasses (here :class:`RetrievedCandidate` with the catalog metadata the
+reranker needs). An index folder holds
+
+- ``index.faiss``: ``faiss.IndexFlatIP`` (exact) or ``faiss.IndexHNSWFlat`` with inner product
+  (Malkov & Yashunin, "Efficient and robust approximate nearest neighbor search using
+  Hierarchical Navigable Small World graphs", TPAMI 2018) over L2-normalised passage vectors, so
+  the score is the cosine;
+- ``catalog.parquet``: the id sidecar, columns :data:`CATALOG_COLUMNS`;
+- ``index.json``: :class:`IndexInfo` — format, version, ``encoder_id``, dim, n, kind and the
+  SHA-256 of both files.
+
+:meth:`GlobalIndex.load` refuses an index whose files do not match their recorded checksums
+(:class:`IndexCorruptError`) or that was built with another encoder or dimension
+(:class:`IndexMismatchError`), so the service never searches with vectors of the wrong model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+CATALOG_FILE = "catalog.parquet"
+INDEX_META = "index.json"
+INDEX_FORMAT = 1
+CATALOG_COLUMNS = ("text", "frequency", "n_users", "success_rate", "domain", "intent", "last_seen")
+KINDS = ("flat", "hnsw")
+_CATALOG_EMPTY: dict[str, Any] = {
+    "text": "",
+    "frequency": 0,
+    "n_users": 0,
+    "success_rate": 0.0,
+    "domain": "",
+    "intent": "",
+    "last_seen": -1.0,
+}
+
+
+@dataclass(frozen=True)
+class RetrievedCandidate:
+    """One rewrite candidate retrieved for a query.
+
+    Attributes:
+        text: normalized catalog/personal utterance.
+        layer: ``"global"`` or ``"personal"``.
+        dense_score: inner product of L2-normalised vectors = cosine.
+        frequency: global turns with this utterance (catalog).
+        success_rate: global success rate (catalog).
+        n_users: distinct users behind the catalog entry.
+        personal_count: this user's successful uses (personal layer).
+        personal_age_s: seconds since the user last used it successfully; -1 unknown.
+        domain: NLU domain, if logged.
+        intent: NLU intent, if logged.
+    """
+
+    text: str  # normalized catalog/personal utterance
+    layer: str  # "global" | "personal"
+    dense_score: float  # inner product of L2-normalised vectors = cosine
+    frequency: int = 0  # global turns with this utterance (catalog)
+    success_rate: float = 0.0  # global success rate (catalog)
+    n_users: int = 0
+    personal_count: int = 0  # this user's successful uses (personal layer)
+    personal_age_s: float = -1  # seconds since the user last used it successfully; -1 unknown
+    domain: str = ""
+    intent: str = ""
+
+
+class IndexMismatchError(ValueError):
+    """The index does not fit the query encoder (``encoder_id`` or dimension differ) or its
+    files disagree with ``index.json`` (entry count, index type)."""
+
+
+class IndexCorruptError(ValueError):
+    """An index file's SHA-256 differs from ``index.json``, or a file cannot be parsed."""
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What ``index.json`` holds.
+
+    Attributes:
+        version: the published version the index belongs to ("" when built outside publish).
+        encoder_id: ``encoder_id`` of the passage encoder (DPR artifact content hash).
+        dim: vector size; n: entries (= catalog rows); kind: ``"flat"`` or ``"hnsw"``.
+        sha256: hex SHA-256 of ``index.faiss`` and ``catalog.parquet``.
+        params: build/search parameters (``hnsw_m``, ``ef_construction``, ``ef_search``).
+        format: :data:`INDEX_FORMAT`.
+        built_unix: build time, seconds since the epoch.
+    """
+
+    version: str
+    encoder_id: str
+    dim: int
+    n: int
+    kind: str
+    sha256: dict[str, str]
+    params: dict[str, Any] = field(default_factory=dict)
+    format: int = INDEX_FORMAT
+    built_unix: float = 0.0
+
+    def to_json(self) -> str:
+        """Pretty JSON (the content of ``index.json``)."""
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @staticmethod
+    def read(directory: Path) -> IndexInfo:
+        """``index.json`` of an index folder.
+
+        Raises:
+            FileNotFoundError: no ``index.json`` (not a complete index folder).
+            IndexCorruptError: it is not valid JSON or lacks a field.
+        """
+        path = Path(directory) / INDEX_META
+        if not path.exists():
+            raise FileNotFoundError(f"no FAISS index at {directory} (missing {INDEX_META})")
+        try:
+            raw = json.loads(path.read_text())
+            return IndexInfo(**raw)
+        except (ValueError, TypeError) as err:
+            raise IndexCorruptError(f"unreadable {path}: {err}") from err
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_index_dir(directory: Path, expected_encoder_id: str | None = None) -> IndexInfo:
+    """Check an index folder without loading it: ``index.json`` readable, both files present
+    with the recorded SHA-256, and (if given) the expected ``encoder_id``.
+
+    Raises:
+        FileNotFoundError: ``index.json`` or a data file is missing.
+        IndexCorruptError: a checksum differs or ``index.json`` is unreadable.
+        IndexMismatchError: ``encoder_id`` differs from ``expected_encoder_id``.
+    """
+    directory = Path(directory)
+    info = IndexInfo.read(directory)
+    if expected_encoder_id is not None and info.encoder_id != expected_encoder_id:
+        raise IndexMismatchError(
+            f"index at {directory} was built with encoder {info.encoder_id!r}, but the query "
+            f"encoder is {expected_encoder_id!r}; rebuild the index with this encoder "
+            "(or load the matching DPR artifact)"
+        )
+    for name in (INDEX_FILE, CATALOG_FILE):
+        path = directory / name
+        if not path.exists():
+            raise FileNotFoundError(f"index folder {directory} lacks {name}")
+        want = info.sha256.get(name)
+        got = sha256_file(path)
+        if want != got:
+            raise IndexCorruptError(
+                f"{path} is corrupt: sha256 {got[:16]}… differs from index.json ({str(want)[:16]}…)"
+            )
+    return info
+
+
+class GlobalIndex:
+    """The global catalog index: FAISS search plus catalog metadata per hit.
+
+    Build with :meth:`load`. Thread-safe for concurrent :meth:`search` calls (FAISS search is
+    read-only; the parameters are set at load).
+
+    Attributes:
+        info: the :class:`IndexInfo` of the folder; directory: where it was loaded from.
+    """
+
+    def __init__(self, index: Any, catalog: dict[str, Any], info: IndexInfo, directory: Path):
+        self.index = index
+        self.info = info
+        self.directory = directory
+        self._text: list[str] = catalog["text"]
+        self._domain: list[str] = catalog["domain"]
+        self._intent: list[str] = catalog["intent"]
+        self._frequency: list[int] = catalog["frequency"]
+        self._n_users: list[int] = catalog["n_users"]
+        self._success: list[float] = catalog["success_rate"]
+        self._last_seen: list[float] = catalog["last_seen"]
+        self._id_of: dict[str, int] = {t: i for i, t in enumerate(self._text)}
+
+    @property
+    def dim(self) -> int:
+        """Vector size."""
+        return self.info.dim
+
+    @property
+    def encoder_id(self) -> str:
+        """``encoder_id`` the passage vectors were made with."""
+        return self.info.encoder_id
+
+    @property
+    def kind(self) -> str:
+        """``"flat"`` or ``"hnsw"``."""
+        return self.info.kind
+
+    def __len__(self) -> int:
+        return self.info.n
+
+    def lookup(self, text: str) -> RetrievedCandidate | None:
+        """Catalog metadata of an exact (normalized) text as a ``layer="global"`` candidate with
+        ``dense_score`` 0.0 (no query involved), or None when the text is not in the catalog."""
+        i = self._id_of.get(text)
+        return None if i is None else self._candidate(i, 0.0)
+
+    def _candidate(self, i: int, score: float) -> RetrievedCandidate:
+        return RetrievedCandidate(
+            text=self._text[i],
+            layer="global",
+            dense_score=score,
+            frequency=self._frequency[i],
+            success_rate=self._success[i],
+            n_users=self._n_users[i],
+            domain=self._domain[i],
+            intent=self._intent[i],
+        )
+
+    def text(self, i: int) -> str:
+        """Catalog text of FAISS id ``i``."""
+        return self._text[i]
+
+    def last_seen(self, i: int) -> float:
+        """Catalog ``last_seen`` (epoch seconds) of FAISS id ``i``."""
+        return self._last_seen[i]
+
+    @classmethod
+    def load(
+        cls,
+        directory: Path,
+        expected_encoder_id: str | None = None,
+        ef_search: int | None = None,
+        threads: int | None = 1,
+        verify: bool = True,
+    ) -> GlobalIndex:
+        """Load and check an index folder.
+
+        Args:
+            directory: folder with ``index.faiss``, ``catalog.parquet``, ``index.json``.
+            expected_encoder_id: the query encoder's ``encoder_id``; None = do not check.
+            ef_search: HNSW search breadth (default: the value recorded at build).
+            threads: FAISS OpenMP threads (process-wide setting; the online service uses 1 and
+                parallelises over requests); None = leave FAISS's default.
+            verify: check SHA-256 of both files (reads them once more; ~1 s per GB).
+
+        Raises:
+            FileNotFoundError: a file is missing.
+            IndexCorruptError: checksum mismatch, or a file cannot be parsed.
+            IndexMismatchError: ``encoder_id``, dimension, entry count or kind disagree.
+        """
+        import faiss
+        import pyarrow.parquet as pq
+
+        directory = Path(directory)
+        if verify:
+            info = verify_index_dir(directory, expected_encoder_id)
+        else:
+            info = IndexInfo.read(directory)
+            if expected_encoder_id is not None and info.encoder_id != expected_encoder_id:
+                raise IndexMismatchError(
+                    f"index at {directory} was built with encoder {info.encoder_id!r}, "
+                    f"not {expected_encoder_id!r}"
+                )
+        if threads is not None:
+            faiss.omp_set_num_threads(int(threads))
+        try:
+            index: Any = faiss.read_index(str(directory / INDEX_FILE))
+        except RuntimeError as err:
+            raise IndexCorruptError(f"cannot read {directory / INDEX_FILE}: {err}") from err
+        try:
+            table = pq.read_table(directory / CATALOG_FILE)
+        except Exception as err:  # pyarrow raises ArrowInvalid / OSError subclasses
+            raise IndexCorruptError(f"cannot read {directory / CATALOG_FILE}: {err}") from err
+        if index.d != info.dim:
+            raise IndexMismatchError(
+                f"{directory / INDEX_FILE} has dimension {index.d}, index.json says {info.dim}"
+            )
+        if index.ntotal != info.n or table.num_rows != info.n:
+            raise IndexMismatchError(
+                f"index at {directory}: {index.ntotal} vectors, {table.num_rows} catalog rows, "
+                f"index.json says {info.n}"
+            )
+        is_hnsw = isinstance(index, faiss.IndexHNSWFlat)
+        if info.kind not in KINDS or (info.kind == "hnsw") != is_hnsw:
+            raise IndexMismatchError(
+                f"index at {directory} is {type(index).__name__}, index.json says {info.kind!r}"
+            )
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise IndexMismatchError(f"index at {directory} does not use inner product")
+        if is_hnsw:
+            index.hnsw.efSearch = int(ef_search or info.params.get("ef_search", 64))
+        missing = [c for c in CATALOG_COLUMNS if c not in table.column_names]
+        if missing:
+            raise IndexCorruptError(f"{directory / CATALOG_FILE} lacks columns {missing}")
+        catalog = {c: table.column(c).to_pylist() for c in CATALOG_COLUMNS}
+        for c, empty in _CATALOG_EMPTY.items():  # nulls -> the dataclass defaults
+            catalog[c] = [empty if v is None else v for v in catalog[c]]
+        log.info(
+            "global index loaded from %s: %s, n=%d, dim=%d, encoder %s",
+            directory,
+            info.kind,
+            info.n,
+            info.dim,
+            info.encoder_id,
+        )
+        return cls(index, catalog, info, directory)
+
+    def search(self, query_vecs: np.ndarray, k: int) -> list[list[RetrievedCandidate]]:
+        """Top-``k`` catalog entries per query by inner product (= cosine).
+
+        Args:
+            query_vecs: ``(n, dim)`` float32, L2-normalised query vectors (a ``(dim,)`` vector
+                is taken as one query).
+            k: results per query (fewer when the catalog is smaller).
+
+        Returns:
+            Per query, candidates best first, ``layer="global"``, catalog metadata filled.
+
+        Raises:
+            ValueError: wrong shape or ``k < 1``.
+        """
+        x = np.asarray(query_vecs, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"query vectors must be (n, {self.dim}), got {x.shape}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if self.info.n == 0 or x.shape[0] == 0:
+            return [[] for _ in range(x.shape[0])]
+        scores, ids = self.index.search(np.ascontiguousarray(x), min(k, self.info.n))
+        out: list[list[RetrievedCandidate]] = []
+        for row_s, row_i in zip(scores.tolist(), ids.tolist(), strict=True):
+            out.append([self._candidate(i, s) for s, i in zip(row_s, row_i, strict=True) if i >= 0])
+        return out

@@ -1,0 +1,345 @@
+"""DPR: training data from a run dir, retrieval metrics, tiny fine-tuning (loss goes down, the
+ONNX towers match torch), the zero-shot artifact and the torch-free ONNX encoders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from offline.dpr.data import DprDataset, DprPair, build_dataset, dev_groups, split_by_query
+from offline.dpr.train import retrieval_metrics
+from rewrite.encoder import DprModelMissingError, resolve_dpr_artifact
+
+# defective utterance -> the utterance that succeeded (ASR-style confusions)
+PAIRS = [
+    ("turn of the lights", "turn off the lights"),
+    ("turn the lights of", "turn off the lights"),
+    ("play sum jazz", "play some jazz"),
+    ("play psalm jazz", "play some jazz"),
+    ("whats the whether in boston", "what's the weather in boston"),
+    ("what the weather in boston", "what's the weather in boston"),
+    ("set an alarm for seven a.m.", "set an alarm for seven am"),
+    ("set a alarm four seven am", "set an alarm for seven am"),
+    ("call mum", "call mom"),
+    ("cool mom", "call mom"),
+    ("remind me to by milk", "remind me to buy milk"),
+    ("remind me too buy milk", "remind me to buy milk"),
+    ("tell me a choke", "tell me a joke"),
+    ("tell me the choke", "tell me a joke"),
+    ("what's on my calender", "what's on my calendar"),
+    ("whats on my calendar today", "what's on my calendar"),
+    ("volume app", "volume up"),
+    ("volume op please", "volume up"),
+    ("order a taxi to the air port", "order a taxi to the airport"),
+    ("order taxi too airport", "order a taxi to the airport"),
+    ("read my e mails", "read my emails"),
+    ("reed my emails", "read my emails"),
+    ("how old is bared pit", "how old is brad pitt"),
+    ("how old is brad pit", "how old is brad pitt"),
+]
+DISTRACTORS = [
+    "turn on the lights",
+    "play some rock",
+    "what's the weather in paris",
+    "set a timer for seven minutes",
+    "call dad",
+    "remind me to call mom",
+    "tell me a story",
+    "volume down",
+    "order a pizza",
+    "read my messages",
+]
+
+
+def tiny_dataset() -> DprDataset:
+    pairs = [DprPair(q, t, "pairs", 2) for q, t in PAIRS]
+    passages = sorted({t for _, t in PAIRS} | set(DISTRACTORS))
+    return DprDataset(train=pairs[::2] + pairs[1::4], dev=pairs[3::4], passages=passages)
+
+
+def write_run(run: Path) -> None:
+    """A nightly run dir with pairs, rephrase links and a catalog."""
+    from offline.job import write_pairs
+    from offline.markov import RewritePair
+
+    run.mkdir(parents=True, exist_ok=True)
+    write_pairs(
+        [
+            RewritePair("turn of the lights", "turn off the lights", 0.9, 5, 3),
+            RewritePair("same text", "same text", 1.0, 2, 2),
+        ],
+        run / "pairs.parquet",
+    )
+    links = [
+        ("play sum jazz", "play some jazz"),
+        ("play sum jazz", "play some jazz"),
+        ("turn of the lights", "turn off the lights"),  # also a Markov pair: merged
+        ("play psalm jazz", "play some jazz"),
+        ("call mum", "call mom"),
+        ("cool mom", "call mom"),
+        ("call mom", "tell me a joke"),  # earlier text is in the catalog: change of mind
+        ("tell me a choke", "tell me a jok"),  # later text not in the catalog
+        ("volume app", "volume up"),
+        ("volume up", "volume up"),
+    ]
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {"earlier_turn_id": f"e{i}", "later_turn_id": f"l{i}", "earlier": e, "later": lt,
+                 "score": 0.9}
+                for i, (e, lt) in enumerate(links)
+            ]
+        ),
+        run / "rephrases.parquet",
+    )  # fmt: skip
+    catalog = ["turn off the lights", "play some jazz", "call mom", "tell me a joke", "volume up"]
+    pq.write_table(
+        pa.Table.from_pylist([{"text": t, "frequency": 5} for t in catalog]),
+        run / "catalog.parquet",
+    )
+
+
+def test_build_dataset_from_run_dir(tmp_path: Path) -> None:
+    write_run(tmp_path / "run")
+    data = build_dataset(tmp_path / "run", dev_share=0.3, seed=1)
+    pairs = {(p.query, p.target): p for p in data.train + data.dev}
+    assert set(pairs) == {
+        ("turn of the lights", "turn off the lights"),
+        ("play sum jazz", "play some jazz"),
+        ("play psalm jazz", "play some jazz"),
+        ("call mum", "call mom"),
+        ("cool mom", "call mom"),
+        ("volume app", "volume up"),
+    }
+    merged = pairs[("turn of the lights", "turn off the lights")]
+    assert (merged.origin, merged.count) == ("pairs", 6)  # support 5 + one link
+    assert pairs[("play sum jazz", "play some jazz")].count == 2
+    assert data.counts["rephrase_earlier_in_catalog"] == 1
+    assert data.counts["rephrase_later_not_in_catalog"] == 1
+    assert data.counts["identical_dropped"] == 2
+    assert {p.query for p in data.train}.isdisjoint({p.query for p in data.dev})
+    assert data.dev and data.train
+    assert "tell me a joke" in data.passages
+    again = build_dataset(tmp_path / "run", dev_share=0.3, seed=1)
+    assert again.fingerprint() == data.fingerprint()
+    # dissimilar rephrase links can be filtered (Levenshtein ratio); Markov pairs stay
+    strict = build_dataset(tmp_path / "run", dev_share=0.0, seed=1, min_similarity=0.85)
+    assert {(p.query, p.target) for p in strict.train} == {
+        ("turn of the lights", "turn off the lights"),
+        ("play sum jazz", "play some jazz"),
+        ("call mum", "call mom"),
+    }
+    assert strict.counts["rephrase_dissimilar"] == 3
+
+
+def test_no_catalog_means_pairs_only(tmp_path: Path) -> None:
+    write_run(tmp_path / "run")
+    (tmp_path / "run" / "catalog.parquet").unlink()
+    data = build_dataset(tmp_path / "run", dev_share=0.0, seed=1)
+    assert [(p.query, p.target) for p in data.train] == [
+        ("turn of the lights", "turn off the lights")
+    ]
+    assert data.dev == []
+    with pytest.raises(FileNotFoundError, match="qrw nightly"):
+        build_dataset(tmp_path / "empty")
+
+
+def test_split_is_by_query_and_seeded() -> None:
+    pairs = [DprPair(f"q{i % 10}", f"t{i}", "rephrase") for i in range(40)]
+    train, dev = split_by_query(pairs, 0.2, seed=3)
+    assert len({p.query for p in dev}) == 2
+    assert {p.query for p in train}.isdisjoint({p.query for p in dev})
+    assert split_by_query(pairs, 0.2, seed=3) == (train, dev)
+    assert dev_groups(dev)[dev[0].query] == {p.target for p in dev if p.query == dev[0].query}
+
+
+def test_retrieval_metrics_ranks_and_skips_the_query_itself() -> None:
+    passages = ["a", "b", "c", "q2"]
+    pv = np.eye(4, dtype=np.float32)
+    qv = np.array(
+        [[0.1, 0.9, 0.5, 0.0], [0.0, 0.2, 0.6, 1.0], [1.0, 0.0, 0.0, 0.0]], dtype=np.float32
+    )
+    m = retrieval_metrics(qv, ["q1", "q2", "q3"], [{"b"}, {"b"}, {"c"}], pv, passages)
+    # q1: b first; q2: itself ("q2") is skipped, then c, b -> rank 2; q3: a, then c/b tie... c
+    # scores 0 like b and q2, so its rank is not 1
+    assert m["recall@1"] == pytest.approx(1 / 3)
+    assert m["recall@5"] == pytest.approx(1.0)
+    assert m["mrr@10"] > 1 / 3 + 1 / 2 / 3
+
+
+def test_missing_artifact_names_the_command(tmp_path: Path) -> None:
+    with pytest.raises(DprModelMissingError, match="qrw train dpr"):
+        resolve_dpr_artifact(tmp_path)
+
+
+def test_fast_tokenizer_matches_transformers() -> None:
+    from transformers import AutoTokenizer
+
+    from offline.dpr.train import base_model_path
+    from rewrite.encoder import load_fast_tokenizer
+
+    texts = ["What's the WEATHER in Wilkerson?", "play sum jazz", "x " * 60]
+    ref = AutoTokenizer.from_pretrained(str(base_model_path()), local_files_only=True)
+    want = ref(texts, padding=True, truncation=True, max_length=32)
+    got = load_fast_tokenizer(base_model_path(), 32).encode_batch(texts)
+    assert [e.ids for e in got] == want["input_ids"]
+    assert [e.attention_mask for e in got] == want["attention_mask"]
+
+
+@pytest.mark.slow
+def test_tiny_training_lowers_loss_and_onnx_matches_torch(tmp_path: Path) -> None:
+    import torch
+
+    from offline.dpr.train import (
+        BiEncoder,
+        DprTrainConfig,
+        base_model_path,
+        batch_loss,
+        embed,
+        train_dpr,
+    )
+    from rewrite.encoder import PassageEncoder, QueryEncoder, load_fast_tokenizer
+
+    data = tiny_dataset()
+    config = DprTrainConfig(
+        batch_size=8, max_steps=10, eval_every=5, patience=10, lr=1e-4, quantize_int8=False
+    )
+    tok = load_fast_tokenizer(base_model_path(), config.max_length)
+
+    def full_loss(model: BiEncoder) -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(batch_loss(model, tok, data.train, [], config.scale))
+
+    before = full_loss(BiEncoder.from_base())
+    res = train_dpr(data, config, tmp_path / "dpr", progress=False)
+    assert not res.reused and res.model is not None
+    after = full_loss(res.model)
+    assert after < before - 0.05, (before, after)
+    art = res.artifact
+    meta = json.loads((art / "dpr.json").read_text())
+    assert meta["encoder_id"] == art.name and meta["dim"] == 384
+    assert meta["history"][0]["step"] == 0  # the zero-shot starting point
+    assert {"query.onnx", "passage.onnx", "tokenizer.json"} <= {p.name for p in art.iterdir()}
+    texts = [p.query for p in data.dev] + ["how old is brad pitt", "read my emails please"]
+    for tower, cls in ((res.model.query, QueryEncoder), (res.model.passage, PassageEncoder)):
+        ref = embed(tower, tok, texts)
+        got = cls.load(art, quantized=False).encode(texts)
+        cos = np.sum(ref * got, axis=1)
+        assert cos.min() > 0.999, cos
+    # the two towers were trained separately: they no longer agree exactly
+    q = QueryEncoder.load(art).encode(texts)
+    p = PassageEncoder.load(art).encode(texts)
+    assert not np.allclose(q, p, atol=1e-4)
+    again = train_dpr(data, config, tmp_path / "dpr", progress=False)
+    assert again.reused and again.artifact == art
+
+
+@pytest.fixture(scope="module")
+def zero_shot_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from offline.dpr.train import DprTrainConfig, export_zero_shot
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    root = tmp_path_factory.mktemp("dpr")
+    res = export_zero_shot(root, DprTrainConfig(quantize_int8=True))
+    return res.artifact
+
+
+@pytest.mark.slow
+def test_zero_shot_artifact_is_base_minilm(zero_shot_artifact: Path) -> None:
+    from offline.detector.baselines import MiniLMEmbedder
+    from rewrite.encoder import PassageEncoder, QueryEncoder
+
+    meta = json.loads((zero_shot_artifact / "dpr.json").read_text())
+    assert meta["variant"] == "zero-shot" and meta["encoder_id"] == zero_shot_artifact.name
+    assert meta["onnx_agreement"]["query_min_cosine"] > 0.999
+    texts = ["what's the weather in wilkerson", "turn off the lights", "call mom", "x"]
+    qe = QueryEncoder.load(zero_shot_artifact, quantized=False)
+    pe = PassageEncoder.load(zero_shot_artifact)
+    q, p = qe.encode(texts), pe.encode(texts)
+    for v in (q, p):
+        assert v.shape == (4, 384) and v.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(q, p, atol=1e-6)  # same base weights in both towers
+    ref = MiniLMEmbedder(max_length=32).encode(texts)  # the sentence-transformers recipe
+    assert np.sum(ref * q, axis=1).min() > 0.999
+    assert qe.encoder_id == pe.encoder_id == zero_shot_artifact.name
+    # single-text calls go through the LRU cache and agree with batched ones
+    one = qe.encode([texts[0]])
+    assert one.shape == (1, 384)
+    np.testing.assert_allclose(one[0], q[0], atol=1e-5)
+    one[0, 0] = 42.0  # the caller gets a copy; the cache is not modified
+    assert qe.encode([texts[0]])[0, 0] != 42.0
+    assert qe.cache_info().hits >= 1
+    assert qe.encode([]).shape == (0, 384)
+
+
+@pytest.mark.slow
+def test_online_encoder_does_not_import_torch(zero_shot_artifact: Path) -> None:
+    code = (
+        "import sys\n"
+        "from rewrite.encoder import QueryEncoder, PassageEncoder\n"
+        "import rewrite.retrieval\n"
+        f"q = QueryEncoder.load({str(zero_shot_artifact)!r}, threads=1)\n"
+        "v = q.encode(['turn off the lights'])\n"
+        "assert v.shape == (1, 384), v.shape\n"
+        "bad = [m for m in ('torch', 'transformers', 'offline') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.slow
+def test_train_from_run_zero_shot_sets_latest(tmp_path: Path, zero_shot_artifact: Path) -> None:
+    import shutil
+
+    from offline.dpr.train import DprTrainConfig, train_from_run
+
+    root = tmp_path / "dpr"
+    root.mkdir()
+    shutil.copytree(zero_shot_artifact, root / zero_shot_artifact.name)  # reused, not re-exported
+    write_run(tmp_path / "run")
+    res = train_from_run(tmp_path / "run", DprTrainConfig(quantize_int8=True), root, zero_shot=True)
+    assert res.reused and res.artifact.name == zero_shot_artifact.name
+    assert resolve_dpr_artifact(root) == root / zero_shot_artifact.name
+    assert 0.0 <= res.meta["dev_onnx"]["onnx"]["recall@1"] <= 1.0
+    with pytest.raises(ValueError, match="run dir"):
+        train_from_run(None, out_root=root)
+
+
+@pytest.mark.slow
+def test_cli_train_dpr(tmp_path: Path, zero_shot_artifact: Path) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from offline.cli import app
+
+    root = tmp_path / "dpr"
+    root.mkdir()
+    shutil.copytree(zero_shot_artifact, root / zero_shot_artifact.name)
+    write_run(tmp_path / "run")
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["train", "dpr", "--zero-shot", "--run", str(tmp_path / "run"), "--out", str(root)]
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["encoder_id"] == zero_shot_artifact.name and out["reused"] is True
+    assert (root / "LATEST").read_text().strip() == zero_shot_artifact.name
+    res = runner.invoke(app, ["train", "dpr", "--out", str(root)])
+    assert res.exit_code != 0 and "--run" in res.output
+    res = runner.invoke(app, ["train", "dpr", "--run", str(tmp_path / "nope"), "--out", str(root)])
+    assert res.exit_code == 2 and "rephrases.parquet" in res.output

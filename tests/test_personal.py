@@ -1,0 +1,232 @@
+"""Personal layer: pseudonymization, publishing personal histories, PersonalStore on real Redis."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from offline.catalog import PersonalEntry
+from offline.job import run_nightly
+from offline.markov import RewritePair
+from offline.publish import connect, content_hash, publish_pairs, version_content_hash
+from rewrite import keyspace, privacy
+from rewrite.config import DEV_USER_KEY, Settings, load_settings
+from rewrite.personal import PersonalStore
+from rewrite.privacy import pseudonymize, user_key_from_settings
+from rewrite.store import StoreUnavailableError
+
+KEY = b"personal-test-key"
+DIM = 8
+PAIRS = [RewritePair("whats the whether", "what's the weather", 0.9, 3, 2)]
+
+
+def _encode(texts: Sequence[str]) -> np.ndarray:
+    """Deterministic stand-in for the passage encoder: (n, DIM) float32, L2-normalised."""
+    rows = []
+    for t in texts:
+        seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little")
+        rows.append(np.random.default_rng(seed).standard_normal(DIM))
+    vecs = np.asarray(rows, dtype=np.float32).reshape(len(texts), DIM)
+    return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+
+def _history(user: str, items: list[tuple[str, int, float]]) -> list[PersonalEntry]:
+    p = pseudonymize(user, KEY)
+    return [PersonalEntry(p, text, count, ts) for text, count, ts in items]
+
+
+ALICE = _history(
+    "alice",
+    [
+        ("what's the weather in wilkerson", 5, 1.7e9),
+        ("call mom", 2, 1.6e9),
+        ("play jazz", 2, 1.65e9),
+    ],
+)
+BOB = _history("bob", [("what's the weather in wilkinson", 3, 1.7e9)])
+
+
+def _store(url: str, **kw: float) -> PersonalStore:
+    return PersonalStore(url, KEY, version_cache_s=0.0, **kw)
+
+
+def test_pseudonymize_is_keyed_hmac_hex32() -> None:
+    p = pseudonymize("alice", KEY)
+    assert len(p) == 32 and all(c in "0123456789abcdef" for c in p)
+    assert p == pseudonymize("alice", KEY) != pseudonymize("alice", b"other-key")
+    assert p != pseudonymize("alice2", KEY) and "alice" not in p
+    assert p == hmac.new(KEY, b"alice", hashlib.sha256).hexdigest()[:32]
+    with pytest.raises(ValueError):
+        pseudonymize("alice", b"")
+
+
+def test_user_key_warns_once_for_the_dev_key(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, settings: Settings
+) -> None:
+    monkeypatch.setattr(privacy, "_warned", False)
+    dev = settings.model_copy(deep=True)
+    dev.privacy.user_key = DEV_USER_KEY
+    with caplog.at_level(logging.WARNING, logger="rewrite.privacy"):
+        assert user_key_from_settings(dev) == DEV_USER_KEY.encode()
+        user_key_from_settings(dev)
+    assert sum("development key" in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    monkeypatch.setattr(privacy, "_warned", False)
+    monkeypatch.setenv("QRW_PRIVACY__USER_KEY", "s3cret")
+    custom = load_settings()
+    with caplog.at_level(logging.WARNING, logger="rewrite.privacy"):
+        assert user_key_from_settings(custom) == b"s3cret"
+    assert not caplog.records
+
+
+@pytest.mark.integration
+def test_publish_and_read_back_with_float16_vectors(redis_url: str, clean_redis: None) -> None:
+    client = connect(redis_url)
+    res = publish_pairs(client, PAIRS, personal=ALICE + BOB, encode=_encode, encoder_id="enc-1")
+    assert res.n_personal_users == 2
+    meta = client.hgetall(keyspace.meta_key(res.version))
+    assert meta["encoder_id"] == "enc-1" and meta["personal_dim"] == str(DIM)
+    store = _store(redis_url)
+    h = store.history("alice")
+    assert h.version == res.version and h.user == pseudonymize("alice", KEY)
+    # most used first, then most recent
+    assert h.texts == ("what's the weather in wilkerson", "play jazz", "call mom")
+    assert h.counts.tolist() == [5, 2, 2] and h.counts.dtype == np.int64
+    assert h.last_seen.tolist() == [1.7e9, 1.65e9, 1.6e9] and h.last_seen.dtype == np.float64
+    assert h.vectors is not None and h.vectors.dtype == np.float32 and h.vectors.shape == (3, DIM)
+    np.testing.assert_allclose(h.vectors, _encode(h.texts), atol=2e-3)
+    raw = redis.Redis.from_url(redis_url).hget(
+        keyspace.personal_version_key(res.version, h.user), "vectors"
+    )
+    assert raw is not None and len(raw) == 3 * DIM * 2  # float16
+    assert h.count_of("call mom") == 2 and h.count_of("never said") == 0
+    store.close()
+
+
+@pytest.mark.integration
+def test_without_encoder_no_vectors_are_stored(redis_url: str, clean_redis: None) -> None:
+    res = publish_pairs(connect(redis_url), PAIRS, personal=BOB)
+    h = _store(redis_url).history("bob")
+    assert h.version == res.version and h.vectors is None and len(h) == 1
+    assert "personal_dim" not in connect(redis_url).hgetall(keyspace.meta_key(res.version))
+
+
+@pytest.mark.integration
+def test_users_only_see_their_own_history(redis_url: str, clean_redis: None) -> None:
+    publish_pairs(connect(redis_url), PAIRS, personal=ALICE + BOB, encode=_encode)
+    store = _store(redis_url)
+    alice, bob = store.history("alice"), store.history("bob")
+    assert set(alice.texts) == {e.text for e in ALICE}
+    assert bob.texts == ("what's the weather in wilkinson",)
+    assert not set(alice.texts) & set(bob.texts)
+    stranger = store.history("mallory")
+    assert len(stranger) == 0 and stranger.vectors is None
+    assert len(store.history("")) == 0
+    # a pseudonym is not a user id: asking with Alice's key string finds nothing
+    assert len(store.history(pseudonymize("alice", KEY))) == 0
+    # another deployment key cannot read Alice's history
+    assert len(PersonalStore(redis_url, b"other-key").history("alice")) == 0
+
+
+@pytest.mark.integration
+def test_identical_input_gives_identical_version(redis_url: str, clean_redis: None) -> None:
+    client = connect(redis_url)
+    first = publish_pairs(client, PAIRS, personal=ALICE + BOB, encode=_encode, encoder_id="e")
+    shuffled = ALICE + BOB
+    random.Random(3).shuffle(shuffled)
+    again = publish_pairs(client, PAIRS, personal=shuffled, encode=_encode, encoder_id="e")
+    assert again.unchanged and again.version == first.version
+    assert version_content_hash(PAIRS, shuffled, "e", True) == version_content_hash(
+        PAIRS, ALICE + BOB, "e", True
+    )
+    assert first.version == "v" + version_content_hash(PAIRS, ALICE + BOB, "e", True)[:16]
+    last = ALICE[-1]
+    bumped = [*ALICE[:-1], PersonalEntry(last.user, last.text, last.count + 1, last.last_seen)]
+    others = {
+        version_content_hash(PAIRS, bumped + BOB, "e", True),  # a count changed
+        version_content_hash(PAIRS, ALICE, "e", True),  # a user's history dropped
+        version_content_hash(PAIRS, ALICE + BOB, "e2", True),  # another encoder
+        version_content_hash(PAIRS, ALICE + BOB, "e", False),  # no vectors
+        version_content_hash(PAIRS, ALICE + BOB, "e", True, {"index_sha256": "x"}),
+    }
+    assert len(others) == 5 and first.version[1:] not in {h[:16] for h in others}
+    assert version_content_hash(PAIRS) == content_hash(PAIRS)  # pair-only ids unchanged
+    with pytest.raises(ValueError, match="duplicate"):
+        publish_pairs(client, PAIRS, personal=ALICE + ALICE[:1])
+
+
+@pytest.mark.integration
+def test_reader_pinned_to_a_version_never_mixes(redis_url: str, clean_redis: None) -> None:
+    client = connect(redis_url)
+    v1 = publish_pairs(client, PAIRS, personal=ALICE).version
+    v2 = publish_pairs(client, PAIRS, personal=_history("alice", [("play rock", 1, 1.8e9)]))
+    store = _store(redis_url)
+    assert store.history("alice").texts == ("play rock",)
+    old = store.history("alice", version=v1)
+    assert old.version == v1 and old.texts[0] == "what's the weather in wilkerson"
+    assert store.history("alice", version=v2.version).version == v2.version
+
+
+@pytest.mark.integration
+def test_malformed_history_reads_as_empty(redis_url: str, clean_redis: None) -> None:
+    v = publish_pairs(connect(redis_url), PAIRS, personal=BOB).version
+    key = keyspace.personal_version_key(v, pseudonymize("bob", KEY))
+    clean_redis.hset(key, mapping={"counts": json.dumps([1, 2])})  # 1 text, 2 counts
+    assert len(_store(redis_url).history("bob")) == 0
+
+
+@pytest.mark.integration
+def test_nightly_publish_keys_hold_no_raw_user_ids(
+    tmp_path: Path, settings: Settings, clean_redis: redis.Redis
+) -> None:
+    lines = [
+        json.dumps(
+            {
+                "turn_id": f"t{i}",
+                "user_id": f"raw-user-{i % 3}",
+                "timestamp": f"2026-01-05T09:{i:02d}:00Z",
+                "utterance": "play jazz" if i % 3 == 1 else "call mom",
+                "response": "OK.",
+            }
+        )
+        for i in range(12)
+    ]
+    (tmp_path / "day.jsonl").write_text("\n".join(lines) + "\n")
+    s = settings.model_copy(deep=True)
+    s.privacy.user_key = KEY.decode()
+    report = run_nightly([tmp_path / "day.jsonl"], tmp_path / "run", s, publish=True)
+    assert report.publish is not None and report.publish["n_personal_users"] == 3
+    keys = list(clean_redis.scan_iter(match="*"))
+    personal = [k for k in keys if ":personal:" in k]
+    assert len(personal) == 3
+    assert not [k for k in keys if "raw-user" in k]
+    raw = redis.Redis.from_url(s.redis.url)  # bytes: the hashes hold float16 vectors too
+    try:
+        values = [v for k in personal for v in raw.hgetall(k).values()]
+    finally:
+        raw.close()
+    assert values and not any(b"raw-user" in v for v in values)
+    assert _store(s.redis.url).history("raw-user-1").texts == ("play jazz",)
+
+
+def test_redis_down_raises_store_unavailable_quickly(tmp_path: Path) -> None:
+    store = _store(f"unix://{tmp_path}/no-redis.sock", retry_after_s=5.0)
+    t0 = time.perf_counter()
+    with pytest.raises(StoreUnavailableError):
+        store.history("alice")
+    with pytest.raises(StoreUnavailableError, match="backing off"):
+        store.history("alice", version="v1")  # no second connect attempt during back-off
+    assert time.perf_counter() - t0 < 0.5
+    tcp = _store("redis://127.0.0.1:1")  # nothing listens on port 1
+    with pytest.raises(StoreUnavailableError):
+        tcp.history("alice", version="v1")

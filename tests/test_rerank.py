@@ -1,0 +1,388 @@
+"""Reranker features, the LightGBM lambdarank ranker, threshold choice and the trigger decision.
+
+Fast tests check features, trigger rules and the threshold rule on hand-made numbers; the
+``slow`` ones train a tiny ranker (a few seconds on 2 cores) on the synthetic task of
+:func:`offline.rerank_train.synthetic_task`, where fuzzy similarity, frequency and personal
+history decide better than the (nearly entity-blind) dense score.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from offline.cli import app
+from offline.rerank_train import (
+    CatalogEntry,
+    FuzzyCatalogRetriever,
+    PersonalEntry,
+    RankerTrainConfig,
+    RankerTrainResult,
+    RankGroup,
+    TopChoice,
+    choose_threshold,
+    group_matrix,
+    read_groups,
+    split_by_user,
+    synthetic_task,
+    top_choices,
+    train_ranker,
+    trigger_metrics,
+    write_groups,
+)
+from rewrite.config import RerankSettings
+from rewrite.rerank import (
+    FEATURE_NAMES,
+    RANKER_META_FILE,
+    RANKER_MODEL_FILE,
+    HeuristicRanker,
+    Ranker,
+    candidate_features,
+    feature_matrix,
+    load_ranker,
+    phonetic_key,
+    trigger,
+)
+from rewrite.retrieval import RetrievedCandidate
+from rewrite.types import ContextTurn
+
+Q = "what's the weather in wilkersen"
+
+
+def _cands() -> list[RetrievedCandidate]:
+    return [
+        RetrievedCandidate("what's the weather in wilkerson", "global", 0.81, 120, 0.9, 40),
+        RetrievedCandidate(
+            "what's the weather in wilkinson", "personal", 0.79, 15, 0.8, 6, 4, 7200.0
+        ),
+        RetrievedCandidate(Q, "global", 0.99, 2, 0.1, 1),
+        RetrievedCandidate("play music by adele", "global", 0.12, 900, 0.95, 300),
+        RetrievedCandidate("call tina", "personal", -0.2, 0, 0.0, 0, 1, -1.0),
+    ]
+
+
+# --------------------------------------------------------------------------- features
+
+
+def test_feature_names_fixed_order() -> None:
+    assert FEATURE_NAMES == (
+        "token_set_ratio", "partial_ratio", "ratio", "jaro_winkler", "phonetic_ratio",
+        "phonetic_equal", "dense_cosine", "log_frequency", "success_rate", "log_n_users",
+        "log_personal_count", "has_personal", "personal_log_age_s", "is_personal",
+        "len_diff_words", "query_in_context", "context_max_ratio", "identical_to_query",
+    )  # fmt: skip
+
+
+def test_features_finite_in_documented_ranges() -> None:
+    ctx = (ContextTurn("Play music by Adele!", "ok", 12.0),)
+    x = feature_matrix(Q, _cands(), 1e9, ctx)
+    assert x.shape == (5, len(FEATURE_NAMES)) and x.dtype == np.float32
+    assert np.isfinite(x).all()
+    col = {n: x[:, i] for i, n in enumerate(FEATURE_NAMES)}
+    for name in ("token_set_ratio", "partial_ratio", "ratio", "jaro_winkler", "phonetic_ratio",
+                 "success_rate", "context_max_ratio"):  # fmt: skip
+        assert ((col[name] >= 0) & (col[name] <= 1)).all(), name
+    for name in ("phonetic_equal", "has_personal", "is_personal", "query_in_context",
+                 "identical_to_query"):  # fmt: skip
+        assert set(col[name].tolist()) <= {0.0, 1.0}, name
+    assert ((col["dense_cosine"] >= -1) & (col["dense_cosine"] <= 1)).all()
+    for name in ("log_frequency", "log_n_users", "log_personal_count"):
+        assert (col[name] >= 0).all(), name
+    assert (np.abs(col["len_diff_words"]) <= 20).all()
+    np.testing.assert_allclose(col["log_frequency"][0], math.log1p(120), rtol=1e-6)
+    # personal recency: log1p(age) when known, -1 when unknown / not personal
+    np.testing.assert_allclose(col["personal_log_age_s"], [-1, math.log1p(7200), -1, -1, -1],
+                               rtol=1e-6)  # fmt: skip
+    assert col["has_personal"].tolist() == [0, 1, 0, 0, 1]
+    assert col["is_personal"].tolist() == [0, 1, 0, 0, 1]
+    assert col["len_diff_words"].tolist() == [0, 0, 0, -1, -3]
+    # the context (normalized here) contains a candidate, not the query
+    assert col["query_in_context"].tolist() == [0] * 5
+    assert col["context_max_ratio"][3] == 1.0 and col["context_max_ratio"][0] < 1.0
+    assert feature_matrix(Q, [], 0.0).shape == (0, len(FEATURE_NAMES))
+
+
+def test_identical_and_phonetic_flags() -> None:
+    feats = [candidate_features(Q, c, 0.0) for c in _cands()]
+    assert [f["identical_to_query"] for f in feats] == [0, 0, 1, 0, 0]
+    assert feats[2]["ratio"] == 1.0 and feats[2]["phonetic_equal"] == 1.0
+    # "wilkersen" sounds like "wilkerson" (same Metaphone code), not like "wilkinson"
+    assert phonetic_key("wilkersen") == phonetic_key("wilkerson") != phonetic_key("wilkinson")
+    assert feats[0]["phonetic_equal"] == 1.0 and feats[1]["phonetic_equal"] == 0.0
+    assert feats[0]["phonetic_ratio"] > feats[1]["phonetic_ratio"]
+
+
+def test_candidate_features_match_matrix_row_and_order() -> None:
+    ctx = (ContextTurn("What's the weather in Wilkersen?"),)
+    x = feature_matrix(Q, _cands(), 0.0, ctx)
+    for i, c in enumerate(_cands()):
+        f = candidate_features(Q, c, 0.0, ctx)
+        assert list(f) == list(FEATURE_NAMES)
+        np.testing.assert_array_equal(np.array(list(f.values()), dtype=np.float32), x[i])
+    assert x[:, FEATURE_NAMES.index("query_in_context")].tolist() == [1.0] * 5
+
+
+def test_bad_metadata_stays_finite() -> None:
+    c = RetrievedCandidate("call tina", "global", float("nan"), -3, float("inf"), -1)
+    assert np.isfinite(feature_matrix("call dina", [c], 0.0)).all()
+
+
+# --------------------------------------------------------------------------- trigger
+
+
+@pytest.mark.parametrize(
+    ("best_text", "score", "success", "expected"),
+    [
+        (None, 9.0, 0, (False, "no_candidates")),
+        ("call tina", 9.0, 1, (False, "already_succeeds")),
+        ("call tina", 9.0, 7, (False, "already_succeeds")),
+        ("call dina", 9.0, 0, (False, "same_as_query")),
+        ("call tina", 0.49, 0, (False, "below_threshold")),
+        ("call tina", float("nan"), 0, (False, "below_threshold")),
+        ("call tina", 0.5, 0, (True, "triggered")),
+    ],
+)
+def test_trigger_reasons(
+    best_text: str | None, score: float, success: int, expected: tuple[bool, str]
+) -> None:
+    d = trigger("call dina", best_text, score, 0.5, success)
+    assert (d.rewrite, d.reason) == expected
+
+
+@pytest.mark.parametrize("count", [1, 2, 100])
+@pytest.mark.parametrize("score", [0.0, 1e6, float("inf")])
+def test_query_that_succeeds_for_user_is_never_rewritten(count: int, score: float) -> None:
+    assert not trigger("call dina", "call tina", score, -1e9, count).rewrite
+    # a stricter catalog.personal_min_count lets a single success through
+    assert trigger("call dina", "call tina", 1e6, 0.0, 1, min_success_count=2).rewrite
+
+
+# --------------------------------------------------------------------------- threshold rule
+
+
+def _tc(scores: list[float], correct: list[bool], eligible: list[bool] | None = None) -> TopChoice:
+    n = len(scores)
+    return TopChoice(
+        np.array(scores, dtype=np.float64),
+        np.array(correct),
+        np.array(eligible if eligible is not None else [True] * n),
+        np.where(np.array(correct), 1, 2),
+    )
+
+
+def test_choose_threshold_lowest_with_precision() -> None:
+    # cumulative precision from the top: 1, 1, 1, .75, .8, .667 → lowest ok threshold is 3
+    tc = _tc([5, 4, 3, 2, 1, 0], [True, True, True, False, True, False])
+    thr, met = choose_threshold(tc, 0.75)
+    assert met and thr == 1.0
+    thr, met = choose_threshold(tc, 0.9)
+    assert met and thr == 3.0
+    m = trigger_metrics(tc, thr)
+    assert m["precision_at_trigger"] == 1.0 and m["trigger_rate"] == 0.5
+    # tied scores trigger together: a threshold inside a tie is not reachable
+    thr, met = choose_threshold(_tc([5, 4, 4, 1], [True, True, False, True]), 0.9)
+    assert met and thr == 5.0
+    # nothing reaches the target → above every score, nothing triggers
+    thr, met = choose_threshold(_tc([3, 2], [False, True]), 0.9)
+    assert (
+        not met and thr > 3 and trigger_metrics(_tc([3, 2], [False, True]), thr)["triggered"] == 0
+    )
+    # top == query (not eligible) never counts as a trigger
+    tc = _tc([9, 1], [True, True], eligible=[False, True])
+    assert trigger_metrics(tc, 0.0)["triggered"] == 1
+
+
+def test_missing_correct_candidate_counts_as_wrong_trigger() -> None:
+    g = RankGroup("call dina", "u1", "call gina", [RetrievedCandidate("call tina", "global", 0.9)])
+    gm = group_matrix([g])
+    tc = top_choices([g], np.array([2.0]), gm.offsets)
+    assert tc.eligible[0] and not tc.correct[0] and tc.rank[0] == 0
+    assert trigger_metrics(tc, 1.0)["precision_at_trigger"] == 0.0
+
+
+def test_split_by_user_is_disjoint_and_groups_roundtrip(tmp_path: Path) -> None:
+    groups, _ = synthetic_task(n_users=30, queries_per_user=3, seed=3)
+    splits = split_by_user(groups, 0.2, 0.2, seed=1)
+    users = {k: {g.user for g in v} for k, v in splits.items()}
+    assert all(users.values())
+    assert not (users["train"] & users["dev"] or users["train"] & users["test"]
+                or users["dev"] & users["test"])  # fmt: skip
+    assert sum(len(v) for v in splits.values()) == len(groups)
+    g0 = replace(groups[0], context=(ContextTurn("call tina", "ok", 3.0, True),))
+    write_groups([g0, *groups[1:]], tmp_path / "g.parquet")
+    back = read_groups(tmp_path / "g.parquet")
+    assert back[0] == g0 and back[1:] == groups[1:]
+
+
+def test_fuzzy_retriever_merges_personal_layer() -> None:
+    cat = [CatalogEntry("call tina", 50, 0.9, 10), CatalogEntry("call dina", 5, 0.8, 2)]
+    gen = FuzzyCatalogRetriever(cat, {"u1": [PersonalEntry("call dina", 3, 60.0)]}, top_k=5)
+    by = {c.text: c for c in gen("call gina", "u1")}
+    assert by["call dina"].layer == "personal" and by["call dina"].personal_count == 3
+    assert by["call dina"].frequency == 5  # global metadata kept
+    assert by["call tina"].layer == "global"
+    assert all(c.layer == "global" for c in gen("call gina", "u2"))
+
+
+# --------------------------------------------------------------------------- fallback, loading
+
+
+def test_heuristic_ranker_and_fallback(tmp_path: Path) -> None:
+    h = HeuristicRanker(0.7)
+    s = h.score(Q, _cands(), 0.0)
+    x = feature_matrix(Q, _cands(), 0.0)
+    np.testing.assert_allclose(s, 0.6 * x[:, 6] + 0.4 * x[:, 2] + 0.1 * x[:, 11], rtol=1e-6)
+    settings = RerankSettings(artifacts_dir=tmp_path / "none", heuristic_threshold=0.66)
+    r = load_ranker(settings)
+    assert isinstance(r, HeuristicRanker) and r.trigger_threshold == 0.66
+    r = load_ranker(settings.model_copy(update={"trigger_threshold": 0.5}))
+    assert r.trigger_threshold == 0.5
+    with pytest.raises(FileNotFoundError):  # an explicit artifact is never silently replaced
+        load_ranker(settings.model_copy(update={"artifact": tmp_path / "missing"}))
+
+
+# --------------------------------------------------------------------------- trained ranker
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> RankerTrainResult:
+    groups, _ = synthetic_task(n_users=200, queries_per_user=8, seed=0)
+    out = tmp_path_factory.mktemp("ranker")
+    return train_ranker(groups, out, RankerTrainConfig(), heuristic_threshold=0.8)
+
+
+@pytest.mark.slow
+def test_trained_ranker_beats_dense_order(trained: RankerTrainResult) -> None:
+    m = trained.meta["metrics"]
+    for split in ("dev", "test"):
+        ranker, dense, heur = m[split]["ranker"], m[split]["dense"], m[split]["heuristic"]
+        assert m[split]["groups"] >= 200
+        assert ranker["recall@1"] >= 0.75, (split, ranker)
+        assert ranker["recall@1"] >= dense["recall@1"] + 0.25, (split, ranker, dense)
+        assert ranker["recall@1"] > heur["recall@1"] and ranker["mrr"] > dense["mrr"]
+    # frequency and fuzzy similarity carry the model, not the dense score
+    gain = trained.meta["feature_importance_gain"]
+    assert gain["log_frequency"] > gain["dense_cosine"]
+    assert max(gain, key=gain.__getitem__) in {"ratio", "token_set_ratio", "jaro_winkler"}
+
+
+@pytest.mark.slow
+def test_threshold_precision_on_dev(trained: RankerTrainResult) -> None:
+    meta = trained.meta
+    assert meta["threshold_met"] and meta["target_precision"] == 0.9
+    ranker = Ranker.load(trained.artifact)
+    assert ranker.trigger_threshold == meta["trigger_threshold"]
+    dev = trained.splits["dev"]
+    decisions = []
+    for g in dev:  # recompute with the online API: score → top → trigger()
+        s = ranker.score(g.query, g.candidates, g.now_s, g.context)
+        best = g.candidates[int(np.argmax(s))] if len(s) else None
+        d = trigger(g.query, best.text if best else None, float(s.max()) if len(s) else 0.0,
+                    ranker.trigger_threshold, user_success_count=0)  # fmt: skip
+        decisions.append((d.rewrite, best is not None and best.text == g.correct))
+    triggered = [ok for rewrite, ok in decisions if rewrite]
+    assert len(triggered) / len(dev) >= 0.3
+    assert sum(triggered) / len(triggered) >= 0.9
+    assert meta["metrics"]["dev"]["ranker"]["triggered"] == len(triggered)
+    assert meta["metrics"]["test"]["ranker"]["precision_at_trigger"] >= 0.8
+    # a slightly lower threshold would miss the target (the chosen one is the lowest)
+    tc = top_choices(dev, ranker.score_matrix(group_matrix(dev).x), group_matrix(dev).offsets)
+    below = tc.score[tc.eligible & (tc.score < ranker.trigger_threshold)]
+    if len(below):
+        assert trigger_metrics(tc, float(below.max()))["precision_at_trigger"] < 0.9
+    c = ranker.confidence(ranker.trigger_threshold)
+    assert 0.0 < c < 1.0 and ranker.confidence(ranker.trigger_threshold + 5) > c
+
+
+@pytest.mark.slow
+def test_save_load_identical_scores_and_deterministic(
+    trained: RankerTrainResult, tmp_path: Path
+) -> None:
+    ranker = Ranker.load(trained.artifact)
+    assert ranker.model_version == trained.artifact.name == trained.meta["content_hash"]
+    assert (trained.artifact.parent / "LATEST").read_text().strip() == trained.artifact.name
+    gm = group_matrix(trained.splits["test"])
+    assert trained.booster is not None
+    np.testing.assert_array_equal(ranker.score_matrix(gm.x), trained.booster.predict(gm.x))
+    via_settings = load_ranker(RerankSettings(artifacts_dir=trained.artifact.parent))
+    assert isinstance(via_settings, Ranker)
+    assert via_settings.model_version == ranker.model_version
+    # same data + config → same model file and content hash
+    groups = [g for split in trained.splits.values() for g in split]
+    again = train_ranker(groups, tmp_path, RankerTrainConfig(), update_latest=False)
+    assert again.meta["content_hash"] == trained.meta["content_hash"]
+    assert (again.artifact / RANKER_MODEL_FILE).read_bytes() == (
+        trained.artifact / RANKER_MODEL_FILE
+    ).read_bytes()
+    assert not (tmp_path / "LATEST").exists()
+
+
+@pytest.mark.slow
+def test_load_refuses_corrupt_or_foreign_model(trained: RankerTrainResult, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    model = (trained.artifact / RANKER_MODEL_FILE).read_text()
+    (bad / RANKER_MODEL_FILE).write_text(model.replace("learning_rate", "learning_rat3", 1))
+    (bad / RANKER_META_FILE).write_text((trained.artifact / RANKER_META_FILE).read_text())
+    with pytest.raises(ValueError, match="sha256"):
+        Ranker.load(bad)
+    meta = json.loads((trained.artifact / RANKER_META_FILE).read_text())
+    meta["feature_names"] = meta["feature_names"][::-1]
+    (bad / RANKER_MODEL_FILE).write_text(model)
+    (bad / RANKER_META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="FEATURE_NAMES"):
+        Ranker.load(bad)
+
+
+@pytest.mark.slow
+def test_personal_history_wins_for_its_user_only(trained: RankerTrainResult) -> None:
+    ranker = Ranker.load(trained.artifact)
+    glob = {
+        v: RetrievedCandidate(f"what's the weather in {v}", "global", 0.8, f, 0.9, f // 4)
+        for v, f in (("wilkerson", 200), ("wilkinson", 50), ("wilson", 22), ("wilkes", 12))
+    }
+    query = "what's the weather in wilkirson"  # one letter from wilkerson and wilkinson
+    mine = replace(glob["wilkinson"], layer="personal", personal_count=6, personal_age_s=86400.0)
+    for cands, expected in (
+        (list(glob.values()), "wilkerson"),  # no history: the global fix
+        ([glob["wilkerson"], mine, glob["wilson"], glob["wilkes"]], "wilkinson"),
+    ):
+        s = ranker.score(query, cands, 0.0)
+        assert cands[int(np.argmax(s))].text.endswith(expected), (expected, s)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.slow
+def test_cli_train_ranker_from_groups_and_run(tmp_path: Path) -> None:
+    groups, retriever = synthetic_task(n_users=120, queries_per_user=6, seed=5)
+    write_groups(groups, tmp_path / "groups.parquet")
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "ranker", "--data", str(tmp_path / "groups.parquet"),
+                              "--out", str(tmp_path / "a")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    name = (tmp_path / "a" / "LATEST").read_text().strip()
+    assert Ranker.load(tmp_path / "a" / name).meta["source"].startswith("data:")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    pairs = sorted({(g.query, g.correct) for g in groups if g.query != g.correct})
+    pq.write_table(pa.Table.from_pylist([
+        {"source": s, "rewrite": r, "absorption_probability": 0.9, "support": 3, "n_users": 2}
+        for s, r in pairs]), run / "pairs.parquet")  # fmt: skip
+    pq.write_table(pa.Table.from_pylist([vars(c) for c in retriever.catalog]),
+                   run / "catalog.parquet")  # fmt: skip
+    res = runner.invoke(app, ["train", "ranker", "--run", str(run), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "b" / "LATEST").exists()
+    res = runner.invoke(app, ["train", "ranker", "--out", str(tmp_path / "c")])
+    assert res.exit_code != 0

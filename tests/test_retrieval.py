@@ -1,0 +1,233 @@
+"""The FAISS global index: build (flat vs HNSW by size), search with catalog metadata, and the
+checks that refuse a corrupt or mismatched index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from offline.index import build_index, choose_kind, normalize_catalog, write_index_dir
+from rewrite.config import DprSettings
+from rewrite.retrieval import (
+    CATALOG_FILE,
+    INDEX_FILE,
+    INDEX_META,
+    GlobalIndex,
+    IndexCorruptError,
+    IndexMismatchError,
+    RetrievedCandidate,
+)
+
+DIM = 32
+ENCODER = "enc-test-0001"
+
+
+def catalog_table(n: int) -> pa.Table:
+    if n == 0:
+        return normalize_catalog(pa.table({"text": pa.array([], type=pa.string())}))
+    return normalize_catalog(
+        pa.Table.from_pylist(
+            [
+                {
+                    "text": f"utterance {i}",
+                    "frequency": 10 + i,
+                    "n_users": 2 + i % 5,
+                    "success_rate": 0.5 + (i % 50) / 100,
+                    "domain": f"d{i % 3}",
+                    "intent": f"i{i % 7}",
+                    "last_seen": 1.7e9 + i,
+                }
+                for i in range(n)
+            ]
+        )
+    )
+
+
+def unit_vectors(n: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def build(tmp: Path, n: int, flat_max: int = 1000, **kw: object) -> tuple[Path, np.ndarray]:
+    vecs = unit_vectors(n)
+    settings = DprSettings(flat_max_entries=flat_max, hnsw_m=16, hnsw_ef_search=64)
+    write_index_dir(vecs, catalog_table(n), tmp, ENCODER, settings, version="v1", **kw)  # type: ignore[arg-type]
+    return tmp, vecs
+
+
+def near(v: np.ndarray, seed: int, noise: float = 0.1) -> np.ndarray:
+    q = v + noise * np.random.default_rng(seed).standard_normal(v.shape).astype(np.float32)
+    return (q / np.linalg.norm(q, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_choose_kind_by_size() -> None:
+    assert choose_kind(0, 100) == "flat"
+    assert choose_kind(100, 100) == "flat"
+    assert choose_kind(101, 100) == "hnsw"
+
+
+@pytest.mark.parametrize(("n", "kind"), [(60, "flat"), (300, "hnsw")])
+def test_build_selects_kind_and_search_finds_neighbours(tmp_path: Path, n: int, kind: str) -> None:
+    import faiss
+
+    directory, vecs = build(tmp_path, n, flat_max=100)
+    info = json.loads((directory / INDEX_META).read_text())
+    assert (info["kind"], info["n"], info["dim"], info["encoder_id"]) == (kind, n, DIM, ENCODER)
+    assert set(info["sha256"]) == {INDEX_FILE, CATALOG_FILE}
+    index = GlobalIndex.load(directory, expected_encoder_id=ENCODER)
+    assert index.kind == kind and len(index) == n and index.dim == DIM
+    want = faiss.IndexHNSWFlat if kind == "hnsw" else faiss.IndexFlatIP
+    assert isinstance(index.index, want)
+    rows = [3, 17, 42]
+    queries = near(vecs[rows], seed=1)
+    results = index.search(queries, k=5)
+    assert len(results) == 3
+    for row, q, res in zip(rows, queries, results, strict=True):
+        assert len(res) == 5
+        top = res[0]
+        assert top == RetrievedCandidate(
+            text=f"utterance {row}",
+            layer="global",
+            dense_score=pytest.approx(float(vecs[row] @ q), abs=1e-5),  # type: ignore[arg-type]
+            frequency=10 + row,
+            success_rate=pytest.approx(0.5 + (row % 50) / 100),  # type: ignore[arg-type]
+            n_users=2 + row % 5,
+            domain=f"d{row % 3}",
+            intent=f"i{row % 7}",
+        )
+        scores = [c.dense_score for c in res]
+        assert scores == sorted(scores, reverse=True)
+        exact = np.argsort(-(vecs @ q))[:5]
+        assert [c.text for c in res] == [f"utterance {i}" for i in exact]
+    assert index.last_seen(rows[0]) == 1.7e9 + rows[0]
+    looked = index.lookup(f"utterance {rows[0]}")
+    assert looked is not None and looked.frequency == 10 + rows[0] and looked.dense_score == 0.0
+    assert index.lookup("not in the catalog") is None
+    # a single (dim,) vector is one query; k larger than the catalog: at most the catalog
+    # (exactly all of it for the exact index; HNSW may miss unreachable entries)
+    got = len(index.search(queries[0], k=n + 10)[0])
+    assert got == n if kind == "flat" else n // 2 < got <= n
+    with pytest.raises(ValueError, match=r"\(n, 32\)"):
+        index.search(np.zeros((1, DIM + 1), dtype=np.float32), k=3)
+
+
+def test_hnsw_ef_search_from_build_or_load(tmp_path: Path) -> None:
+    directory, _ = build(tmp_path, 200, flat_max=10)
+    assert GlobalIndex.load(directory).index.hnsw.efSearch == 64
+    assert GlobalIndex.load(directory, ef_search=128).index.hnsw.efSearch == 128
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", [INDEX_FILE, CATALOG_FILE])
+def test_corrupt_file_is_refused(tmp_path: Path, name: str) -> None:
+    directory, _ = build(tmp_path, 50)
+    GlobalIndex.load(directory, expected_encoder_id=ENCODER)  # fine before
+    flip_byte(directory / name, 1000)
+    with pytest.raises(IndexCorruptError, match=f"{name} is corrupt") as err:
+        GlobalIndex.load(directory, expected_encoder_id=ENCODER)
+    assert isinstance(err.value, ValueError)
+
+
+def test_mismatched_encoder_is_refused(tmp_path: Path) -> None:
+    directory, _ = build(tmp_path, 50)
+    with pytest.raises(IndexMismatchError, match=r"enc-test-0001.*other-encoder") as err:
+        GlobalIndex.load(directory, expected_encoder_id="other-encoder")
+    assert isinstance(err.value, ValueError)
+    with pytest.raises(IndexMismatchError):
+        GlobalIndex.load(directory, expected_encoder_id="other-encoder", verify=False)
+
+
+def test_index_json_disagreeing_with_files_is_refused(tmp_path: Path) -> None:
+    directory, _ = build(tmp_path, 50)
+    meta = json.loads((directory / INDEX_META).read_text())
+    (directory / INDEX_META).write_text(json.dumps({**meta, "dim": 64}))
+    with pytest.raises(IndexMismatchError, match="dimension 32"):
+        GlobalIndex.load(directory)
+    (directory / INDEX_META).write_text(json.dumps({**meta, "n": 49}))
+    with pytest.raises(IndexMismatchError, match="50 vectors"):
+        GlobalIndex.load(directory)
+    (directory / INDEX_META).write_text("{not json")
+    with pytest.raises(IndexCorruptError):
+        GlobalIndex.load(directory)
+    (directory / INDEX_META).unlink()
+    with pytest.raises(FileNotFoundError, match=r"index\.json"):
+        GlobalIndex.load(directory)
+
+
+def test_empty_catalog_gives_an_empty_flat_index(tmp_path: Path) -> None:
+    settings = DprSettings()
+    vecs = np.zeros((0, DIM), dtype=np.float32)
+    write_index_dir(vecs, catalog_table(0), tmp_path, ENCODER, settings)
+    index = GlobalIndex.load(tmp_path)
+    assert len(index) == 0 and index.kind == "flat"
+    assert index.search(unit_vectors(2), k=3) == [[], []]
+
+
+def test_normalize_catalog_fills_defaults_and_drops_repeats() -> None:
+    raw = pa.table(
+        {
+            "text": ["a", "b", "a", "", None, "c"],
+            "frequency": [3, None, 1, 1, 1, 2],
+            "last_seen": pa.array([0, 1_000_000, 0, 0, 0, None], type=pa.timestamp("us", "UTC")),
+            "extra": [1, 2, 3, 4, 5, 6],
+        }
+    )
+    out = normalize_catalog(raw)
+    rows = out.to_pylist()
+    assert [r["text"] for r in rows] == ["a", "b", "c"]
+    assert rows[1] == {
+        "text": "b",
+        "frequency": 0,
+        "n_users": 0,
+        "success_rate": 0.0,
+        "domain": "",
+        "intent": "",
+        "last_seen": 1.0,
+    }
+    assert rows[2]["last_seen"] == -1.0
+    with pytest.raises(ValueError, match="'text'"):
+        normalize_catalog(pa.table({"utterance": ["a"]}))
+
+
+@pytest.mark.slow
+def test_build_index_with_the_zero_shot_encoder(tmp_path: Path) -> None:
+    from offline.dpr.train import export_zero_shot
+    from rewrite.encoder import PassageEncoder, QueryEncoder
+
+    art = export_zero_shot(tmp_path / "dpr").artifact
+    texts = [
+        "turn off the lights",
+        "play some jazz",
+        "what's the weather in boston",
+        "set an alarm for seven am",
+        "call mom",
+    ]
+    pq.write_table(
+        pa.Table.from_pylist([{"text": t, "frequency": 5, "domain": "x"} for t in texts]),
+        tmp_path / "catalog.parquet",
+    )
+    info = build_index(
+        tmp_path / "catalog.parquet",
+        PassageEncoder.load(art),
+        tmp_path / "index",
+        DprSettings(),
+        version="v7",
+        progress=False,
+    )
+    assert (info.kind, info.n, info.dim, info.version) == ("flat", 5, 384, "v7")
+    qe = QueryEncoder.load(art)
+    index = GlobalIndex.load(tmp_path / "index", expected_encoder_id=qe.encoder_id)
+    res = index.search(qe.encode(["turn of the lights", "whats the whether in boston"]), k=3)
+    assert res[0][0].text == "turn off the lights" and res[0][0].frequency == 5
+    assert res[1][0].text == "what's the weather in boston" and res[1][0].domain == "x"
+    assert res[0][0].dense_score > res[0][1].dense_score
