@@ -100,6 +100,51 @@ def make_queries(
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32), src
 
 
+def read_texts(paths: Sequence[str]) -> list[str]:
+    """Unique normalized utterances of text files (one per line) or turn logs / JSONL
+    (``utterance`` or ``text`` field), in first-seen order."""
+    import json
+
+    from rewrite.normalize import normalize_utterance
+
+    seen: dict[str, None] = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            text = line
+            if line.startswith("{"):
+                row = json.loads(line)
+                text = row.get("utterance") or row.get("text") or ""
+            norm = normalize_utterance(text)
+            if norm:
+                seen.setdefault(norm, None)
+    return list(seen)
+
+
+def text_vectors(
+    paths: Sequence[str], n_queries: int, artifact: str | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Real sentence embeddings: the DPR artifact's passage vectors of the texts in ``paths``
+    (``n_queries`` random texts held out) and its query vectors of the held-out texts."""
+    from rewrite.config import load_settings
+    from rewrite.encoder import PassageEncoder, QueryEncoder, resolve_dpr_artifact
+
+    texts = read_texts(paths)
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(len(texts), size=n_queries, replace=False).tolist())
+    dpr = load_settings().dpr
+    art = (
+        Path(artifact) if artifact else resolve_dpr_artifact(Path(dpr.artifacts_dir), dpr.artifact)
+    )
+    t = time.perf_counter()
+    db = PassageEncoder.load(art, threads=2).encode(
+        [x for i, x in enumerate(texts) if i not in held]
+    )
+    q = QueryEncoder.load(art, threads=2).encode([texts[i] for i in sorted(held)])
+    print(f"encoded {len(texts)} texts with {art.name} in {time.perf_counter() - t:.0f} s",
+          file=sys.stderr)  # fmt: skip
+    return db, q
+
+
 def latencies_ms(index: Any, queries: np.ndarray, k: int, warmup: int = 5) -> np.ndarray:
     """Wall time of one ``index.search`` per query (ms)."""
     for q in queries[:warmup]:
@@ -163,8 +208,12 @@ def run(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     t0 = time.perf_counter()
     rank = args.rank if args.data == "lowrank" else None
-    db = unit_rows(args.n, args.dim, args.seed, rank)
-    queries, _src = make_queries(db, args.queries, args.noise, args.seed + 7, rank)
+    if args.data == "texts":
+        db, queries = text_vectors(args.texts, args.queries, args.artifact, args.seed)
+        args.n, args.dim = db.shape
+    else:
+        db = unit_rows(args.n, args.dim, args.seed, rank)
+        queries, _src = make_queries(db, args.queries, args.noise, args.seed + 7, rank)
     print(
         f"data: {args.data} {args.n} x {args.dim} in {time.perf_counter() - t0:.1f} s",
         file=sys.stderr,
@@ -189,7 +238,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         print(f"flat n={size}: p50 {rows[-1].p50_ms:.2f} ms", file=sys.stderr)
         del flat
 
-    cache = None if args.no_cache else Path(args.cache)
+    cache = None if args.no_cache or args.data == "texts" else Path(args.cache)
     for m in args.m:
         faiss.omp_set_num_threads(args.build_threads)
         seed_key = args.seed if rank is None else args.seed * 1000 + rank
@@ -286,7 +335,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=1_000_000, help="database entries")
     p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--data", choices=("random", "lowrank"), default="random")
+    p.add_argument("--data", choices=("random", "lowrank", "texts"), default="random")
+    p.add_argument("--texts", nargs="*", default=[], help="--data texts: text/JSONL files")
+    p.add_argument("--artifact", default=None, help="--data texts: DPR artifact (default LATEST)")
     p.add_argument("--rank", type=int, default=32, help="subspace dimension of --data lowrank")
     p.add_argument("--queries", type=int, default=500, help="queries for latency and recall")
     p.add_argument("--flat-queries", type=int, default=100, help="queries for flat > 200k")

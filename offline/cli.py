@@ -246,7 +246,7 @@ def train_ranker_cmd(
     ] = None,
     run: Annotated[
         Path | None,
-        typer.Option(help="nightly run dir: pairs.parquet (+ catalog.parquet), fuzzy retrieval"),
+        typer.Option(help="nightly run dir: rephrase links + its index (real retrieval)"),
     ] = None,
     top_k: Annotated[int, typer.Option(min=1, help="candidates per query (--run)")] = 10,
     seed: Annotated[int | None, typer.Option(help="split/LightGBM seed")] = None,
@@ -275,9 +275,17 @@ def train_ranker_cmd(
             source = f"data:{data}"
         else:
             assert run is not None
-            retriever = FuzzyCatalogRetriever(catalog_from_run(run), top_k=top_k)
-            groups = build_groups(examples_from_run(run), retriever)
-            source = f"run:{run} (fuzzy catalog retrieval, char-3gram dense stand-in)"
+            if (run / "index" / "index.json").exists():
+                from offline.rerank_train import RunRetriever, examples_from_rephrases
+
+                retriever: Any = RunRetriever(run, settings)
+                examples = examples_from_rephrases(run)
+                source = f"run:{run} (rephrase links; DPR + FAISS + personal layer)"
+            else:
+                retriever = FuzzyCatalogRetriever(catalog_from_run(run), top_k=top_k)
+                examples = examples_from_run(run)
+                source = f"run:{run} (no index: fuzzy catalog retrieval, char-3gram stand-in)"
+            groups = build_groups(examples, retriever)
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
@@ -414,7 +422,7 @@ def rewrite_cmd(
 @app.command()
 def evaluate(
     kind: Annotated[
-        str, typer.Argument(help="replay (default) | detector | downstream")
+        str, typer.Argument(help="replay (default) | detector | downstream | online")
     ] = "replay",
     logs: Annotated[list[Path] | None, typer.Option("--logs", help="held-out turn logs")] = None,
     truth: Annotated[
@@ -446,7 +454,9 @@ def evaluate(
     print wins/losses/ties, ratio, coverage. `qrw evaluate detector`: P/R/F1 and exact-span
     accuracy of every rephrase detector on the same held-out examples. `qrw evaluate
     downstream`: mine pairs with each detector, replay DSTC2 dev and a held-out simulated
-    day."""
+    day. `qrw evaluate online`: retrieval recall@1/5 and MRR of BM25, SymSpell, zero-shot
+    MiniLM, fine-tuned DPR and the full online stack; trigger rate, precision at trigger and
+    the service's win/loss on the same sources."""
     settings = _settings(config)
     if kind == "downstream":
         from offline.detector.downstream import downstream_compare, standard_sources
@@ -461,6 +471,25 @@ def evaluate(
             out.write_text(json.dumps(result, indent=2))
         _print_json(result)
         return
+    if kind == "online":
+        from offline.evaluate_online import (
+            retrieval_table,
+            run_online_evaluation,
+            service_table,
+            write_json,
+        )
+
+        root = Path(data_root or settings.data_root)
+        evaluation = run_online_evaluation(
+            settings, root, Path("runs") / "evaluate_online", users=users, progress=console.print
+        )
+        for src in evaluation.sources:
+            console.print(retrieval_table(src))
+        console.print(service_table(evaluation.sources))
+        out_path = out or Path("runs") / "evaluate_online.json"
+        write_json(evaluation, out_path)
+        console.print(f"JSON report: {out_path}")
+        return
     if kind == "detector":
         from offline.detector.metrics import format_table, metrics_to_json
         from offline.detector.report import run_detector_evaluation
@@ -472,7 +501,7 @@ def evaluate(
             out.write_text(json.dumps(metrics_to_json(rows), indent=2))
         return
     if kind != "replay":
-        raise typer.BadParameter("kind must be replay, detector or downstream")
+        raise typer.BadParameter("kind must be replay, detector, downstream or online")
     from offline.evaluate import replay_evaluate, rewriter_for_run
 
     if not logs or truth is None:

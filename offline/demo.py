@@ -1,10 +1,12 @@
 """``make demo`` / ``qrw demo``: the whole loop on real input, end to end, with real servers.
 
-1. start the embedded Redis (unless ``REDIS_URL`` is set);
-2. import DSTC2 train and dev; run the nightly job on train; replay dev against its pairs;
-3. simulate two days of users from SLURP; run the nightly job on day 1 and publish to Redis;
-4. serve over gRPC on 127.0.0.1 and replay day 2 through the service;
-5. print example rewrites and both evaluations; stop every server this run started.
+1. start the embedded Redis (unless ``REDIS_URL`` is set); make sure a rephrase detector
+   artifact exists (trains the demo budget when none);
+2. import DSTC2 train and dev; nightly job on train (pairs, catalog, personal histories,
+   FAISS index) published to Redis; a ranker trained on that run's rephrase links; replay dev
+   against the precomputed pairs alone (in-process) and through the full service over gRPC;
+3. the same for two simulated days of SLURP users: mine day 1, replay day 2;
+4. print example rewrites and the evaluations; stop every server this run started.
 
 Writes ``OUT/summary.json`` with the figures the README quotes.
 """
@@ -78,6 +80,78 @@ def _ensure_detector(settings: Settings, data_root: Path, console: Console) -> P
         return res.artifact
 
 
+def _mine_and_replay(
+    name: str,
+    mine_logs: list[Path],
+    heldout_logs: list[Path],
+    truth: Path,
+    settings: Settings,
+    out: Path,
+    console: Console,
+    success_fn: Any = None,
+) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """Nightly job on ``mine_logs`` (published), a ranker trained on that run, then the
+    held-out logs replayed in-process against the precomputed pairs only and over gRPC
+    through the full service. Returns ``(service eval, precomputed-only eval, report)``."""
+    from offline.evaluate import replay_evaluate, rewriter_for_run
+    from offline.job import run_nightly
+    from rewrite.client import RewriteClient
+    from rewrite.server import RewriteServer
+
+    run = out / "runs" / name
+    rep = run_nightly(mine_logs, run, settings, publish=True)
+    assert rep.publish is not None
+    console.print(
+        f"   published version {rep.publish['version']} ({rep.publish['n_pairs']} pairs, "
+        f"{(rep.online or {}).get('index_entries', 0)} catalog entries indexed, "
+        f"{rep.publish.get('n_personal_users', 0)} personal histories)"
+    )
+    served = settings.model_copy(deep=True)
+    ranker = _train_ranker(run, settings, out / "rankers" / name, console)
+    served.rerank.artifact = ranker
+    pre = replay_evaluate(heldout_logs, truth, rewriter_for_run(run, settings).rewrite,
+                          success_fn=success_fn).to_dict()  # fmt: skip
+    console.print(f"   gRPC service on 127.0.0.1; replay {name} held-out turns through it")
+    with (
+        RewriteServer(served, port=0) as server,
+        RewriteClient(f"127.0.0.1:{server.port}") as client,
+    ):
+        full = replay_evaluate(
+            heldout_logs, truth, client.rewrite, progress=True, success_fn=success_fn
+        ).to_dict()
+    return full, pre, rep
+
+
+def _train_ranker(run: Path, settings: Settings, root: Path, console: Console) -> Path | None:
+    """LightGBM lambdarank ranker on the run's rephrase links with the serving retrieval
+    (:class:`offline.rerank_train.RunRetriever`); None (heuristic ranker) when too few links."""
+    from offline.rerank_train import (
+        RankerTrainConfig,
+        RunRetriever,
+        build_groups,
+        examples_from_rephrases,
+        train_ranker,
+    )
+
+    examples = examples_from_rephrases(run)
+    try:
+        groups = build_groups(examples, RunRetriever(run, settings))
+        res = train_ranker(groups, root, RankerTrainConfig(),
+                           heuristic_threshold=settings.rerank.heuristic_threshold,
+                           source=f"demo:{run}")  # fmt: skip
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"   no ranker trained on {len(examples)} rephrase links ({err}); "
+                      "the heuristic ranker serves")  # fmt: skip
+        return None
+    test = res.meta.get("test", {}).get("ranker", {})
+    console.print(
+        f"   ranker trained on {len(groups)} rephrase links: test precision at trigger "
+        f"{test.get('precision_at_trigger', float('nan')):.2f}, "
+        f"trigger rate {test.get('trigger_rate', float('nan')):.2f}"
+    )
+    return res.artifact
+
+
 def run_demo(
     settings: Settings,
     data_root: Path,
@@ -98,13 +172,9 @@ def run_demo(
     Raises:
         FileNotFoundError: the data files are missing (message names the path).
     """
-    from offline.evaluate import replay_evaluate, rewriter_for_run
     from offline.importers.dstc2 import import_dstc2
-    from offline.job import run_nightly
     from offline.simulate import SimulatorConfig, simulate, task_success_oracle
-    from rewrite.client import RewriteClient
     from rewrite.redis_server import EmbeddedRedis
-    from rewrite.server import RewriteServer
 
     console = console or Console()
     dstc2 = data_root / "dstc2"
@@ -124,26 +194,27 @@ def run_demo(
     try:
         if settings.rephrase.detector == "bert_span":
             _ensure_detector(settings, data_root, console)
-        console.print("[bold]2.[/bold] DSTC2: import train/dev, nightly job on train, replay dev")
+        console.print("[bold]2.[/bold] DSTC2: import train/dev; nightly job on train (publish)")
         tr = import_dstc2(dstc2 / "train.jsonl", out / "dstc2" / "train",
                           settings.session.fixed_spacing_s)  # fmt: skip
         dv = import_dstc2(
             dstc2 / "dev.jsonl", out / "dstc2" / "dev", settings.session.fixed_spacing_s
         )
-        rep = run_nightly(
-            [out / "dstc2" / "train" / "turns.jsonl"], out / "runs" / "dstc2", settings
-        )
-        rewriter = rewriter_for_run(out / "runs" / "dstc2", settings)
-        dstc2_eval = replay_evaluate(
+        dstc2_eval, dstc2_pre, rep = _mine_and_replay(
+            "dstc2",
+            [out / "dstc2" / "train" / "turns.jsonl"],
             [out / "dstc2" / "dev" / "turns.jsonl"],
             out / "dstc2" / "dev" / "truth.jsonl",
-            rewriter.rewrite,
-            progress=True,
-        ).to_dict()
+            settings,
+            out,
+            console,
+        )
         summary["dstc2"] = {
             "train_turns": tr.turns_written,
             "dev_turns": dv.turns_written,
             "nightly": rep.counts,
+            "online": rep.online,
+            "eval_dev_precomputed": dstc2_pre,
             "eval_dev": dstc2_eval,
         }
 
@@ -160,31 +231,22 @@ def run_demo(
             config=SimulatorConfig.from_settings(settings.simulator),
             progress=True,
         )
-        rep_sim = run_nightly(
-            [sim_dir / "day-01.jsonl"], out / "runs" / "sim", settings, publish=True
+        sim_eval, sim_pre, rep_sim = _mine_and_replay(
+            "sim",
+            [sim_dir / "day-01.jsonl"],
+            [sim_dir / "day-02.jsonl"],
+            sim_dir / "truth.jsonl",
+            settings,
+            out,
+            console,
+            success_fn=task_success_oracle(corpus),
         )
-        assert rep_sim.publish is not None
-        console.print(
-            f"   published version {rep_sim.publish['version']} "
-            f"({rep_sim.publish['n_pairs']} pairs)"
-        )
-
-        console.print("[bold]4.[/bold] gRPC service on 127.0.0.1; replay day 2 through it")
-        with (
-            RewriteServer(settings, port=0) as server,
-            RewriteClient(f"127.0.0.1:{server.port}") as client,
-        ):
-            sim_eval = replay_evaluate(
-                [sim_dir / "day-02.jsonl"],
-                sim_dir / "truth.jsonl",
-                client.rewrite,
-                progress=True,
-                success_fn=task_success_oracle(corpus),
-            ).to_dict()
         summary["sim"] = {
             "simulation": {k: v for k, v in sim.__dict__.items() if k != "files"},
             "nightly_day1": rep_sim.counts,
+            "online": rep_sim.online,
             "published": rep_sim.publish,
+            "eval_day2_precomputed": sim_pre,
             "eval_day2_grpc": sim_eval,
         }
     finally:
@@ -192,25 +254,29 @@ def run_demo(
             embedded.stop()
             console.print("   embedded Redis stopped")
 
-    console.print(_examples_table("DSTC2 dev: example rewrites", dstc2_eval["examples"]))
+    console.print(_examples_table("DSTC2 dev (via gRPC): example rewrites", dstc2_eval["examples"]))
     console.print(_examples_table("Simulated day 2 (via gRPC): example rewrites",
                                   sim_eval["examples"]))  # fmt: skip
     console.print(
         _eval_table(
-            "Replay evaluation, precomputed pairs only (DSTC2: pairs from train; sim: from day 1)",
+            "Replay evaluation (DSTC2: mined from train, dev replayed; sim: day 1 → day 2)",
             {
-                "DSTC2 dev": dstc2_eval,
-                "sim day 2 (gRPC)": sim_eval,
+                "DSTC2 dev, precomputed only": dstc2_pre,
+                "DSTC2 dev, full service (gRPC)": dstc2_eval,
+                "sim day 2, precomputed only": sim_pre,
+                "sim day 2, full service (gRPC)": sim_eval,
             },
         )
     )
-    if sim_eval.get("task_win_loss_ratio_str"):
-        console.print(
-            f"simulated day 2, task level (the simulated assistant's NLU as judge): "
-            f"{sim_eval['task_wins']} rewrites turned a failure into a success, "
-            f"{sim_eval['task_losses']} broke a working request "
-            f"(win/loss {sim_eval['task_win_loss_ratio_str']})"
-        )
+    for name, ev in (("simulated day 2, precomputed only", sim_pre),
+                     ("simulated day 2, full service", sim_eval)):  # fmt: skip
+        if ev.get("task_win_loss_ratio_str"):
+            console.print(
+                f"{name}, task level (the simulated assistant's NLU as judge): "
+                f"{ev['task_wins']} rewrites turned a failure into a success, "
+                f"{ev['task_losses']} broke a working request "
+                f"(win/loss {ev['task_win_loss_ratio_str']})"
+            )
     summary["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     console.print(f"demo finished in {summary['elapsed_s']} s; figures in {out / 'summary.json'}")

@@ -389,10 +389,13 @@ def replay_evaluate(
 
 
 def rewriter_for_run(run: Path, settings: Settings) -> Rewriter:
-    """An in-process :class:`Rewriter` over a run directory's ``pairs.parquet``.
+    """An in-process :class:`Rewriter` over a run directory's ``pairs.parquet`` (precomputed
+    pairs only: ``normalize → precomputed``).
 
     Nothing is published: the pairs are served from a
-    :class:`rewrite.store.StaticPairStore`, so a run can be evaluated before it ships.
+    :class:`rewrite.store.StaticPairStore`, so a run can be evaluated before it ships. The
+    online layer (index + personal histories) is evaluated through a publish
+    (``qrw evaluate online``).
 
     Raises:
         FileNotFoundError: ``run/pairs.parquet`` does not exist.
@@ -403,6 +406,8 @@ def rewriter_for_run(run: Path, settings: Settings) -> Rewriter:
 
     pairs = read_pairs(run / "pairs.parquet")
     table = {p.source: (p.rewrite, p.absorption_probability, p.support, p.n_users) for p in pairs}
-    rewriter = Rewriter(settings, pair_store=StaticPairStore(table, f"v{content_hash(pairs)[:16]}"))
+    s = settings.model_copy(deep=True)
+    s.service.pipeline = ["normalize", "precomputed"]  # the online layer needs a publish
+    rewriter = Rewriter(s, pair_store=StaticPairStore(table, f"v{content_hash(pairs)[:16]}"))
     rewriter.warm_up()
     return rewriter

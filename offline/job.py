@@ -33,7 +33,7 @@ from offline.rephrase import RephraseLink, build_detector
 from offline.schema import SCHEMA_VERSION, TurnValidator, read_turn_logs, write_quarantine
 from offline.sessionize import Session, Turn, sessionize, to_turns
 from rewrite.config import Settings
-from rewrite.privacy import user_key_from_settings
+from rewrite.privacy import pseudonymize, user_key_from_settings
 from rewrite.redis_server import resolve_redis_url
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,21 @@ PAIRS_SCHEMA = pa.schema(
         ("absorption_probability", pa.float64()),
         ("support", pa.int64()),
         ("n_users", pa.int64()),
+    ]
+)
+
+
+#: ``rephrases.parquet``: detected links (``user`` is the pseudonymous key, ``ts`` the later
+#: turn's epoch seconds).
+REPHRASES_SCHEMA = pa.schema(
+    [
+        ("earlier_turn_id", pa.string()),
+        ("later_turn_id", pa.string()),
+        ("earlier", pa.string()),
+        ("later", pa.string()),
+        ("score", pa.float64()),
+        ("user", pa.string()),
+        ("ts", pa.float64()),
     ]
 )
 
@@ -184,30 +199,25 @@ def run_nightly(
         detector.warm_up()
     with _timed(timings, "rephrase"):
         detected = detector.detect(turns, sessions)
-        pq.write_table(
-            pa.Table.from_pylist(
-                [
-                    {
-                        "earlier_turn_id": turns[lk.earlier].turn_id,
-                        "later_turn_id": turns[lk.later].turn_id,
-                        "earlier": turns[lk.earlier].normalized,
-                        "later": turns[lk.later].normalized,
-                        "score": lk.score,
-                    }
-                    for lk in detected.links
-                ],
-                schema=pa.schema(
-                    [
-                        ("earlier_turn_id", pa.string()),
-                        ("later_turn_id", pa.string()),
-                        ("earlier", pa.string()),
-                        ("later", pa.string()),
-                        ("score", pa.float64()),
-                    ]
-                ),
-            ),
-            out / "rephrases.parquet",
-        )
+    user_key = user_key_from_settings(settings)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "earlier_turn_id": turns[lk.earlier].turn_id,
+                    "later_turn_id": turns[lk.later].turn_id,
+                    "earlier": turns[lk.earlier].normalized,
+                    "later": turns[lk.later].normalized,
+                    "score": lk.score,
+                    "user": pseudonymize(turns[lk.later].user_id, user_key),
+                    "ts": turns[lk.later].ts,
+                }
+                for lk in detected.links
+            ],
+            schema=REPHRASES_SCHEMA,
+        ),
+        out / "rephrases.parquet",
+    )
     with _timed(timings, "chains"):
         chains, defect_reasons = build_chains(
             turns, sessions, detected.links, DefectRule(settings.defects)
@@ -223,7 +233,7 @@ def run_nightly(
             detected.links,
             DefectRule(settings.defects),
             settings.catalog,
-            user_key_from_settings(settings),
+            user_key,
         )
         write_catalog(cat.catalog, out / "catalog.parquet")
         write_personal(cat.personal, out / "personal.parquet")
@@ -272,7 +282,7 @@ def run_nightly(
                     "encode": online.encoder.encode,
                     "encoder_id": online.info.encoder_id,
                     "index_dir": install_index(online, settings),
-                    "extra_content": {"index_sha256": online.content_id},
+                    "extra_content": {"online_content_id": online.content_id},
                 }
             res = publish_pairs(
                 client,

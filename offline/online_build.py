@@ -5,12 +5,15 @@ The passage encoder is the fine-tuned DPR artifact ``dpr.artifact`` / ``dpr.arti
 (``qrw train dpr``); when none is trained the job uses the zero-shot MiniLM artifact (exported
 on first use, no training) and says so in the log and in ``report.json``
 (``online.encoder_kind``). The index is written into the run dir; publishing copies it to
-``dpr.index_root/<index sha256[:16]>/`` (content-addressed, so the folder name is known before
-the version id) and records that folder and the ``encoder_id`` in the version's meta.
+``dpr.index_root/<content id[:16]>/`` (content-addressed, so the folder name is known before
+the version id) and records that folder and the ``encoder_id`` in the version's meta. The
+folder name hashes the index, the catalog and the encoder id, so the same index bytes under
+another encoder never share a folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from dataclasses import dataclass
@@ -41,8 +44,14 @@ class OnlineBuild:
 
     @property
     def content_id(self) -> str:
-        """sha256 of the index file (part of the published version's content)."""
-        return self.info.sha256[INDEX_FILE]
+        """sha256 over the index file, the catalog sidecar and the encoder id (part of the
+        published version's content, and the installed folder's name)."""
+        h = hashlib.sha256()
+        for part in (self.info.sha256[INDEX_FILE], self.info.sha256[CATALOG_FILE],
+                     self.info.encoder_id):  # fmt: skip
+            h.update(part.encode())
+            h.update(b"\0")
+        return h.hexdigest()
 
 
 def load_passage_encoder(settings: Settings) -> tuple[PassageEncoder, str]:
@@ -93,7 +102,7 @@ def build_online(run_dir: Path, settings: Settings, progress: bool = False) -> O
 
 
 def install_index(build: OnlineBuild, settings: Settings) -> Path:
-    """Copy the run's index folder to ``dpr.index_root/<sha256[:16]>/`` (idempotent).
+    """Copy the run's index folder to ``dpr.index_root/<content_id[:16]>/`` (idempotent).
 
     The copy is written under a temporary name and renamed, so a reader never sees a partial
     folder. Returns the installed folder (absolute).

@@ -403,6 +403,9 @@ class TopChoice:
     correct: np.ndarray  # (G,) bool: top candidate is the correct rewrite
     eligible: np.ndarray  # (G,) bool: top candidate differs from the query (can trigger)
     rank: np.ndarray  # (G,) int: 1-based rank of the correct candidate, 0 when absent
+    positive: np.ndarray | None = None  # (G,) bool: the group has a rewrite (correct != query);
+    # None = all groups. Negative groups (a fine utterance: correct = query) only count for
+    # the trigger (a trigger there is wrong), not for recall@k / MRR.
 
 
 def top_choices(groups: Sequence[RankGroup], scores: np.ndarray, offsets: np.ndarray) -> TopChoice:
@@ -428,16 +431,19 @@ def top_choices(groups: Sequence[RankGroup], scores: np.ndarray, offsets: np.nda
             if g.candidates[int(ci)].text == g.correct:
                 rank[gi] = r
                 break
-    return TopChoice(top, correct, eligible, rank)
+    positive = np.array([g.correct != g.query for g in groups], dtype=bool)
+    return TopChoice(top, correct, eligible, rank, positive)
 
 
 def ranking_metrics(tc: TopChoice) -> dict[str, float]:
-    """recall@1, recall@3, MRR over all groups (a missing correct candidate counts as a miss)."""
-    n = max(len(tc.rank), 1)
+    """recall@1, recall@3, MRR over the positive groups (a missing correct candidate counts as
+    a miss)."""
+    rank = tc.rank if tc.positive is None else tc.rank[tc.positive]
+    n = max(len(rank), 1)
     return {
-        "recall@1": float(np.sum(tc.rank == 1) / n),
-        "recall@3": float(np.sum((tc.rank >= 1) & (tc.rank <= 3)) / n),
-        "mrr": float(np.sum(np.where(tc.rank > 0, 1.0 / np.maximum(tc.rank, 1), 0.0)) / n),
+        "recall@1": float(np.sum(rank == 1) / n),
+        "recall@3": float(np.sum((rank >= 1) & (rank <= 3)) / n),
+        "mrr": float(np.sum(np.where(rank > 0, 1.0 / np.maximum(rank, 1), 0.0)) / n),
     }
 
 
@@ -846,3 +852,112 @@ def synthetic_task(
         personal[user] = list(hist.values())
     retriever = FuzzyCatalogRetriever(catalog, personal, top_k=top_k, dense=dense)
     return build_groups(examples, retriever), retriever
+
+
+# --------------------------------------------------------------------------- real retrieval
+
+
+def examples_from_rephrases(
+    run_dir: Path, negatives_per_positive: float = 3.0, seed: int = 13
+) -> list[RankExample]:
+    """Training queries from the run's rephrase links (``rephrases.parquet``): the earlier
+    (failing) utterance with the later one as its rewrite, when the later one is a catalog
+    entry (a rewrite target the online layer can retrieve) and differs from the earlier one.
+    One example per (user, earlier, later); ``user`` is the pseudonymous key the job wrote, so
+    the by-user split and the personal layer see real users. ``now_s`` is the later turn's time.
+
+    Plus ``negatives_per_positive`` × as many *negative* examples (the query is its own correct
+    answer): utterances that succeeded in the run (``personal.parquet``), were never
+    rephrased and are not catalog entries, as asked by a user without history. Serving traffic
+    is mostly such utterances; without them the trigger threshold would be chosen on failing
+    queries only and would fire on everything.
+
+    Raises:
+        FileNotFoundError: no ``rephrases.parquet`` or ``catalog.parquet`` in ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    catalog = {e.text for e in read_catalog(run_dir / "catalog.parquet")}
+    rows = pq.read_table(run_dir / "rephrases.parquet").to_pylist()
+    seen: set[tuple[str, str, str]] = set()
+    out: list[RankExample] = []
+    for r in rows:
+        key = (str(r.get("user") or f"q:{r['earlier']}"), r["earlier"], r["later"])
+        if r["later"] not in catalog or r["earlier"] == r["later"] or key in seen:
+            continue
+        seen.add(key)
+        out.append(RankExample(r["earlier"], key[0], r["later"], float(r.get("ts") or 0.0)))
+    rephrased = {r["earlier"] for r in rows}
+    personal_path = run_dir / "personal.parquet"
+    if negatives_per_positive > 0 and personal_path.exists():
+        # fine utterances: succeeded for someone, never rephrased, not a catalog entry (the
+        # online layer must leave them alone); asked by a user without history ("new:")
+        fine = sorted(
+            {r["text"] for r in pq.read_table(personal_path).to_pylist()} - catalog - rephrased
+        )
+        rng = random.Random(seed)
+        rng.shuffle(fine)
+        for text in fine[: int(negatives_per_positive * len(out))]:
+            out.append(RankExample(text, f"new:{text}", text))
+    return out
+
+
+class RunRetriever:
+    """The serving path's candidates for a run, without Redis: DPR query encoder + the run's
+    FAISS index (global layer) and the run's ``personal.parquet`` scored exactly with the
+    passage encoder (personal layer), merged by :func:`rewrite.online.merge_personal` — the
+    same code the online stage uses.
+
+    Args:
+        run_dir: a nightly run dir with ``index/`` and ``personal.parquet``.
+        settings: loaded settings (``dpr.artifacts_dir``, ``dpr.top_k``,
+            ``rerank.personal_top_k``).
+
+    Raises:
+        FileNotFoundError: no index in the run, or its encoder's artifact is missing.
+    """
+
+    def __init__(self, run_dir: Path, settings: Any) -> None:
+        from rewrite.encoder import PassageEncoder, QueryEncoder
+        from rewrite.retrieval import GlobalIndex, IndexInfo
+
+        run_dir = Path(run_dir)
+        info = IndexInfo.read(run_dir / "index")
+        artifact = Path(settings.dpr.artifacts_dir) / info.encoder_id
+        self.index = GlobalIndex.load(run_dir / "index", expected_encoder_id=info.encoder_id)
+        self.query_encoder = QueryEncoder.load(artifact, threads=2)
+        passage = PassageEncoder.load(artifact, threads=2)
+        self.top_k = int(settings.dpr.top_k)
+        self.personal_top_k = int(settings.rerank.personal_top_k)
+        rows = pq.read_table(run_dir / "personal.parquet").to_pylist()
+        texts = sorted({r["text"] for r in rows})
+        vecs = passage.encode(texts) if texts else np.zeros((0, passage.dim), np.float32)
+        row_of = {t: i for i, t in enumerate(texts)}
+        by_user: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            by_user[r["user"]].append(r)
+        self.now_s = max((float(r["last_seen"]) for r in rows), default=0.0)
+        self.history = {
+            u: (
+                [r["text"] for r in hs],
+                np.array([r["count"] for r in hs], dtype=np.int64),
+                np.array([r["last_seen"] for r in hs], dtype=np.float64),
+                vecs[[row_of[r["text"]] for r in hs]],
+            )
+            for u, hs in by_user.items()
+        }
+
+    def __call__(self, query: str, user: str, now_s: float = 0.0) -> list[RetrievedCandidate]:
+        """Global top-k ∪ the user's personal top-k for ``query`` (normalized); ``now_s``
+        (epoch s) defaults to the latest personal ``last_seen`` of the run."""
+        from rewrite.online import merge_personal
+
+        q = self.query_encoder.encode([query])
+        cands = self.index.search(q, self.top_k)[0]
+        hist = self.history.get(user)
+        if hist is None:
+            return list(cands)
+        texts, counts, last_seen, vecs = hist
+        return merge_personal(
+            cands, texts, counts, last_seen, vecs @ q[0], self.personal_top_k,
+            now_s or self.now_s, self.index.lookup,
+        )  # fmt: skip

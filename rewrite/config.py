@@ -97,7 +97,17 @@ class ServiceSettings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = 50051
-    pipeline: list[str] = Field(default_factory=lambda: ["normalize", "precomputed"])
+    pipeline: list[str] = Field(
+        default_factory=lambda: [
+            "normalize",
+            "precomputed",
+            "encode",
+            "global_retrieval",
+            "personal_retrieval",
+            "rerank",
+            "trigger",
+        ]
+    )
     max_utterance_chars: int = 1000
     max_user_id_chars: int = 256
     max_context_turns: int = 20

@@ -194,7 +194,11 @@ class _OnnxTower:
         return cls(session, tokenizer, meta, artifact_dir, onnx_path, cache_size=cache_size)
 
     def _run(self, texts: Sequence[str]) -> np.ndarray:
-        encs = self.tokenizer.encode_batch(list(texts))
+        # one text: plain encode (encode_batch dispatches to the tokenizers thread pool)
+        if len(texts) == 1:
+            encs = [self.tokenizer.encode(texts[0])]
+        else:
+            encs = self.tokenizer.encode_batch(list(texts))
         ids = np.asarray([e.ids for e in encs], dtype=np.int64)
         mask = np.asarray([e.attention_mask for e in encs], dtype=np.int64)
         (out,) = self.session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,49 @@ class OnlineLayer:
             t.join(timeout_s)
 
 
+def merge_personal(
+    global_cands: Sequence[RetrievedCandidate],
+    texts: Sequence[str],
+    counts: np.ndarray,
+    last_seen: np.ndarray,
+    scores: np.ndarray,
+    k: int,
+    now_s: float,
+    lookup: Callable[[str], RetrievedCandidate | None],
+) -> list[RetrievedCandidate]:
+    """Merge the user's top-``k`` history entries into the global candidates, by text.
+
+    Args:
+        global_cands: the global layer's candidates (best first).
+        texts, counts, last_seen: the user's history (``(n,)`` counts, epoch-second last uses).
+        scores: ``(n,)`` dense scores of the history entries against the query.
+        k: personal candidates kept (highest scores).
+        now_s: the request time, epoch seconds (for ``personal_age_s``).
+        lookup: catalog metadata of a text (:meth:`rewrite.retrieval.GlobalIndex.lookup`).
+
+    Returns:
+        Global candidates with the personal ones merged in: an utterance found by both layers
+        becomes one candidate with ``layer="personal"``, the global metadata kept.
+    """
+    by_text = {c.text: c for c in global_cands}
+    for i in np.argsort(-scores, kind="stable")[: max(k, 0)].tolist():
+        text = texts[i]
+        g = by_text.get(text) or lookup(text)
+        by_text[text] = RetrievedCandidate(
+            text=text,
+            layer="personal",
+            dense_score=float(scores[i]),
+            frequency=g.frequency if g else 0,
+            success_rate=g.success_rate if g else 0.0,
+            n_users=g.n_users if g else 0,
+            personal_count=int(counts[i]),
+            personal_age_s=max(0.0, now_s - float(last_seen[i])),
+            domain=g.domain if g else "",
+            intent=g.intent if g else "",
+        )
+    return list(by_text.values())
+
+
 def _online(resources: Resources) -> OnlineLayer:
     """The shared :class:`OnlineLayer` of these resources (created on first use)."""
     layer = resources.online
@@ -256,27 +300,16 @@ class PersonalRetrievalStage:
         state.user_success_count = hist.count_of(state.normalized)
         if not len(hist) or hist.vectors is None or state.query_vector is None:
             return state
-        scores = hist.vectors @ state.query_vector
-        k = min(self._resources.settings.rerank.personal_top_k, len(hist))
-        top = np.argsort(-scores, kind="stable")[:k]
-        now = time.time()
-        by_text = {c.text: c for c in state.retrieved}
-        for i in top.tolist():
-            text = hist.texts[i]
-            g = by_text.get(text) or snap.index.lookup(text)
-            by_text[text] = RetrievedCandidate(
-                text=text,
-                layer="personal",
-                dense_score=float(scores[i]),
-                frequency=g.frequency if g else 0,
-                success_rate=g.success_rate if g else 0.0,
-                n_users=g.n_users if g else 0,
-                personal_count=int(hist.counts[i]),
-                personal_age_s=max(0.0, now - float(hist.last_seen[i])),
-                domain=g.domain if g else "",
-                intent=g.intent if g else "",
-            )
-        state.retrieved = list(by_text.values())
+        state.retrieved = merge_personal(
+            state.retrieved,
+            hist.texts,
+            hist.counts,
+            hist.last_seen,
+            hist.vectors @ state.query_vector,
+            self._resources.settings.rerank.personal_top_k,
+            time.time(),
+            snap.index.lookup,
+        )
         return state
 
 

@@ -248,7 +248,9 @@ def zero_shot_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from offline.dpr.train import DprTrainConfig, export_zero_shot
 
     os.environ["HF_HUB_OFFLINE"] = "1"
-    root = tmp_path_factory.mktemp("dpr")
+    # shared with tests/test_retrieval.py: the artifact is content-hashed, so the second
+    # export_zero_shot call in a session reuses it
+    root = tmp_path_factory.getbasetemp() / "zero-shot-dpr"
     res = export_zero_shot(root, DprTrainConfig(quantize_int8=True))
     return res.artifact
 

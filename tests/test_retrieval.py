@@ -200,11 +200,14 @@ def test_normalize_catalog_fills_defaults_and_drops_repeats() -> None:
 
 
 @pytest.mark.slow
-def test_build_index_with_the_zero_shot_encoder(tmp_path: Path) -> None:
+def test_build_index_with_the_zero_shot_encoder(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     from offline.dpr.train import export_zero_shot
     from rewrite.encoder import PassageEncoder, QueryEncoder
 
-    art = export_zero_shot(tmp_path / "dpr").artifact
+    # same folder as tests/test_dpr.py's fixture: exported once per session
+    art = export_zero_shot(tmp_path_factory.getbasetemp() / "zero-shot-dpr").artifact
     texts = [
         "turn off the lights",
         "play some jazz",

@@ -190,7 +190,7 @@ def test_unknown_utterance_passes_through(client: RewriteClient, published: str)
     assert result.rewrite == text
     assert result.source == "none"
     assert result.confidence == 0.0
-    assert result.reason == "no_pair"
+    assert result.reason == "online_unavailable"  # no pair; the version has no online index
     assert result.normalized == "what's the weather in boston"
     assert result.model_version == published
 

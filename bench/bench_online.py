@@ -1,0 +1,1031 @@
+"""Speed of the online rewrite path (issue 4): the real gRPC service against a synthetic
+``--n``-entry global index (default 1,000,000), with the echo RPC of the same server as floor.
+
+What is real and what is synthetic:
+
+- **Real:** the service (:class:`rewrite.server.RewriteServer`, grpc.aio, in its own process,
+  127.0.0.1, ``service.pipeline`` = normalize → precomputed → encode → global_retrieval →
+  personal_retrieval → rerank → trigger), the zero-shot DPR query tower on ONNX Runtime
+  (``offline.dpr.train.export_zero_shot``; its int8 graph when the artifact kept it), the FAISS
+  index written by :func:`offline.index.write_index_dir` (HNSW above ``dpr.flat_max_entries``),
+  an embedded Redis holding a version published by :func:`offline.publish.publish_pairs` with
+  precomputed pairs and personal histories whose vectors come from the real passage tower.
+- **Synthetic:** the catalog: distinct texts ``"<verb> <object> in <place>"`` from word lists,
+  seeded metadata (frequency, n_users, success_rate, last_seen, domain, intent), and **random
+  L2-normalised 384-d float32 vectors** (seeded) instead of passage-tower vectors -- encoding
+  1M texts takes hours on 2 cores and the speed of a search does not depend on where the vectors
+  came from (uniform random vectors are, if anything, the hard case for HNSW). ``index.json``
+  names the zero-shot ``encoder_id`` so the service accepts the index; a cached index is
+  re-stamped with the current ``encoder_id`` when the artifact's hash moved (the vectors do not
+  depend on it). The ranker: ``--ranker synthetic`` (default) trains a LightGBM lambdarank model
+  on random feature groups with the production parameters and a fixed ``--ranker-trees`` (500 =
+  ``RankerTrainConfig.num_boost_round``, an upper bound: early stopping keeps fewer), so the
+  cost of a real booster is measured before one is trained; ``heuristic`` uses the fallback
+  ranker; a path uses that ranker artifact.
+- **Requests:** online-path utterances are catalog texts with one ASR-like character edit, all
+  distinct across the whole run (so the query encoder's LRU cache never hits: worst case), none
+  a precomputed pair; 3 of 4 come from users with a personal history (1..200 entries, the
+  ``catalog.personal_max_per_user`` cap). Precomputed-hit requests use the pairs' sources with
+  other casing and punctuation.
+
+Measured per round (``--rounds``, medians printed): for each concurrency in ``--concurrency``
+(default 1 2 4 8) ``--requests`` calls each of the echo RPC (same bytes as an online request),
+the online path and the precomputed-hit path, from one grpc.aio channel in this process.
+Client-side p50/p99 (ms) and QPS; ratios to echo; CPU ms per call of the service and of
+this client (``/proc``; the machine is shared, so CPU time is the steadier figure); wall and
+thread-CPU time per stage and a few inner calls (wrappers installed in the server process:
+about 12 per request, each 2 clock reads of ~0.1 + ~2 us; off while py-spy samples), encoder
+cache hits, service RSS (``/proc/<pid>/status`` VmRSS, VmHWM) after load and at the end, index build
+time and size; then PASS/MISS against the issue's targets. ``--profile S`` also samples the
+server with py-spy (``.venv/bin/pip install py-spy``) for S seconds of concurrency-1 online
+load and prints where the samples fall.
+
+The index (and the synthetic ranker) are cached under git-ignored ``var/bench/``, keyed by n and
+seed (and the HNSW parameters): the first 1M run builds HNSW (minutes), later runs load it.
+Settings come from ``configs/default.yaml`` and ``QRW_*`` environment variables in both
+processes (e.g. ``QRW_DPR__HNSW_EF_SEARCH=32``). Bounded: rounds x levels x 3 x (requests +
+warm-up) calls (~80k by default; a few minutes on 2 cores after the first build).
+
+Run from the repository root::
+
+    .venv/bin/python bench/bench_online.py                   # 1M entries
+    .venv/bin/python bench/bench_online.py --n 100000 --requests 500 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import selectors
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # allow `python bench/bench_online.py` without install
+    sys.path.insert(0, str(ROOT))
+
+from bench.bench_server_mode import ECHO_METHOD, echo_handler, summary  # noqa: E402
+from rewrite._pb.queryrewrite.v1 import rewrite_pb2  # noqa: E402
+from rewrite.config import Settings, load_settings  # noqa: E402
+from rewrite.normalize import normalize_utterance  # noqa: E402
+from rewrite.redis_server import EmbeddedRedis  # noqa: E402
+from rewrite.server import REWRITE_METHOD, RewriteServer  # noqa: E402
+
+FULL_PIPELINE = [
+    "normalize",
+    "precomputed",
+    "encode",
+    "global_retrieval",
+    "personal_retrieval",
+    "rerank",
+    "trigger",
+]
+STATS_SERVICE = "qrw.bench.Stats"
+STATS_METHOD = f"/{STATS_SERVICE}/Stats"
+CACHE = ROOT / "var" / "bench"
+BASE_EPOCH = 1_790_000_000.0  # fixed "now" of the synthetic metadata (deterministic cache)
+DAY_S = 86_400.0
+N_PAIRS = 200
+WARMUP = 200
+BAD_REASONS = ("online_unavailable", "store_unavailable", "internal_error")
+
+VERBS = (
+    "play", "stop", "pause", "resume", "turn on", "turn off", "set", "check", "find", "book",
+    "order", "show", "open", "close", "start", "cancel", "remind me about", "add", "remove",
+    "search for", "dim", "brighten", "lock", "unlock", "call", "text", "record", "schedule",
+    "rate", "share", "repeat", "skip", "shuffle", "save", "buy", "rent", "watch", "read",
+    "describe", "explain",
+)  # fmt: skip
+DETERMINERS = (
+    "the", "my", "some", "the next", "the new", "the old", "the morning", "the evening",
+    "the weekend", "the loud", "the quiet", "the cheap", "the best", "the local", "the daily",
+    "the family",
+)  # fmt: skip
+NOUNS = (
+    "music", "lights", "alarm", "weather", "news", "podcast", "playlist", "restaurant", "taxi",
+    "meeting",
+)  # fmt: skip
+PLACE_HEADS = (
+    "wilker", "ash", "brook", "clay", "dun", "elm", "fair", "glen", "hart", "iver", "kings",
+    "lang", "mar", "north", "oak", "pem", "red",
+)  # fmt: skip
+PLACE_TAILS = ("son", "ton", "field", "ford", "wood", "by", "ley", "ham", "well", "bury")
+N_OBJECTS = len(DETERMINERS) * len(NOUNS)
+N_PLACES = len(PLACE_HEADS) * len(PLACE_TAILS)
+MAX_N = len(VERBS) * N_OBJECTS * N_PLACES  # 1,088,000 distinct texts
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr (the table goes to stdout)."""
+    print(f"[bench_online {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+
+def catalog_texts(n: int, seed: int) -> list[str]:
+    """``n`` distinct texts ``"<verb> <determiner> <noun> in <place>"`` in a seeded order.
+
+    Raises:
+        ValueError: ``n`` exceeds the :data:`MAX_N` combinations of the word lists.
+    """
+    if not 0 < n <= MAX_N:
+        raise ValueError(f"--n must be in 1..{MAX_N}")
+    ids = np.random.default_rng(seed).permutation(MAX_N)[:n]
+    v, rest = np.divmod(ids, N_OBJECTS * N_PLACES)
+    o, p = np.divmod(rest, N_PLACES)
+    objects = [f"{d} {w}" for d in DETERMINERS for w in NOUNS]
+    places = [h + t for h in PLACE_HEADS for t in PLACE_TAILS]
+    return [
+        f"{VERBS[a]} {objects[b]} in {places[c]}"
+        for a, b, c in zip(v.tolist(), o.tolist(), p.tolist(), strict=True)
+    ]
+
+
+def catalog_table(texts: list[str], seed: int) -> Any:
+    """The catalog sidecar (``offline.index.CATALOG_SCHEMA``) with seeded metadata:
+    frequency >= 3, 2 <= n_users <= frequency, success_rate in [0.7, 1), last_seen within 90
+    days before :data:`BASE_EPOCH`, intent = verb, domain = noun."""
+    import pyarrow as pa
+
+    from offline.index import CATALOG_SCHEMA
+
+    rng = np.random.default_rng(seed + 1)
+    n = len(texts)
+    freq = 3 + rng.geometric(0.05, size=n)
+    users = 2 + (rng.random(n) * (freq - 1)).astype(np.int64)
+    intent = [t.split(" in ", 1)[0].split(" ")[0] for t in texts]
+    domain = [t.split(" in ", 1)[0].rsplit(" ", 1)[-1] for t in texts]
+    return pa.table(
+        {
+            "text": texts,
+            "frequency": freq.astype(np.int64),
+            "n_users": users,
+            "success_rate": rng.uniform(0.7, 1.0, size=n),
+            "domain": domain,
+            "intent": intent,
+            "last_seen": BASE_EPOCH - rng.uniform(0, 90 * DAY_S, size=n),
+        },
+        schema=CATALOG_SCHEMA,
+    )
+
+
+def unit_vectors(n: int, dim: int, seed: int, chunk: int = 100_000) -> np.ndarray:
+    """``(n, dim)`` float32, rows i.i.d. Gaussian then L2-normalised (uniform on the sphere)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), dtype=np.float32)
+    for s in range(0, n, chunk):
+        x = rng.standard_normal((min(chunk, n - s), dim), dtype=np.float32)
+        out[s : s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def asr_edit(text: str, rng: np.random.Generator) -> str:
+    """One character-level, ASR-like edit (vowel swap, drop, double, adjacent swap) in one
+    word (the place or noun twice as often as another word)."""
+    words = text.split(" ")
+    weights = np.ones(len(words))
+    weights[-1] = weights[-3] = 2.0
+    w = int(rng.choice(len(words), p=weights / weights.sum()))
+    word = words[w]
+    i = int(rng.integers(len(word)))
+    op = int(rng.integers(4))
+    if op == 0 and word[i] in "aeiou":
+        other = "aeiou".replace(word[i], "")[int(rng.integers(4))]
+        word = word[:i] + other + word[i + 1 :]
+    elif op == 1 and len(word) > 3:
+        word = word[:i] + word[i + 1 :]
+    elif op == 2:
+        word = word[:i] + word[i] + word[i:]
+    elif i + 1 < len(word):
+        word = word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+    else:
+        word = word + "e"
+    words[w] = word
+    return " ".join(words)
+
+
+def edited_utterances(texts: list[str], count: int, exclude: set[str], seed: int) -> list[str]:
+    """``count`` distinct edited catalog texts, none in ``exclude`` (the catalog)."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, None] = {}
+    while len(out) < count:
+        for i in rng.integers(len(texts), size=count).tolist():
+            u = asr_edit(texts[i], rng)
+            if u not in exclude and u not in out:
+                out[u] = None
+                if len(out) == count:
+                    break
+    return list(out)
+
+
+# --------------------------------------------------------------------------- index + artifacts
+
+
+@dataclass
+class IndexBuild:
+    """The cached synthetic index folder and what building it cost."""
+
+    directory: Path
+    info: Any  # rewrite.retrieval.IndexInfo
+    cached: bool
+    total_s: float  # texts + metadata + vectors + FAISS + files, wall seconds (first build)
+    faiss_s: float  # FAISS build only (index.json params.build_seconds)
+    files_mb: float
+
+
+def build_index(n: int, seed: int, encoder_id: str, settings: Settings, threads: int) -> IndexBuild:
+    """Build (or reuse) the synthetic index folder ``var/bench/online-index/n<N>-s<seed>-<p>/``
+    (``p`` = hash of kind and HNSW parameters)."""
+    from offline.index import EF_CONSTRUCTION, choose_kind, write_index_dir
+    from rewrite.retrieval import INDEX_META, IndexInfo
+
+    dpr = settings.dpr
+    kind = choose_kind(n, dpr.flat_max_entries)
+    params = f"{kind}-{dpr.hnsw_m}-{EF_CONSTRUCTION}" if kind == "hnsw" else kind
+    key = hashlib.sha256(params.encode()).hexdigest()[:8]
+    out = CACHE / "online-index" / f"n{n}-s{seed}-{key}"
+    sidecar = out / "bench.json"
+    if (out / INDEX_META).exists() and sidecar.exists():
+        info = IndexInfo.read(out)
+        if info.encoder_id != encoder_id:  # random vectors: valid for any encoder id
+            info = replace(info, encoder_id=encoder_id)
+            (out / INDEX_META).write_text(info.to_json())
+        total_s = float(json.loads(sidecar.read_text())["total_s"])
+        cached = True
+    else:
+        log(f"building the synthetic {kind} index of {n:,} entries in {out} (once)")
+        t0 = time.perf_counter()
+        texts = catalog_texts(n, seed)
+        table = catalog_table(texts, seed)
+        vectors = unit_vectors(n, 384, seed)
+        info = write_index_dir(vectors, table, out, encoder_id, dpr, threads=threads)
+        total_s = time.perf_counter() - t0
+        sidecar.write_text(json.dumps({"total_s": round(total_s, 1), "n": n, "seed": seed}))
+        cached = False
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    faiss_s = float(info.params.get("build_seconds", float("nan")))
+    return IndexBuild(out, info, cached, total_s, faiss_s, size / 2**20)
+
+
+def zero_shot_artifact(artifacts_dir: Path, timeout_s: float = 900.0) -> Path:
+    """The zero-shot DPR artifact (exported once; in a child process so this one stays
+    torch-free)."""
+    code = (
+        "import sys; from pathlib import Path; from offline.dpr.train import export_zero_shot; "
+        "print(export_zero_shot(Path(sys.argv[1])).artifact)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(artifacts_dir)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"export_zero_shot failed:\n{res.stderr[-2000:]}")
+    return Path(res.stdout.strip().splitlines()[-1]).resolve()
+
+
+def synthetic_ranker(trees: int, seed: int) -> Path:
+    """A LightGBM lambdarank artifact (``ranker.txt`` + ``ranker.json``) trained for exactly
+    ``trees`` rounds (production parameters, no early stopping) on 1,000 random groups of 20
+    candidates; trigger threshold = 90th percentile of the groups' best scores. Cached."""
+    import lightgbm as lgb
+
+    from offline.rerank_train import RankerTrainConfig
+    from rewrite.rerank import FEATURE_NAMES, RANKER_META_FILE, RANKER_MODEL_FILE
+
+    out = CACHE / "ranker" / f"t{trees}-s{seed}"
+    if (out / RANKER_META_FILE).exists():
+        return out
+    rng = np.random.default_rng(seed)
+    log(f"training the synthetic ranker ({trees} trees; once)")
+    n_groups, size, nf = 1000, 20, len(FEATURE_NAMES)
+    x = rng.random((n_groups * size, nf)).astype(np.float32)
+    col = {n: i for i, n in enumerate(FEATURE_NAMES)}
+    utility = (
+        0.6 * x[:, col["dense_cosine"]]
+        + 0.4 * x[:, col["ratio"]]
+        + 0.2 * x[:, col["phonetic_ratio"]]
+        + 0.1 * x[:, col["success_rate"]]
+        + 0.1 * rng.standard_normal(len(x))
+    ).reshape(n_groups, size)
+    y = np.zeros_like(utility)
+    y[np.arange(n_groups), utility.argmax(axis=1)] = 1.0
+    params = RankerTrainConfig().params()
+    ds = lgb.Dataset(x, label=y.reshape(-1), group=[size] * n_groups, params={"verbosity": -1})
+    booster = lgb.train(params, ds, num_boost_round=trees)
+    model = booster.model_to_string()
+    best = booster.predict(x).reshape(n_groups, size).max(axis=1)
+    sha = hashlib.sha256(model.encode()).hexdigest()
+    meta = {
+        "name": "lightgbm_lambdarank",
+        "content_hash": f"bench-{sha[:12]}",
+        "model_sha256": sha,
+        "feature_names": list(FEATURE_NAMES),
+        "trigger_threshold": float(np.quantile(best, 0.9)),
+        "synthetic": True,
+        "num_trees": booster.num_trees(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RANKER_MODEL_FILE).write_text(model)
+    (out / RANKER_META_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+# --------------------------------------------------------------------------- publish
+
+
+@dataclass
+class Workload:
+    """What the client sends (all distinct utterances; see the module docstring)."""
+
+    online: list[rewrite_pb2.RewriteRequest]
+    precomputed: list[rewrite_pb2.RewriteRequest]
+    version: str
+    n_users: int
+    n_personal: int
+    personal_s: float
+
+
+def publish_workload(
+    url: str,
+    index: IndexBuild,
+    artifact: Path,
+    settings: Settings,
+    n_online: int,
+    users: int,
+    seed: int,
+) -> Workload:
+    """Publish pairs + personal histories (passage-tower vectors) + index into Redis and build
+    the request lists."""
+    import pyarrow.parquet as pq
+
+    from offline.catalog import PersonalEntry
+    from offline.markov import RewritePair
+    from offline.publish import connect, publish_pairs
+    from rewrite.encoder import PassageEncoder
+    from rewrite.privacy import pseudonymize, user_key_from_settings
+
+    texts: list[str] = pq.read_table(index.directory / "catalog.parquet", columns=["text"])[
+        "text"
+    ].to_pylist()
+    catalog = set(texts)
+    edited = edited_utterances(texts, n_online + N_PAIRS, catalog, seed + 11)
+    pair_sources, online = edited[:N_PAIRS], edited[N_PAIRS:]
+    del catalog
+    rng = np.random.default_rng(seed + 12)
+    pairs = [RewritePair(s, texts[int(rng.integers(len(texts)))], 0.9, 5, 3) for s in pair_sources]
+    key = user_key_from_settings(settings)
+    cap = settings.catalog.personal_max_per_user
+    entries: list[PersonalEntry] = []
+    for u in range(users):
+        size = int(rng.integers(1, cap + 1))
+        pick = rng.choice(len(texts), size=size, replace=False)
+        pseudo = pseudonymize(f"bench-user-{u}", key)
+        for i in pick.tolist():
+            entries.append(
+                PersonalEntry(
+                    pseudo,
+                    texts[i],
+                    1 + int(rng.geometric(0.3)),
+                    BASE_EPOCH - float(rng.uniform(0, 60 * DAY_S)),
+                )
+            )
+    t0 = time.perf_counter()
+    passage = PassageEncoder.load(artifact, threads=2)
+    client = connect(url)
+    res = publish_pairs(
+        client,
+        pairs,
+        personal=entries,
+        encode=passage.encode,
+        encoder_id=index.info.encoder_id,
+        index_dir=index.directory.resolve(),
+        extra_content={"index_sha256": index.info.sha256["index.faiss"]},
+    )
+    client.close()
+    personal_s = time.perf_counter() - t0
+    del passage
+
+    def user_of(i: int) -> str:
+        return f"bench-user-{i % users}" if i % 4 else f"bench-anon-{i}"
+
+    online_reqs = [
+        rewrite_pb2.RewriteRequest(utterance=u, user_id=user_of(i), request_id=f"o{i}")
+        for i, u in enumerate(online)
+    ]
+    pre_reqs = []
+    for i, p in enumerate(pairs):
+        shown = p.source.capitalize() + ("?" if i % 2 else "!")
+        assert normalize_utterance(shown) == p.source
+        pre_reqs.append(rewrite_pb2.RewriteRequest(utterance=shown, user_id=user_of(i)))
+    return Workload(online_reqs, pre_reqs, res.version, users, len(entries), personal_s)
+
+
+# --------------------------------------------------------------------------- server side
+
+
+class StageClock:
+    """Wall and thread-CPU time of wrapped callables (seconds), by name; read and reset over the
+    Stats RPC. Thread CPU time is what a call costs without contention: ONNX Runtime (1
+    intra-op thread) and FAISS (1 OpenMP thread) run on the calling thread."""
+
+    def __init__(self) -> None:
+        self.samples: defaultdict[str, list[tuple[float, float]]] = defaultdict(list)
+        self.enabled = True  # off while py-spy samples (thread_time() is a ~1-3 us syscall)
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        samples = self.samples
+        wall, cpu = time.perf_counter, time.thread_time
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.enabled:
+                return fn(*args, **kwargs)
+            t0, c0 = wall(), cpu()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                samples[name].append((wall() - t0, cpu() - c0))
+
+        return timed
+
+    def report(self) -> dict[str, list[float]]:
+        """``{name: [calls, wall mean us, wall p50 us, wall p99 us, wall total s, CPU mean
+        us]}``."""
+        out = {}
+        for name, xs in self.samples.items():
+            a = np.asarray(xs) * 1e6
+            w = a[:, 0]
+            out[name] = [
+                float(len(a)),
+                float(w.mean()),
+                *np.percentile(w, [50, 99]).tolist(),
+                float(w.sum() / 1e6),
+                float(a[:, 1].mean()),
+            ]
+        return out
+
+
+def instrument(srv: RewriteServer, clock: StageClock) -> None:
+    """Wrap the pipeline stages and the inner calls named in the report with ``clock``."""
+    import rewrite.online as online
+
+    rewriter = srv.rewriter
+    assert rewriter is not None
+    rewriter.rewrite = clock.wrap("rewriter", rewriter.rewrite)  # type: ignore[method-assign]
+    for stage in rewriter.stages:
+        stage.run = clock.wrap(f"stage.{stage.name}", stage.run)  # type: ignore[method-assign]
+    layer = rewriter.resources.online
+    snap = layer.snapshot() if layer is not None else None
+    if layer is None or snap is None:
+        return
+    snap.encoder.session.run = clock.wrap("encode.onnx_run", snap.encoder.session.run)
+    snap.index.index.search = clock.wrap("global.faiss_search", snap.index.index.search)
+    personal = layer.personal._client
+    personal.hgetall = clock.wrap("personal.redis_hgetall", personal.hgetall)
+    online.feature_matrix = clock.wrap("rerank.features", online.feature_matrix)  # type: ignore[attr-defined]
+    layer.ranker.score_matrix = clock.wrap("rerank.score", layer.ranker.score_matrix)
+
+
+def stats_handler(get_server: Callable[[], RewriteServer], clock: StageClock) -> Any:
+    """``qrw.bench.Stats/Stats``: ``b"reset"`` clears the timers, ``b"on"``/``b"off"`` switch
+    them; anything else returns JSON (timers, encoder cache info, snapshot)."""
+
+    async def stats(request: bytes, context: Any) -> bytes:
+        if request in (b"reset", b"on", b"off"):
+            if request == b"reset":
+                clock.samples.clear()
+            else:
+                clock.enabled = request == b"on"
+            return b"{}"
+        out: dict[str, Any] = {"timers": clock.report()}
+        rewriter = get_server().rewriter
+        layer = rewriter.resources.online if rewriter is not None else None
+        snap = layer.snapshot() if layer is not None else None
+        if snap is not None:
+            out["version"] = snap.version
+            out["encoder_onnx"] = snap.encoder.onnx_path.name
+            out["encoder_cache"] = snap.encoder.cache_info()._asdict()
+            out["ef_search"] = getattr(getattr(snap.index.index, "hnsw", None), "efSearch", None)
+        if layer is not None and layer.ranker is not None:
+            out["ranker"] = layer.ranker.name
+        return json.dumps(out).encode()
+
+    return grpc.method_handlers_generic_handler(
+        STATS_SERVICE, {"Stats": grpc.unary_unary_rpc_method_handler(stats)}
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """The real RewriteServer plus the echo and stats RPCs; prints ``PORT <n>`` when ready."""
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    clock = StageClock()
+    holder: dict[str, RewriteServer] = {}
+    extra = [echo_handler(asynchronous=True), stats_handler(lambda: holder["srv"], clock)]
+    srv = holder["srv"] = RewriteServer(settings, port=0, extra_handlers=extra)
+    await srv.astart()  # warm_up() loads the active version's index before serving
+    instrument(srv, clock)
+    print(f"PORT {srv.port}", flush=True)
+    await stop.wait()
+    await srv.astop(0)
+
+
+def run_server(redis_url: str, ranker: str) -> None:
+    """Server process entry point (``--serve``)."""
+    settings = load_settings()
+    settings.redis.url = redis_url
+    settings.service.pipeline = list(FULL_PIPELINE)
+    if ranker == "heuristic":
+        settings.rerank.artifact = None
+        settings.rerank.artifacts_dir = CACHE / "no-ranker"  # no LATEST: heuristic ranker
+    else:
+        settings.rerank.artifact = Path(ranker)
+    asyncio.run(serve(settings))
+
+
+def start_server(
+    redis_url: str, ranker: str, timeout_s: float
+) -> tuple[subprocess.Popen[str], int]:
+    """Start the service process; returns (process, port) once it printed ``PORT`` (it loads the
+    active version's index before that), within ``timeout_s`` seconds."""
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "--redis-url", redis_url, "--ranker", ranker],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    ready = sel.select(timeout_s)
+    sel.close()
+    line = proc.stdout.readline() if ready else ""
+    if not line.startswith("PORT "):
+        proc.kill()
+        proc.wait(10)
+        raise RuntimeError(f"service did not start within {timeout_s:.0f} s: {line!r}")
+    return proc, int(line.split()[1])
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (``/proc/<pid>/stat``, clock-tick resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """User + system CPU seconds of this process (all threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def proc_memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM of a process, MB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            out[name] = int(value.split()[0]) / 1024.0
+    return out
+
+
+# --------------------------------------------------------------------------- client side
+
+
+@dataclass
+class Row:
+    """One measured row: latencies (s), wall seconds, response reasons and server ms."""
+
+    rpc: str
+    conc: int
+    latencies: list[float]
+    wall_s: float
+    server_cpu_s: float  # service process CPU (user + system) over the timed calls
+    client_cpu_s: float  # this process's CPU over the timed calls
+    reasons: Counter[str] = field(default_factory=Counter)
+    server_ms: list[float] = field(default_factory=list)
+
+
+async def drive(
+    call: Callable[[Any], Any], payloads: Sequence[Any], concurrency: int
+) -> tuple[list[float], float, list[Any]]:
+    """One call per payload from ``concurrency`` coroutines; (latencies s, wall s, responses)."""
+    latencies: list[float] = []
+    responses: list[Any] = []
+    it = iter(payloads)
+
+    async def worker() -> None:
+        for p in it:
+            t0 = time.perf_counter()
+            r = await call(p)
+            latencies.append(time.perf_counter() - t0)
+            responses.append(r)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, time.perf_counter() - t0, responses
+
+
+class Client:
+    """grpc.aio stubs on one channel, and a cursor over the distinct online requests."""
+
+    def __init__(self, channel: grpc.aio.Channel, work: Workload, pid: int) -> None:
+        self._rewrite = channel.unary_unary(
+            REWRITE_METHOD,
+            request_serializer=rewrite_pb2.RewriteRequest.SerializeToString,
+            response_deserializer=rewrite_pb2.RewriteResponse.FromString,
+        )
+        self._echo = channel.unary_unary(ECHO_METHOD)
+        self._stats = channel.unary_unary(STATS_METHOD)
+        self.work = work
+        self.pid = pid
+        self._next = 0
+
+    async def rewrite(self, req: rewrite_pb2.RewriteRequest) -> rewrite_pb2.RewriteResponse:
+        return await self._rewrite(req, timeout=5)
+
+    async def echo(self, payload: bytes) -> bytes:
+        return await self._echo(payload, timeout=5)
+
+    async def stats(self, command: str = "get") -> dict[str, Any]:
+        """Server timers (``get``), or ``reset`` / ``on`` / ``off`` them."""
+        raw = await self._stats(command.encode(), timeout=5)
+        return dict(json.loads(raw))
+
+    def take_online(self, n: int) -> list[rewrite_pb2.RewriteRequest]:
+        """The next ``n`` never-sent online requests (wraps only past the pool)."""
+        pool = self.work.online
+        out = [pool[(self._next + i) % len(pool)] for i in range(n)]
+        self._next += n
+        return out
+
+    async def wait_online(self, timeout_s: float) -> rewrite_pb2.RewriteResponse:
+        """Poll until an online request is answered by the online layer (bounded)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            r = await self.rewrite(self.take_online(1)[0])
+            if r.source != "none" or r.reason != "online_unavailable":
+                return r
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"online layer not loaded after {timeout_s:.0f} s: {r}")
+            await asyncio.sleep(0.5)
+
+    async def row(self, rpc: str, conc: int, n: int) -> Row:
+        """Warm-up then ``n`` timed calls of ``rpc`` (echo | online | precomputed)."""
+        if rpc == "precomputed":
+            pre = self.work.precomputed
+            reqs = [pre[i % len(pre)] for i in range(n + WARMUP)]
+        else:
+            reqs = self.take_online(n + WARMUP)
+        call: Callable[[Any], Any] = self.rewrite
+        payloads: list[Any] = list(reqs)
+        if rpc == "echo":
+            call, payloads = self.echo, [r.SerializeToString() for r in reqs]
+        await drive(call, payloads[:WARMUP], conc)
+        s0, c0 = proc_cpu_s(self.pid), own_cpu_s()
+        lat, wall, resp = await drive(call, payloads[WARMUP:], conc)
+        cpu = (proc_cpu_s(self.pid) - s0, own_cpu_s() - c0)
+        if rpc == "echo":
+            return Row(rpc, conc, lat, wall, *cpu)
+        reasons = Counter(r.source if r.rewritten else r.reason for r in resp)
+        return Row(rpc, conc, lat, wall, *cpu, reasons, [r.latency_ms for r in resp])
+
+
+async def measure(
+    port: int, work: Workload, args: argparse.Namespace, pid: int, spawned: float
+) -> tuple[list[Row], dict[str, Any], dict[str, Any]]:
+    """All rounds; returns (rows, server stats of the concurrency-1 online rows, memory)."""
+    rows: list[Row] = []
+    stats: dict[str, Any] = {}
+    mem: dict[str, Any] = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        client = Client(channel, work, pid)
+        first = await client.wait_online(args.load_timeout)
+        hit = await client.rewrite(work.precomputed[0])
+        if hit.source != "precomputed" or hit.model_version != work.version:
+            raise RuntimeError(f"the service did not answer a precomputed pair: {hit}")
+        mem["ready_s"] = time.perf_counter() - spawned
+        mem["after_load"] = proc_memory_mb(pid)
+        log(f"online layer answering ({first.reason or first.source}); RSS {mem['after_load']}")
+        for rnd in range(args.rounds):
+            for conc in args.concurrency:
+                for rpc in ("echo", "online", "precomputed"):
+                    if rpc == "online" and conc == 1:
+                        await client.stats("reset")
+                    rows.append(await client.row(rpc, conc, args.requests))
+                    if rpc == "online" and conc == 1 and rnd == args.rounds - 1:
+                        stats = await client.stats()
+            log(f"round {rnd + 1}/{args.rounds} done")
+        if args.profile > 0:
+            stats["profile"] = await profile(client, pid, args.profile)
+        mem["end"] = proc_memory_mb(pid)
+    return rows, stats, mem
+
+
+async def profile(client: Client, pid: int, seconds: float) -> dict[str, Any]:
+    """Sample the service with py-spy (raw stacks) during ``seconds`` of concurrency-1 online
+    load; returns ``{category: share}`` and the raw file's path."""
+    exe = Path(sys.executable).with_name("py-spy")
+    if not exe.exists():
+        return {"error": f"py-spy not installed ({exe}); .venv/bin/pip install py-spy"}
+    out = CACHE / f"online-profile-{pid}.txt"
+    spy = subprocess.Popen(
+        [str(exe), "record", "--pid", str(pid), "--rate", "500", "--format", "raw",
+         "--output", str(out), "--nonblocking", "--duration", str(int(seconds) + 30)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    await client.stats("off")
+    try:
+        await asyncio.sleep(1.0)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            await drive(client.rewrite, client.take_online(200), 1)
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait(10)
+        await client.stats("on")
+    if not out.exists():
+        return {"error": "py-spy wrote no profile"}
+    return {"file": str(out), "shares": classify_profile(out)}
+
+
+PROFILE_RULES = (
+    ("encode: ONNX Runtime run", ("onnxruntime",)),
+    ("global: FAISS search", ("faiss",)),
+    ("rerank: LightGBM predict", ("lightgbm",)),
+    ("personal: Redis HGETALL (redis-py + socket)", ("rewrite/personal.py", "redis/")),
+    ("precomputed: Redis lookup (redis-py + socket)", ("rewrite/store.py",)),
+    ("rerank: features (rapidfuzz, metaphone)", ("rewrite/rerank.py",)),
+    ("personal: decode", ("rewrite/personal.py",)),
+    ("global: candidate objects", ("rewrite/retrieval.py",)),
+    ("encode: tokenizer, LRU cache, normalise", ("rewrite/encoder.py",)),
+    ("online stages: merge, argsort, glue", ("rewrite/online.py",)),
+    ("rewriter: validate, normalize, metrics", ("rewrite/rewriter.py",)),
+    ("benchmark timers", ("timed (bench_online.py",)),
+    ("gRPC, asyncio, protobuf (outside the Rewriter)", ()),
+)
+IDLE_LEAVES = ("(selectors.py", "(threading.py")
+
+
+def classify_profile(path: Path) -> dict[str, float]:
+    """Share of non-idle py-spy samples per :data:`PROFILE_RULES` category (the first rule
+    whose strings all occur in the stack wins; "benchmark timers" when the stack ends in the
+    timer wrapper). Stacks ending in the event loop's ``select`` or a parked thread are idle
+    (their share of all samples is reported as ``idle``)."""
+    counts: Counter[str] = Counter()
+    idle = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        if any(s in leaf for s in IDLE_LEAVES):
+            idle += int(n)
+            continue
+        if "bench_online.py:" in leaf:  # in the timer wrapper itself
+            counts["benchmark timers"] += int(n)
+            continue
+        for name, needles in PROFILE_RULES:
+            if all(s in stack for s in needles):
+                counts[name] += int(n)
+                break
+    busy = sum(counts.values()) or 1
+    out = {name: counts[name] / busy for name, _ in PROFILE_RULES if counts[name]}
+    out["idle (share of all samples)"] = idle / (busy + idle)
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def med(rows: list[Row], rpc: str, conc: int) -> tuple[float, float, float, float, float]:
+    """Medians over rounds of (p50 ms, p99 ms, QPS) plus the QPS range."""
+    figs = [summary(r.latencies, r.wall_s) for r in rows if r.rpc == rpc and r.conc == conc]
+    qps = [f[2] for f in figs]
+    return (
+        statistics.median(f[0] for f in figs),
+        statistics.median(f[1] for f in figs),
+        statistics.median(qps),
+        min(qps),
+        max(qps),
+    )
+
+
+def report(
+    args: argparse.Namespace,
+    build: IndexBuild,
+    work: Workload,
+    ranker_desc: str,
+    rows: list[Row],
+    stats: dict[str, Any],
+    mem: dict[str, Any],
+    start_s: float,
+) -> None:
+    """Print the tables and the PASS/MISS lines."""
+    info = build.info
+    params = info.params
+    kind = info.kind
+    if kind == "hnsw":
+        kind += f" M={params.get('hnsw_m')} efC={params.get('ef_construction')} "
+        kind += f"efSearch={stats.get('ef_search')}"
+    cache = stats.get("encoder_cache", {})
+    print(
+        f"\nqrw online benchmark: {info.n:,} catalog entries ({kind}); query tower "
+        f"{stats.get('encoder_onnx')} of {info.encoder_id}; ranker {ranker_desc}; "
+        f"{args.requests} calls per row + {WARMUP} warm-up, median of {args.rounds} round(s); "
+        f"{os.cpu_count()} CPUs, 1-min load average {mem['load_start']:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end; grpcio {grpc.__version__}"
+    )
+    built = "cached; first build took" if build.cached else "built in"
+    print(
+        f"index: {built} {build.total_s:.0f} s (FAISS {build.faiss_s:.0f} s); files "
+        f"{build.files_mb:,.0f} MB; published {work.version}: {N_PAIRS} pairs, {work.n_users} "
+        f"users / {work.n_personal:,} personal entries (passage-encoded + published in "
+        f"{work.personal_s:.0f} s)"
+    )
+    a, e = mem["after_load"], mem["end"]
+    print(
+        f"service: ready {mem['ready_s']:.1f} s after process start; RSS after load "
+        f"{a['VmRSS']:,.0f} MB (VmHWM {a['VmHWM']:,.0f}); at end {e['VmRSS']:,.0f} MB (VmHWM "
+        f"{e['VmHWM']:,.0f}); query-encoder cache hits {cache.get('hits')} / misses "
+        f"{cache.get('misses')} (last online conc-1 row)"
+    )
+    print(
+        f"\n{'rpc':<12}{'conc':>5}{'p50 ms':>9}{'p99 ms':>9}{'QPS':>8}{'QPS range':>13}"
+        f"{'p50/echo':>10}{'QPS/echo':>10}{'srv p50':>9}{'srv CPU':>9}{'cli CPU':>9}  outcomes"
+    )
+    for conc in args.concurrency:
+        e50, _, eqps, _, _ = med(rows, "echo", conc)
+        for rpc in ("echo", "online", "precomputed"):
+            p50, p99, qps, lo, hi = med(rows, rpc, conc)
+            sel = [r for r in rows if r.rpc == rpc and r.conc == conc]
+            srv = [x for r in sel for x in r.server_ms]
+            reasons: Counter[str] = sum((r.reasons for r in sel), Counter())
+            top = ", ".join(f"{k} {v}" for k, v in reasons.most_common(3))
+            sp50 = f"{statistics.median(srv):.3f}" if srv else "-"
+            calls = sum(len(r.latencies) for r in sel)
+            scpu = 1e3 * sum(r.server_cpu_s for r in sel) / calls
+            ccpu = 1e3 * sum(r.client_cpu_s for r in sel) / calls
+            print(
+                f"{rpc:<12}{conc:>5}{p50:>9.3f}{p99:>9.3f}{qps:>8.0f}{f'{lo:.0f}-{hi:.0f}':>13}"
+                f"{p50 / e50:>10.2f}{qps / eqps:>10.2f}{sp50:>9}{scpu:>9.3f}{ccpu:>9.3f}  {top}"
+            )
+    print(
+        "(ms; srv p50 = the Rewriter's own time from the responses; srv/cli CPU = CPU ms per "
+        "call of the service / this client process, all threads)"
+    )
+    timers = stats.get("timers", {})
+    if timers:
+        total = timers.get("rewriter", [1, 1, 0, 0, 1])
+        print(
+            "\nserver time, online path, concurrency 1 (last round; wall us, share of the "
+            "Rewriter's wall time, mean thread-CPU us; inner calls indented)"
+        )
+        print(f"{'':<34}{'calls':>7}{'mean':>9}{'p50':>9}{'p99':>9}{'share':>8}{'CPU':>9}")
+        order = ["rewriter"] + [f"stage.{s}" for s in FULL_PIPELINE]
+        inner = {
+            "stage.encode": ["encode.onnx_run"],
+            "stage.global_retrieval": ["global.faiss_search"],
+            "stage.personal_retrieval": ["personal.redis_hgetall"],
+            "stage.rerank": ["rerank.features", "rerank.score"],
+        }
+        for name in order:
+            for sub, t in [(name, timers.get(name))] + [
+                (f"  {s}", timers.get(s)) for s in inner.get(name, [])
+            ]:
+                if t:
+                    share = t[4] / total[4] if total[4] else 0.0
+                    print(
+                        f"{sub:<34}{t[0]:>7.0f}{t[1]:>9.1f}{t[2]:>9.1f}{t[3]:>9.1f}"
+                        f"{share:>8.1%}{t[5]:>9.1f}"
+                    )
+        p50_client = med(rows, "online", 1)[0] * 1000.0
+        print(
+            f"{'gRPC + client (client p50 - Rewriter p50)':<34}{'':>7}{'':>9}"
+            f"{p50_client - total[2]:>9.1f}"
+        )
+    prof = stats.get("profile")
+    if prof:
+        print(f"\npy-spy samples of the service, online conc 1 ({prof.get('file', '')}):")
+        if "error" in prof:
+            print(f"  {prof['error']}")
+        for name, share in sorted(prof.get("shares", {}).items(), key=lambda t: -t[1]):
+            print(f"  {name:<46}{share:>7.1%}")
+
+    p50, p99, _, _, _ = med(rows, "online", 1)
+    best_qps = max(med(rows, "online", c)[2] for c in args.concurrency)
+    rss = mem["end"]["VmHWM"]
+    print("\ntargets (issue 4 Speed; RSS is issue 6's):")
+    for label, ok in (
+        (f"online p50 <= 2 ms at concurrency 1: {p50:.2f} ms", p50 <= 2.0),
+        (f"online p99 <= 6 ms at concurrency 1: {p99:.2f} ms", p99 <= 6.0),
+        (f"online QPS >= 1,000 on 2 cores (best level): {best_qps:,.0f}", best_qps >= 1e3),
+        (f"service RSS <= 1 GB with {info.n:,} entries (VmHWM): {rss:,.0f} MB", rss <= 1024),
+    ):
+        print(f"  {'PASS' if ok else 'MISS'}  {label}")
+    print(f"(whole run {time.perf_counter() - start_s:.0f} s)")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--n", type=int, default=1_000_000, help="catalog entries (<= 1,088,000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--requests", type=int, default=2000, help="timed calls per row")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--rounds", type=int, default=3, help="repeat all rows, report medians")
+    ap.add_argument("--users", type=int, default=100, help="users with a personal history")
+    ap.add_argument("--ranker", default="synthetic", help="synthetic | heuristic | ARTIFACT_DIR")
+    ap.add_argument("--ranker-trees", type=int, default=500, help="trees of --ranker synthetic")
+    ap.add_argument("--build-threads", type=int, default=2, help="FAISS threads for the build")
+    ap.add_argument("--load-timeout", type=float, default=300.0, help="service start bound (s)")
+    ap.add_argument("--profile", type=float, default=0.0, help="py-spy seconds (0 = off)")
+    ap.add_argument("--build-only", action="store_true", help="build the caches and exit")
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--redis-url", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        run_server(args.redis_url, args.ranker)
+        return
+    if 1 not in args.concurrency:
+        ap.error("--concurrency must include 1 (the latency targets)")
+
+    start = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    settings = load_settings()
+    log("zero-shot DPR artifact")
+    artifact = zero_shot_artifact(Path(settings.dpr.artifacts_dir))
+    build = build_index(args.n, args.seed, artifact.name, settings, args.build_threads)
+    log(f"index {build.directory} ({'cached' if build.cached else 'built'})")
+    if args.ranker == "synthetic":
+        ranker = str(synthetic_ranker(args.ranker_trees, args.seed))
+        ranker_desc = f"synthetic LightGBM lambdarank ({args.ranker_trees} trees)"
+    else:
+        ranker = args.ranker
+        ranker_desc = args.ranker
+    if args.build_only:
+        return
+    n_online = args.rounds * len(args.concurrency) * 2 * (args.requests + WARMUP)
+    n_online += 50 + int(args.profile * 2000)
+    with tempfile.TemporaryDirectory(prefix="qrw-bench-online-") as tmp:
+        redis_server = EmbeddedRedis(Path(tmp) / "redis")
+        redis_server.start()
+        try:
+            log("publishing pairs, personal histories (passage tower) and the index")
+            work = publish_workload(
+                redis_server.url, build, artifact, settings, n_online, args.users, args.seed
+            )
+            log(f"starting the service ({len(work.online):,} distinct online utterances)")
+            spawned = time.perf_counter()
+            proc, port = start_server(redis_server.url, ranker, args.load_timeout)
+            try:
+                rows, stats, mem = asyncio.run(measure(port, work, args, proc.pid, spawned))
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+        finally:
+            redis_server.stop()
+    mem["load_start"] = load_start
+    bad = {k: v for r in rows for k, v in r.reasons.items() if k in BAD_REASONS}
+    if bad:
+        print(f"WARNING: degraded answers during the run: {bad}", file=sys.stderr)
+    report(args, build, work, ranker_desc, rows, stats, mem, start)
+
+
+if __name__ == "__main__":
+    main()
