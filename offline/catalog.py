@@ -42,20 +42,10 @@ from offline.rephrase import RephraseLink
 from offline.sessionize import Session, Turn
 from rewrite.config import CatalogSettings
 from rewrite.privacy import pseudonymize
+from rewrite.retrieval import CATALOG_SCHEMA
 
 log = logging.getLogger(__name__)
 
-CATALOG_SCHEMA = pa.schema(
-    [
-        ("text", pa.string()),
-        ("frequency", pa.int64()),
-        ("n_users", pa.int64()),
-        ("success_rate", pa.float64()),
-        ("domain", pa.string()),
-        ("intent", pa.string()),
-        ("last_seen", pa.float64()),
-    ]
-)
 PERSONAL_SCHEMA = pa.schema(
     [
         ("user", pa.string()),

@@ -32,6 +32,7 @@ from rewrite.config import DprSettings
 from rewrite.encoder import PassageEncoder
 from rewrite.retrieval import (
     CATALOG_FILE,
+    CATALOG_SCHEMA,
     INDEX_FILE,
     INDEX_META,
     IndexInfo,
@@ -43,17 +44,6 @@ log = logging.getLogger(__name__)
 EF_CONSTRUCTION = 80
 """HNSW ``efConstruction`` (build-time search breadth; bench/bench_index.py)."""
 
-CATALOG_SCHEMA = pa.schema(
-    [
-        ("text", pa.string()),
-        ("frequency", pa.int64()),
-        ("n_users", pa.int64()),
-        ("success_rate", pa.float64()),
-        ("domain", pa.string()),
-        ("intent", pa.string()),
-        ("last_seen", pa.float64()),
-    ]
-)
 _DEFAULTS: dict[str, Any] = {
     "frequency": 0,
     "n_users": 0,

@@ -128,15 +128,17 @@ class DprSettings(BaseModel):
     """DPR encoders (``qrw train dpr``) and the FAISS global index built from the catalog.
 
     ``artifact`` null = the one ``artifacts_dir/LATEST`` names. The index is exact
-    (``IndexFlatIP``) up to ``flat_max_entries`` catalog entries and HNSW above (choice and
-    defaults measured by ``bench/bench_index.py``).
+    (``IndexFlatIP``) up to ``flat_max_entries`` catalog entries and HNSW above. Measured by
+    ``bench/bench_index.py`` (1 thread, k=10, one query per call): flat p50 0.1-0.4 ms up to
+    10k entries, ~1 ms at 20k (the vectors leave the cache), 27 ms at 200k; HNSW M=32
+    efSearch=64 p50 ~0.1 ms on real DPR embeddings with recall@1 0.976 vs exact.
     """
 
     artifacts_dir: Path = Path("artifacts/dpr")
     artifact: Path | None = None
     max_length: int = 32
     threads: int = 1
-    flat_max_entries: int = 200_000
+    flat_max_entries: int = 10_000
     hnsw_m: int = 32
     hnsw_ef_search: int = 64
     top_k: int = 10

@@ -12,8 +12,8 @@ the personal histories are read from the same version. When ``qrw:active`` moves
 version's index is loaded in a background thread while requests keep using the complete
 previous snapshot; an index that is missing, corrupt or built with another encoder is refused
 (logged, counted in ``qrw_online_index_errors_total``) and the previous snapshot stays in use.
-With no snapshot at all (nothing published with an index yet) the online stages pass through
-(``reason="online_unavailable"``).
+With no snapshot at all (nothing published with an index yet), or when the active version was
+published without an index, the online stages pass through (``reason="online_unavailable"``).
 
 Design: the online path of Ponnusamy et al. (2020/2022, Alexa self-learning) — DPR retrieval
 (Karpukhin et al., EMNLP 2020) with a global and a personal layer, then a learning-to-rank
@@ -79,6 +79,8 @@ class OnlineLayer:
         self._snapshot: OnlineSnapshot | None = None
         self._encoders: dict[str, QueryEncoder] = {}
         self._tried: set[str] = set()
+        self._no_index: set[str] = set()  # versions published without an online index
+        self._checked: set[str] = set()  # versions whose meta was read by snapshot()
         self._loading: threading.Thread | None = None
         self._lock = threading.Lock()
         self.personal: PersonalStore | None = None
@@ -111,6 +113,22 @@ class OnlineLayer:
             self._encoders[encoder_id] = enc
         return enc
 
+    def _index_of(self, version: str) -> tuple[str, str] | None:
+        """``(index_dir, encoder_id)`` from the version's meta (one HGETALL), or None when the
+        version was published without an online index (remembered).
+
+        Raises:
+            redis.RedisError / OSError: Redis failed.
+        """
+        meta = self._redis.hgetall(keyspace.meta_key(version))
+        index_dir, encoder_id = meta.get("index_dir"), meta.get("encoder_id")
+        if not index_dir or not encoder_id:
+            log.info("version %s has no online index; the online layer is off", version)
+            with self._lock:
+                self._no_index.add(version)
+            return None
+        return str(index_dir), str(encoder_id)
+
     def _load(self, version: str) -> None:
         """Load ``version``'s index + encoder; on failure keep the current snapshot."""
         with self._lock:
@@ -118,11 +136,10 @@ class OnlineLayer:
                 return
             self._tried.add(version)
         try:
-            meta = self._redis.hgetall(keyspace.meta_key(version))
-            index_dir, encoder_id = meta.get("index_dir"), meta.get("encoder_id")
-            if not index_dir or not encoder_id:
-                log.info("version %s has no online index; online layer unchanged", version)
+            found = self._index_of(version)
+            if found is None:
                 return
+            index_dir, encoder_id = found
             encoder = self._encoder(encoder_id)
             index = GlobalIndex.load(
                 Path(index_dir),
@@ -141,21 +158,39 @@ class OnlineLayer:
     def snapshot(self) -> OnlineSnapshot | None:
         """The snapshot to answer with; starts a background load when the active version moved.
 
-        Never blocks on a load and never raises (a Redis failure keeps the current snapshot).
+        The new version's meta is read at once (one HGETALL per version): a version published
+        without an index turns the online layer off immediately; an index is loaded in the
+        background while the previous snapshot keeps answering. Never raises (a Redis failure
+        keeps the current snapshot).
         """
         current = self._snapshot
         try:
             version = self._active_version()
         except StoreUnavailableError:
             return current
-        if version and (current is None or current.version != version):
+        if not version or (current is not None and current.version == version):
+            return current
+        if version in self._no_index:
+            return None  # the active version deliberately has no online layer
+        with self._lock:
+            busy = self._loading is not None and self._loading.is_alive()
+            fresh = version not in self._tried and version not in self._checked
+            self._checked.add(version)
+        if fresh:
+            try:
+                if self._index_of(version) is None:
+                    return None
+            except Exception as err:  # Redis trouble: keep answering with what we have
+                log.warning("cannot read the meta of version %s: %s", version, err)
+                with self._lock:
+                    self._checked.discard(version)
+                return current
+        if not busy and version not in self._tried:
             with self._lock:
-                busy = self._loading is not None and self._loading.is_alive()
-                if not busy and version not in self._tried:
-                    self._loading = threading.Thread(
-                        target=self._load, args=(version,), name="qrw-index-load", daemon=True
-                    )
-                    self._loading.start()
+                self._loading = threading.Thread(
+                    target=self._load, args=(version,), name="qrw-index-load", daemon=True
+                )
+                self._loading.start()
         return current
 
     def wait_loaded(self, timeout_s: float = 30.0) -> None:
@@ -221,7 +256,20 @@ def _online(resources: Resources) -> OnlineLayer:
     return layer
 
 
-class EncodeStage:
+class _OnlineStage:
+    """Shared shape of the online stages: light ``__init__`` (keeps the resources), heavy
+    ``warm_up`` (the shared :class:`OnlineLayer`)."""
+
+    name = "online"
+
+    def __init__(self, resources: Resources) -> None:
+        self._resources = resources
+
+    def warm_up(self) -> None:
+        _online(self._resources).warm_up()
+
+
+class EncodeStage(_OnlineStage):
     """Query vector of the normalized utterance (DPR query tower, ONNX Runtime).
 
     Sets ``state.online`` (the snapshot) and ``state.query_vector`` ((dim,) float32,
@@ -230,12 +278,6 @@ class EncodeStage:
     """
 
     name = "encode"
-
-    def __init__(self, resources: Resources) -> None:
-        self._resources = resources
-
-    def warm_up(self) -> None:
-        _online(self._resources).warm_up()
 
     def run(self, state: RewriteState) -> RewriteState:
         snap = _online(self._resources).snapshot()
@@ -247,16 +289,10 @@ class EncodeStage:
         return state
 
 
-class GlobalRetrievalStage:
+class GlobalRetrievalStage(_OnlineStage):
     """Top ``dpr.top_k`` catalog entries by inner product from the snapshot's FAISS index."""
 
     name = "global_retrieval"
-
-    def __init__(self, resources: Resources) -> None:
-        self._resources = resources
-
-    def warm_up(self) -> None:
-        _online(self._resources).warm_up()
 
     def run(self, state: RewriteState) -> RewriteState:
         snap = state.online
@@ -266,7 +302,7 @@ class GlobalRetrievalStage:
         return state
 
 
-class PersonalRetrievalStage:
+class PersonalRetrievalStage(_OnlineStage):
     """The user's own successful history (same version), scored exactly, merged with global.
 
     Reads one hash (:class:`rewrite.personal.PersonalStore`), scores its float16 vectors
@@ -278,12 +314,6 @@ class PersonalRetrievalStage:
     """
 
     name = "personal_retrieval"
-
-    def __init__(self, resources: Resources) -> None:
-        self._resources = resources
-
-    def warm_up(self) -> None:
-        _online(self._resources).warm_up()
 
     def run(self, state: RewriteState) -> RewriteState:
         from rewrite import metrics
@@ -313,7 +343,7 @@ class PersonalRetrievalStage:
         return state
 
 
-class RerankStage:
+class RerankStage(_OnlineStage):
     """Orders ``state.retrieved`` with the ranker (LightGBM lambdarank, or the heuristic one).
 
     Sets ``state.scores`` ((n,) float64, best first); with ``explain`` every candidate is
@@ -321,12 +351,6 @@ class RerankStage:
     """
 
     name = "rerank"
-
-    def __init__(self, resources: Resources) -> None:
-        self._resources = resources
-
-    def warm_up(self) -> None:
-        _online(self._resources).warm_up()
 
     def run(self, state: RewriteState) -> RewriteState:
         ranker = _online(self._resources).ranker
@@ -349,16 +373,10 @@ class RerankStage:
         return state
 
 
-class TriggerStage:
+class TriggerStage(_OnlineStage):
     """Rewrite with the top candidate only when :func:`rewrite.rerank.trigger` says so."""
 
     name = "trigger"
-
-    def __init__(self, resources: Resources) -> None:
-        self._resources = resources
-
-    def warm_up(self) -> None:
-        _online(self._resources).warm_up()
 
     def run(self, state: RewriteState) -> RewriteState:
         ranker = _online(self._resources).ranker

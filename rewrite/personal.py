@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from rewrite import keyspace
 from rewrite.config import Settings
 from rewrite.privacy import pseudonymize, user_key_from_settings
 from rewrite.redis_server import resolve_redis_url
-from rewrite.store import StoreUnavailableError
+from rewrite.store import RedisReader, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +77,20 @@ class PersonalHistory:
         )
 
 
-class PersonalStore:
+class PersonalStore(RedisReader):
     """Fetches the requesting user's personal history from the active published version.
 
     Args:
         url: redis URL (``redis://``, ``rediss://`` or ``unix://``).
         user_key: HMAC key for pseudonymous user keys (the nightly job's key).
-        socket_timeout_s: per-command timeout, seconds.
-        connect_timeout_s: connect timeout, seconds.
-        version_cache_s: how long the active version id is cached, seconds.
-        retry_after_s: back-off after a failure before Redis is tried again, seconds.
+        socket_timeout_s, connect_timeout_s, version_cache_s, retry_after_s: as
+            :class:`rewrite.store.RedisReader` (seconds).
 
     Raises:
         ValueError: ``user_key`` is empty.
     """
+
+    role = "personal layer"
 
     def __init__(
         self,
@@ -107,23 +103,15 @@ class PersonalStore:
     ) -> None:
         if not user_key:
             raise ValueError("user_key must not be empty")
-        self.url = url
-        self._user_key = user_key
-        self._client = redis.Redis.from_url(
+        super().__init__(
             url,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=connect_timeout_s,
+            socket_timeout_s,
+            connect_timeout_s,
+            version_cache_s,
+            retry_after_s,
             decode_responses=False,  # vectors are raw float16 bytes
-            retry_on_timeout=False,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
         )
-        self.version_cache_s = version_cache_s
-        self.retry_after_s = retry_after_s
-        self._version: str | None = None
-        self._version_at = -1e18
-        self._down_until = 0.0
-        self._lock = threading.Lock()
+        self._user_key = user_key
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PersonalStore:
@@ -140,34 +128,6 @@ class PersonalStore:
     def pseudonym(self, user_id: str) -> str:
         """The pseudonymous key of a raw user id under this store's key."""
         return pseudonymize(user_id, self._user_key)
-
-    def _guard(self) -> None:
-        if time.monotonic() < self._down_until:
-            raise StoreUnavailableError("redis marked down (backing off)")
-
-    def _fail(self, err: Exception) -> StoreUnavailableError:
-        self._down_until = time.monotonic() + self.retry_after_s
-        log.warning("redis unavailable (personal layer): %s", err)
-        return StoreUnavailableError(str(err))
-
-    def active_version(self, refresh: bool = False) -> str | None:
-        """The published version id (``qrw:active``), cached; None when nothing is published.
-
-        Raises:
-            StoreUnavailableError: Redis failed.
-        """
-        now = time.monotonic()
-        if not refresh and now - self._version_at < self.version_cache_s:
-            return self._version
-        self._guard()
-        try:
-            v = self._client.get(keyspace.ACTIVE)
-        except (redis.RedisError, OSError) as e:
-            raise self._fail(e) from e
-        with self._lock:
-            self._version = v.decode() if isinstance(v, bytes) else (str(v) if v else None)
-            self._version_at = now
-        return self._version
 
     def history(self, user_id: str, version: str | None = None) -> PersonalHistory:
         """The personal history of the requesting user.
@@ -201,9 +161,6 @@ class PersonalStore:
         except (KeyError, ValueError, TypeError) as e:
             log.warning("malformed personal history %s in %s: %s", user, version, e)
             return PersonalHistory.empty(user, version)
-
-    def close(self) -> None:
-        self._client.close()
 
 
 def _decode(raw: Mapping[bytes | str, bytes | str], user: str, version: str) -> PersonalHistory:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,19 @@ CATALOG_FILE = "catalog.parquet"
 INDEX_META = "index.json"
 INDEX_FORMAT = 1
 CATALOG_COLUMNS = ("text", "frequency", "n_users", "success_rate", "domain", "intent", "last_seen")
+#: ``catalog.parquet``: the global catalog written by the nightly job and the index's id
+#: sidecar (row i = FAISS id i).
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("text", pa.string()),
+        ("frequency", pa.int64()),
+        ("n_users", pa.int64()),
+        ("success_rate", pa.float64()),
+        ("domain", pa.string()),
+        ("intent", pa.string()),
+        ("last_seen", pa.float64()),
+    ]
+)
 KINDS = ("flat", "hnsw")
 _CATALOG_EMPTY: dict[str, Any] = {
     "text": "",
@@ -149,10 +163,15 @@ def verify_index_dir(directory: Path, expected_encoder_id: str | None = None) ->
     Raises:
         FileNotFoundError: ``index.json`` or a data file is missing.
         IndexCorruptError: a checksum differs or ``index.json`` is unreadable.
-        IndexMismatchError: ``encoder_id`` differs from ``expected_encoder_id``.
+        IndexMismatchError: ``encoder_id`` differs from ``expected_encoder_id``, or another
+            index format.
     """
     directory = Path(directory)
     info = IndexInfo.read(directory)
+    if info.format != INDEX_FORMAT:
+        raise IndexMismatchError(
+            f"index at {directory} has format {info.format}; this code reads {INDEX_FORMAT}"
+        )
     if expected_encoder_id is not None and info.encoder_id != expected_encoder_id:
         raise IndexMismatchError(
             f"index at {directory} was built with encoder {info.encoder_id!r}, but the query "
@@ -271,6 +290,8 @@ class GlobalIndex:
             info = verify_index_dir(directory, expected_encoder_id)
         else:
             info = IndexInfo.read(directory)
+            if info.format != INDEX_FORMAT:
+                raise IndexMismatchError(f"index at {directory} has format {info.format}")
             if expected_encoder_id is not None and info.encoder_id != expected_encoder_id:
                 raise IndexMismatchError(
                     f"index at {directory} was built with encoder {info.encoder_id!r}, "

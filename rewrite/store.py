@@ -38,8 +38,10 @@ class PairHit:
     version: str
 
 
-class PairStore:
-    """Precomputed-pair lookups against the active published version.
+class RedisReader:
+    """The service's read side of Redis: short timeouts, no retries, back-off after a failure,
+    and the active version id cached for ``version_cache_s`` seconds. Shared by
+    :class:`PairStore` and :class:`rewrite.personal.PersonalStore`.
 
     Args:
         url: redis URL (``redis://``, ``rediss://`` or ``unix://``).
@@ -47,7 +49,11 @@ class PairStore:
         connect_timeout_s: connect timeout, seconds.
         version_cache_s: how long the active version id is cached, seconds.
         retry_after_s: back-off after a failure before Redis is tried again, seconds.
+        decode_responses: str replies (True) or bytes (False, for binary fields).
     """
+
+    #: named in the log line of a failure
+    role = "redis"
 
     def __init__(
         self,
@@ -56,13 +62,14 @@ class PairStore:
         connect_timeout_s: float = 0.05,
         version_cache_s: float = 1.0,
         retry_after_s: float = 0.5,
+        decode_responses: bool = True,
     ) -> None:
         self.url = url
         self._client = redis.Redis.from_url(
             url,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=connect_timeout_s,
-            decode_responses=True,
+            decode_responses=decode_responses,
             retry_on_timeout=False,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
@@ -84,7 +91,7 @@ class PairStore:
 
     def _fail(self, err: Exception) -> StoreUnavailableError:
         self._down_until = time.monotonic() + self.retry_after_s
-        log.warning("redis unavailable: %s", err)
+        log.warning("redis unavailable (%s): %s", self.role, err)
         return StoreUnavailableError(str(err))
 
     def active_version(self, refresh: bool = False) -> str | None:
@@ -102,8 +109,20 @@ class PairStore:
         except (redis.RedisError, OSError) as e:
             raise self._fail(e) from e
         with self._lock:
-            self._version, self._version_at = (str(v) if v else None), now
+            self._version = v.decode() if isinstance(v, bytes) else (str(v) if v else None)
+            self._version_at = now
         return self._version
+
+    def close(self) -> None:
+        """Release the connection pool."""
+        self._client.close()
+
+
+class PairStore(RedisReader):
+    """Precomputed-pair lookups against the active published version (see
+    :class:`RedisReader` for the arguments and failure handling)."""
+
+    role = "pairs"
 
     def lookup(self, normalized: str) -> PairHit | None:
         """The precomputed rewrite for a normalized utterance in the active version.
@@ -131,9 +150,6 @@ class PairStore:
             n_users=int(h.get("n_users", 0)),
             version=version,
         )
-
-    def close(self) -> None:
-        self._client.close()
 
 
 class StaticPairStore:

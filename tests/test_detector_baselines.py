@@ -21,7 +21,6 @@ from offline.detector.baselines import (
     PairwiseConfig,
     PairwiseCrossEncoder,
     content_hash,
-    minilm_path,
     training_pairs,
 )
 from offline.detector.examples import (
@@ -40,6 +39,7 @@ from offline.detector.metrics import (
     metrics_to_json,
     tune_threshold,
 )
+from offline.trainutil import minilm_path
 from rewrite.config import DefectSettings, RephraseSettings
 
 SLURP = Path(__file__).resolve().parents[2] / "shared" / "data" / "slurp" / "utterances.jsonl"

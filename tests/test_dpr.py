@@ -16,6 +16,7 @@ import pytest
 
 from offline.dpr.data import DprDataset, DprPair, build_dataset, dev_groups, split_by_query
 from offline.dpr.train import retrieval_metrics
+from offline.trainutil import minilm_path
 from rewrite.encoder import DprModelMissingError, resolve_dpr_artifact
 
 # defective utterance -> the utterance that succeeded (ASR-style confusions)
@@ -183,13 +184,12 @@ def test_missing_artifact_names_the_command(tmp_path: Path) -> None:
 def test_fast_tokenizer_matches_transformers() -> None:
     from transformers import AutoTokenizer
 
-    from offline.dpr.train import base_model_path
     from rewrite.encoder import load_fast_tokenizer
 
     texts = ["What's the WEATHER in Wilkerson?", "play sum jazz", "x " * 60]
-    ref = AutoTokenizer.from_pretrained(str(base_model_path()), local_files_only=True)
+    ref = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
     want = ref(texts, padding=True, truncation=True, max_length=32)
-    got = load_fast_tokenizer(base_model_path(), 32).encode_batch(texts)
+    got = load_fast_tokenizer(minilm_path(), 32).encode_batch(texts)
     assert [e.ids for e in got] == want["input_ids"]
     assert [e.attention_mask for e in got] == want["attention_mask"]
 
@@ -201,7 +201,6 @@ def test_tiny_training_lowers_loss_and_onnx_matches_torch(tmp_path: Path) -> Non
     from offline.dpr.train import (
         BiEncoder,
         DprTrainConfig,
-        base_model_path,
         batch_loss,
         embed,
         train_dpr,
@@ -212,7 +211,7 @@ def test_tiny_training_lowers_loss_and_onnx_matches_torch(tmp_path: Path) -> Non
     config = DprTrainConfig(
         batch_size=8, max_steps=10, eval_every=5, patience=10, lr=1e-4, quantize_int8=False
     )
-    tok = load_fast_tokenizer(base_model_path(), config.max_length)
+    tok = load_fast_tokenizer(minilm_path(), config.max_length)
 
     def full_loss(model: BiEncoder) -> float:
         model.eval()

@@ -8,6 +8,7 @@ heuristic ranker (no trained ranker there), a real Redis, and a real gRPC server
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -114,5 +115,47 @@ def test_online_layer_passes_through_without_a_published_index(
     try:
         res = rewriter.rewrite(RewriteRequest("what's the weather in wilkerson", user_id="a"))
         assert not res.rewritten and res.reason == "online_unavailable"
+    finally:
+        rewriter.close()
+
+
+def test_corrupt_index_of_a_new_version_is_refused_and_the_old_one_kept(
+    online_settings: Settings, tmp_path: Path, clean_redis: redis.Redis
+) -> None:
+    import shutil
+
+    from rewrite import keyspace
+    from rewrite.online import INDEX_ERRORS, OnlineLayer
+
+    s = online_settings
+    report = run_nightly([_wilkerson_logs(tmp_path / "d.jsonl")], tmp_path / "run", s, publish=True)
+    assert report.publish is not None
+    good = report.publish["version"]
+    meta = clean_redis.hgetall(keyspace.meta_key(good))
+    bad_dir = tmp_path / "corrupt-index"
+    shutil.copytree(meta["index_dir"], bad_dir)
+    blob = bytearray((bad_dir / "index.faiss").read_bytes())
+    blob[-1] ^= 0xFF  # one flipped byte: the checksum no longer matches
+    (bad_dir / "index.faiss").write_bytes(bytes(blob))
+    rewriter = Rewriter(s)
+    rewriter.warm_up()
+    try:
+        query = RewriteRequest("what's the weather in wilkerson", user_id="alice")
+        assert rewriter.rewrite(query).model_version == good
+        clean_redis.hset(keyspace.meta_key("v-bad"), mapping={**meta, "index_dir": str(bad_dir)})
+        clean_redis.set(keyspace.ACTIVE, "v-bad")
+        errors = INDEX_ERRORS._value.get()
+        layer = rewriter.resources.online
+        assert isinstance(layer, OnlineLayer)
+        rewriter.rewrite(query)
+        for _ in range(50):  # the pair store caches the active version for up to 1 s
+            layer.wait_loaded()
+            if INDEX_ERRORS._value.get() > errors:
+                break
+            rewriter.rewrite(query)
+            time.sleep(0.05)
+        assert INDEX_ERRORS._value.get() == errors + 1
+        res = rewriter.rewrite(query)
+        assert res.rewritten and res.model_version == good  # still the complete old snapshot
     finally:
         rewriter.close()

@@ -156,6 +156,9 @@ def test_index_json_disagreeing_with_files_is_refused(tmp_path: Path) -> None:
     (directory / INDEX_META).write_text(json.dumps({**meta, "n": 49}))
     with pytest.raises(IndexMismatchError, match="50 vectors"):
         GlobalIndex.load(directory)
+    (directory / INDEX_META).write_text(json.dumps({**meta, "format": 99}))
+    with pytest.raises(IndexMismatchError, match="format 99"):
+        GlobalIndex.load(directory)
     (directory / INDEX_META).write_text("{not json")
     with pytest.raises(IndexCorruptError):
         GlobalIndex.load(directory)

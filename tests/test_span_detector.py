@@ -19,7 +19,6 @@ from offline.detector.span_model import (
     CLS_POSITION,
     RenderConfig,
     Renderer,
-    base_model_path,
     decode,
     decode_spans,
     load_tokenizer,
@@ -33,6 +32,7 @@ from offline.detector.train import (
     sha256_file,
     train_span_detector,
 )
+from offline.trainutil import minilm_path
 from rewrite.config import Settings
 
 Run = tuple[TrainResult, list[DetectorExample]]
@@ -52,7 +52,7 @@ def _ex(label: int = 0, current: str = "play the sweet song on radio") -> Detect
 
 @pytest.fixture(scope="module")
 def renderer() -> Renderer:
-    return Renderer(load_tokenizer(base_model_path()), RenderConfig())
+    return Renderer(load_tokenizer(minilm_path()), RenderConfig())
 
 
 def _words(renderer: Renderer, text: str) -> list[str]:

