@@ -738,12 +738,12 @@ async def measure(
                         stats = await client.stats()
             log(f"round {rnd + 1}/{args.rounds} done")
         if args.profile > 0:
-            stats["profile"] = await profile(client, pid, args.profile)
+            stats["profile"] = await profile(client, pid, args.profile, args.native)
         mem["end"] = proc_memory_mb(pid)
     return rows, stats, mem
 
 
-async def profile(client: Client, pid: int, seconds: float) -> dict[str, Any]:
+async def profile(client: Client, pid: int, seconds: float, native: bool) -> dict[str, Any]:
     """Sample the service with py-spy (raw stacks) during ``seconds`` of concurrency-1 online
     load; returns ``{category: share}`` and the raw file's path."""
     exe = Path(sys.executable).with_name("py-spy")
@@ -752,7 +752,8 @@ async def profile(client: Client, pid: int, seconds: float) -> dict[str, Any]:
     out = CACHE / f"online-profile-{pid}.txt"
     spy = subprocess.Popen(
         [str(exe), "record", "--pid", str(pid), "--rate", "500", "--format", "raw",
-         "--output", str(out), "--nonblocking", "--duration", str(int(seconds) + 30)],
+         "--output", str(out), "--duration", str(int(seconds) + 30),
+         *(["--native"] if native else ["--nonblocking"])],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -878,7 +879,8 @@ def report(
     )
     print(
         f"\n{'rpc':<12}{'conc':>5}{'p50 ms':>9}{'p99 ms':>9}{'QPS':>8}{'QPS range':>13}"
-        f"{'p50/echo':>10}{'QPS/echo':>10}{'srv p50':>9}{'srv CPU':>9}{'cli CPU':>9}  outcomes"
+        f"{'p50/echo':>10}{'QPS/echo':>10}{'srv p50':>9}{'rest p50':>9}{'srv CPU':>9}"
+        f"{'cli CPU':>9}  outcomes"
     )
     for conc in args.concurrency:
         e50, _, eqps, _, _ = med(rows, "echo", conc)
@@ -889,16 +891,20 @@ def report(
             reasons: Counter[str] = sum((r.reasons for r in sel), Counter())
             top = ", ".join(f"{k} {v}" for k, v in reasons.most_common(3))
             sp50 = f"{statistics.median(srv):.3f}" if srv else "-"
+            rest = [1e3 * t - m for r in sel for t, m in zip(r.latencies, r.server_ms, strict=True)]
+            rp50 = f"{statistics.median(rest):.3f}" if rest else "-"
             calls = sum(len(r.latencies) for r in sel)
             scpu = 1e3 * sum(r.server_cpu_s for r in sel) / calls
             ccpu = 1e3 * sum(r.client_cpu_s for r in sel) / calls
             print(
                 f"{rpc:<12}{conc:>5}{p50:>9.3f}{p99:>9.3f}{qps:>8.0f}{f'{lo:.0f}-{hi:.0f}':>13}"
-                f"{p50 / e50:>10.2f}{qps / eqps:>10.2f}{sp50:>9}{scpu:>9.3f}{ccpu:>9.3f}  {top}"
+                f"{p50 / e50:>10.2f}{qps / eqps:>10.2f}{sp50:>9}{rp50:>9}{scpu:>9.3f}{ccpu:>9.3f}"
+                f"  {top}"
             )
     print(
-        "(ms; srv p50 = the Rewriter's own time from the responses; srv/cli CPU = CPU ms per "
-        "call of the service / this client process, all threads)"
+        "(ms; srv p50 = the Rewriter's own time (response latency_ms); rest p50 = per call, "
+        "client latency - Rewriter time = gRPC both ways + event loops; srv/cli CPU = CPU ms "
+        "per call of the service / this client process, all threads)"
     )
     timers = stats.get("timers", {})
     if timers:
@@ -925,11 +931,6 @@ def report(
                         f"{sub:<34}{t[0]:>7.0f}{t[1]:>9.1f}{t[2]:>9.1f}{t[3]:>9.1f}"
                         f"{share:>8.1%}{t[5]:>9.1f}"
                     )
-        p50_client = med(rows, "online", 1)[0] * 1000.0
-        print(
-            f"{'gRPC + client (client p50 - Rewriter p50)':<34}{'':>7}{'':>9}"
-            f"{p50_client - total[2]:>9.1f}"
-        )
     prof = stats.get("profile")
     if prof:
         print(f"\npy-spy samples of the service, online conc 1 ({prof.get('file', '')}):")
@@ -971,6 +972,7 @@ def main() -> None:
     ap.add_argument("--build-threads", type=int, default=2, help="FAISS threads for the build")
     ap.add_argument("--load-timeout", type=float, default=300.0, help="service start bound (s)")
     ap.add_argument("--profile", type=float, default=0.0, help="py-spy seconds (0 = off)")
+    ap.add_argument("--native", action="store_true", help="py-spy --native (C/C++ frames)")
     ap.add_argument("--build-only", action="store_true", help="build the caches and exit")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--redis-url", help=argparse.SUPPRESS)

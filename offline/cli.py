@@ -280,6 +280,7 @@ def train_ranker_cmd(
 
                 retriever: Any = RunRetriever(run, settings)
                 examples = examples_from_rephrases(run)
+                retriever.leave_out(examples)
                 source = f"run:{run} (rephrase links; DPR + FAISS + personal layer)"
             else:
                 retriever = FuzzyCatalogRetriever(catalog_from_run(run), top_k=top_k)

@@ -135,7 +135,9 @@ def _train_ranker(run: Path, settings: Settings, root: Path, console: Console) -
 
     examples = examples_from_rephrases(run)
     try:
-        groups = build_groups(examples, RunRetriever(run, settings))
+        retriever = RunRetriever(run, settings)
+        retriever.leave_out(examples)
+        groups = build_groups(examples, retriever)
         res = train_ranker(groups, root, RankerTrainConfig(),
                            heuristic_threshold=settings.rerank.heuristic_threshold,
                            source=f"demo:{run}")  # fmt: skip

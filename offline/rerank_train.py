@@ -936,6 +936,7 @@ class RunRetriever:
         for r in rows:
             by_user[r["user"]].append(r)
         self.now_s = max((float(r["last_seen"]) for r in rows), default=0.0)
+        self._left_out: dict[tuple[str, str], str] = {}
         self.history = {
             u: (
                 [r["text"] for r in hs],
@@ -945,6 +946,12 @@ class RunRetriever:
             )
             for u, hs in by_user.items()
         }
+
+    def leave_out(self, examples: Iterable[RankExample]) -> None:
+        """Training groups: the user's history was built from the same night, so a rephrase's
+        own successful target counts in it. For these examples one use of the target is
+        removed from the user's history when their candidates are generated."""
+        self._left_out = {(ex.user, ex.query): ex.rewrite for ex in examples}
 
     def __call__(self, query: str, user: str, now_s: float = 0.0) -> list[RetrievedCandidate]:
         """Global top-k ∪ the user's personal top-k for ``query`` (normalized); ``now_s``
@@ -957,6 +964,16 @@ class RunRetriever:
         if hist is None:
             return list(cands)
         texts, counts, last_seen, vecs = hist
+        target = self._left_out.get((user, query))
+        if target is not None and target in texts:
+            # this rephrase's own success is in the history: take it out (no leakage)
+            i = texts.index(target)
+            counts = counts.copy()
+            counts[i] -= 1
+            if counts[i] <= 0:
+                keep = np.arange(len(texts)) != i
+                texts = [t for t, k in zip(texts, keep, strict=True) if k]
+                counts, last_seen, vecs = counts[keep], last_seen[keep], vecs[keep]
         return merge_personal(
             cands, texts, counts, last_seen, vecs @ q[0], self.personal_top_k,
             now_s or self.now_s, self.index.lookup,
