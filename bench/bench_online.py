@@ -37,8 +37,9 @@ thread-CPU time per stage and a few inner calls (wrappers installed in the serve
 about 12 per request, each 2 clock reads of ~0.1 + ~2 us; off while py-spy samples), encoder
 cache hits, service RSS (``/proc/<pid>/status`` VmRSS, VmHWM) after load and at the end, index build
 time and size; then PASS/MISS against the issue's targets. ``--profile S`` also samples the
-server with py-spy (``.venv/bin/pip install py-spy``) for S seconds of concurrency-1 online
-load and prints where the samples fall.
+server with py-spy (``.venv/bin/pip install py-spy``; not a project dependency) for S
+seconds of concurrency-1 online load and prints where the samples fall (``--native`` adds C
+frames but pauses the process per sample, which inflates I/O waits).
 
 The index (and the synthetic ranker) are cached under git-ignored ``var/bench/``, keyed by n and
 seed (and the HNSW parameters): the first 1M run builds HNSW (minutes), later runs load it.
@@ -751,7 +752,8 @@ async def profile(client: Client, pid: int, seconds: float, native: bool) -> dic
         return {"error": f"py-spy not installed ({exe}); .venv/bin/pip install py-spy"}
     out = CACHE / f"online-profile-{pid}.txt"
     spy = subprocess.Popen(
-        [str(exe), "record", "--pid", str(pid), "--rate", "500", "--format", "raw",
+        [str(exe), "record", "--pid", str(pid), "--rate", "200" if native else "500",
+         "--format", "raw",
          "--output", str(out), "--duration", str(int(seconds) + 30),
          *(["--native"] if native else ["--nonblocking"])],
         stdout=subprocess.DEVNULL,
@@ -788,10 +790,11 @@ PROFILE_RULES = (
     ("encode: tokenizer, LRU cache, normalise", ("rewrite/encoder.py",)),
     ("online stages: merge, argsort, glue", ("rewrite/online.py",)),
     ("rewriter: validate, normalize, metrics", ("rewrite/rewriter.py",)),
+    ("servicer: proto <-> dataclass, deadline", ("rewrite/server.py",)),
     ("benchmark timers", ("timed (bench_online.py",)),
     ("gRPC, asyncio, protobuf (outside the Rewriter)", ()),
 )
-IDLE_LEAVES = ("(selectors.py", "(threading.py")
+IDLE_LEAVES = ("(threading.py", "epoll_wait", "pthread_cond_wait", "futex")
 
 
 def classify_profile(path: Path) -> dict[str, float]:
@@ -806,7 +809,7 @@ def classify_profile(path: Path) -> dict[str, float]:
         if not stack or not n.isdigit():
             continue
         leaf = stack.rsplit(";", 1)[-1]
-        if any(s in leaf for s in IDLE_LEAVES):
+        if any(s in leaf for s in IDLE_LEAVES) or "(selectors.py" in stack:
             idle += int(n)
             continue
         if "bench_online.py:" in leaf:  # in the timer wrapper itself
@@ -891,7 +894,9 @@ def report(
             reasons: Counter[str] = sum((r.reasons for r in sel), Counter())
             top = ", ".join(f"{k} {v}" for k, v in reasons.most_common(3))
             sp50 = f"{statistics.median(srv):.3f}" if srv else "-"
-            rest = [1e3 * t - m for r in sel for t, m in zip(r.latencies, r.server_ms, strict=True)]
+            rest = [
+                1e3 * t - m for r in sel for t, m in zip(r.latencies, r.server_ms, strict=False)
+            ]
             rp50 = f"{statistics.median(rest):.3f}" if rest else "-"
             calls = sum(len(r.latencies) for r in sel)
             scpu = 1e3 * sum(r.server_cpu_s for r in sel) / calls
