@@ -78,6 +78,7 @@ class RankExample:
     rewrite: str
     now_s: float = 0.0
     context: tuple[ContextTurn, ...] = ()
+    also_correct: tuple[str, ...] = ()  # other acceptable rewrites (see examples_from_rephrases)
 
 
 @dataclass
@@ -90,15 +91,20 @@ class RankGroup:
     candidates: list[RetrievedCandidate]
     now_s: float = 0.0
     context: tuple[ContextTurn, ...] = ()
+    also_correct: tuple[str, ...] = ()
+
+    def is_correct(self, text: str) -> bool:
+        """``text`` is the known rewrite or another acceptable one."""
+        return text == self.correct or text in self.also_correct
 
     def labels(self) -> np.ndarray:
-        """``(n,)`` float32: 1.0 for the candidate equal to ``correct``, else 0.0."""
-        return np.array([c.text == self.correct for c in self.candidates], dtype=np.float32)
+        """``(n,)`` float32: 1.0 for a correct candidate (:meth:`is_correct`), else 0.0."""
+        return np.array([self.is_correct(c.text) for c in self.candidates], dtype=np.float32)
 
     @property
     def has_correct(self) -> bool:
-        """Whether the correct rewrite is among the candidates."""
-        return any(c.text == self.correct for c in self.candidates)
+        """Whether a correct rewrite is among the candidates."""
+        return any(self.is_correct(c.text) for c in self.candidates)
 
 
 def build_groups(examples: Iterable[RankExample], generate: CandidateGenerator) -> list[RankGroup]:
@@ -109,7 +115,13 @@ def build_groups(examples: Iterable[RankExample], generate: CandidateGenerator) 
     """
     return [
         RankGroup(
-            ex.query, ex.user, ex.rewrite, list(generate(ex.query, ex.user)), ex.now_s, ex.context
+            ex.query,
+            ex.user,
+            ex.rewrite,
+            list(generate(ex.query, ex.user)),
+            ex.now_s,
+            ex.context,
+            ex.also_correct,
         )
         for ex in examples
     ]
@@ -125,6 +137,7 @@ def write_groups(groups: Sequence[RankGroup], path: Path) -> None:
             "query": g.query,
             "user": g.user,
             "correct": g.correct,
+            "also_correct": list(g.also_correct),
             "now_s": float(g.now_s),
             "context": json.dumps([asdict(t) for t in g.context]),
             "candidates": [asdict(c) for c in g.candidates],
@@ -150,6 +163,7 @@ def write_groups(groups: Sequence[RankGroup], path: Path) -> None:
             ("query", pa.string()),
             ("user", pa.string()),
             ("correct", pa.string()),
+            ("also_correct", pa.list_(pa.string())),
             ("now_s", pa.float64()),
             ("context", pa.string()),
             ("candidates", pa.list_(cand_type)),
@@ -183,6 +197,7 @@ def read_groups(path: Path) -> list[RankGroup]:
                 cands,
                 float(row.get("now_s") or 0.0),
                 ctx,
+                tuple(row.get("also_correct") or ()),
             )
         )
     return out
@@ -425,10 +440,10 @@ def top_choices(groups: Sequence[RankGroup], scores: np.ndarray, offsets: np.nda
         order = np.argsort(-s, kind="stable")
         best = g.candidates[int(order[0])]
         top[gi] = float(s[order[0]])
-        correct[gi] = best.text == g.correct
+        correct[gi] = g.is_correct(best.text)
         eligible[gi] = best.text != g.query
         for r, ci in enumerate(order, start=1):
-            if g.candidates[int(ci)].text == g.correct:
+            if g.is_correct(g.candidates[int(ci)].text):
                 rank[gi] = r
                 break
     positive = np.array([g.correct != g.query for g in groups], dtype=bool)
@@ -866,6 +881,10 @@ def examples_from_rephrases(
     One example per (user, earlier, later); ``user`` is the pseudonymous key the job wrote, so
     the by-user split and the personal layer see real users. ``now_s`` is the later turn's time.
 
+    A rewrite is also *acceptable* when any user rephrased the same failing text into it in
+    this run (``also_correct``): the user's own next wording is one of several phrasings that
+    work, and exact-text targets alone make every other good fix a "wrong" trigger.
+
     Plus ``negatives_per_positive`` × as many *negative* examples (the query is its own correct
     answer): utterances that succeeded in the run (``personal.parquet``), were never
     rephrased and are not catalog entries, as asked by a user without history. Serving traffic
@@ -878,6 +897,10 @@ def examples_from_rephrases(
     run_dir = Path(run_dir)
     catalog = {e.text for e in read_catalog(run_dir / "catalog.parquet")}
     rows = pq.read_table(run_dir / "rephrases.parquet").to_pylist()
+    accepted: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        if r["later"] in catalog and r["earlier"] != r["later"]:
+            accepted[r["earlier"]].add(r["later"])
     seen: set[tuple[str, str, str]] = set()
     out: list[RankExample] = []
     for r in rows:
@@ -885,7 +908,10 @@ def examples_from_rephrases(
         if r["later"] not in catalog or r["earlier"] == r["later"] or key in seen:
             continue
         seen.add(key)
-        out.append(RankExample(r["earlier"], key[0], r["later"], float(r.get("ts") or 0.0)))
+        also = tuple(sorted(accepted[r["earlier"]] - {r["later"]}))
+        out.append(
+            RankExample(r["earlier"], key[0], r["later"], float(r.get("ts") or 0.0), (), also)
+        )
     rephrased = {r["earlier"] for r in rows}
     personal_path = run_dir / "personal.parquet"
     if negatives_per_positive > 0 and personal_path.exists():

@@ -386,3 +386,42 @@ def test_cli_train_ranker_from_groups_and_run(tmp_path: Path) -> None:
     assert (tmp_path / "b" / "LATEST").exists()
     res = runner.invoke(app, ["train", "ranker", "--out", str(tmp_path / "c")])
     assert res.exit_code != 0
+
+
+def test_examples_from_rephrases_acceptable_rewrites_and_negatives(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from offline.catalog import CatalogEntry, PersonalEntry, write_catalog, write_personal
+    from offline.job import REPHRASES_SCHEMA
+    from offline.rerank_train import examples_from_rephrases
+
+    cat = ["play jazz music", "play some jazz", "call mom"]
+    write_catalog(
+        [CatalogEntry(t, 5, 3, 1.0, "", "", 0.0) for t in cat], tmp_path / "catalog.parquet"
+    )
+    links = [("play jas", "play jazz music", "u1"), ("play jas", "play some jazz", "u2"),
+             ("play jas", "play jas", "u3"), ("cal mom", "not in catalog", "u4")]  # fmt: skip
+    rows = [{"earlier_turn_id": f"e{i}", "later_turn_id": f"l{i}", "earlier": a, "later": b,
+             "score": 1.0, "user": u, "ts": 10.0} for i, (a, b, u) in enumerate(links)]  # fmt: skip
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=REPHRASES_SCHEMA), tmp_path / "rephrases.parquet"
+    )
+    fine = ["turn on the lights", "what time is it", "stop", "play jas", "call mom"]
+    write_personal([PersonalEntry("u9", t, 2, 5.0) for t in fine], tmp_path / "personal.parquet")
+    ex = examples_from_rephrases(tmp_path, negatives_per_positive=1.0, seed=3)
+    pos = [e for e in ex if e.query != e.rewrite]
+    assert {(e.user, e.rewrite, e.also_correct) for e in pos} == {
+        ("u1", "play jazz music", ("play some jazz",)),
+        ("u2", "play some jazz", ("play jazz music",)),
+    }
+    neg = [e for e in ex if e.query == e.rewrite]
+    # never a catalog entry or a rephrased text; as many as positives
+    assert len(neg) == 2 and {e.query for e in neg} <= {
+        "turn on the lights",
+        "what time is it",
+        "stop",
+    }
+    g = RankGroup("play jas", "u1", "play jazz music", [], also_correct=("play some jazz",))
+    assert g.is_correct("play some jazz") and g.is_correct("play jazz music")
+    assert not g.is_correct("call mom")
