@@ -82,20 +82,13 @@ if str(ROOT) not in sys.path:  # allow `python bench/bench_online.py` without in
 
 from bench.bench_server_mode import ECHO_METHOD, echo_handler, summary  # noqa: E402
 from rewrite._pb.queryrewrite.v1 import rewrite_pb2  # noqa: E402
+from rewrite.config import FULL_PIPELINE as CONFIG_FULL_PIPELINE  # noqa: E402
 from rewrite.config import Settings, load_settings  # noqa: E402
 from rewrite.normalize import normalize_utterance  # noqa: E402
 from rewrite.redis_server import EmbeddedRedis  # noqa: E402
 from rewrite.server import REWRITE_METHOD, RewriteServer  # noqa: E402
 
-FULL_PIPELINE = [
-    "normalize",
-    "precomputed",
-    "encode",
-    "global_retrieval",
-    "personal_retrieval",
-    "rerank",
-    "trigger",
-]
+FULL_PIPELINE = list(CONFIG_FULL_PIPELINE)
 STATS_SERVICE = "qrw.bench.Stats"
 STATS_METHOD = f"/{STATS_SERVICE}/Stats"
 CACHE = ROOT / "var" / "bench"

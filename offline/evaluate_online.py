@@ -66,22 +66,14 @@ from offline.evaluate import (
     replay_evaluate,
 )
 from offline.schema import TurnLog, read_turn_logs
-from rewrite.config import Settings
+from rewrite.config import FULL_PIPELINE, Settings
 from rewrite.normalize import normalize_utterance
 from rewrite.types import ContextTurn, InvalidRequestError, RewriteRequest, RewriteResult
 
 log = logging.getLogger(__name__)
 
 ONLINE_LAYERS = ("global", "personal")
-SERVICE_PIPELINE = [
-    "normalize",
-    "precomputed",
-    "encode",
-    "global_retrieval",
-    "personal_retrieval",
-    "rerank",
-    "trigger",
-]
+SERVICE_PIPELINE = list(FULL_PIPELINE)
 RETRIEVAL_PIPELINE = ["normalize", "encode", "global_retrieval", "personal_retrieval", "rerank"]
 FULL_STACK = "dpr+personal+ranker"
 DEFAULT_K = 10

@@ -92,22 +92,24 @@ class MarkovSettings(BaseModel):
     max_component_states: int = 50_000
 
 
+#: The full service: precomputed pair, else the online layer (``rewrite/online.py``).
+FULL_PIPELINE: tuple[str, ...] = (
+    "normalize",
+    "precomputed",
+    "encode",
+    "global_retrieval",
+    "personal_retrieval",
+    "rerank",
+    "trigger",
+)
+
+
 class ServiceSettings(BaseModel):
     """Online service: pipeline stages (by registry name) and limits."""
 
     host: str = "127.0.0.1"
     port: int = 50051
-    pipeline: list[str] = Field(
-        default_factory=lambda: [
-            "normalize",
-            "precomputed",
-            "encode",
-            "global_retrieval",
-            "personal_retrieval",
-            "rerank",
-            "trigger",
-        ]
-    )
+    pipeline: list[str] = Field(default_factory=lambda: list(FULL_PIPELINE))
     max_utterance_chars: int = 1000
     max_user_id_chars: int = 256
     max_context_turns: int = 20

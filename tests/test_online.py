@@ -17,13 +17,12 @@ import pytest
 import redis
 
 from offline.job import run_nightly
-from rewrite.config import Settings
+from rewrite.config import FULL_PIPELINE, Settings
 from rewrite.rewriter import Rewriter
 from rewrite.types import RewriteRequest
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
-ONLINE = ["normalize", "precomputed", "encode", "global_retrieval", "personal_retrieval",
-          "rerank", "trigger"]  # fmt: skip
+ONLINE = list(FULL_PIPELINE)
 FAIL = "Sorry, I didn't understand that."
 
 
