@@ -146,6 +146,7 @@ class DprSettings(BaseModel):
     top_k: int = 10
     build_index: bool = True
     index_root: Path = Path("var/index")
+    query_cache_size: int = 100_000
 
 
 class RerankSettings(BaseModel):

@@ -105,7 +105,11 @@ class OnlineLayer:
         enc = self._encoders.get(encoder_id)
         if enc is None:
             path = Path(self.settings.dpr.artifacts_dir) / encoder_id
-            enc = QueryEncoder.load(path, threads=self.settings.dpr.threads)
+            enc = QueryEncoder.load(
+                path,
+                threads=self.settings.dpr.threads,
+                cache_size=self.settings.dpr.query_cache_size,
+            )
             if enc.encoder_id != encoder_id:
                 raise ValueError(
                     f"DPR artifact {path} has encoder_id {enc.encoder_id}, expected {encoder_id}"
