@@ -5,7 +5,7 @@
 2. import DSTC2 train and dev; nightly job on train (pairs, catalog, personal histories,
    FAISS index) published to Redis; a ranker trained on that run's rephrase links; replay dev
    against the precomputed pairs alone (in-process) and through the full service over gRPC;
-3. the same for two simulated days of SLURP users: mine day 1, replay day 2;
+3. the same for three simulated days of SLURP users: mine days 1–2, replay day 3;
 4. print example rewrites and the evaluations; stop every server this run started.
 
 Writes ``OUT/summary.json`` with the figures the README quotes.
@@ -229,13 +229,13 @@ def run_demo(
         }
 
         console.print(
-            f"[bold]3.[/bold] simulate 2 days × {users} users from SLURP; nightly on day 1"
+            f"[bold]3.[/bold] simulate 3 days × {users} users from SLURP; nightly on days 1–2"
         )
         sim_dir = out / "sim"
         sim = simulate(
             corpus,
             users=users,
-            days=2,
+            days=3,
             seed=seed,
             out=sim_dir,
             config=SimulatorConfig.from_settings(settings.simulator),
@@ -243,8 +243,8 @@ def run_demo(
         )
         sim_eval, sim_pre, rep_sim = _mine_and_replay(
             "sim",
-            [sim_dir / "day-01.jsonl"],
-            [sim_dir / "day-02.jsonl"],
+            [sim_dir / "day-01.jsonl", sim_dir / "day-02.jsonl"],
+            [sim_dir / "day-03.jsonl"],
             sim_dir / "truth.jsonl",
             settings,
             out,
@@ -253,11 +253,11 @@ def run_demo(
         )
         summary["sim"] = {
             "simulation": {k: v for k, v in sim.__dict__.items() if k != "files"},
-            "nightly_day1": rep_sim.counts,
+            "nightly_mined": rep_sim.counts,
             "online": rep_sim.online,
             "published": rep_sim.publish,
-            "eval_day2_precomputed": sim_pre,
-            "eval_day2_grpc": sim_eval,
+            "eval_heldout_precomputed": sim_pre,
+            "eval_heldout_grpc": sim_eval,
         }
     finally:
         if embedded is not None:
@@ -265,21 +265,21 @@ def run_demo(
             console.print("   embedded Redis stopped")
 
     console.print(_examples_table("DSTC2 dev (via gRPC): example rewrites", dstc2_eval["examples"]))
-    console.print(_examples_table("Simulated day 2 (via gRPC): example rewrites",
+    console.print(_examples_table("Simulated day 3 (via gRPC): example rewrites",
                                   sim_eval["examples"]))  # fmt: skip
     console.print(
         _eval_table(
-            "Replay evaluation (DSTC2: mined from train, dev replayed; sim: day 1 → day 2)",
+            "Replay evaluation (DSTC2: mined from train, dev replayed; sim: days 1–2 → day 3)",
             {
                 "DSTC2 dev, precomputed only": dstc2_pre,
                 "DSTC2 dev, full service (gRPC)": dstc2_eval,
-                "sim day 2, precomputed only": sim_pre,
-                "sim day 2, full service (gRPC)": sim_eval,
+                "sim day 3, precomputed only": sim_pre,
+                "sim day 3, full service (gRPC)": sim_eval,
             },
         )
     )
-    for name, ev in (("simulated day 2, precomputed only", sim_pre),
-                     ("simulated day 2, full service", sim_eval)):  # fmt: skip
+    for name, ev in (("simulated day 3, precomputed only", sim_pre),
+                     ("simulated day 3, full service", sim_eval)):  # fmt: skip
         if ev.get("task_win_loss_ratio_str"):
             console.print(
                 f"{name}, task level (the simulated assistant's NLU as judge): "

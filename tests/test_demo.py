@@ -24,8 +24,8 @@ def test_demo_end_to_end(tmp_path: Path, settings: Settings, clean_redis: object
     summary = json.loads((tmp_path / "summary.json").read_text())
     dstc2, sim = summary["dstc2"], summary["sim"]
     assert dstc2["train_turns"] == 11522 and dstc2["eval_dev"]["turns"] == 3879
-    assert sim["published"]["n_pairs"] == sim["nightly_day1"]["pairs"] > 0
-    pre, ev = sim["eval_day2_precomputed"], sim["eval_day2_grpc"]
+    assert sim["published"]["n_pairs"] == sim["nightly_mined"]["pairs"] > 0
+    pre, ev = sim["eval_heldout_precomputed"], sim["eval_heldout_grpc"]
     assert pre["turns"] > 1000 and pre["by_source"].get("precomputed", 0) == pre["rewritten"] > 0
     assert ev["turns"] == pre["turns"] and ev["errors"] == 0
     # the full service answers the precomputed hits the same way and adds online rewrites
