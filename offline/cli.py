@@ -257,11 +257,8 @@ def train_ranker_cmd(
 ) -> None:
     """Train the LightGBM lambdarank reranker + trigger threshold; point LATEST at it."""
     from offline.rerank_train import (
-        FuzzyCatalogRetriever,
         RankerTrainConfig,
-        build_groups,
-        catalog_from_run,
-        examples_from_run,
+        groups_from_run,
         read_groups,
         train_ranker,
     )
@@ -275,18 +272,7 @@ def train_ranker_cmd(
             source = f"data:{data}"
         else:
             assert run is not None
-            if (run / "index" / "index.json").exists():
-                from offline.rerank_train import RunRetriever, examples_from_rephrases
-
-                retriever: Any = RunRetriever(run, settings)
-                examples = examples_from_rephrases(run)
-                retriever.leave_out(examples)
-                source = f"run:{run} (rephrase links; DPR + FAISS + personal layer)"
-            else:
-                retriever = FuzzyCatalogRetriever(catalog_from_run(run), top_k=top_k)
-                examples = examples_from_run(run)
-                source = f"run:{run} (no index: fuzzy catalog retrieval, char-3gram stand-in)"
-            groups = build_groups(examples, retriever)
+            groups, source = groups_from_run(run, settings, top_k=top_k)
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e

@@ -125,24 +125,16 @@ def _mine_and_replay(
 def _train_ranker(run: Path, settings: Settings, root: Path, console: Console) -> Path | None:
     """LightGBM lambdarank ranker on the run's rephrase links with the serving retrieval
     (:class:`offline.rerank_train.RunRetriever`); None (heuristic ranker) when too few links."""
-    from offline.rerank_train import (
-        RankerTrainConfig,
-        RunRetriever,
-        build_groups,
-        examples_from_rephrases,
-        train_ranker,
-    )
+    from offline.rerank_train import RankerTrainConfig, groups_from_run, train_ranker
 
-    examples = examples_from_rephrases(run)
+    groups: list[Any] = []
     try:
-        retriever = RunRetriever(run, settings)
-        retriever.leave_out(examples)
-        groups = build_groups(examples, retriever)
+        groups, source = groups_from_run(run, settings)
         res = train_ranker(groups, root, RankerTrainConfig(),
                            heuristic_threshold=settings.rerank.heuristic_threshold,
-                           source=f"demo:{run}")  # fmt: skip
+                           source=f"demo {source}")  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
-        console.print(f"   no ranker trained on {len(examples)} rephrase links ({err}); "
+        console.print(f"   no ranker trained on {len(groups)} groups ({err}); "
                       "the heuristic ranker serves")  # fmt: skip
         return None
     test = res.meta.get("metrics", {}).get("test", {}).get("ranker", {})

@@ -15,19 +15,18 @@ rephrased at most once, so rephrases form simple chains.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import jellyfish
 from rapidfuzz import fuzz
 
 from offline.defects import DefectRule
 from offline.sessionize import Session, Turn
 from rewrite.config import DefectSettings, RephraseSettings
+from rewrite.normalize import phonetic_key
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +58,6 @@ class RephraseDetector(Protocol):
 
     def detect(self, turns: Sequence[Turn], sessions: Sequence[Session]) -> RephraseResult:
         """Return links between turns of the same session (earlier → later)."""
-
-
-@functools.lru_cache(maxsize=200_000)
-def phonetic_key(normalized: str) -> str:
-    """Space-joined Metaphone codes of the words of a normalized utterance (jellyfish)."""
-    return " ".join(jellyfish.metaphone(w) or w for w in normalized.split())
 
 
 def similarity(a: str, b: str, phonetic_weight: float = 0.5) -> float:

@@ -1004,3 +1004,26 @@ class RunRetriever:
             cands, texts, counts, last_seen, vecs @ q[0], self.personal_top_k,
             now_s or self.now_s, self.index.lookup,
         )  # fmt: skip
+
+
+def groups_from_run(run_dir: Path, settings: Any, top_k: int = 10) -> tuple[list[RankGroup], str]:
+    """Training groups of a nightly run dir, and a description of how they were built.
+
+    With the run's index: rephrase links (+ negatives, :func:`examples_from_rephrases`)
+    scored with the serving retrieval (:class:`RunRetriever`), each rephrase's own success
+    left out of its user's history. Without one: mined pairs (:func:`examples_from_run`)
+    with :class:`FuzzyCatalogRetriever` (``top_k`` candidates).
+
+    Raises:
+        FileNotFoundError: a file the run needs is missing.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / "index" / "index.json").exists():
+        retriever = RunRetriever(run_dir, settings)
+        examples = examples_from_rephrases(run_dir)
+        retriever.leave_out(examples)
+        groups = build_groups(examples, retriever)
+        return groups, f"run:{run_dir} (rephrase links; DPR + FAISS + personal layer)"
+    fuzzy = FuzzyCatalogRetriever(catalog_from_run(run_dir), top_k=top_k)
+    groups = build_groups(examples_from_run(run_dir), fuzzy)
+    return groups, f"run:{run_dir} (no index: fuzzy catalog retrieval, char-3gram stand-in)"

@@ -1,10 +1,14 @@
 """Text normalization shared by the nightly job (state keys of the Markov chain, Redis pair
-keys) and the online service (lookup keys). One function, so both sides agree byte for byte."""
+keys) and the online service (lookup keys). One function, so both sides agree byte for byte.
+Also the phonetic key both the rephrase baseline and the reranker compare."""
 
 from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
+
+import jellyfish
 
 _APOSTROPHES = str.maketrans({"’": "'", "‘": "'", "`": "'", "´": "'"})
 _NON_WORD = re.compile(r"[^\w' ]+", flags=re.UNICODE)
@@ -30,3 +34,17 @@ def normalize_utterance(text: str) -> str:
     t = _NON_WORD.sub(" ", t).replace("_", " ")
     t = t.replace(" '", " ").replace("' ", " ")
     return _SPACES.sub(" ", t).strip(" '")
+
+
+@lru_cache(maxsize=200_000)
+def phonetic_key(normalized: str) -> str:
+    """Space-joined Metaphone codes of the words of a normalized utterance (jellyfish).
+
+    A word without a code (e.g. digits) stands for itself. Cached (LRU, 200k entries):
+    catalog texts and frequent utterances repeat.
+
+    Example:
+        >>> phonetic_key("weather in wilkerson")
+        'W0R IN WLKRSN'
+    """
+    return " ".join(jellyfish.metaphone(w) or w for w in normalized.split())

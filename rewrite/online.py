@@ -78,9 +78,9 @@ class OnlineLayer:
         self._active_version = active_version
         self._snapshot: OnlineSnapshot | None = None
         self._encoders: dict[str, QueryEncoder] = {}
-        self._tried: set[str] = set()
-        self._no_index: set[str] = set()  # versions published without an online index
-        self._checked: set[str] = set()  # versions whose meta was read by snapshot()
+        self._tried: set[str] = set()  # versions whose index load was attempted
+        # version -> (index_dir, encoder_id), or None when published without an online index
+        self._index_meta: dict[str, tuple[str, str] | None] = {}
         self._loading: threading.Thread | None = None
         self._lock = threading.Lock()
         self.personal: PersonalStore | None = None
@@ -118,20 +118,22 @@ class OnlineLayer:
         return enc
 
     def _index_of(self, version: str) -> tuple[str, str] | None:
-        """``(index_dir, encoder_id)`` from the version's meta (one HGETALL), or None when the
-        version was published without an online index (remembered).
+        """``(index_dir, encoder_id)`` from the version's meta (one HGETALL per version, then
+        remembered), or None when the version was published without an online index.
 
         Raises:
-            redis.RedisError / OSError: Redis failed.
+            redis.RedisError / OSError: Redis failed (nothing is remembered).
         """
+        if version in self._index_meta:
+            return self._index_meta[version]
         meta = self._redis.hgetall(keyspace.meta_key(version))
         index_dir, encoder_id = meta.get("index_dir"), meta.get("encoder_id")
-        if not index_dir or not encoder_id:
+        found = (str(index_dir), str(encoder_id)) if index_dir and encoder_id else None
+        if found is None:
             log.info("version %s has no online index; the online layer is off", version)
-            with self._lock:
-                self._no_index.add(version)
-            return None
-        return str(index_dir), str(encoder_id)
+        with self._lock:
+            self._index_meta[version] = found
+        return found
 
     def _load(self, version: str) -> None:
         """Load ``version``'s index + encoder; on failure keep the current snapshot."""
@@ -174,23 +176,16 @@ class OnlineLayer:
             return current
         if not version or (current is not None and current.version == version):
             return current
-        if version in self._no_index:
+        try:
+            found = self._index_of(version)
+        except Exception as err:  # Redis trouble: keep answering with what we have
+            log.warning("cannot read the meta of version %s: %s", version, err)
+            return current
+        if found is None:
             return None  # the active version deliberately has no online layer
         with self._lock:
             busy = self._loading is not None and self._loading.is_alive()
-            fresh = version not in self._tried and version not in self._checked
-            self._checked.add(version)
-        if fresh:
-            try:
-                if self._index_of(version) is None:
-                    return None
-            except Exception as err:  # Redis trouble: keep answering with what we have
-                log.warning("cannot read the meta of version %s: %s", version, err)
-                with self._lock:
-                    self._checked.discard(version)
-                return current
-        if not busy and version not in self._tried:
-            with self._lock:
+            if not busy and version not in self._tried:
                 self._loading = threading.Thread(
                     target=self._load, args=(version,), name="qrw-index-load", daemon=True
                 )

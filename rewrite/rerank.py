@@ -25,18 +25,16 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
-import jellyfish
 import lightgbm as lgb
 import numpy as np
 from rapidfuzz import fuzz, process
 from rapidfuzz.distance import JaroWinkler
 
 from rewrite.config import RerankSettings
-from rewrite.normalize import normalize_utterance
+from rewrite.normalize import normalize_utterance, phonetic_key
 from rewrite.retrieval import RetrievedCandidate
 from rewrite.types import ContextTurn
 
@@ -87,20 +85,6 @@ FEATURE_NAMES: tuple[str, ...] = (
 N_FEATURES = len(FEATURE_NAMES)
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
 MAX_LEN_DIFF_WORDS = 20.0
-
-
-@lru_cache(maxsize=100_000)
-def phonetic_key(normalized: str) -> str:
-    """Space-joined Metaphone codes of the words of a normalized utterance (jellyfish).
-
-    A word without a code (e.g. digits) stands for itself. Cached (LRU, 100k entries):
-    catalog texts repeat across requests.
-
-    Example:
-        >>> phonetic_key("weather in wilkerson")
-        'W0R IN WLKRSN'
-    """
-    return " ".join(jellyfish.metaphone(w) or w for w in normalized.split())
 
 
 def _context_utterances(context: Sequence[ContextTurn]) -> list[str]:
@@ -212,7 +196,25 @@ def _sigmoid(z: float) -> float:
     return e / (1.0 + e)
 
 
-class Ranker:
+class _FeatureRanker:
+    """:meth:`score` = :meth:`score_matrix` of :func:`feature_matrix` (shared by both rankers)."""
+
+    def score_matrix(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def score(
+        self,
+        query: str,
+        cands: Sequence[RetrievedCandidate],
+        now_s: float,
+        context: Sequence[ContextTurn] = (),
+    ) -> np.ndarray:
+        """``(len(cands),)`` float64 scores (higher better; same scale as
+        ``trigger_threshold``)."""
+        return self.score_matrix(feature_matrix(query, cands, now_s, context))
+
+
+class Ranker(_FeatureRanker):
     """LightGBM lambdarank booster over :data:`FEATURE_NAMES` plus its trigger threshold.
 
     Build with :meth:`load`. ``model_version`` is the artifact's content hash.
@@ -286,17 +288,6 @@ class Ranker:
         out = self.booster.predict(x, num_threads=self.num_threads)
         return np.asarray(out, dtype=np.float64)
 
-    def score(
-        self,
-        query: str,
-        cands: Sequence[RetrievedCandidate],
-        now_s: float,
-        context: Sequence[ContextTurn] = (),
-    ) -> np.ndarray:
-        """``(len(cands),)`` float64 raw scores (higher better; comparable to
-        ``trigger_threshold``)."""
-        return self.score_matrix(feature_matrix(query, cands, now_s, context))
-
     def confidence(self, score: float) -> float:
         """Platt-calibrated probability (fitted on dev) that the top candidate is correct."""
         return _sigmoid(self._platt_a * score + self._platt_b)
@@ -306,7 +297,7 @@ class Ranker:
 HEURISTIC_WEIGHTS = {"dense_cosine": 0.6, "ratio": 0.4, "has_personal": 0.1}
 
 
-class HeuristicRanker:
+class HeuristicRanker(_FeatureRanker):
     """Fallback without a trained model: ``0.6 * dense_cosine + 0.4 * ratio / 100 + 0.1 *
     has_personal`` (the user's own past success breaks near-ties with the global layer).
 
@@ -326,16 +317,6 @@ class HeuristicRanker:
     def score_matrix(self, x: np.ndarray) -> np.ndarray:
         """Weighted sum of two columns of an ``(n, F)`` feature matrix → ``(n,)`` float64."""
         return np.asarray(x, dtype=np.float64) @ self._w
-
-    def score(
-        self,
-        query: str,
-        cands: Sequence[RetrievedCandidate],
-        now_s: float,
-        context: Sequence[ContextTurn] = (),
-    ) -> np.ndarray:
-        """``(len(cands),)`` float64 scores in [-0.6, 1.1]."""
-        return self.score_matrix(feature_matrix(query, cands, now_s, context))
 
     def confidence(self, score: float) -> float:
         """The score clipped to [0, 1]."""

@@ -39,6 +39,7 @@ from offline.rerank_train import (
     write_groups,
 )
 from rewrite.config import RerankSettings
+from rewrite.normalize import phonetic_key
 from rewrite.rerank import (
     FEATURE_NAMES,
     RANKER_META_FILE,
@@ -48,7 +49,6 @@ from rewrite.rerank import (
     candidate_features,
     feature_matrix,
     load_ranker,
-    phonetic_key,
     trigger,
 )
 from rewrite.retrieval import RetrievedCandidate
