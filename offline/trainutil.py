@@ -63,3 +63,17 @@ def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return f
+
+
+def quantize_matmul_int8(fp32: Path, int8: Path) -> Path:
+    """Dynamic int8 quantization of an ONNX graph, MatMul weights only, per output channel:
+    ``onnxruntime.quantization.quantize_dynamic(per_channel=True, weight_type=QInt8,
+    op_types_to_quantize=["MatMul"])`` (onnxruntime docs, "Quantize ONNX models": the mode
+    recommended for transformers on CPU). Activations are quantized at run time; embeddings,
+    LayerNorm, pooling and heads stay fp32. Returns ``int8``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        fp32, int8, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
+    )
+    return int8

@@ -63,7 +63,13 @@ from offline.detector.span_model import (
     pad_batch,
     span_loss,
 )
-from offline.trainutil import linear_warmup_decay, minilm_path, minilm_version, seed_everything
+from offline.trainutil import (
+    linear_warmup_decay,
+    minilm_path,
+    minilm_version,
+    quantize_matmul_int8,
+    seed_everything,
+)
 from rewrite.retrieval import sha256_file
 
 log = logging.getLogger(__name__)
@@ -352,8 +358,6 @@ def export_onnx(model: SpanRephraseModel, renderer: Renderer, out_dir: Path) -> 
     Returns:
         ``(fp32_path, int8_path)``.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     model.eval()
     # two examples of different lengths, so the traced graph sees padding (axes are dynamic)
     probes = [
@@ -387,13 +391,7 @@ def export_onnx(model: SpanRephraseModel, renderer: Renderer, out_dir: Path) -> 
             )
     finally:
         model.config._attn_implementation = attn
-    quantize_dynamic(
-        fp32,
-        int8,
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul"],
-    )
+    quantize_matmul_int8(fp32, int8)
     return fp32, int8
 
 

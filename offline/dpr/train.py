@@ -52,7 +52,13 @@ from transformers import BertModel
 from transformers.utils import logging as hf_logging
 
 from offline.dpr.data import DprDataset, DprPair, dev_groups
-from offline.trainutil import linear_warmup_decay, minilm_path, minilm_version, seed_everything
+from offline.trainutil import (
+    linear_warmup_decay,
+    minilm_path,
+    minilm_version,
+    quantize_matmul_int8,
+    seed_everything,
+)
 from rewrite.encoder import (
     DPR_META,
     INPUT_NAMES,
@@ -435,19 +441,6 @@ def export_tower(tower: Tower, tok: Any, path: Path) -> Path:
     return path
 
 
-def quantize_query(fp32: Path, int8: Path) -> Path:
-    """int8 query tower: ``onnxruntime.quantization.quantize_dynamic(per_channel=True,
-    weight_type=QInt8, op_types_to_quantize=["MatMul"])`` (onnxruntime docs, "Quantize ONNX
-    models"): int8 weights per output channel on MatMul only, activations quantized at run
-    time; embeddings, LayerNorm and pooling stay fp32."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        fp32, int8, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
-    )
-    return int8
-
-
 def onnx_agreement(
     model: BiEncoder, tok: Any, tmp: Path, texts: Sequence[str], max_length: int
 ) -> dict[str, float]:
@@ -474,7 +467,7 @@ def check_int8(tmp: Path, texts: Sequence[str], min_mean_cosine: float) -> dict[
     0.992, p1 ~0.98, min ~0.975 on catalog/dev texts). A failing ``query.int8.onnx`` is deleted;
     :func:`train_dpr` may also drop it when it loses dev recall@1 (see ``max_int8_recall_drop``).
     """
-    quantize_query(tmp / QUERY_ONNX, tmp / QUERY_INT8_ONNX)
+    quantize_matmul_int8(tmp / QUERY_ONNX, tmp / QUERY_INT8_ONNX)
     fp = QueryEncoder.load(tmp, threads=2, quantized=False, cache_size=0).encode(list(texts))
     q8 = QueryEncoder.load(tmp, threads=2, quantized=True, cache_size=0).encode(list(texts))
     cos = np.sum(fp * q8, axis=1)
