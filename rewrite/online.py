@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import Counter
 
-from rewrite import keyspace
+from rewrite import keyspace, metrics
 from rewrite.config import Settings
 from rewrite.encoder import QueryEncoder
 from rewrite.personal import PersonalStore
@@ -315,8 +315,6 @@ class PersonalRetrievalStage(_OnlineStage):
     name = "personal_retrieval"
 
     def run(self, state: RewriteState) -> RewriteState:
-        from rewrite import metrics
-
         layer = _online(self._resources)
         snap = state.online
         assert isinstance(snap, OnlineSnapshot) and layer.personal is not None
