@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from offline.defects import DefectRule
+from offline.defects import DefectRule, label_turns
 from offline.rephrase import RephraseLink
 from offline.sessionize import Session, Turn
 from rewrite.config import CatalogSettings
@@ -134,15 +134,8 @@ def turn_success(
     Returns:
         ``(len(turns),)`` bool array, True = success.
     """
-    rephrased = {lk.earlier for lk in links}
-    last_in_session = {s.turns[-1] for s in sessions if s.turns}
-    ok = np.zeros(len(turns), dtype=bool)
-    for i, t in enumerate(turns):
-        lab = rule.label(
-            t.response, t.barge_in, t.feedback, t.idx in rephrased, t.idx in last_in_session
-        )
-        ok[i] = not lab.defect
-    return ok
+    labels = label_turns(turns, sessions, links, rule)
+    return np.fromiter((not lab.defect for lab in labels), dtype=bool, count=len(labels))
 
 
 def _most_common(tbl: pa.Table, column: str) -> dict[str, str]:

@@ -18,9 +18,15 @@ Self-Learning in Large-Scale Conversational AI Agents", AAAI 2020.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rewrite.config import DefectSettings
+
+if TYPE_CHECKING:
+    from offline.rephrase import RephraseLink
+    from offline.sessionize import Session, Turn
 
 
 @dataclass(frozen=True)
@@ -75,3 +81,29 @@ class DefectRule:
         if failed and last_in_session:
             reasons.append("abandoned")
         return DefectLabel(bool(reasons), tuple(reasons))
+
+
+def label_turns(
+    turns: Sequence[Turn],
+    sessions: Sequence[Session],
+    links: Sequence[RephraseLink],
+    rule: DefectRule,
+) -> list[DefectLabel]:
+    """Label every turn with the defect rule — the one place the job (absorbing states, catalog
+    success) and A/B defect labelling get their labels from.
+
+    Args:
+        turns: the job's turns (``turns[i].idx == i``).
+        sessions: their sessions (for ``last_in_session``).
+        links: rephrase links from the detector (``earlier`` is rephrased by ``later``).
+        rule: the configured :class:`DefectRule`.
+
+    Returns:
+        ``len(turns)`` labels, in turn order.
+    """
+    rephrased = {lk.earlier for lk in links}
+    last_in_session = {s.turns[-1] for s in sessions if s.turns}
+    return [
+        rule.label(t.response, t.barge_in, t.feedback, t.idx in rephrased, t.idx in last_in_session)
+        for t in turns
+    ]

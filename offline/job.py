@@ -2,7 +2,8 @@
 absorbing Markov chain → rewrite pairs → catalog + personal histories → (publish).
 
 Writes into ``RUN_DIR``: ``pairs.parquet`` (source, rewrite, absorption_probability,
-support, n_users), ``rephrases.parquet`` (detected links), ``catalog.parquet`` (the global
+support, n_users), ``rephrases.parquet`` (detected links), ``defects.parquet`` (every turn's
+defect label and reasons), ``catalog.parquet`` (the global
 catalog of rewrite targets, :mod:`offline.catalog`), ``personal.parquet`` (per-user
 successful utterances, pseudonymous user keys), ``quarantine.jsonl`` and ``report.json``
 (counts per stage, timings in seconds, quarantined rows).
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from offline.catalog import build_catalog, write_catalog, write_personal
-from offline.defects import DefectRule
+from offline.defects import DefectRule, label_turns
 from offline.markov import RephraseChain, RewritePair, mine_pairs
 from offline.online_build import OnlineBuild, build_online, install_index
 from offline.publish import connect, content_hash, publish_pairs
@@ -64,6 +65,13 @@ REPHRASES_SCHEMA = pa.schema(
 )
 
 
+#: ``defects.parquet``: every valid turn's label under the shared defect rule
+#: (:func:`offline.defects.label_turns`); ``reasons`` comma-joined, ``''`` for a success.
+DEFECTS_SCHEMA = pa.schema(
+    [("turn_id", pa.string()), ("defect", pa.bool_()), ("reasons", pa.string())]
+)
+
+
 @dataclass
 class NightlyReport:
     """What ``report.json`` holds."""
@@ -94,16 +102,12 @@ def build_chains(
     """
     next_of = {lk.earlier: lk.later for lk in links}
     has_prev = {lk.later for lk in links}
-    last_in_session = {s.turns[-1] for s in sessions}
+    labels = label_turns(turns, sessions, links, rule)
     reasons: Counter[str] = Counter()
-    defective: dict[int, bool] = {}
-    for t in turns:
-        lab = rule.label(
-            t.response, t.barge_in, t.feedback, t.idx in next_of, t.idx in last_in_session
-        )
-        defective[t.idx] = lab.defect
+    for lab in labels:
         reasons.update(lab.reasons)
         reasons["defect" if lab.defect else "success"] += 1
+    defective = [lab.defect for lab in labels]
     chains: list[RephraseChain] = []
     for s in sessions:
         for start in s.turns:
@@ -218,6 +222,19 @@ def run_nightly(
         ),
         out / "rephrases.parquet",
     )
+    with _timed(timings, "defects"):
+        labels = label_turns(turns, sessions, detected.links, DefectRule(settings.defects))
+        pq.write_table(
+            pa.Table.from_pydict(
+                {
+                    "turn_id": [t.turn_id for t in turns],
+                    "defect": [lab.defect for lab in labels],
+                    "reasons": [",".join(lab.reasons) for lab in labels],
+                },
+                schema=DEFECTS_SCHEMA,
+            ),
+            out / "defects.parquet",
+        )
     with _timed(timings, "chains"):
         chains, defect_reasons = build_chains(
             turns, sessions, detected.links, DefectRule(settings.defects)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -195,6 +195,58 @@ class PrivacySettings(BaseModel):
     user_key: str = Field(default=DEV_USER_KEY, repr=False, min_length=1)
 
 
+#: The layers an arm may use: ``precomputed`` pairs, the online ``global`` layer, the online
+#: ``personal`` layer. ``control`` uses none (no rewrite).
+LAYERS = ("precomputed", "global", "personal")
+
+
+class ArmSettings(BaseModel):
+    """One experiment arm: its share of users and the rewrite layers it applies."""
+
+    share: float = Field(ge=0.0, le=1.0)
+    layers: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _known_layers(self) -> ArmSettings:
+        unknown = [x for x in self.layers if x not in LAYERS]
+        if unknown:
+            raise ValueError(f"unknown layer(s) {unknown}; known: {list(LAYERS)}")
+        return self
+
+
+def _default_arms() -> dict[str, ArmSettings]:
+    return {
+        "control": ArmSettings(share=0.25, layers=[]),
+        "precomputed": ArmSettings(share=0.25, layers=["precomputed"]),
+        "global": ArmSettings(share=0.25, layers=["precomputed", "global"]),
+        "global_personal": ArmSettings(share=0.25, layers=list(LAYERS)),
+    }
+
+
+class ExperimentSettings(BaseModel):
+    """A/B experiment: arms with traffic shares; users are assigned by a salted hash.
+
+    With ``enabled: false`` every request gets ``default_arm`` unless it names an arm.
+    """
+
+    enabled: bool = False
+    name: str = "rewrite-ab"
+    salt: str = "qrw-ab-v1"
+    default_arm: str = "global_personal"
+    arms: dict[str, ArmSettings] = Field(default_factory=_default_arms)
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentSettings:
+        if not self.arms:
+            raise ValueError("experiment.arms must not be empty")
+        if self.default_arm not in self.arms:
+            raise ValueError(f"default_arm {self.default_arm!r} is not one of {list(self.arms)}")
+        total = sum(a.share for a in self.arms.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"experiment arm shares must sum to 1 (got {total:.6f})")
+        return self
+
+
 class Settings(BaseSettings):
     """All settings of qrw. Build with :func:`load_settings`."""
 
@@ -215,6 +267,7 @@ class Settings(BaseSettings):
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     rerank: RerankSettings = Field(default_factory=RerankSettings)
     dpr: DprSettings = Field(default_factory=DprSettings)
+    experiment: ExperimentSettings = Field(default_factory=ExperimentSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -255,6 +255,10 @@ def _online(resources: Resources) -> OnlineLayer:
     return layer
 
 
+#: Arm layers served by the online stages (an arm with neither stops after ``precomputed``).
+_ONLINE_LAYERS = frozenset({"global", "personal"})
+
+
 class _OnlineStage:
     """Shared shape of the online stages: light ``__init__`` (keeps the resources), heavy
     ``warm_up`` (the shared :class:`OnlineLayer`)."""
@@ -279,6 +283,9 @@ class EncodeStage(_OnlineStage):
     name = "encode"
 
     def run(self, state: RewriteState) -> RewriteState:
+        if not state.layers & _ONLINE_LAYERS:
+            state.reason, state.done = "arm_without_online_layers", True
+            return state
         snap = _online(self._resources).snapshot()
         if snap is None:
             state.reason, state.done = "online_unavailable", True
@@ -296,6 +303,8 @@ class GlobalRetrievalStage(_OnlineStage):
     def run(self, state: RewriteState) -> RewriteState:
         snap = state.online
         assert isinstance(snap, OnlineSnapshot) and state.query_vector is not None
+        if "global" not in state.layers:
+            return state
         k = self._resources.settings.dpr.top_k
         state.retrieved = list(snap.index.search(state.query_vector[None, :], k)[0])
         return state
@@ -318,6 +327,8 @@ class PersonalRetrievalStage(_OnlineStage):
         layer = _online(self._resources)
         snap = state.online
         assert isinstance(snap, OnlineSnapshot) and layer.personal is not None
+        if "personal" not in state.layers:
+            return state
         try:
             hist = layer.personal.history(state.request.user_id, version=snap.version)
         except StoreUnavailableError:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from rewrite import metrics
-from rewrite.config import Settings
+from rewrite.config import LAYERS, Settings
 from rewrite.normalize import normalize_utterance
 from rewrite.store import PairHit, StoreUnavailableError
 from rewrite.types import Candidate, RewriteRequest
@@ -30,6 +30,8 @@ class RewriteState:
     """Mutable per-request state passed through the stages."""
 
     request: RewriteRequest
+    arm: str = ""  # the experiment arm applied (rewrite.experiment)
+    layers: frozenset[str] = frozenset(LAYERS)  # the rewrite layers the arm may use
     normalized: str = ""
     rewrite: str | None = None
     source: str = "none"
@@ -99,6 +101,9 @@ class NormalizeStage:
 class PrecomputedStage:
     """Exact-key lookup of a precomputed (absorbing-Markov-chain) pair in Redis.
 
+    Skipped (only the active version is read) when the request's arm lacks the
+    ``precomputed`` layer.
+
     On a Redis failure it records ``reason="store_unavailable"`` and finishes the request as a
     pass-through (the caller never sees the error).
     """
@@ -115,6 +120,13 @@ class PrecomputedStage:
     def run(self, state: RewriteState) -> RewriteState:
         store = self._resources.pair_store
         assert store is not None, "warm_up() not called"
+        if "precomputed" not in state.layers:
+            try:
+                state.model_version = store.active_version() or ""
+            except StoreUnavailableError:
+                metrics.STORE_ERRORS.inc()
+                state.reason, state.done = "store_unavailable", True
+            return state
         try:
             hit = store.lookup(state.normalized)
         except StoreUnavailableError:

@@ -13,6 +13,7 @@ import time
 import rewrite.online  # noqa: F401  (registers the online stages)
 from rewrite import metrics
 from rewrite.config import Settings, load_settings
+from rewrite.experiment import ArmAssigner
 from rewrite.pipeline import PairLookup, Resources, RewriteState, Stage, build_pipeline
 from rewrite.redis_server import resolve_redis_url
 from rewrite.store import PairStore
@@ -48,6 +49,7 @@ class Rewriter:
             )
         self.resources = Resources(settings=settings, pair_store=pair_store)
         self.stages: list[Stage] = build_pipeline(settings.service.pipeline, self.resources)
+        self.arms = ArmAssigner(settings.experiment)
         self._warm = False
 
     @classmethod
@@ -67,7 +69,8 @@ class Rewriter:
 
         Raises:
             InvalidRequestError: empty/oversized utterance or user id, control characters,
-                too many context turns, negative ``seconds_ago``.
+                too many context turns, negative ``seconds_ago``; (at :meth:`rewrite`) an
+                unknown experiment arm.
         """
         svc = self.settings.service
         if not request.utterance or not request.utterance.strip():
@@ -104,22 +107,26 @@ class Rewriter:
         t0 = time.perf_counter()
         try:
             self.validate(request)
+            arm = self.arms.resolve(request.user_id, request.arm)
         except InvalidRequestError:
             metrics.INVALID.inc()
             raise
         if not self._warm:
             self.warm_up()
-        state = RewriteState(request=request)
-        for stage in self.stages:
-            state = stage.run(state)
-            if state.done:
-                break
+        state = RewriteState(request=request, arm=arm.name, layers=arm.layers)
+        if not arm.layers:
+            state.reason = "control_arm"
+        else:
+            for stage in self.stages:
+                state = stage.run(state)
+                if state.done:
+                    break
         rewritten = state.rewrite is not None
         if not rewritten and not state.reason:
             state.reason = "below_threshold"
         latency_ms = (time.perf_counter() - t0) * 1000.0
         metrics.LATENCY.observe(latency_ms / 1000.0)
-        metrics.REQUESTS.labels(state.source, request.arm or "default").inc()
+        metrics.REQUESTS.labels(state.source, arm.name).inc()
         if not rewritten:
             metrics.PASS_THROUGH.labels(state.reason).inc()
         return RewriteResult(
@@ -129,7 +136,7 @@ class Rewriter:
             confidence=state.confidence if rewritten else 0.0,
             model_version=state.model_version,
             normalized=state.normalized,
-            arm=request.arm,
+            arm=arm.name,
             reason="" if rewritten else state.reason,
             candidates=tuple(state.candidates) if request.explain else (),
             latency_ms=latency_ms,

@@ -102,6 +102,23 @@ def test_global_fix_for_everyone_personal_fix_for_the_user_with_history(
         # something unrelated is not forced onto a catalog entry
         other = rewriter.rewrite(RewriteRequest("set a timer for ten minutes", user_id="alice"))
         assert not other.rewritten and other.reason == "below_threshold"
+        # experiment arms: bob's own fix needs the personal layer; control rewrites nothing
+        by_arm = {
+            arm: rewriter.rewrite(RewriteRequest(query, user_id="bob", arm=arm))
+            for arm in ("control", "precomputed", "global", "global_personal")
+        }
+        assert {a: r.arm for a, r in by_arm.items()} == {a: a for a in by_arm}
+        assert not by_arm["control"].rewritten and by_arm["control"].reason == "control_arm"
+        assert not by_arm["precomputed"].rewritten
+        assert by_arm["precomputed"].reason == "arm_without_online_layers"
+        assert (by_arm["global"].rewrite, by_arm["global"].source) == (
+            "what's the weather in wilmington",
+            "global",
+        )
+        assert (by_arm["global_personal"].rewrite, by_arm["global_personal"].source) == (
+            "what's the weather in wilkesboro",
+            "personal",
+        )
     finally:
         rewriter.close()
 

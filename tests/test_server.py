@@ -260,6 +260,11 @@ def _invalid_cases(settings: Settings) -> list[tuple[str, rewrite_pb2.RewriteReq
             ),
             "context[0].seconds_ago must be >= 0",
         ),
+        (
+            "unknown arm",
+            rewrite_pb2.RewriteRequest(utterance="play jazz", user_id="u", arm="bogus"),
+            "unknown arm 'bogus'",
+        ),
     ]
 
 
@@ -373,7 +378,7 @@ def test_client_round_trips_context_turns(settings: Settings, published: str) ->
         ),
         device_id="echo-42",
         locale="en-US",
-        arm="treatment",
+        arm="global",
         explain=True,
         request_id="req-77",
     )
@@ -385,7 +390,7 @@ def test_client_round_trips_context_turns(settings: Settings, published: str) ->
     rewriter.close()
     assert rewriter.requests == [sent]
     assert result.request_id == "req-77"
-    assert result.arm == "treatment"
+    assert result.arm == "global"
     assert result.rewrite == "play songs by adele"
     assert len(result.candidates) == 1
 
