@@ -29,6 +29,8 @@ app.add_typer(import_app, name="import")
 app.add_typer(redis_app, name="redis")
 train_app = typer.Typer(help="Train the models (artifacts under artifacts/, content-hashed).")
 app.add_typer(train_app, name="train")
+ab_app = typer.Typer(help="A/B experiment analysis (outcomes store: DuckDB over Parquet).")
+app.add_typer(ab_app, name="ab")
 console = Console(width=None if sys.stdout.isatty() else 120)
 
 ConfigOpt = Annotated[
@@ -527,6 +529,111 @@ def demo(
     settings = _settings(config)
     code = run_demo(settings, data_root=data_root, out=out, users=users, seed=seed, console=console)
     raise typer.Exit(code)
+
+
+def _day_range(days: str | None) -> tuple[int, int] | None:
+    if not days:
+        return None
+    first, _, last = days.partition("-")
+    try:
+        lo, hi = int(first), int(last or first)
+    except ValueError:
+        raise typer.BadParameter(f"days must look like 2-5 or 3 (got {days!r})") from None
+    if lo < 1 or hi < lo:
+        raise typer.BadParameter(f"days must be an increasing range of days >= 1 (got {days!r})")
+    return lo, hi
+
+
+def _shares(settings: Settings) -> dict[str, float]:
+    return {name: arm.share for name, arm in settings.experiment.arms.items()}
+
+
+@app.command()
+def experiment(
+    data_root: Annotated[Path, typer.Option(help="folder with slurp/")] = Path("../shared/data"),
+    out: Annotated[Path, typer.Option(help="experiment folder")] = Path("runs/experiment"),
+    name: Annotated[str, typer.Option(help="experiment name (assignment hash)")] = "rewrite-ab",
+    users: Annotated[int, typer.Option(help="simulated users")] = 2000,
+    days: Annotated[int, typer.Option(help="experiment days")] = 5,
+    warmup_days: Annotated[int, typer.Option(help="days before, no rewriting")] = 1,
+    window_days: Annotated[
+        int, typer.Option(help="nightly learns from the last N days; 0 = all")
+    ] = 0,
+    seed: Annotated[int, typer.Option()] = 7,
+    no_ranker: Annotated[bool, typer.Option(help="serve the heuristic ranker")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Closed-loop A/B experiment: simulated users day by day through the real gRPC service,
+    the nightly job after each day; per-turn outcomes to OUT/outcomes, report to
+    OUT/report.json (README "A/B experiments")."""
+    from offline.ab.loop import ExperimentPlan, run_experiment
+    from offline.ab.report import render_report
+    from rewrite.redis_server import EmbeddedRedis
+
+    settings = _settings(config)
+    plan = ExperimentPlan(
+        name=name,
+        users=users,
+        days=days,
+        warmup_days=warmup_days,
+        seed=seed,
+        window_days=window_days or None,
+        train_ranker=not no_ranker,
+    )
+    embedded: EmbeddedRedis | None = None
+    if not settings.redis.url:
+        embedded = EmbeddedRedis(settings.redis.data_dir, port=settings.redis.port)
+        embedded.start()
+        settings.redis.url = embedded.url
+    try:
+        res = run_experiment(
+            settings, data_root / "slurp" / "utterances.jsonl", out, plan, console=console
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    render_report(res.report, console)
+    console.print(f"outcomes: {res.store_root}; report: {out / 'report.json'}; "
+                  f"{res.seconds / 60:.1f} min")  # fmt: skip
+
+
+@ab_app.command("report")
+def ab_report(
+    store: Annotated[Path, typer.Option(help="outcomes store root")] = Path(
+        "runs/experiment/outcomes"
+    ),
+    experiment_name: Annotated[str, typer.Option("--experiment")] = "rewrite-ab",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+    days: Annotated[str | None, typer.Option(help="day range, e.g. 2-5")] = None,
+    domain: Annotated[list[str] | None, typer.Option(help="domain filter (repeat)")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Per arm and day: defect rate [95% CI], relative reduction vs control [CI], p-value,
+    win/loss, trigger rate, top rewrites, sample-ratio-mismatch check."""
+    from offline.ab.report import report_command
+
+    settings = _settings(config)
+    report_command(store, experiment_name, json_out, _day_range(days), domain or [],
+                   _shares(settings), console)  # fmt: skip
+
+
+@app.command()
+def dashboard(
+    store: Annotated[Path, typer.Option(help="outcomes store root")] = Path(
+        "runs/experiment/outcomes"
+    ),
+    experiment_name: Annotated[str, typer.Option("--experiment")] = "rewrite-ab",
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 8050,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve the A/B defect dashboard (Dash) on 127.0.0.1 until interrupted."""
+    from offline.ab.dashboard import create_app, serve
+    from offline.ab.store import OutcomeStore
+
+    settings = _settings(config)
+    app_ = create_app(OutcomeStore(store), experiment_name, shares=_shares(settings))
+    console.print(f"dashboard on http://127.0.0.1:{port}/ (Ctrl-C stops)")
+    serve(app_, host="127.0.0.1", port=port)
 
 
 def main() -> None:

@@ -107,7 +107,7 @@ def _mine_and_replay(
         f"{rep.publish.get('n_personal_users', 0)} personal histories)"
     )
     served = settings.model_copy(deep=True)
-    ranker = _train_ranker(run, settings, out / "rankers" / name, console)
+    ranker = train_run_ranker(run, settings, out / "rankers" / name, console)
     served.rerank.artifact = ranker
     pre = replay_evaluate(heldout_logs, truth, rewriter_for_run(run, settings).rewrite,
                           success_fn=success_fn).to_dict()  # fmt: skip
@@ -122,7 +122,7 @@ def _mine_and_replay(
     return full, pre, rep
 
 
-def _train_ranker(run: Path, settings: Settings, root: Path, console: Console) -> Path | None:
+def train_run_ranker(run: Path, settings: Settings, root: Path, console: Console) -> Path | None:
     """LightGBM lambdarank ranker on the run's rephrase links with the serving retrieval
     (:class:`offline.rerank_train.RunRetriever`); None (heuristic ranker) when too few links."""
     from offline.rerank_train import RankerTrainConfig, groups_from_run, train_ranker

@@ -82,3 +82,13 @@ def grpc_server(settings: Settings) -> Iterator[RewriteServer]:
         yield server
     finally:
         server.stop(grace_s=1.0)
+
+
+@pytest.fixture(scope="session")
+def dpr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the zero-shot DPR artifact (exported once per session)."""
+    from offline.dpr.train import export_zero_shot
+
+    root = tmp_path_factory.mktemp("dpr")
+    export_zero_shot(root)
+    return root

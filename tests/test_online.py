@@ -32,16 +32,6 @@ def _row(tid: str, user: str, sec: float, utt: str, response: str = "Here you go
                        "response": response})  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def dpr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding the zero-shot DPR artifact (exported once per session)."""
-    from offline.dpr.train import export_zero_shot
-
-    root = tmp_path_factory.mktemp("dpr")
-    export_zero_shot(root)
-    return root
-
-
 @pytest.fixture
 def online_settings(
     settings: Settings, dpr_dir: Path, tmp_path: Path, clean_redis: redis.Redis

@@ -290,7 +290,9 @@ def test_rewrite_fn_fixes_known_corruption(run: Run, tmp_path: Path) -> None:
         assert r["arm"] == "treatment"
         if r["utterance"] == bad:
             assert r["rewrite"] == good and t["outcome"] == "success"
+            assert t["original_outcome"] == "not_understood"  # the win/loss judge's baseline
         else:
+            assert t["original_outcome"] == t["outcome"]
             assert "rewrite" not in r and "rewrite_source" not in r
     assert summary.rewrites == sum("rewrite" in r for r in rw.turns) > 0
     assert summary.defects < run.summary.defects

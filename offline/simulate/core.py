@@ -547,6 +547,8 @@ class Simulator:
                         if res.model_version:
                             row["model_version"] = res.model_version
                     outcome, key = self.understand(acted_on, goal)
+                    # what the request without the rewrite would have done (win/loss judge)
+                    original = self.understand(heard.text, goal)[0] if rewritten else outcome
                     intent: str | None
                     scenario: str | None
                     if outcome == OUTCOME_SUCCESS:
@@ -589,6 +591,7 @@ class Simulator:
                         "session_id": session_id,
                         "goal_id": goal.goal_id,
                         "intent": goal.intent,
+                        "domain": goal.scenario,
                         "intended_text": said.text,
                         "defective": defective,
                         "outcome": outcome,
@@ -596,6 +599,7 @@ class Simulator:
                         "error_type": heard.error_type,
                         "asr_mode": heard.mode,
                         "rewritten": rewritten,
+                        "original_outcome": original,
                         "abandoned": give_up,
                     }
                     rows.append((ms, turn_id, row, truth))
@@ -652,9 +656,11 @@ def simulate(
     Writes ``out/day-01.jsonl`` ... (turn-log schema v1, one row per turn, sorted by
     timestamp; valid under :class:`offline.schema.TurnValidator`) and ``out/truth.jsonl``
     (one row per turn, same order: ``turn_id``, ``user_id``, ``day``, ``session_id``,
-    ``goal_id``, ``intent``, ``intended_text``, ``defective``, ``outcome``, ``rephrase_of``
+    ``goal_id``, ``intent``, ``domain`` (the goal's SLURP scenario), ``intended_text``,
+    ``defective``, ``outcome``, ``rephrase_of``
     (the failed turn this one rephrases, or null), ``error_type``, ``asr_mode``,
-    ``rewritten``, ``abandoned``). Same corpus, seed and arguments give byte-identical files.
+    ``rewritten``, ``original_outcome`` (the outcome without the rewrite; equals ``outcome``
+    when not rewritten), ``abandoned``). Same corpus, seed and arguments give byte-identical files.
 
     Args:
         corpus: SLURP ``utterances.jsonl`` (Bastianelli et al., EMNLP 2020).
