@@ -411,7 +411,7 @@ def rewrite_cmd(
 @app.command()
 def evaluate(
     kind: Annotated[
-        str, typer.Argument(help="replay (default) | detector | downstream | online")
+        str, typer.Argument(help="replay (default) | detector | downstream | online | defects")
     ] = "replay",
     logs: Annotated[list[Path] | None, typer.Option("--logs", help="held-out turn logs")] = None,
     truth: Annotated[
@@ -445,8 +445,34 @@ def evaluate(
     downstream`: mine pairs with each detector, replay DSTC2 dev and a held-out simulated
     day. `qrw evaluate online`: retrieval recall@1/5 and MRR of BM25, SymSpell, zero-shot
     MiniLM, fine-tuned DPR and the full online stack; trigger rate, precision at trigger and
-    the service's win/loss on the same sources."""
+    the service's win/loss on the same sources. `qrw evaluate defects`: precision, recall, F1
+    and kappa of the implicit-feedback defect rule against simulated truth and DSTC2 dev."""
     settings = _settings(config)
+    if kind == "defects":
+        from rich.table import Table
+
+        from offline.ab.agreement import agreement_to_json, run_defect_evaluation
+
+        root = Path(data_root or settings.data_root)
+        agreements = run_defect_evaluation(settings, root, Path("runs") / "downstream", users=users)
+        table = Table(title=f"Defect rule vs reference ({settings.rephrase.detector} detector)")
+        for col in ("source", "turns", "true rate", "rule rate", "precision", "recall", "F1",
+                    "kappa"):  # fmt: skip
+            table.add_column(col, justify="left" if col == "source" else "right")
+        for r in agreements:
+            table.add_row(r.source, str(r.turns), f"{r.true_rate:.3f}", f"{r.predicted_rate:.3f}",
+                          f"{r.precision:.3f}", f"{r.recall:.3f}", f"{r.f1:.3f}",
+                          f"{r.kappa:.3f}")  # fmt: skip
+        console.print(table)
+        for r in agreements:
+            console.print(f"{r.source} signals: " + ", ".join(
+                f"{k} {v['fired']:.0f} (precision {v['precision']:.2f})"
+                for k, v in r.by_reason.items() if k not in ("defect", "success")))  # fmt: skip
+        out_path = out or Path("runs") / "evaluate_defects.json"
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(agreement_to_json(agreements), indent=2))
+        console.print(f"JSON report: {out_path}")
+        return
     if kind == "downstream":
         from offline.detector.downstream import downstream_compare, standard_sources
 
@@ -490,7 +516,7 @@ def evaluate(
             out.write_text(json.dumps(metrics_to_json(rows), indent=2))
         return
     if kind != "replay":
-        raise typer.BadParameter("kind must be replay, detector, downstream or online")
+        raise typer.BadParameter("kind must be replay, detector, downstream, online or defects")
     from offline.evaluate import replay_evaluate, rewriter_for_run
 
     if not logs or truth is None:
