@@ -199,10 +199,18 @@ def train_dpr_cmd(
     out: Annotated[
         Path | None, typer.Option(help="artifacts dir (default dpr.artifacts_dir)")
     ] = None,
+    query_layers: Annotated[
+        int, typer.Option(help="then distil the query tower to this many layers (0 = keep 6)")
+    ] = 0,
+    distill_logs: Annotated[
+        list[Path] | None,
+        typer.Option(help="turn logs to distil on (default: the run's logs)"),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Fine-tune the DPR query/passage encoders on a run's rewrite pairs (or export zero-shot
-    MiniLM); ONNX towers under artifacts/dpr/<hash>/, LATEST points at it."""
+    MiniLM); ONNX towers under artifacts/dpr/<hash>/, LATEST points at it. With
+    --query-layers N a shallower query tower is distilled from it (same passage tower)."""
     from offline.dpr.train import DprTrainConfig, train_from_run
 
     settings = _settings(config)
@@ -222,12 +230,28 @@ def train_dpr_cmd(
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
+    if query_layers:
+        from offline.dpr.distill import DistillConfig, distill_query_tower
+        from offline.schema import read_turn_logs
+
+        logs = list(distill_logs or [])
+        if not logs and run is not None:
+            logs = [Path(p) for p in json.loads((run / "report.json").read_text())["logs"]]
+        if not logs:
+            raise typer.BadParameter("--query-layers needs --distill-logs (or --run)")
+        texts = [t.utterance for t in read_turn_logs(logs).turns]
+        try:
+            res = distill_query_tower(res.artifact, texts, out or settings.dpr.artifacts_dir,
+                                      DistillConfig(layers=query_layers))  # fmt: skip
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from e
     m = res.meta
     _print_json(
         {
             "artifact": str(res.artifact),
             "encoder_id": m["encoder_id"],
             "variant": m.get("variant"),
+            "distill": m.get("distill"),
             "reused": res.reused,
             "data": m.get("data"),
             "zero_shot_dev": m.get("zero_shot_dev"),
