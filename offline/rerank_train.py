@@ -30,6 +30,7 @@ trigger rate of the ranker at the chosen threshold.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -55,8 +56,11 @@ from rewrite.rerank import (
     FEATURE_NAMES,
     RANKER_META_FILE,
     RANKER_MODEL_FILE,
+    TRIGGER_FEATURE_NAMES,
+    TRIGGER_MODEL_FILE,
     HeuristicRanker,
     feature_matrix,
+    trigger_features,
 )
 from rewrite.retrieval import RetrievedCandidate
 from rewrite.types import ContextTurn
@@ -592,16 +596,119 @@ def _dataset(gm: GroupMatrix, reference: lgb.Dataset | None = None) -> lgb.Datas
     )
 
 
+def trigger_rows(groups: Sequence[RankGroup], gm: GroupMatrix, scores: np.ndarray) -> np.ndarray:
+    """Trigger-model inputs, one row per group (:func:`rewrite.rerank.trigger_features` of its
+    top candidate under ``scores``): ``(G, len(TRIGGER_FEATURE_NAMES))`` float32; groups
+    without candidates get zeros (they are never eligible)."""
+    out = np.zeros((len(groups), len(TRIGGER_FEATURE_NAMES)), dtype=np.float32)
+    for gi in range(len(groups)):
+        lo, hi = int(gm.offsets[gi]), int(gm.offsets[gi + 1])
+        if hi == lo:
+            continue
+        s = scores[lo:hi]
+        order = np.argsort(-s, kind="stable")
+        out[gi] = trigger_features(gm.x[lo + int(order[0])], s[order])[0]
+    return out
+
+
+@dataclass
+class TriggerModel:
+    """The trigger model of :func:`fit_trigger_model` and how it did out of fold on dev."""
+
+    booster: lgb.Booster
+    model_str: str
+    threshold: float
+    met: bool
+    oof: np.ndarray  # (G,) out-of-fold probabilities of the dev groups (-inf: not eligible)
+    params: dict[str, Any]
+
+
+def _trigger_params(config: RankerTrainConfig) -> dict[str, Any]:
+    return {
+        "objective": "binary",
+        "learning_rate": 0.05,
+        "num_leaves": 7,
+        "min_data_in_leaf": 10,
+        "lambda_l2": 1.0,
+        "seed": config.seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": config.num_threads,
+        "verbosity": -1,
+    }
+
+
+def fit_trigger_model(
+    groups: Sequence[RankGroup],
+    gm: GroupMatrix,
+    scores: np.ndarray,
+    config: RankerTrainConfig,
+    folds: int = 5,
+    rounds: int = 150,
+) -> TriggerModel | None:
+    """Train the trigger model on held-out groups (dev): a LightGBM binary classifier of
+    "the top candidate under the ranker is a correct, different rewrite" over
+    :data:`rewrite.rerank.TRIGGER_FEATURE_NAMES`, with the threshold for
+    ``config.target_precision`` chosen on out-of-fold probabilities (``folds`` folds by user,
+    so no user is in both halves), then refitted on all eligible groups.
+
+    Lambdarank scores only order candidates within a query; this model turns the top one into
+    a probability that is comparable across queries, and it learns from the groups whose query
+    needs no rewrite (negatives) which a lambdarank loss never sees.
+
+    Returns:
+        None when fewer than 10 correct or 10 wrong eligible top candidates exist.
+    """
+    tc = top_choices(groups, scores, gm.offsets)
+    x = trigger_rows(groups, gm, scores)
+    elig = tc.eligible.copy()
+    y = tc.correct.astype(np.float64)
+    if int(y[elig].sum()) < 10 or int((1 - y[elig]).sum()) < 10:
+        log.warning("too few eligible dev groups for a trigger model (%d)", int(elig.sum()))
+        return None
+    params = _trigger_params(config)
+    fold = np.array(
+        [int(hashlib.sha256(g.user.encode()).hexdigest()[:8], 16) % folds for g in groups]
+    )
+    oof = np.full(len(groups), -np.inf)
+    for f in range(folds):
+        tr, te = elig & (fold != f), elig & (fold == f)
+        if not te.any() or len(np.unique(y[tr])) < 2:
+            continue
+        b = lgb.train(params, lgb.Dataset(x[tr], label=y[tr], params={"verbosity": -1}), rounds)
+        oof[te] = b.predict(x[te], num_threads=config.num_threads)
+    threshold, met = choose_threshold(
+        TopChoice(oof, tc.correct, elig & np.isfinite(oof), tc.rank, tc.positive),
+        config.target_precision,
+    )
+    booster = lgb.train(
+        params,
+        lgb.Dataset(
+            x[elig],
+            label=y[elig],
+            feature_name=list(TRIGGER_FEATURE_NAMES),
+            params={"verbosity": -1},
+        ),
+        rounds,
+    )
+    model_str = booster.model_to_string()
+    return TriggerModel(lgb.Booster(model_str=model_str), model_str, threshold, met, oof, params)
+
+
 def _split_report(
     groups: Sequence[RankGroup],
     gm: GroupMatrix,
     ranker_scores: np.ndarray,
     threshold: float,
     heuristic: HeuristicRanker,
+    decision: np.ndarray | None = None,
 ) -> dict[str, Any]:
+    """Ranking and trigger metrics of one split; ``decision`` ((G,) per-group decision
+    scores, e.g. trigger-model probabilities) replaces the top ranker score for the trigger."""
     dense = gm.x[:, FEATURE_NAMES.index("dense_cosine")].astype(np.float64)
     heur = heuristic.score_matrix(gm.x)
     tc_ranker = top_choices(groups, ranker_scores, gm.offsets)
+    tc_trig = tc_ranker if decision is None else dataclasses.replace(tc_ranker, score=decision)
     tc_heur = top_choices(groups, heur, gm.offsets)
     return {
         "groups": len(groups),
@@ -612,7 +719,7 @@ def _split_report(
             **ranking_metrics(tc_heur),
             **trigger_metrics(tc_heur, heuristic.trigger_threshold),
         },
-        "ranker": {**ranking_metrics(tc_ranker), **trigger_metrics(tc_ranker, threshold)},
+        "ranker": {**ranking_metrics(tc_ranker), **trigger_metrics(tc_trig, threshold)},
     }
 
 
@@ -681,7 +788,20 @@ def train_ranker(
         for name, m in mats.items()
     }
     tc_dev = top_choices(splits["dev"], scores["dev"], mats["dev"].offsets)
-    threshold, met = choose_threshold(tc_dev, config.target_precision)
+    trig = fit_trigger_model(splits["dev"], mats["dev"], scores["dev"], config)
+    decision: dict[str, np.ndarray | None] = {name: None for name in mats}
+    if trig is not None:
+        threshold, met = trig.threshold, trig.met
+        for name in ("train", "test"):
+            rows = trigger_rows(splits[name], mats[name], scores[name])
+            decision[name] = (
+                np.asarray(trig.booster.predict(rows, num_threads=config.num_threads))
+                if len(rows)
+                else np.zeros(0)
+            )
+        decision["dev"] = trig.oof  # out of fold: the honest dev figure
+    else:
+        threshold, met = choose_threshold(tc_dev, config.target_precision)
     if not met:
         log.warning(
             "no dev threshold reaches precision %.2f; the ranker will not trigger",
@@ -691,13 +811,26 @@ def train_ranker(
     platt = fit_platt(tc_dev.score[eligible], tc_dev.correct[eligible])
     heuristic = HeuristicRanker(heuristic_threshold)
     metrics = {
-        name: _split_report(splits[name], mats[name], scores[name], threshold, heuristic)
+        name: _split_report(
+            splits[name], mats[name], scores[name], threshold, heuristic, decision[name]
+        )
         for name in ("train", "dev", "test")
     }
     gain = booster.feature_importance(importance_type="gain")
     model_sha = hashlib.sha256(model_str.encode()).hexdigest()
     h = hashlib.sha256(model_sha.encode())
     h.update(json.dumps([FEATURE_NAMES, threshold], default=str).encode())
+    trigger_meta: dict[str, Any] | None = None
+    if trig is not None:
+        trigger_sha = hashlib.sha256(trig.model_str.encode()).hexdigest()
+        h.update(trigger_sha.encode())
+        trigger_meta = {
+            "file": TRIGGER_MODEL_FILE,
+            "sha256": trigger_sha,
+            "feature_names": list(TRIGGER_FEATURE_NAMES),
+            "params": trig.params,
+            "threshold_from": "out-of-fold dev probabilities (5 folds by user)",
+        }
     chash = h.hexdigest()[:16]
     meta: dict[str, Any] = {
         "name": "lightgbm_lambdarank",
@@ -706,6 +839,7 @@ def train_ranker(
         "feature_names": list(FEATURE_NAMES),
         "trigger_threshold": threshold,
         "threshold_met": met,
+        "trigger_model": trigger_meta,
         "target_precision": config.target_precision,
         "calibration": platt,
         "config": asdict(config),
@@ -731,6 +865,8 @@ def train_ranker(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         (tmp / RANKER_MODEL_FILE).write_text(model_str)
+        if trig is not None:
+            (tmp / TRIGGER_MODEL_FILE).write_text(trig.model_str)
         (tmp / RANKER_META_FILE).write_text(json.dumps(meta, indent=2, default=str))
         if out.exists():
             shutil.rmtree(out)

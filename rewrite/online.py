@@ -373,6 +373,7 @@ class RerankStage(_OnlineStage):
         order = np.argsort(-scores, kind="stable")
         state.retrieved = [cands[i] for i in order.tolist()]
         state.scores = scores[order]
+        state.decision_score = ranker.decision_score(x[order[0]], state.scores)
         if state.request.explain:
             for rank, i in enumerate(order.tolist()):
                 c = cands[i]
@@ -390,7 +391,7 @@ class TriggerStage(_OnlineStage):
         ranker = _online(self._resources).ranker
         assert ranker is not None
         best = state.retrieved[0] if state.retrieved else None
-        best_score = float(state.scores[0]) if best is not None and len(state.scores) else 0.0
+        best_score = state.decision_score if best is not None and len(state.scores) else 0.0
         decision = trigger(
             state.normalized,
             best.text if best else None,

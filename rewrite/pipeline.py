@@ -45,6 +45,7 @@ class RewriteState:
     query_vector: np.ndarray | None = None  # (dim,) float32, L2-normalised
     retrieved: list[Any] = field(default_factory=list)  # RetrievedCandidate, best first
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n,) ranker scores
+    decision_score: float = 0.0  # what the trigger compares with the threshold (ranker)
     user_success_count: int = 0  # the user's successful uses of the query itself
 
 

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 RANKER_MODEL_FILE = "ranker.txt"
 RANKER_META_FILE = "ranker.json"
+TRIGGER_MODEL_FILE = "trigger.txt"
 
 #: Feature order of :func:`feature_matrix` columns and of the trained model (fixed; a model
 #: whose stored names differ is refused by :meth:`Ranker.load`). Ranges:
@@ -83,6 +84,15 @@ FEATURE_NAMES: tuple[str, ...] = (
     "identical_to_query",
 )
 N_FEATURES = len(FEATURE_NAMES)
+#: Features of the trigger model: the top candidate's :data:`FEATURE_NAMES`, its ranker score,
+#: the margin to the second score (``MAX_MARGIN`` when alone) and the number of candidates.
+TRIGGER_FEATURE_NAMES: tuple[str, ...] = (
+    *(f"top1_{n}" for n in FEATURE_NAMES),
+    "top1_score",
+    "score_margin",
+    "n_candidates",
+)
+MAX_MARGIN = 10.0
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
 MAX_LEN_DIFF_WORDS = 20.0
 
@@ -185,8 +195,12 @@ class CandidateRanker(Protocol):
     def score_matrix(self, x: np.ndarray) -> np.ndarray:
         """Scores of a precomputed ``(n, F)`` feature matrix."""
 
+    def decision_score(self, x_top: np.ndarray, sorted_scores: np.ndarray) -> float:
+        """What the trigger compares with ``trigger_threshold`` (``x_top`` ``(F,)``,
+        ``sorted_scores`` ``(n,)`` best first)."""
+
     def confidence(self, score: float) -> float:
-        """A score mapped to [0, 1] (response ``confidence``)."""
+        """A decision score mapped to [0, 1] (response ``confidence``)."""
 
 
 def _sigmoid(z: float) -> float:
@@ -194,6 +208,22 @@ def _sigmoid(z: float) -> float:
         return 1.0 / (1.0 + math.exp(-z))
     e = math.exp(z)
     return e / (1.0 + e)
+
+
+def trigger_features(x_top: np.ndarray, sorted_scores: np.ndarray) -> np.ndarray:
+    """Trigger-model input for one request.
+
+    Args:
+        x_top: ``(F,)`` features of the top-ranked candidate (:func:`feature_matrix` row).
+        sorted_scores: ``(n,)`` ranker scores, best first (n >= 1).
+
+    Returns:
+        ``(1, len(TRIGGER_FEATURE_NAMES))`` float32.
+    """
+    n = len(sorted_scores)
+    margin = float(sorted_scores[0] - sorted_scores[1]) if n > 1 else MAX_MARGIN
+    extra = np.array([sorted_scores[0], min(margin, MAX_MARGIN), n], dtype=np.float32)
+    return np.concatenate([np.asarray(x_top, dtype=np.float32), extra])[None, :]
 
 
 class _FeatureRanker:
@@ -213,10 +243,22 @@ class _FeatureRanker:
         ``trigger_threshold``)."""
         return self.score_matrix(feature_matrix(query, cands, now_s, context))
 
+    def decision_score(self, x_top: np.ndarray, sorted_scores: np.ndarray) -> float:
+        """The number :func:`trigger` compares with ``trigger_threshold``: here the top
+        ranker score (:class:`Ranker` with a trigger model overrides it)."""
+        del x_top
+        return float(sorted_scores[0])
+
 
 class Ranker(_FeatureRanker):
-    """LightGBM lambdarank booster over :data:`FEATURE_NAMES` plus its trigger threshold.
+    """LightGBM lambdarank booster over :data:`FEATURE_NAMES` plus its trigger decision.
 
+    Lambdarank scores order the candidates of one request but are not comparable across
+    requests (the loss only sees pairs within a group), so an artifact may carry a second model,
+    the **trigger model** (``trigger.txt``, LightGBM binary over
+    :data:`TRIGGER_FEATURE_NAMES`): the probability that the top candidate is a correct
+    rewrite, trained on held-out queries that include utterances which need no rewrite. With it,
+    ``trigger_threshold`` is on that probability scale; without it, on the raw top score.
     Build with :meth:`load`. ``model_version`` is the artifact's content hash.
 
     Attributes:
@@ -233,8 +275,10 @@ class Ranker(_FeatureRanker):
         meta: dict[str, Any],
         trigger_threshold: float | None = None,
         num_threads: int = 1,
+        trigger_booster: lgb.Booster | None = None,
     ) -> None:
         self.booster = booster
+        self.trigger_booster = trigger_booster
         self.meta = meta
         self.model_version = str(meta.get("content_hash", ""))
         self.trigger_threshold = float(
@@ -278,8 +322,17 @@ class Ranker(_FeatureRanker):
         booster = lgb.Booster(model_str=model_bytes.decode("utf-8"))
         if booster.num_feature() != N_FEATURES:
             raise ValueError(f"{artifact_dir}: model has {booster.num_feature()} features")
+        trig: lgb.Booster | None = None
+        tmeta = meta.get("trigger_model")
+        if tmeta:
+            tbytes = (artifact_dir / TRIGGER_MODEL_FILE).read_bytes()
+            if tmeta.get("sha256") != hashlib.sha256(tbytes).hexdigest():
+                raise ValueError(f"{artifact_dir / TRIGGER_MODEL_FILE}: sha256 mismatch (corrupt?)")
+            if tuple(tmeta.get("feature_names", ())) != TRIGGER_FEATURE_NAMES:
+                raise ValueError(f"{artifact_dir}: trigger features differ from this code's")
+            trig = lgb.Booster(model_str=tbytes.decode("utf-8"))
         log.info("ranker %s loaded from %s", meta.get("content_hash"), artifact_dir)
-        return cls(booster, meta, trigger_threshold=trigger_threshold, num_threads=num_threads)
+        return cls(booster, meta, trigger_threshold, num_threads, trig)
 
     def score_matrix(self, x: np.ndarray) -> np.ndarray:
         """Raw lambdarank scores of an ``(n, F)`` float32 feature matrix → ``(n,)`` float64."""
@@ -288,8 +341,19 @@ class Ranker(_FeatureRanker):
         out = self.booster.predict(x, num_threads=self.num_threads)
         return np.asarray(out, dtype=np.float64)
 
+    def decision_score(self, x_top: np.ndarray, sorted_scores: np.ndarray) -> float:
+        """The trigger model's probability that the top candidate is correct, or the top
+        ranker score when the artifact has no trigger model."""
+        if self.trigger_booster is None:
+            return float(sorted_scores[0])
+        feats = trigger_features(x_top, sorted_scores)
+        return float(self.trigger_booster.predict(feats, num_threads=self.num_threads)[0])
+
     def confidence(self, score: float) -> float:
-        """Platt-calibrated probability (fitted on dev) that the top candidate is correct."""
+        """The trigger model's probability (``score`` is one), else the Platt-calibrated
+        probability (fitted on dev) that the top candidate is correct."""
+        if self.trigger_booster is not None:
+            return min(max(score, 0.0), 1.0)
         return _sigmoid(self._platt_a * score + self._platt_b)
 
 

@@ -299,10 +299,12 @@ def run_experiment(
         rep = run_nightly(window, run, settings, publish=True)
         if plan.train_ranker:
             new = train_run_ranker(run, settings, out / "rankers" / tag, console)
-            if new is not None and (_threshold_met(new) or kept[0] is None):
+            if new is not None and _threshold_met(new):
                 kept[0] = new
             elif kept[0] is not None:
                 console.print(f"   keeping the previous ranker {kept[0].name}")
+            else:
+                console.print("   no ranker met the precision target yet: the heuristic serves")
         return rep, kept[0], time.perf_counter() - t0
 
     console.print(
@@ -323,6 +325,8 @@ def run_experiment(
         sim_day = plan.warmup_days + day
         day_settings = served.model_copy(deep=True)
         day_settings.rerank.artifact = ranker
+        if ranker is None:  # the heuristic ranker (an empty artifacts dir: no LATEST to load)
+            day_settings.rerank.artifacts_dir = out / "rankers" / "heuristic"
         errors: list[str] = []
         t0 = time.perf_counter()
         served_version = str(rep.publish["version"])
