@@ -112,6 +112,7 @@ class ServiceSettings(BaseModel):
     pipeline: list[str] = Field(default_factory=lambda: list(FULL_PIPELINE))
     max_utterance_chars: int = 1000
     max_user_id_chars: int = 256
+    max_request_id_chars: int = 256  # echoed in the response, so it must be bounded
     max_context_turns: int = 20
     max_message_bytes: int = 256 * 1024
     request_deadline_s: float = 1.0

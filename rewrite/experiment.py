@@ -27,6 +27,18 @@ class UnknownArmError(InvalidRequestError):
     """A request named an arm the experiment does not have."""
 
 
+#: Characters of an unknown arm name quoted back in the error message (the name comes from
+#: the caller and may be arbitrarily long; the message travels in a gRPC trailer).
+MAX_QUOTED_ARM_CHARS = 64
+
+
+def _quote_arm(name: str) -> str:
+    """``repr`` of an arm name, cut to :data:`MAX_QUOTED_ARM_CHARS` with its length noted."""
+    if len(name) <= MAX_QUOTED_ARM_CHARS:
+        return repr(name)
+    return f"{name[:MAX_QUOTED_ARM_CHARS]!r}… ({len(name)} chars)"
+
+
 class ArmAssigner:
     """Resolves a request's arm.
 
@@ -67,7 +79,9 @@ class ArmAssigner:
         if requested:
             arm = self.arms.get(requested)
             if arm is None:
-                raise UnknownArmError(f"unknown arm {requested!r}; known: {sorted(self.arms)}")
+                raise UnknownArmError(
+                    f"unknown arm {_quote_arm(requested)}; known: {sorted(self.arms)}"
+                )
             return arm
         if self.settings.enabled:
             return self.assign(user_id)

@@ -69,8 +69,9 @@ class Rewriter:
 
         Raises:
             InvalidRequestError: empty/oversized utterance or user id, control characters,
-                too many context turns, negative ``seconds_ago``; (at :meth:`rewrite`) an
-                unknown experiment arm.
+                too many context turns, negative ``seconds_ago``, an over-long request id
+                (it is echoed in the response, which must fit ``service.max_message_bytes``);
+                (at :meth:`rewrite`) an unknown experiment arm.
         """
         svc = self.settings.service
         if not request.utterance or not request.utterance.strip():
@@ -85,6 +86,8 @@ class Rewriter:
             raise InvalidRequestError("user_id is required")
         if len(request.user_id) > svc.max_user_id_chars:
             raise InvalidRequestError(f"user_id longer than {svc.max_user_id_chars} chars")
+        if len(request.request_id) > svc.max_request_id_chars:
+            raise InvalidRequestError(f"request_id longer than {svc.max_request_id_chars} chars")
         if len(request.context) > svc.max_context_turns:
             raise InvalidRequestError(
                 f"too many context turns: {len(request.context)} > {svc.max_context_turns}"

@@ -5,8 +5,11 @@ What this module adds to the Rewriter:
 
 - proto ↔ dataclass conversion (small pure functions, also used by :mod:`rewrite.client`);
 - status codes: :class:`~rewrite.types.InvalidRequestError` → ``INVALID_ARGUMENT`` with its
-  message; any other exception is logged and answered as a pass-through
-  (``reason="internal_error"``), so no internals leak and the caller's NLU still gets the text;
+  message (cut to :data:`MAX_STATUS_MESSAGE_CHARS`); request bytes that do not parse as a
+  ``RewriteRequest`` (corrupt wire format, invalid UTF-8 in a string field) → also
+  ``INVALID_ARGUMENT`` (gRPC itself would answer ``UNKNOWN``); any other exception is logged
+  and answered as a pass-through (``reason="internal_error"``), so no internals leak and the
+  caller's NLU still gets the text;
 - the standard health service (``grpc.health.v1``; ``""`` and ``queryrewrite.v1.QueryRewrite``
   are SERVING while up, NOT_SERVING from the start of shutdown) and server reflection
   (``grpc.reflection.v1alpha``);
@@ -69,6 +72,7 @@ from typing import Any
 
 import grpc
 import prometheus_client
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -95,8 +99,15 @@ REWRITE_METHOD = f"/{SERVICE_NAME}/Rewrite"
 INTERNAL_ERROR_REASON = "internal_error"
 #: Calls in flight at once (incl. health watches); more are refused with RESOURCE_EXHAUSTED.
 MAX_CONCURRENT_RPCS = 512
+#: Longest status message sent, characters. The message travels percent-encoded in the
+#: ``grpc-message`` trailer (up to 12 bytes per character); gRPC's default metadata limits are
+#: 8 KiB (soft) and 16 KiB (hard), and a longer trailer reaches the caller as
+#: ``RESOURCE_EXHAUSTED`` ("received metadata size exceeds hard limit") instead of the status
+#: the server sent. 512 characters stay within 6 KiB.
+MAX_STATUS_MESSAGE_CHARS = 512
 
-RewriteContext = grpc.aio.ServicerContext[rewrite_pb2.RewriteRequest, rewrite_pb2.RewriteResponse]
+#: The handler's context (the request type is the raw ``bytes``, parsed by the handler).
+RewriteContext = grpc.aio.ServicerContext[Any, rewrite_pb2.RewriteResponse]
 
 
 # --------------------------------------------------------------------------- conversion
@@ -216,6 +227,11 @@ def pass_through_response(
     )
 
 
+def status_message(text: str, limit: int = MAX_STATUS_MESSAGE_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters (``…`` marks a cut), for a status message."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     """gRPC channel/server arguments shared by the server and the client.
 
@@ -270,7 +286,7 @@ class QueryRewriteServicer:
         try:
             response = result_to_proto(self.rewriter.rewrite(request_from_proto(request)))
         except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_message(str(e)))
         except Exception:
             log.exception("Rewrite failed; passing through (request_id=%r)", request.request_id)
             metrics.PASS_THROUGH.labels(INTERNAL_ERROR_REASON).inc()
@@ -286,19 +302,41 @@ class QueryRewriteServicer:
         return response
 
 
+async def parse_request(data: bytes, context: RewriteContext) -> rewrite_pb2.RewriteRequest:
+    """Parse the request bytes of a ``Rewrite`` call.
+
+    Aborts the call with ``INVALID_ARGUMENT`` (and counts it in ``qrw_invalid_requests_total``)
+    when ``data`` is not a valid serialized ``RewriteRequest``: a corrupt wire format, or a
+    string field that is not valid UTF-8 (proto3 requires UTF-8). A request deserializer
+    registered with gRPC cannot choose the status: gRPC answers its exception with ``UNKNOWN``.
+    """
+    try:
+        return rewrite_pb2.RewriteRequest.FromString(data)
+    except DecodeError as e:
+        metrics.INVALID.inc()
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, status_message(f"malformed RewriteRequest: {e}")
+        )
+
+
 def rewrite_handler(servicer: QueryRewriteServicer) -> grpc.GenericRpcHandler:
     """The generic handler serving ``REWRITE_METHOD`` with ``servicer``.
 
     Same as the generated ``rewrite_pb2_grpc.add_QueryRewriteServicer_to_server``, which is
     not used because that module has no ``.pyi`` and fails ``mypy`` (untyped defs); the
-    typed ``rewrite_pb2`` (de)serializers are used instead.
+    typed ``rewrite_pb2`` serializer is used instead. Requests arrive as raw bytes and are
+    parsed by :func:`parse_request`, so undecodable ones get ``INVALID_ARGUMENT``.
     """
+
+    async def rewrite(data: bytes, context: RewriteContext) -> rewrite_pb2.RewriteResponse:
+        return await servicer.Rewrite(await parse_request(data, context), context)
+
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
         {
             "Rewrite": grpc.unary_unary_rpc_method_handler(
-                servicer.Rewrite,
-                request_deserializer=rewrite_pb2.RewriteRequest.FromString,
+                rewrite,
+                request_deserializer=None,  # raw bytes; parse_request decides the status
                 response_serializer=rewrite_pb2.RewriteResponse.SerializeToString,
             )
         },
