@@ -9,7 +9,8 @@ rephrases it (the job's rephrase links). Utterances are the normalized text NLU 
   users), ``success_rate`` (successful turns / turns), the most common logged ``domain`` and
   ``intent`` ("" when never logged; ties broken alphabetically) and ``last_seen`` (latest turn,
   float epoch seconds). An utterance is a rewrite target when ``frequency >= min_frequency``,
-  ``n_users >= min_users`` and ``success_rate >= min_success_rate`` (``catalog:`` settings).
+  ``n_users >= max(min_users, privacy.min_users_global)`` and ``success_rate >=
+  min_success_rate`` (``catalog:`` settings; k-anonymity floor from ``privacy:``).
   Rows are ordered by frequency (descending), then text, so row ``i`` is FAISS id ``i`` of the
   index built over ``catalog.parquet``.
 - **Personal histories**: per user, keyed by :func:`rewrite.privacy.pseudonymize` of the user
@@ -154,7 +155,7 @@ def _most_common(tbl: pa.Table, column: str) -> dict[str, str]:
     return {str(texts[i]): str(values[i]) for i in np.flatnonzero(first)}
 
 
-def _global(tbl: pa.Table, cfg: CatalogSettings) -> tuple[list[CatalogEntry], int]:
+def _global(tbl: pa.Table, cfg: CatalogSettings, min_users: int) -> tuple[list[CatalogEntry], int]:
     agg = tbl.group_by("text", use_threads=False).aggregate(
         [("ts", "count"), ("user", "count_distinct"), ("ok", "sum"), ("ts", "max")]
     )
@@ -163,7 +164,7 @@ def _global(tbl: pa.Table, cfg: CatalogSettings) -> tuple[list[CatalogEntry], in
     succ = agg["ok_sum"].to_numpy()
     keep = (
         (freq >= cfg.min_frequency)
-        & (users >= cfg.min_users)
+        & (users >= min_users)
         & (succ >= cfg.min_success_rate * freq - _EPS)
     )
     agg = agg.filter(pa.array(keep)).append_column(
@@ -244,6 +245,7 @@ def build_catalog(
     rule: DefectRule,
     settings: CatalogSettings,
     user_key: bytes,
+    min_users_global: int = 1,
 ) -> CatalogResult:
     """Compute the global catalog and the personal histories of one job run.
 
@@ -255,6 +257,9 @@ def build_catalog(
         settings: thresholds (``catalog:`` section).
         user_key: HMAC key for pseudonymous user keys
             (:func:`rewrite.privacy.user_key_from_settings`).
+        min_users_global: k-anonymity floor (``privacy.min_users_global``): a global entry
+            needs at least ``max(settings.min_users, min_users_global)`` distinct users.
+            Personal histories are not affected.
 
     Returns:
         :class:`CatalogResult`.
@@ -278,7 +283,7 @@ def build_catalog(
             "intent": pa.array([t.intent for t in turns], pa.string()),
         }
     )
-    catalog, n_utterances = _global(tbl, settings)
+    catalog, n_utterances = _global(tbl, settings, max(settings.min_users, min_users_global))
     personal = _personal(tbl, settings)
     result = CatalogResult(
         catalog=catalog,

@@ -111,22 +111,39 @@ def nightly(
     logs: Annotated[list[Path], typer.Option("--logs", help="turn-log files or directories")],
     out: Annotated[Path, typer.Option("--out", help="run directory")],
     publish: Annotated[bool, typer.Option("--publish", help="publish pairs to Redis")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="publish even when a guardrail fails (logged)")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """validate → sessionize → rephrases → absorbing Markov chain → pairs (→ Redis)."""
+    """validate → sessionize → rephrases → absorbing Markov chain → pairs (→ Redis).
+
+    With --publish the guardrails run first; a refused publish keeps the active version,
+    prints the reason and exits with code 3 (report.json holds the checks)."""
+    from offline.guardrails import PublishRefusedError
     from offline.job import run_nightly
     from offline.publish import PublishError
 
     settings = _settings(config)
+    if force and not publish:
+        raise typer.BadParameter("--force only makes sense with --publish")
     try:
-        report = run_nightly(logs, out, settings, publish=publish)
+        report = run_nightly(logs, out, settings, publish=publish, force=force)
+    except PublishRefusedError as e:
+        _print_json({"guardrails": e.result.to_dict()})
+        console.print(f"[red]publish refused:[/red] {e.reason}; the active version stays")
+        raise typer.Exit(3) from e
     except (FileNotFoundError, PublishError) as e:  # incl. DetectorModelMissingError
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
+    if report.guardrails and report.guardrails.get("forced"):
+        console.print(f"[yellow]guardrails overridden (--force):[/yellow] "
+                      f"{report.guardrails['refused']}")  # fmt: skip
     _print_json(
         {
             "counts": report.counts,
             "markov": report.markov,
+            "guardrails": report.guardrails,
             "publish": report.publish,
             "timings_s": report.timings_s,
             "quarantined": report.quarantined,
@@ -351,6 +368,33 @@ def rollback(config: ConfigOpt = None) -> None:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
     console.print(f"rolled back {old} → {new}")
+
+
+@app.command("forget-user")
+def forget_user_cmd(
+    user: Annotated[str, typer.Argument(help="the raw user id (pseudonymized, never stored)")],
+    config: ConfigOpt = None,
+) -> None:
+    """Delete a user's personal layer from every version in Redis and drop their turns from
+    future nightly runs (forget list: Redis set qrw:forgotten + privacy.forget_file)."""
+    from offline.forget import forget_user
+    from offline.publish import PublishError
+    from rewrite.privacy import user_key_from_settings
+
+    settings = _settings(config)
+    if not user.strip():
+        raise typer.BadParameter("USER must not be empty")
+    try:
+        res = forget_user(
+            _client(settings),
+            user,
+            user_key_from_settings(settings),
+            settings.privacy.forget_file,
+        )
+    except (PublishError, OSError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    _print_json(dataclasses.asdict(res))
 
 
 @redis_app.command("start")

@@ -99,13 +99,25 @@ def _mine_and_replay(
     from rewrite.server import RewriteServer
 
     run = out / "runs" / name
-    rep = run_nightly(mine_logs, run, settings, publish=True)
+    # The demo publishes unrelated corpora one after another (and may find a previous demo's
+    # version active), so the change guardrail would compare apples with oranges: force, and
+    # show what the guardrails said.
+    rep = run_nightly(mine_logs, run, settings, publish=True, force=True)
     assert rep.publish is not None
     console.print(
         f"   published version {rep.publish['version']} ({rep.publish['n_pairs']} pairs, "
         f"{(rep.online or {}).get('index_entries', 0)} catalog entries indexed, "
         f"{rep.publish.get('n_personal_users', 0)} personal histories)"
     )
+    guard = rep.guardrails or {}
+    if guard.get("forced"):
+        console.print(f"   guardrails overridden for the demo: {guard.get('refused')}")
+    elif guard.get("enabled"):
+        canary = guard["checks"]["canary"]
+        console.print(
+            f"   guardrails passed: {canary['rewritten']} of {canary['canaries']} canary "
+            f"utterances rewritten, changed-pair share {guard['checks']['changed_share']['share']}"
+        )
     served = settings.model_copy(deep=True)
     ranker = train_run_ranker(run, settings, out / "rankers" / name, console)
     served.rerank.artifact = ranker

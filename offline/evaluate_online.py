@@ -553,7 +553,8 @@ def evaluate_source(
     from offline.job import run_nightly
 
     t_src = time.perf_counter()
-    report = run_nightly(list(mine_logs), run_dir, settings, publish=True)
+    # published only to serve this evaluation (sources one after another): guardrails forced
+    report = run_nightly(list(mine_logs), run_dir, settings, publish=True, force=True)
     catalog = read_catalog(run_dir / "catalog.parquet")
     texts = [c.text for c in catalog]
     exset = build_examples(name, heldout_logs, truth, texts, form=form)

@@ -6,11 +6,17 @@ support, n_users), ``rephrases.parquet`` (detected links), ``defects.parquet`` (
 defect label and reasons), ``catalog.parquet`` (the global
 catalog of rewrite targets, :mod:`offline.catalog`), ``personal.parquet`` (per-user
 successful utterances, pseudonymous user keys), ``quarantine.jsonl`` and ``report.json``
-(counts per stage, timings in seconds, quarantined rows).
+(counts per stage, timings in seconds, quarantined rows, guardrail checks).
+
+Privacy: turns of users on the forget list (:mod:`offline.forget`) are dropped right after
+validation (``counts.forgotten_turns``); pairs and catalog entries need at least
+``privacy.min_users_global`` distinct users. Before publishing, the guardrails
+(:mod:`offline.guardrails`) may refuse the new version, which leaves the active one in place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -24,14 +30,28 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import redis
 
 from offline.catalog import build_catalog, write_catalog, write_personal
 from offline.defects import DefectRule, label_turns
+from offline.forget import read_forgotten
+from offline.guardrails import (
+    GuardrailResult,
+    PublishRefusedError,
+    check_before_publish,
+    load_canaries,
+)
 from offline.markov import RephraseChain, RewritePair, mine_pairs
 from offline.online_build import OnlineBuild, build_online, install_index
-from offline.publish import connect, content_hash, publish_pairs
+from offline.publish import PublishError, connect, content_hash, publish_pairs
 from offline.rephrase import RephraseLink, build_detector
-from offline.schema import SCHEMA_VERSION, TurnValidator, read_turn_logs, write_quarantine
+from offline.schema import (
+    SCHEMA_VERSION,
+    QuarantinedRow,
+    TurnValidator,
+    read_turn_logs,
+    write_quarantine,
+)
 from offline.sessionize import Session, Turn, sessionize, to_turns
 from rewrite.config import Settings
 from rewrite.privacy import pseudonymize, user_key_from_settings
@@ -87,6 +107,7 @@ class NightlyReport:
     publish: dict[str, Any] | None = None
     online: dict[str, Any] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    guardrails: dict[str, Any] | None = None
 
 
 def build_chains(
@@ -121,6 +142,17 @@ def build_chains(
     return chains, reasons
 
 
+def _finish(
+    report: NightlyReport, timings: dict[str, float], t_all: float, out: Path, n_turns: int
+) -> None:
+    """Total time and throughput into ``report``, then write ``out/report.json``."""
+    timings["total"] = round(time.perf_counter() - t_all, 4)
+    report.timings_s = timings
+    if timings["total"] > 0:
+        report.counts["turns_per_min"] = round(60.0 * n_turns / timings["total"], 1)
+    (out / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
+
+
 @contextmanager
 def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     t0 = time.perf_counter()
@@ -145,31 +177,85 @@ def read_pairs(path: Path) -> list[RewritePair]:
     return [RewritePair(**row) for row in pq.read_table(path).to_pylist()]
 
 
+def _forget_list(settings: Settings, publish: bool) -> set[str]:
+    """Pseudonyms to drop: ``privacy.forget_file`` plus the Redis set ``qrw:forgotten``.
+
+    Raises:
+        PublishError: ``publish`` and Redis is unreachable (without publishing an unreachable
+            Redis is logged and the file alone is used).
+    """
+    url = resolve_redis_url(settings.redis.url, settings.redis.data_dir)
+    try:
+        client = connect(url, timeout_s=5.0 if publish else 1.0)
+    except PublishError:
+        if publish:
+            raise
+        log.info("Redis not reachable: forget list read from privacy.forget_file only")
+        return read_forgotten(settings.privacy.forget_file, None)
+    try:
+        return read_forgotten(settings.privacy.forget_file, client)
+    finally:
+        client.close()
+
+
+def _redact_forgotten(
+    rows: Sequence[QuarantinedRow], forgotten: set[str], user_key: bytes
+) -> list[QuarantinedRow]:
+    """Quarantined rows with the raw text of forgotten users' rows removed (rows kept, so
+    ``rows_in = turns_valid + rows_quarantined`` still holds)."""
+    out = []
+    for q in rows:
+        try:
+            row = json.loads(q.raw)
+        except ValueError:
+            row = None
+        uid = row.get("user_id") if isinstance(row, dict) else None
+        if isinstance(uid, str) and pseudonymize(uid, user_key) in forgotten:
+            q = dataclasses.replace(q, raw="")
+        out.append(q)
+    return out
+
+
 def run_nightly(
     logs: Sequence[str | Path],
     out: Path,
     settings: Settings,
     publish: bool = False,
     now: datetime | None = None,
+    force: bool = False,
 ) -> NightlyReport:
     """Run the nightly job end to end.
 
     Args:
         logs: turn-log files or directories (JSONL / Parquet).
         out: run directory (created).
-        settings: loaded settings (thresholds in ``session``, ``rephrase``, ``markov``).
-        publish: also publish the pairs to Redis and flip the active version.
+        settings: loaded settings (thresholds in ``session``, ``rephrase``, ``markov``,
+            ``catalog``, ``privacy``; checks in ``guardrails``).
+        publish: also publish the pairs to Redis and flip the active version, when the
+            guardrails pass.
         now: reference time for the future-timestamp check (default: wall clock).
+        force: publish even when a guardrail fails (logged at WARNING, recorded in the
+            report as ``guardrails.forced``).
 
     Returns:
         The :class:`NightlyReport` also written to ``out/report.json``.
 
     Raises:
-        FileNotFoundError: a log path does not exist.
-        offline.publish.PublishError: ``publish`` and Redis is unreachable.
+        FileNotFoundError: a log path does not exist, or ``publish`` with guardrails enabled
+            and the canary file missing (checked before any work).
+        offline.guardrails.PublishRefusedError: a guardrail failed (and not ``force``);
+            nothing was published, the previous version stays active, ``report.json`` is
+            written with ``guardrails.refused`` and the error carries the report.
+        offline.publish.PublishError: ``publish`` and Redis is unreachable (checked before
+            any work) or publishing failed.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    canaries: list[str] | None = None
+    if publish and settings.guardrails.enabled:
+        canaries = load_canaries(settings.guardrails.canary_file)
+    user_key = user_key_from_settings(settings)
+    forgotten = _forget_list(settings, publish)
     timings: dict[str, float] = {}
     report = NightlyReport(
         schema_version=SCHEMA_VERSION,
@@ -180,6 +266,8 @@ def run_nightly(
             "rephrase": settings.rephrase.model_dump(),
             "markov": settings.markov.model_dump(),
             "catalog": settings.catalog.model_dump(),
+            "privacy": {"min_users_global": settings.privacy.min_users_global},
+            "guardrails": settings.guardrails.model_dump(mode="json"),
         },
     )
     t_all = time.perf_counter()
@@ -188,6 +276,8 @@ def run_nightly(
             settings.schema_.max_utterance_chars, settings.schema_.max_future_skew_s, now=now
         )
         read = read_turn_logs(logs, validator)
+        if forgotten:
+            read.quarantined = _redact_forgotten(read.quarantined, forgotten, user_key)
         write_quarantine(read.quarantined, out / "quarantine.jsonl")
     reasons = Counter(q.reason.split(":")[0] for q in read.quarantined)
     report.quarantined = {
@@ -195,15 +285,20 @@ def run_nightly(
         "file": str(out / "quarantine.jsonl"),
         "by_reason": dict(reasons.most_common(20)),
     }
+    with _timed(timings, "forget"):
+        pseudo = {u: pseudonymize(u, user_key) for u in {t.user_id for t in read.turns}}
+        kept = [t for t in read.turns if pseudo[t.user_id] not in forgotten]
+        n_forgotten = len(read.turns) - len(kept)
+    if n_forgotten:
+        log.info("dropped %d turns of forgotten users", n_forgotten)
     with _timed(timings, "sessionize"):
-        turns = to_turns(read.turns)
+        turns = to_turns(kept)
         sessions = sessionize(turns, settings.session.gap_s)
     with _timed(timings, "rephrase_warm_up"):
         detector = build_detector(settings.rephrase, settings.defects)
         detector.warm_up()
     with _timed(timings, "rephrase"):
         detected = detector.detect(turns, sessions)
-    user_key = user_key_from_settings(settings)
     pq.write_table(
         pa.Table.from_pylist(
             [
@@ -213,7 +308,7 @@ def run_nightly(
                     "earlier": turns[lk.earlier].normalized,
                     "later": turns[lk.later].normalized,
                     "score": lk.score,
-                    "user": pseudonymize(turns[lk.later].user_id, user_key),
+                    "user": pseudo[turns[lk.later].user_id],
                     "ts": turns[lk.later].ts,
                 }
                 for lk in detected.links
@@ -240,7 +335,7 @@ def run_nightly(
             turns, sessions, detected.links, DefectRule(settings.defects)
         )
     with _timed(timings, "markov"):
-        pairs, mstats = mine_pairs(chains, settings.markov)
+        pairs, mstats = mine_pairs(chains, settings.markov, settings.privacy.min_users_global)
     with _timed(timings, "write"):
         write_pairs(pairs, out / "pairs.parquet")
     with _timed(timings, "catalog"):
@@ -251,6 +346,7 @@ def run_nightly(
             DefectRule(settings.defects),
             settings.catalog,
             user_key,
+            min_users_global=settings.privacy.min_users_global,
         )
         write_catalog(cat.catalog, out / "catalog.parquet")
         write_personal(cat.personal, out / "personal.parquet")
@@ -270,6 +366,7 @@ def run_nightly(
         "rows_in": read.rows_in,
         "turns_valid": len(read.turns),
         "rows_quarantined": len(read.quarantined),
+        "forgotten_turns": n_forgotten,
         "users": len({t.user_id for t in turns}),
         "sessions": len(sessions),
         "rephrase_candidates_scored": detected.candidates_scored,
@@ -289,40 +386,54 @@ def run_nightly(
         "personal_entries": len(cat.personal),
     }
     report.markov = asdict(mstats)
+    refused: GuardrailResult | None = None
     if publish:
-        with _timed(timings, "publish"):
-            url = resolve_redis_url(settings.redis.url, settings.redis.data_dir)
-            client = connect(url)
-            extra: dict[str, Any] = {}
-            if online is not None:
-                extra = {
-                    "encode": online.encoder.encode,
-                    "encoder_id": online.info.encoder_id,
-                    "index_dir": install_index(online, settings),
-                    "extra_content": {"online_content_id": online.content_id},
-                }
-            res = publish_pairs(
-                client,
-                pairs,
-                keep_versions=settings.redis.keep_versions,
-                version_ttl_s=settings.redis.version_ttl_s,
-                run_info={"run_dir": str(out.resolve())},
-                personal=cat.personal,
-                **extra,
-            )
+        client = connect(resolve_redis_url(settings.redis.url, settings.redis.data_dir))
+        try:
+            with _timed(timings, "guardrails"):
+                try:
+                    guard = check_before_publish(client, pairs, settings.guardrails, canaries)
+                except (redis.RedisError, OSError) as e:
+                    raise PublishError(f"guardrails could not read the active version: {e}") from e
+            if not guard.passed and force:
+                guard.forced = True
+                log.warning("guardrails overridden (force), publishing anyway: %s", guard.refused)
+            report.guardrails = guard.to_dict()
+            if guard.passed or force:
+                with _timed(timings, "publish"):
+                    extra: dict[str, Any] = {}
+                    if online is not None:
+                        extra = {
+                            "encode": online.encoder.encode,
+                            "encoder_id": online.info.encoder_id,
+                            "index_dir": install_index(online, settings),
+                            "extra_content": {"online_content_id": online.content_id},
+                        }
+                    res = publish_pairs(
+                        client,
+                        pairs,
+                        keep_versions=settings.redis.keep_versions,
+                        version_ttl_s=settings.redis.version_ttl_s,
+                        run_info={"run_dir": str(out.resolve())},
+                        personal=cat.personal,
+                        **extra,
+                    )
+                report.publish = asdict(res)
+            else:
+                refused = guard
+        finally:
             client.close()
-        report.publish = asdict(res)
-    timings["total"] = round(time.perf_counter() - t_all, 4)
-    report.timings_s = timings
-    if timings["total"] > 0:
-        report.counts["turns_per_min"] = round(60.0 * len(read.turns) / timings["total"], 1)
-    (out / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
+    _finish(report, timings, t_all, out, len(read.turns))
     log.info(
-        "nightly: %d rows, %d quarantined, %d links, %d pairs in %.2f s",
+        "nightly: %d rows, %d quarantined, %d forgotten, %d links, %d pairs in %.2f s",
         read.rows_in,
         len(read.quarantined),
+        n_forgotten,
         len(detected.links),
         len(pairs),
         timings["total"],
     )
+    if refused is not None:
+        log.warning("publish refused, the active version stays: %s", refused.refused)
+        raise PublishRefusedError(str(refused.refused), refused, report)
     return report

@@ -78,6 +78,7 @@ class MarkovStats:
     largest_component: int = 0
     candidates: int = 0
     pairs: int = 0
+    min_users_effective: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
 
 
@@ -137,7 +138,7 @@ def _support(chains: Iterable[RephraseChain]) -> tuple[Counter[tuple[str, str]],
 
 
 def mine_pairs(
-    chains: Sequence[RephraseChain], settings: MarkovSettings
+    chains: Sequence[RephraseChain], settings: MarkovSettings, min_users_global: int = 1
 ) -> tuple[list[RewritePair], MarkovStats]:
     """Solve the absorbing chain per connected component and keep the pairs that pass.
 
@@ -145,11 +146,15 @@ def mine_pairs(
         chains: every chain of the run (including one-turn chains).
         settings: thresholds ``min_absorption_probability``, ``min_support``, ``min_users``
             and the component size cap ``max_component_states``.
+        min_users_global: k-anonymity floor (``privacy.min_users_global``): a pair needs at
+            least ``max(settings.min_users, min_users_global)`` distinct users behind the
+            successful chains that support it.
 
     Returns:
         (pairs sorted by source, stats).
     """
-    stats = MarkovStats(chains=len(chains))
+    min_users = max(settings.min_users, min_users_global)
+    stats = MarkovStats(chains=len(chains), min_users_effective=min_users)
     state_id: dict[str, int] = {}
     for ch in chains:
         for u in ch.utterances:
@@ -231,7 +236,7 @@ def mine_pairs(
                 rejected["probability"] += 1
             elif sup < settings.min_support:
                 rejected["support"] += 1
-            elif n_users < settings.min_users:
+            elif n_users < min_users:
                 rejected["users"] += 1
             else:
                 pairs.append(RewritePair(src, dst, round(prob, 6), sup, n_users))

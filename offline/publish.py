@@ -7,7 +7,8 @@ Protocol (see :mod:`rewrite.keyspace`):
    the content hash, so re-publishing identical content rewrites identical keys
    (idempotent) and a crashed publish is finished by re-running it;
    — the rewrite pairs and, when given, each user's personal history
-   (``qrw:{version}:personal:{pseudo_user}``, optionally with float16 passage vectors);
+   (``qrw:{version}:personal:{pseudo_user}``, optionally with float16 passage vectors),
+   skipping users on the forget set ``qrw:forgotten`` (``qrw forget-user``);
 3. write ``meta`` with ``complete=1``;
 4. in one ``MULTI/EXEC`` transaction: ``SET qrw:active``, push the id on ``qrw:versions``;
 5. give versions beyond ``keep_versions`` a TTL so they expire later.
@@ -60,6 +61,7 @@ class PublishResult:
     seconds: float
     unchanged: bool
     n_personal_users: int = 0
+    n_forgotten_skipped: int = 0
 
 
 def content_hash(pairs: Sequence[RewritePair]) -> str:
@@ -231,6 +233,8 @@ def publish_pairs(
         lock_ttl_s: publish-lock lifetime, seconds (a crashed job releases it by expiry).
         personal: personal-history entries (pseudonymous users), written as one hash per user
             (``qrw:{version}:personal:{user}``) with ``texts``, ``counts``, ``last_seen``.
+            Users on the forget set ``qrw:forgotten`` are skipped (counted in
+            ``n_forgotten_skipped``).
         encode: passage encoder, ``texts -> (n, dim) float32`` L2-normalised (e.g.
             ``rewrite.encoder.PassageEncoder.encode``); when given, each hash also gets
             ``vectors`` (float16 little-endian bytes, ``(n, dim)``). None = no vectors.
@@ -243,7 +247,8 @@ def publish_pairs(
         :class:`PublishResult`.
 
     Raises:
-        PublishError: another publish holds the lock, or Redis failed.
+        PublishError: another publish holds the lock, a user in ``personal`` was forgotten
+            while this publish waited (re-run), or Redis failed.
         ValueError: duplicate sources in ``pairs``, duplicate (user, text) in ``personal``, or
             ``encode`` returned a wrong shape.
     """
@@ -251,7 +256,17 @@ def publish_pairs(
     sources = [p.source for p in pairs]
     if len(set(sources)) != len(sources):
         raise ValueError("duplicate sources in pairs")
+    try:
+        members = client.smembers(keyspace.FORGOTTEN)
+        forgotten = {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+    except (redis.RedisError, OSError) as e:
+        raise PublishError(f"publish failed: {e}") from e
+    n_before = len({e.user for e in personal})
+    personal = [e for e in personal if e.user not in forgotten]
     groups = _personal_groups(personal)
+    n_skipped = n_before - len(groups)
+    if n_skipped:
+        log.info("skipping the personal histories of %d forgotten user(s)", n_skipped)
     digest = version_content_hash(pairs, personal, encoder_id, encode is not None, extra_content)
     version = f"v{digest[:16]}"
     token = f"{version}:{time.time_ns()}"
@@ -268,8 +283,16 @@ def publish_pairs(
             if previous == version:
                 log.info("version %s already active; nothing to publish", version)
                 return PublishResult(
-                    version, previous, len(pairs), 0.0, unchanged=True, n_personal_users=len(groups)
+                    version,
+                    previous,
+                    len(pairs),
+                    0.0,
+                    unchanged=True,
+                    n_personal_users=len(groups),
+                    n_forgotten_skipped=n_skipped,
                 )
+            if groups and any(client.smismember(keyspace.FORGOTTEN, [u for u, _ in groups])):
+                raise PublishError("a user was forgotten while this publish ran; re-run the job")
             pipe = client.pipeline(transaction=False)
             pipe.delete(keyspace.meta_key(version))
             for i, p in enumerate(pairs, start=1):
@@ -335,7 +358,13 @@ def publish_pairs(
         previous,
     )
     return PublishResult(
-        version, previous, len(pairs), secs, unchanged=False, n_personal_users=len(groups)
+        version,
+        previous,
+        len(pairs),
+        secs,
+        unchanged=False,
+        n_personal_users=len(groups),
+        n_forgotten_skipped=n_skipped,
     )
 
 

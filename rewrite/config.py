@@ -184,6 +184,27 @@ class CatalogSettings(BaseModel):
     personal_min_success_rate: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
+class GuardrailSettings(BaseModel):
+    """Checks the nightly job runs before publishing (:mod:`offline.guardrails`).
+
+    A publish is refused (the active version stays, the reason is logged and recorded in
+    ``report.json``) when more than ``max_canary_rewrites`` utterances of ``canary_file``
+    (known-good commands, one per line, ``#`` comments) are the source of a new pair, or when
+    the share of changed pairs — the active version's pairs whose rewrite changed or that
+    disappeared, plus new sources, over the active version's pair count — exceeds
+    ``max_changed_share``. The change check is skipped when nothing is active or the active
+    version has fewer than ``min_pairs_for_change_check`` pairs. ``qrw nightly --force``
+    publishes anyway (logged). A relative ``canary_file`` is looked up in the working
+    directory, then in the project root.
+    """
+
+    enabled: bool = True
+    canary_file: Path = Path("configs/canary.txt")
+    max_canary_rewrites: int = Field(default=0, ge=0)
+    max_changed_share: float = Field(default=0.5, ge=0.0)
+    min_pairs_for_change_check: int = Field(default=20, ge=0)
+
+
 DEV_USER_KEY = "qrw-dev-user-key-not-for-production"
 
 
@@ -191,9 +212,21 @@ class PrivacySettings(BaseModel):
     """Pseudonymization of user ids (``rewrite.privacy``): HMAC-SHA256 keyed by ``user_key``.
 
     Set ``QRW_PRIVACY__USER_KEY`` in production; the default dev key logs a warning.
+
+    ``min_users_global`` (k) is the k-anonymity floor of everything shared across users: a
+    precomputed pair needs at least k distinct users behind its supporting chains and a global
+    catalog entry at least k distinct users, whatever ``markov.min_users`` and
+    ``catalog.min_users`` say (the effective threshold is the larger one). Personal histories
+    are per user and not subject to it.
+
+    ``forget_file`` is a durable copy of the forget list (pseudonyms of users removed with
+    ``qrw forget-user``, one per line; the Redis set ``qrw:forgotten`` is the other copy);
+    null = Redis only. The nightly job drops the turns of every user on either list.
     """
 
     user_key: str = Field(default=DEV_USER_KEY, repr=False, min_length=1)
+    min_users_global: int = Field(default=3, ge=1)
+    forget_file: Path | None = Path("var/forgotten_users.txt")
 
 
 #: The layers an arm may use: ``precomputed`` pairs, the online ``global`` layer, the online
@@ -266,6 +299,7 @@ class Settings(BaseSettings):
     simulator: SimulatorSettings = Field(default_factory=SimulatorSettings)
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
     rerank: RerankSettings = Field(default_factory=RerankSettings)
     dpr: DprSettings = Field(default_factory=DprSettings)
     experiment: ExperimentSettings = Field(default_factory=ExperimentSettings)

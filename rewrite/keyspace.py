@@ -13,9 +13,14 @@ Layout (see DESIGN.md):
   lists: normalized utterances, successful uses, float epoch s), optional ``vectors`` (raw
   float16 little-endian bytes, shape ``(n, dim)``, L2-normalised). ``pseudo_user`` is
   :func:`rewrite.privacy.pseudonymize` of the user id; raw ids never appear in keys.
+- ``qrw:forgotten`` → set of pseudonyms removed with ``qrw forget-user``: their personal
+  hashes are deleted from every version, the nightly job drops their turns and publish never
+  writes a personal hash for them.
 
 A version's keys are written completely before ``qrw:active`` flips to it and are never
-modified afterwards, so a reader holding a version id always sees one consistent version.
+modified afterwards — except that ``qrw forget-user`` deletes a forgotten user's personal
+hash from every version (privacy wins over immutability) — so a reader holding a version id
+always sees one consistent version.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ PREFIX = "qrw"
 ACTIVE = f"{PREFIX}:active"
 VERSIONS = f"{PREFIX}:versions"
 PUBLISH_LOCK = f"{PREFIX}:publish-lock"
+FORGOTTEN = f"{PREFIX}:forgotten"
 
 
 def meta_key(version: str) -> str:
@@ -52,3 +58,9 @@ def personal_key(user: str) -> str:
 def personal_version_key(version: str, pseudo_user: str) -> str:
     """Hash with one user's personal history in one version (``pseudo_user``: pseudonym)."""
     return f"{PREFIX}:{version}:personal:{pseudo_user}"
+
+
+def personal_pattern(pseudo_user: str) -> str:
+    """SCAN pattern matching one user's personal hash in every version (``pseudo_user``: the
+    32-hex pseudonym, which holds no glob characters)."""
+    return f"{PREFIX}:*:personal:{pseudo_user}"

@@ -10,6 +10,8 @@ Fixtures (reuse them from any test module):
   ``redis_url``. Shared: don't mutate it; take ``settings.model_copy(deep=True)`` to change.
 - ``clean_redis`` (function): FLUSHDB, then a ``redis.Redis`` client (``decode_responses``)
   on ``redis_url``.
+- ``_isolated_forget_file`` (session, autouse): ``QRW_PRIVACY__FORGET_FILE`` set to a temp
+  file for the whole session (the forget list of ``qrw forget-user``).
 - ``grpc_server`` (session): a running :class:`~rewrite.server.RewriteServer` on
   127.0.0.1 with an ephemeral port (``.port``, ``.target``), stopped at the end.
 """
@@ -33,6 +35,22 @@ import redis
 from rewrite.config import Settings, load_settings
 from rewrite.redis_server import EmbeddedRedis
 from rewrite.server import RewriteServer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_forget_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Point ``privacy.forget_file`` at a session temp file, so a developer's
+    ``var/forgotten_users.txt`` never changes what tests see (and tests never write it)."""
+    path = tmp_path_factory.mktemp("privacy") / "forgotten_users.txt"
+    old = os.environ.get("QRW_PRIVACY__FORGET_FILE")
+    os.environ["QRW_PRIVACY__FORGET_FILE"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("QRW_PRIVACY__FORGET_FILE", None)
+        else:
+            os.environ["QRW_PRIVACY__FORGET_FILE"] = old
 
 
 @pytest.fixture(scope="session")
