@@ -41,6 +41,7 @@ from rich.console import Console
 from offline.ab.analysis import ABReport, analyze
 from offline.ab.schema import OUTCOME_SCHEMA
 from offline.ab.store import OutcomeStore
+from offline.guardrails import PublishRefusedError
 from rewrite.config import Settings
 from rewrite.experiment import ArmAssigner
 from rewrite.privacy import pseudonymize, user_key_from_settings
@@ -96,7 +97,8 @@ class DayRecord:
     rpc_errors: int
     simulate_s: float
     nightly_s: float
-    published_version: str
+    published_version: str  # active after the night (the served one when refused)
+    publish_refused: str | None
     pairs: int
     catalog_entries: int
 
@@ -288,15 +290,26 @@ def run_experiment(
         return res.turns, res.truth
 
     kept: list[Path | None] = [None]  # the ranker serving now (a usable one is kept)
+    active: list[str] = [""]  # the version serving now
 
-    def nightly(tag: str) -> tuple[Any, Path | None, float]:
-        """Job over the learning window (published), then a ranker on that run; a new ranker
-        whose dev threshold misses the precision target would silence the online layer, so the
-        last ranker that met it keeps serving instead."""
+    def nightly(tag: str, force: bool = False) -> tuple[Any, Path | None, float, str | None]:
+        """Job over the learning window, published unless the guardrails refuse (then the
+        active version and ranker keep serving, as in production); then a ranker on that
+        run. A new ranker whose dev threshold misses the precision target would silence the
+        online layer, so the last ranker that met it keeps serving instead. Returns
+        ``(report, ranker, seconds, refusal reason or None)``."""
         t0 = time.perf_counter()
         window = log_files if plan.window_days is None else log_files[-plan.window_days :]
         run = out / "runs" / tag
-        rep = run_nightly(window, run, settings, publish=True)
+        try:
+            rep = run_nightly(window, run, settings, publish=True, force=force)
+        except PublishRefusedError as err:
+            if err.report is None:
+                raise
+            console.print(f"   publish refused ({err.reason}); {active[0]} keeps serving")
+            return err.report, kept[0], time.perf_counter() - t0, err.reason
+        assert rep.publish is not None  # publish=True and not refused
+        active[0] = str(rep.publish["version"])
         if plan.train_ranker:
             new = train_run_ranker(run, settings, out / "rankers" / tag, console)
             if new is not None and _threshold_met(new):
@@ -305,7 +318,7 @@ def run_experiment(
                 console.print(f"   keeping the previous ranker {kept[0].name}")
             else:
                 console.print("   no ranker met the precision target yet: the heuristic serves")
-        return rep, kept[0], time.perf_counter() - t0
+        return rep, kept[0], time.perf_counter() - t0, None
 
     console.print(
         f"experiment {plan.name!r}: {plan.users} users, arms "
@@ -315,9 +328,11 @@ def run_experiment(
     for w in range(1, plan.warmup_days + 1):
         turns, _ = simulate(w, None)
         console.print(f"  warm-up day {w}: {len(turns)} turns, no rewriting")
-    rep, ranker, secs = nightly(f"night-{plan.warmup_days:02d}")
+    # night 0 starts the experiment's lineage: forced past the change check against whatever
+    # version was active before (logged by the job)
+    rep, ranker, secs, _ = nightly(f"night-{plan.warmup_days:02d}", force=True)
     console.print(
-        f"  night 0: published {rep.publish['version']} ({rep.counts['pairs']} pairs, "
+        f"  night 0: published {active[0]} ({rep.counts['pairs']} pairs, "
         f"{rep.counts['catalog_entries']} catalog entries) in {secs:.0f} s"
     )
     result_days: list[DayRecord] = []
@@ -329,7 +344,7 @@ def run_experiment(
             day_settings.rerank.artifacts_dir = out / "rankers" / "heuristic"
         errors: list[str] = []
         t0 = time.perf_counter()
-        served_version = str(rep.publish["version"])
+        served_version = active[0]
         with (
             RewriteServer(day_settings, host="127.0.0.1", port=0) as server,
             RewriteClient(server.target) as client,
@@ -338,7 +353,7 @@ def run_experiment(
         sim_s = time.perf_counter() - t0
         if errors:
             log.warning("day %d: %d RPC errors, first: %s", day, len(errors), errors[0])
-        rep, next_ranker, secs = nightly(f"night-{sim_day:02d}")
+        rep, next_ranker, secs, refused = nightly(f"night-{sim_day:02d}")
         defects = pq.read_table(out / "runs" / f"night-{sim_day:02d}" / "defects.parquet")
         table = outcome_rows(plan.name, day, turns, truth, defects, user_key)
         store.write_day(plan.name, day, table)
@@ -350,7 +365,8 @@ def run_experiment(
             rpc_errors=len(errors),
             simulate_s=round(sim_s, 1),
             nightly_s=round(secs, 1),
-            published_version=str(rep.publish["version"]),
+            published_version=active[0],
+            publish_refused=refused,
             pairs=int(rep.counts["pairs"]),
             catalog_entries=int(rep.counts["catalog_entries"]),
         )
