@@ -84,13 +84,14 @@ FEATURE_NAMES: tuple[str, ...] = (
     "identical_to_query",
 )
 N_FEATURES = len(FEATURE_NAMES)
-#: Features of the trigger model: the top candidate's :data:`FEATURE_NAMES`, its ranker score,
-#: the margin to the second score (``MAX_MARGIN`` when alone) and the number of candidates.
+#: Features of the trigger model: the top candidate's :data:`FEATURE_NAMES`, its ranker score
+#: and the margin to the second score (``MAX_MARGIN`` when alone). Not the number of
+#: candidates: it only says whether the user has a history (global top-k plus personal
+#: top-k), which the training negatives once correlated with the label.
 TRIGGER_FEATURE_NAMES: tuple[str, ...] = (
     *(f"top1_{n}" for n in FEATURE_NAMES),
     "top1_score",
     "score_margin",
-    "n_candidates",
 )
 MAX_MARGIN = 10.0
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -222,7 +223,7 @@ def trigger_features(x_top: np.ndarray, sorted_scores: np.ndarray) -> np.ndarray
     """
     n = len(sorted_scores)
     margin = float(sorted_scores[0] - sorted_scores[1]) if n > 1 else MAX_MARGIN
-    extra = np.array([sorted_scores[0], min(margin, MAX_MARGIN), n], dtype=np.float32)
+    extra = np.array([sorted_scores[0], min(margin, MAX_MARGIN)], dtype=np.float32)
     return np.concatenate([np.asarray(x_top, dtype=np.float32), extra])[None, :]
 
 
