@@ -558,15 +558,16 @@ def run_server(redis_url: str, ranker: str) -> None:
 
 
 def start_server(
-    redis_url: str, ranker: str, timeout_s: float
+    redis_url: str, ranker: str, timeout_s: float, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[str], int]:
     """Start the service process; returns (process, port) once it printed ``PORT`` (it loads the
-    active version's index before that), within ``timeout_s`` seconds."""
+    active version's index before that), within ``timeout_s`` seconds. ``env``: settings
+    overrides (``QRW_...``) for the service."""
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve", "--redis-url", redis_url, "--ranker", ranker],
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         cwd=ROOT,
     )
     assert proc.stdout is not None
@@ -972,6 +973,13 @@ def main() -> None:
     ap.add_argument("--profile", type=float, default=0.0, help="py-spy seconds (0 = off)")
     ap.add_argument("--native", action="store_true", help="py-spy --native (C/C++ frames)")
     ap.add_argument("--build-only", action="store_true", help="build the caches and exit")
+    ap.add_argument(
+        "--dpr",
+        type=Path,
+        help="DPR artifact dir whose query tower serves (default: zero-shot MiniLM); it must "
+        "share the zero-shot passage tower, e.g. `qrw train dpr --zero-shot --query-layers 3`",
+    )
+    ap.add_argument("--ef-search", type=int, help="HNSW efSearch of the service (dpr setting)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--redis-url", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -986,6 +994,15 @@ def main() -> None:
     settings = load_settings()
     log("zero-shot DPR artifact")
     artifact = zero_shot_artifact(Path(settings.dpr.artifacts_dir))
+    server_env: dict[str, str] = {}
+    if args.dpr is not None:
+        meta = json.loads((args.dpr / "dpr.json").read_text())
+        if meta.get("distilled_from") != artifact.name:
+            ap.error(f"--dpr {args.dpr} is not distilled from the zero-shot {artifact.name}")
+        artifact = args.dpr.resolve()
+        server_env["QRW_DPR__ARTIFACTS_DIR"] = str(artifact.parent)
+    if args.ef_search is not None:
+        server_env["QRW_DPR__HNSW_EF_SEARCH"] = str(args.ef_search)
     build = build_index(args.n, args.seed, artifact.name, settings, args.build_threads)
     log(f"index {build.directory} ({'cached' if build.cached else 'built'})")
     if args.ranker == "synthetic":
@@ -1008,7 +1025,7 @@ def main() -> None:
             )
             log(f"starting the service ({len(work.online):,} distinct online utterances)")
             spawned = time.perf_counter()
-            proc, port = start_server(redis_server.url, ranker, args.load_timeout)
+            proc, port = start_server(redis_server.url, ranker, args.load_timeout, server_env)
             try:
                 rows, stats, mem = asyncio.run(measure(port, work, args, proc.pid, spawned))
             finally:
