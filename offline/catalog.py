@@ -2,8 +2,11 @@
 
 A turn **succeeds** when it is not a defect under the shared :class:`~offline.defects.DefectRule`
 — no barge-in, no negative feedback, no failure response — and no later turn of its session
-rephrases it (the job's rephrase links). Utterances are the normalized text NLU received
-(:attr:`offline.sessionize.Turn.normalized`).
+rephrases it (the job's rephrase links). Utterances are the normalized text the user said
+(:attr:`offline.sessionize.Turn.normalized`). Turns the service rewrote are left out of both
+the catalog and the personal histories: their outcome is the rewrite's, not the utterance's,
+and counting it would let the service's own rewrites inflate their targets' frequency and
+success rate (:mod:`offline.self_learning`; Ponnusamy et al., NAACL 2022).
 
 - **Global catalog**: per normalized utterance, ``frequency`` (turns), ``n_users`` (distinct
   users), ``success_rate`` (successful turns / turns), the most common logged ``domain`` and
@@ -104,7 +107,7 @@ class CatalogResult:
     Attributes:
         catalog: global rewrite targets, frequency-descending (row i = FAISS id i).
         personal: personal entries grouped by user (ascending pseudonym), most used first.
-        n_turns: turns aggregated.
+        n_turns: turns aggregated (rewritten turns excluded).
         n_success_turns: turns that succeeded.
         n_utterances: distinct normalized utterances seen.
         n_personal_users: users with a non-empty personal history.
@@ -116,6 +119,7 @@ class CatalogResult:
     n_success_turns: int
     n_utterances: int
     n_personal_users: int
+    n_rewritten_excluded: int = 0
 
 
 def turn_success(
@@ -262,14 +266,20 @@ def build_catalog(
             Personal histories are not affected.
 
     Returns:
-        :class:`CatalogResult`.
+        :class:`CatalogResult`. Turns the service rewrote (:attr:`Turn.rewritten`) are not
+        aggregated (counted in ``n_rewritten_excluded``); they still count for the labels of
+        the others (a rewritten turn rephrasing an earlier one makes that one a defect).
 
     Raises:
         ValueError: ``user_key`` is empty.
     """
     if not user_key:
         raise ValueError("user_key must not be empty")
-    ok = turn_success(turns, sessions, links, rule)
+    ok_all = turn_success(turns, sessions, links, rule)
+    own = [t for t in turns if not t.rewritten]
+    ok = ok_all[np.fromiter((t.idx for t in own), dtype=np.int64, count=len(own))]
+    n_rewritten = len(turns) - len(own)
+    turns = own
     raw_users = [t.user_id for t in turns]
     pseudo = {u: pseudonymize(u, user_key) for u in set(raw_users)}
     tbl = pa.table(
@@ -292,6 +302,7 @@ def build_catalog(
         n_success_turns=int(ok.sum()),
         n_utterances=n_utterances,
         n_personal_users=len({p.user for p in personal}),
+        n_rewritten_excluded=n_rewritten,
     )
     log.info(
         "catalog: %d of %d utterances; personal: %d entries for %d users",

@@ -143,6 +143,7 @@ def nightly(
         {
             "counts": report.counts,
             "markov": report.markov,
+            "self_learning": report.self_learning,
             "guardrails": report.guardrails,
             "publish": report.publish,
             "timings_s": report.timings_s,

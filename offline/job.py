@@ -5,8 +5,15 @@ Writes into ``RUN_DIR``: ``pairs.parquet`` (source, rewrite, absorption_probabil
 support, n_users), ``rephrases.parquet`` (detected links), ``defects.parquet`` (every turn's
 defect label and reasons), ``catalog.parquet`` (the global
 catalog of rewrite targets, :mod:`offline.catalog`), ``personal.parquet`` (per-user
-successful utterances, pseudonymous user keys), ``quarantine.jsonl`` and ``report.json``
-(counts per stage, timings in seconds, quarantined rows, guardrail checks).
+successful utterances, pseudonymous user keys), ``feedback.parquet`` and ``demoted.parquet``
+(the service's own rewrites judged by their traffic, :mod:`offline.self_learning`),
+``quarantine.jsonl`` and ``report.json`` (counts per stage, timings in seconds, quarantined
+rows, guardrail checks, ``self_learning``).
+
+Self-contamination (:mod:`offline.self_learning`; Ponnusamy et al., NAACL 2022): a turn the
+service rewrote is evidence about its (source, rewrite) pair only — it is cut out of the
+rephrase chains, the catalog and the personal histories, and a served pair whose rewritten
+turns in the window are mostly defects is demoted (dropped before guardrails and publish).
 
 Privacy: turns of users on the forget list (:mod:`offline.forget`) are dropped right after
 validation (``counts.forgotten_turns``); pairs and catalog entries need at least
@@ -51,6 +58,13 @@ from offline.schema import (
     TurnValidator,
     read_turn_logs,
     write_quarantine,
+)
+from offline.self_learning import (
+    demote_pairs,
+    served_pair_feedback,
+    summarize,
+    write_demoted,
+    write_feedback,
 )
 from offline.sessionize import Session, Turn, sessionize, to_turns
 from rewrite.config import Settings
@@ -108,6 +122,7 @@ class NightlyReport:
     online: dict[str, Any] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     guardrails: dict[str, Any] | None = None
+    self_learning: dict[str, Any] = field(default_factory=dict)
 
 
 def build_chains(
@@ -118,11 +133,19 @@ def build_chains(
 ) -> tuple[list[RephraseChain], Counter[str]]:
     """Follow rephrase links into chains and label each chain's last turn with the defect rule.
 
+    Chains hold the user's own turns only: a turn the service rewrote (:attr:`Turn.rewritten`)
+    is cut out — no state, no absorbing outcome — because its success or failure is the
+    rewrite's (:mod:`offline.self_learning`). The links into and out of it are dropped, so the
+    turns before it end their chain with their own label (the one it rephrases is a defect)
+    and the turn after it starts a new chain.
+
     Returns:
-        (chains — one per chain start, singletons included; defect-reason counts over all turns).
+        (chains — one per chain start, singletons included; defect-reason counts over all
+        turns, rewritten ones included).
     """
-    next_of = {lk.earlier: lk.later for lk in links}
-    has_prev = {lk.later for lk in links}
+    own = [not t.rewritten for t in turns]
+    next_of = {lk.earlier: lk.later for lk in links if own[lk.earlier] and own[lk.later]}
+    has_prev = set(next_of.values())
     labels = label_turns(turns, sessions, links, rule)
     reasons: Counter[str] = Counter()
     for lab in labels:
@@ -132,7 +155,7 @@ def build_chains(
     chains: list[RephraseChain] = []
     for s in sessions:
         for start in s.turns:
-            if start in has_prev:
+            if start in has_prev or not own[start]:
                 continue
             seq = [start]
             while seq[-1] in next_of:
@@ -265,6 +288,7 @@ def run_nightly(
             "session": settings.session.model_dump(),
             "rephrase": settings.rephrase.model_dump(),
             "markov": settings.markov.model_dump(),
+            "self_learning": settings.self_learning.model_dump(),
             "catalog": settings.catalog.model_dump(),
             "privacy": {"min_users_global": settings.privacy.min_users_global},
             "guardrails": settings.guardrails.model_dump(mode="json"),
@@ -279,11 +303,13 @@ def run_nightly(
         if forgotten:
             read.quarantined = _redact_forgotten(read.quarantined, forgotten, user_key)
         write_quarantine(read.quarantined, out / "quarantine.jsonl")
-    reasons = Counter(q.reason.split(":")[0] for q in read.quarantined)
+    # every row counted under its bounded reason code (offline.schema.reason_code), so the
+    # counts sum to ``rows`` and no row data (ids, timestamps) becomes a key
+    reasons = Counter(q.code for q in read.quarantined)
     report.quarantined = {
         "rows": len(read.quarantined),
         "file": str(out / "quarantine.jsonl"),
-        "by_reason": dict(reasons.most_common(20)),
+        "by_reason": dict(reasons.most_common()),
     }
     with _timed(timings, "forget"):
         pseudo = {u: pseudonymize(u, user_key) for u in {t.user_id for t in read.turns}}
@@ -336,6 +362,20 @@ def run_nightly(
         )
     with _timed(timings, "markov"):
         pairs, mstats = mine_pairs(chains, settings.markov, settings.privacy.min_users_global)
+    with _timed(timings, "self_learning"):
+        feedback = served_pair_feedback(turns, labels, settings.self_learning)
+        dropped: list[RewritePair] = []
+        if settings.self_learning.demote:
+            pairs, dropped = demote_pairs(pairs, feedback)
+        write_feedback(feedback, out / "feedback.parquet")
+        write_demoted(feedback, out / "demoted.parquet")
+        report.self_learning = summarize(turns, feedback, dropped, settings.self_learning)
+    if dropped:
+        log.warning(
+            "self-learning: %d mined pair(s) withdrawn, their rewritten traffic shows defects "
+            "(demoted.parquet)",
+            len(dropped),
+        )
     with _timed(timings, "write"):
         write_pairs(pairs, out / "pairs.parquet")
     with _timed(timings, "catalog"):
@@ -414,6 +454,8 @@ def run_nightly(
                         pairs,
                         keep_versions=settings.redis.keep_versions,
                         version_ttl_s=settings.redis.version_ttl_s,
+                        lock_ttl_s=settings.redis.publish_lock_ttl_s,
+                        lock_wait_s=settings.redis.publish_lock_wait_s,
                         run_info={"run_dir": str(out.resolve())},
                         personal=cat.personal,
                         **extra,

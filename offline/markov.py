@@ -4,8 +4,10 @@ States are normalized utterances. Each rephrase chain ``u1 → u2 → … → un
 session adds one transition count per step; its last turn is absorbed into
 ``success(un)`` when that turn succeeded, or into ``FAIL`` when it was a defect. Turns that
 nobody rephrased are one-element chains, so an utterance that usually works carries its own
-success mass. With ``Q`` (transient → transient) and ``R`` (transient → absorbing) the
-row-normalized counts, the absorption probabilities are
+success mass. Chains hold the users' own turns only: a turn the service rewrote is cut out by
+:func:`offline.job.build_chains`, so a served rewrite never adds to its own support or
+absorption probability (:mod:`offline.self_learning`). With ``Q`` (transient → transient)
+and ``R`` (transient → absorbing) the row-normalized counts, the absorption probabilities are
 
     B = N R,   N = (I − Q)⁻¹ (the fundamental matrix),
 

@@ -2,7 +2,10 @@
 
 Protocol (see :mod:`rewrite.keyspace`):
 
-1. take a publish lock (``SET NX EX``) so two jobs never publish at once;
+1. take a publish lock (``SET NX EX``) so two jobs never publish at once — a lease of
+   ``lock_ttl_s`` seconds renewed while the publish runs, so the lock of a killed publisher
+   expires within ``lock_ttl_s``; a publish that finds the lock held waits up to
+   ``lock_wait_s`` for it;
 2. write every key of the new version (pipelined batches); the version id is derived from
    the content hash, so re-publishing identical content rewrites identical keys
    (idempotent) and a crashed publish is finished by re-running it;
@@ -10,8 +13,13 @@ Protocol (see :mod:`rewrite.keyspace`):
    (``qrw:{version}:personal:{pseudo_user}``, optionally with float16 passage vectors),
    skipping users on the forget set ``qrw:forgotten`` (``qrw forget-user``);
 3. write ``meta`` with ``complete=1``;
-4. in one ``MULTI/EXEC`` transaction: ``SET qrw:active``, push the id on ``qrw:versions``;
+4. in one ``MULTI/EXEC`` transaction, only while this publish still holds the lock (``WATCH``
+   on it): ``SET qrw:active``, push the id on ``qrw:versions``;
 5. give versions beyond ``keep_versions`` a TTL so they expire later.
+
+A publisher killed before step 4 leaves the previous version active and a half-written one
+that no reader ever looks at (not active, not in ``qrw:versions``, no ``complete`` meta);
+re-running the job on the same input rewrites the same keys under the same id and flips.
 
 A reader that read ``qrw:active`` before step 4 keeps reading the old version's keys, which
 are unchanged; after step 4 it reads the new one. It never sees a mix.
@@ -26,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +58,88 @@ Encode = Callable[[Sequence[str]], np.ndarray]
 
 class PublishError(RuntimeError):
     """Publishing could not complete (Redis unreachable, lock held, ...)."""
+
+
+#: Test hook (off by default): when this environment variable holds a number of seconds,
+#: :func:`publish_pairs` pauses that long after writing the new version's pair and personal
+#: keys and before its meta and the flip, renewing its lock and logging a WARNING with this
+#: name first — so a test can kill a publisher that has half-written a version.
+TEST_PAUSE_ENV = "QRW_TEST_PUBLISH_PAUSE_S"
+
+# compare-and-renew / compare-and-delete of the lock: only the holder's token may touch it
+_RENEW_LOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE_LOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+class _PublishLock:
+    """The publish lock as a lease: ``SET NX EX ttl_s`` with a unique token, renewed by
+    :meth:`renew` at most every ``ttl_s / 3`` seconds, released only by its holder.
+
+    Args:
+        client: redis-py client (``decode_responses=True``).
+        token: this publish's unique value.
+        ttl_s: lease length, seconds (>= 1).
+    """
+
+    def __init__(self, client: redis.Redis, token: str, ttl_s: int) -> None:
+        self.client, self.token, self.ttl_s = client, token, max(1, int(ttl_s))
+        self._renewed = time.monotonic()
+
+    def acquire(self, wait_s: float) -> float:
+        """Take the lock, polling every 0.1 s for up to ``wait_s`` seconds.
+
+        Returns:
+            Seconds waited.
+
+        Raises:
+            PublishError: still held by another publish after ``wait_s``.
+        """
+        t0 = time.monotonic()
+        while not self.client.set(keyspace.PUBLISH_LOCK, self.token, nx=True, ex=self.ttl_s):
+            if time.monotonic() - t0 >= wait_s:
+                raise PublishError(
+                    f"another publish is in progress (lock held; waited {wait_s:.0f} s; a "
+                    f"crashed publisher's lock expires within its lease)"
+                )
+            time.sleep(0.1)
+        self._renewed = time.monotonic()
+        return self._renewed - t0
+
+    def renew(self, force: bool = False) -> None:
+        """Extend the lease to ``ttl_s`` (when a third of it has passed, or ``force``).
+
+        Raises:
+            PublishError: the lock expired and is no longer ours (nothing was flipped).
+        """
+        now = time.monotonic()
+        if not force and now - self._renewed < self.ttl_s / 3:
+            return
+        if not self.client.eval(_RENEW_LOCK, 1, keyspace.PUBLISH_LOCK, self.token, self.ttl_s):
+            raise PublishError("lost the publish lock (its lease expired); re-run the job")
+        self._renewed = now
+
+    def release(self) -> None:
+        """Delete the lock if this publish still holds it."""
+        self.client.eval(_RELEASE_LOCK, 1, keyspace.PUBLISH_LOCK, self.token)
+
+
+def _test_pause(lock: _PublishLock) -> None:
+    """The :data:`TEST_PAUSE_ENV` hook; returns at once unless the variable is set."""
+    raw = os.environ.get(TEST_PAUSE_ENV)
+    if not raw:
+        return
+    pause_s = float(raw)
+    log.warning("%s: publish paused %.1f s before the flip", TEST_PAUSE_ENV, pause_s)
+    end = time.monotonic() + pause_s
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(0.1, left))
+        lock.renew()
 
 
 @dataclass(frozen=True)
@@ -200,12 +291,26 @@ def connect(url: str, timeout_s: float = 5.0) -> redis.Redis:
     return client
 
 
-def _expire_version(client: redis.Redis, version: str, ttl_s: int) -> int:
+def _expire_version(
+    client: redis.Redis, version: str, ttl_s: int, renew: Callable[[], None] | None = None
+) -> int:
+    """Give every key of ``version`` a TTL of ``ttl_s`` seconds (``renew`` called per key)."""
     n = 0
     for key in client.scan_iter(match=keyspace.version_pattern(version), count=1000):
         client.expire(key, ttl_s)
         n += 1
+        if renew is not None:
+            renew()
     return n
+
+
+def _expire_superseded(
+    client: redis.Redis, keep_versions: int, ttl_s: int, renew: Callable[[], None]
+) -> None:
+    """TTL for the versions beyond the ``keep_versions`` newest; trim the history list."""
+    for v in client.lrange(keyspace.VERSIONS, max(1, keep_versions), -1):
+        _expire_version(client, str(v), ttl_s, renew)
+    client.ltrim(keyspace.VERSIONS, 0, max(1, keep_versions) + 8)
 
 
 def publish_pairs(
@@ -214,8 +319,9 @@ def publish_pairs(
     keep_versions: int = 2,
     version_ttl_s: int = 14 * 24 * 3600,
     run_info: dict[str, str] | None = None,
-    lock_ttl_s: int = 600,
+    lock_ttl_s: int = 30,
     *,
+    lock_wait_s: float = 0.0,
     personal: Sequence[PersonalEntry] = (),
     encode: Encode | None = None,
     encoder_id: str | None = None,
@@ -230,7 +336,10 @@ def publish_pairs(
         keep_versions: versions kept without TTL (active + rollback targets), >= 1.
         version_ttl_s: TTL given to versions that fall out of the keep window, seconds.
         run_info: extra metadata stored in the version's meta hash.
-        lock_ttl_s: publish-lock lifetime, seconds (a crashed job releases it by expiry).
+        lock_ttl_s: publish-lock lease, seconds: renewed while this publish runs, so a
+            crashed or killed publisher's lock expires within this time.
+        lock_wait_s: how long to wait for a lock held by another publish, seconds (0 = fail
+            at once).
         personal: personal-history entries (pseudonymous users), written as one hash per user
             (``qrw:{version}:personal:{user}``) with ``texts``, ``counts``, ``last_seen``.
             Users on the forget set ``qrw:forgotten`` are skipped (counted in
@@ -247,8 +356,9 @@ def publish_pairs(
         :class:`PublishResult`.
 
     Raises:
-        PublishError: another publish holds the lock, a user in ``personal`` was forgotten
-            while this publish waited (re-run), or Redis failed.
+        PublishError: another publish holds the lock after ``lock_wait_s``, this publish
+            lost its lock lease (stalled past ``lock_ttl_s``; nothing flipped), a user in
+            ``personal`` was forgotten while this publish waited (re-run), or Redis failed.
         ValueError: duplicate sources in ``pairs``, duplicate (user, text) in ``personal``, or
             ``encode`` returned a wrong shape.
     """
@@ -269,19 +379,22 @@ def publish_pairs(
         log.info("skipping the personal histories of %d forgotten user(s)", n_skipped)
     digest = version_content_hash(pairs, personal, encoder_id, encode is not None, extra_content)
     version = f"v{digest[:16]}"
-    token = f"{version}:{time.time_ns()}"
+    lock = _PublishLock(client, f"{version}:{os.getpid()}:{time.time_ns()}", lock_ttl_s)
     rows: dict[str, int] | None = None
     matrix: np.ndarray | None = None
     try:
         if encode is not None and groups and client.get(keyspace.ACTIVE) != version:
             rows, matrix = _encode_personal(groups, encode)  # before the lock: may be slow
-        if not client.set(keyspace.PUBLISH_LOCK, token, nx=True, ex=lock_ttl_s):
-            raise PublishError("another publish is in progress (lock held)")
+        waited = lock.acquire(lock_wait_s)
+        if waited > 0.05:
+            log.info("waited %.1f s for the publish lock", waited)
         try:
             prev = client.get(keyspace.ACTIVE)
             previous = str(prev) if prev else None
             if previous == version:
                 log.info("version %s already active; nothing to publish", version)
+                # a re-run after a publish that died after its flip finishes the expiry
+                _expire_superseded(client, keep_versions, version_ttl_s, lock.renew)
                 return PublishResult(
                     version,
                     previous,
@@ -309,6 +422,7 @@ def publish_pairs(
                 )
                 if i % _BATCH == 0:
                     pipe.execute()
+                    lock.renew()
             pipe.execute()
             for i, (user, entries) in enumerate(groups, start=1):
                 key = keyspace.personal_version_key(version, user)
@@ -316,7 +430,10 @@ def publish_pairs(
                 pipe.hset(key, mapping=_personal_mapping(entries, rows, matrix))
                 if i % _BATCH == 0:
                     pipe.execute()
+                    lock.renew()
             pipe.execute()
+            _test_pause(lock)
+            lock.renew()
             meta: dict[str, str] = {
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "n_pairs": str(len(pairs)),
@@ -335,17 +452,21 @@ def publish_pairs(
             for name, value in meta.items():
                 client.hset(keyspace.meta_key(version), name, value)
             client.hset(keyspace.meta_key(version), "complete", "1")
+            lock.renew(force=True)
             with client.pipeline(transaction=True) as tx:
+                tx.watch(keyspace.PUBLISH_LOCK)  # flip only while the lock is still ours
+                if tx.get(keyspace.PUBLISH_LOCK) != lock.token:
+                    raise PublishError("lost the publish lock before the flip; re-run the job")
+                tx.multi()
                 tx.set(keyspace.ACTIVE, version)
                 tx.lrem(keyspace.VERSIONS, 0, version)
                 tx.lpush(keyspace.VERSIONS, version)
                 tx.execute()
-            for v in client.lrange(keyspace.VERSIONS, max(1, keep_versions), -1):
-                _expire_version(client, str(v), version_ttl_s)
-            client.ltrim(keyspace.VERSIONS, 0, max(1, keep_versions) + 8)
+            _expire_superseded(client, keep_versions, version_ttl_s, lock.renew)
         finally:
-            if client.get(keyspace.PUBLISH_LOCK) == token:
-                client.delete(keyspace.PUBLISH_LOCK)
+            lock.release()
+    except redis.WatchError as e:
+        raise PublishError("lost the publish lock during the flip; re-run the job") from e
     except (redis.RedisError, OSError) as e:
         raise PublishError(f"publish failed: {e}") from e
     secs = time.perf_counter() - t0

@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1"
 REQUIRED_FIELDS = ("turn_id", "user_id", "timestamp", "utterance")
+#: Longest JSONL line read, characters. A longer line (a binary or corrupt file, a runaway
+#: writer) is quarantined as ``line_too_long`` and skipped without ever being held in memory
+#: whole, so one bad line never costs more than this much memory.
+MAX_LINE_CHARS = 1 << 20
 
 
 class TurnLog(BaseModel):
@@ -56,7 +60,10 @@ class TurnLog(BaseModel):
     def _zone_aware(cls, v: datetime) -> datetime:
         if v.tzinfo is None or v.utcoffset() is None:
             raise ValueError("timestamp must carry a time zone (ISO-8601 with offset or Z)")
-        return v.astimezone(UTC)
+        try:
+            return v.astimezone(UTC)
+        except OverflowError:  # e.g. 9999-12-31T23:59-23:00 is past datetime.max in UTC
+            raise ValueError("timestamp out of range in UTC") from None
 
     @field_validator("utterance")
     @classmethod
@@ -80,6 +87,42 @@ class QuarantinedRow:
     line: int
     reason: str
     raw: str
+
+    @property
+    def code(self) -> str:
+        """The reason's category (:func:`reason_code`), what ``report.json`` counts."""
+        return reason_code(self.reason)
+
+
+#: Quarantine reason prefixes → category codes (``report.json`` ``quarantined.by_reason``).
+_REASON_CODES = (
+    ("invalid JSON", "invalid_json"),
+    ("line too long", "line_too_long"),
+    ("row is not a JSON object", "not_an_object"),
+    ("missing required field", "missing_field"),
+    ("utterance too long", "utterance_too_long"),
+    ("timestamp in the future", "future_timestamp"),
+    ("duplicate turn_id", "duplicate_turn_id"),
+    ("unreadable file", "unreadable_file"),
+)
+
+
+def reason_code(reason: str) -> str:
+    """A bounded category for a quarantine reason, never holding row data.
+
+    ``invalid_json``, ``line_too_long``, ``not_an_object``, ``missing_field``,
+    ``utterance_too_long``, ``future_timestamp``, ``duplicate_turn_id``, ``unreadable_file``;
+    a schema violation of a field is ``invalid_<field>`` (its first error, e.g.
+    ``invalid_timestamp`` for a naive timestamp, ``invalid_utterance`` for a wrong type);
+    anything else ``other``.
+    """
+    for prefix, code in _REASON_CODES:
+        if reason.startswith(prefix):
+            return code
+    field_name = reason.split(":", 1)[0].split(".", 1)[0]
+    if ":" in reason and field_name in TurnLog.model_fields:
+        return f"invalid_{field_name}"
+    return "other"
 
 
 @dataclass
@@ -142,15 +185,33 @@ class TurnValidator:
         return turn
 
 
+class LineTooLongError(ValueError):
+    """A JSONL line over :data:`MAX_LINE_CHARS` characters (skipped, quarantined)."""
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, str, Any]]:
-    """Yield ``(line_no, raw_line, parsed_or_exception)`` for a JSONL file (1-based lines)."""
+    """Yield ``(line_no, raw_line, parsed_or_exception)`` for a JSONL file (1-based lines).
+
+    Every line yields one item (blank lines none), whatever it holds: a line that is not JSON
+    (bad syntax, a truncated last line, an integer over Python's 4,300-digit limit, nesting
+    deeper than the recursion limit) yields the exception, and a line over
+    :data:`MAX_LINE_CHARS` yields :class:`LineTooLongError` with its first characters and is
+    skipped in bounded memory. Undecodable UTF-8 bytes become U+FFFD.
+    """
     with path.open("r", encoding="utf-8", errors="replace") as fh:
-        for i, line in enumerate(fh, start=1):
+        i = 0
+        while line := fh.readline(MAX_LINE_CHARS + 1):
+            i += 1
+            if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
+                while (rest := fh.readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
+                    pass  # skip the rest of the over-long line
+                yield i, line[:2000], LineTooLongError(f"line too long (> {MAX_LINE_CHARS} chars)")
+                continue
             if not line.strip():
                 continue
             try:
                 yield i, line, json.loads(line)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
                 yield i, line, e
 
 
@@ -191,7 +252,9 @@ def read_turn_logs(
 
     Returns:
         :class:`ReadResult` with valid turns and quarantined rows; ``rows_in`` counts every
-        non-blank input row, so ``rows_in == len(turns) + len(quarantined)``.
+        non-blank input row, so ``rows_in == len(turns) + len(quarantined)``. A file that
+        cannot be read (a truncated Parquet footer, an I/O error) counts as one quarantined
+        row (``line`` 0); rows read from it before the failure are kept.
 
     Raises:
         FileNotFoundError: a path does not exist.
@@ -204,9 +267,10 @@ def read_turn_logs(
             for line_no, raw, row in reader(path):
                 res.rows_in += 1
                 if isinstance(row, Exception):
-                    res.quarantined.append(
-                        QuarantinedRow(str(path), line_no, f"invalid JSON: {row}", raw[:2000])
+                    reason = (
+                        str(row) if isinstance(row, LineTooLongError) else f"invalid JSON: {row}"
                     )
+                    res.quarantined.append(QuarantinedRow(str(path), line_no, reason, raw[:2000]))
                     continue
                 out = validator.validate(row)
                 if isinstance(out, str):

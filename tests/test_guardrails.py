@@ -125,10 +125,14 @@ def test_changed_share_counts_changed_removed_added() -> None:
     new = [RewritePair(f"s{i}", f"r{i}", 0.9, 3, 3) for i in range(17)]  # s17..s19 removed
     new[0] = RewritePair("s0", "other", 0.9, 3, 3)  # changed
     new += [RewritePair(f"n{i}", "x", 0.9, 3, 3) for i in range(4)]  # added
-    c = changed_share_check(new, active, "v1", 0.5, 20)
+    c = changed_share_check(new, active, "v1", 0.5, 20, 1.0)
     assert (c["changed"], c["removed"], c["added"]) == (1, 3, 4)
-    assert c["share"] == pytest.approx(8 / 20) and c["passed"] and c["skipped"] is None
-    assert not changed_share_check(new, active, "v1", 0.39, 20)["passed"]
+    assert c["share"] == pytest.approx(4 / 20) and c["passed"] and c["skipped"] is None
+    assert c["added_share"] == pytest.approx(4 / 20)
+    assert not changed_share_check(new, active, "v1", 0.19, 20)["passed"]
+    # growth is checked apart from churn: 4 new on 20 passes at 0.2, not at 0.19
+    assert changed_share_check(new, active, "v1", 0.5, 20, 0.2)["passed"]
+    assert not changed_share_check(new, active, "v1", 0.5, 20, 0.19)["passed"]
     small = changed_share_check(new, active, "v1", 0.0, 21)  # active has 20 < 21 pairs
     assert small["passed"] and "20 < 21" in small["skipped"] and small["share"] is None
     none = changed_share_check(new, {}, None, 0.0, 0)
@@ -186,7 +190,7 @@ def test_too_many_changed_pairs_refused_within_threshold_published(
     c = json.loads((tmp_path / "r2" / "report.json").read_text())["guardrails"]["checks"]
     assert c["changed_share"]["changed"] == 13 and c["changed_share"]["share"] == 0.52
     assert c["canary"]["passed"]
-    # 8 changed + 2 removed + 2 added = 12 of 25 -> 0.48: published
+    # 8 changed + 2 removed = 10 of 25 -> 0.40 (2 added -> 0.08): published
     ok = (
         _weather(CITIES[:8], "what is the weather in {}")
         + _weather(CITIES[8:23])
@@ -198,7 +202,8 @@ def test_too_many_changed_pairs_refused_within_threshold_published(
     g = rep.guardrails
     assert g is not None and g["passed"] and g["refused"] is None
     cs = g["checks"]["changed_share"]
-    assert (cs["changed"], cs["removed"], cs["added"], cs["share"]) == (8, 2, 2, 0.48)
+    assert (cs["changed"], cs["removed"], cs["added"], cs["share"]) == (8, 2, 2, 0.4)
+    assert cs["added_share"] == 0.08
 
 
 @pytest.mark.integration

@@ -125,9 +125,13 @@ def test_online_layer_passes_through_without_a_published_index(
         rewriter.close()
 
 
+@pytest.mark.parametrize("fault", ["corrupt", "mismatched"])
 def test_corrupt_index_of_a_new_version_is_refused_and_the_old_one_kept(
-    online_settings: Settings, tmp_path: Path, clean_redis: redis.Redis
+    online_settings: Settings, tmp_path: Path, clean_redis: redis.Redis, fault: str
 ) -> None:
+    """A new active version whose index is corrupt (one flipped byte: checksum mismatch) or
+    mismatched (built with another encoder than the version's) is refused and counted; the
+    service keeps answering from the complete old snapshot."""
     import shutil
 
     from rewrite import keyspace
@@ -140,9 +144,13 @@ def test_corrupt_index_of_a_new_version_is_refused_and_the_old_one_kept(
     meta = clean_redis.hgetall(keyspace.meta_key(good))
     bad_dir = tmp_path / "corrupt-index"
     shutil.copytree(meta["index_dir"], bad_dir)
-    blob = bytearray((bad_dir / "index.faiss").read_bytes())
-    blob[-1] ^= 0xFF  # one flipped byte: the checksum no longer matches
-    (bad_dir / "index.faiss").write_bytes(bytes(blob))
+    if fault == "corrupt":
+        blob = bytearray((bad_dir / "index.faiss").read_bytes())
+        blob[-1] ^= 0xFF  # one flipped byte: the checksum no longer matches
+        (bad_dir / "index.faiss").write_bytes(bytes(blob))
+    else:  # the index says another encoder built it than the one the version names
+        info = json.loads((bad_dir / "index.json").read_text())
+        (bad_dir / "index.json").write_text(json.dumps({**info, "encoder_id": "other-encoder"}))
     rewriter = Rewriter(s)
     rewriter.warm_up()
     try:

@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from rewrite import keyspace
+from rewrite import keyspace, metrics
 from rewrite._pb.queryrewrite.v1 import rewrite_pb2
 from rewrite.client import RewriteClient
 from rewrite.config import Settings
@@ -339,6 +339,8 @@ def test_redis_outage_passes_through_then_recovers(settings: Settings, tmp_path:
             before = poll(lambda: rc.rewrite(RewriteRequest(text, "u")), lambda x: x.rewritten)
             assert (before.rewrite, before.model_version) == ("play songs by adele", "outage-v1")
 
+            store_errors = metrics.STORE_ERRORS._value.get()
+            passed = metrics.PASS_THROUGH.labels("store_unavailable")._value.get()
             assert own_redis.stop() is True
             # 1.6 s spans the store's 0.5 s back-off and its 1 s version cache expiring
             answered = 0
@@ -353,6 +355,10 @@ def test_redis_outage_passes_through_then_recovers(settings: Settings, tmp_path:
                 answered += 1
                 time.sleep(0.05)
             assert answered >= 10
+            # every one counted: qrw_store_errors_total and the pass-through by reason
+            assert metrics.STORE_ERRORS._value.get() == store_errors + answered
+            unavailable = metrics.PASS_THROUGH.labels("store_unavailable")._value.get()
+            assert unavailable == passed + answered
 
             own_redis.start()  # same data dir: dump.rdb saved by SHUTDOWN SAVE
             after = poll(lambda: rc.rewrite(RewriteRequest(text, "u")), lambda x: x.rewritten)

@@ -30,7 +30,7 @@ class ContextFeature:
 
     Attributes:
         turn_id: id of the earlier turn.
-        text: its normalized utterance (what NLU received).
+        text: its normalized utterance (what the user said, :attr:`Turn.normalized`).
         gap_s: seconds from that turn to the current turn (>= 0).
         barge_in: the user interrupted that turn's response.
         response: the system response to that turn ('' if unknown).
