@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
+from procs import stop_process
 from rich.console import Console
 
 from offline.ab.report import report_command
@@ -393,12 +394,7 @@ def dashboard(
             time.sleep(0.2)
         yield Served(url, proc, log_path)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc, timeout_s=10)
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ from typing import Any
 import grpc
 import pytest
 import redis
+from procs import stop_process
 
 from offline.job import read_pairs, run_nightly
 from offline.publish import TEST_PAUSE_ENV, PublishError, connect, publish_pairs
@@ -97,17 +98,6 @@ def _wait_for(pattern: str, log_path: Path, proc: subprocess.Popen[bytes], timeo
     )
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a child this test started (by its handle): SIGTERM, then SIGKILL."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 # --------------------------------------------------------------------------- killed publish
 
 
@@ -160,7 +150,7 @@ def test_job_killed_during_publish_keeps_the_old_version_and_rerun_finishes(
         proc.kill()  # SIGKILL: no cleanup of any kind
         assert proc.wait(timeout=10) == -signal.SIGKILL
     finally:
-        _stop(proc)
+        stop_process(proc)
 
     # the previous version is active and complete; the half-written one is invisible
     assert clean_redis.get(keyspace.ACTIVE) == v1
@@ -481,5 +471,5 @@ def test_sustained_load_then_graceful_drain(settings: Settings, tmp_path: Path) 
         assert "Traceback" not in logged and "Rewrite failed" not in logged, logged[-3000:]
     finally:
         if proc is not None:
-            _stop(proc)
+            stop_process(proc)
         own_redis.stop()

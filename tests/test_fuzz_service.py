@@ -48,6 +48,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from procs import stop_process
 
 from offline.job import run_nightly
 from rewrite import keyspace
@@ -923,10 +924,4 @@ def test_bounded_fuzz_run_against_qrw_serve(fuzz_env: FuzzEnv, tmp_path: Path) -
         assert "qrw gRPC server stopped" in logged
         assert "Traceback" not in logged and "Rewrite failed" not in logged, logged[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc)
