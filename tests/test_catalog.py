@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from logrows import turn_line
 
 from offline.catalog import (
     CatalogEntry,
@@ -191,9 +191,7 @@ T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 
 
 def _row(tid: str, user: str, sec: float, utt: str, response: str = "OK.", **kw: object) -> str:
-    ts = (T0 + timedelta(seconds=sec)).isoformat().replace("+00:00", "Z")
-    row = {"turn_id": tid, "user_id": user, "timestamp": ts, "utterance": utt, "response": response}
-    return json.dumps({**row, **kw})
+    return turn_line(tid, user, sec, utt, response, t0=T0, **kw)
 
 
 def test_nightly_writes_catalog_and_personal(tmp_path: Path, settings: Settings) -> None:

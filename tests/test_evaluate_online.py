@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import itertools
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import redis
+from logrows import turn_row
 
 from offline.baselines_online import BM25Retriever, DenseRetriever, SymSpellRetriever
 from offline.detector.downstream import DownstreamSource
@@ -40,14 +41,7 @@ CATALOG = [
 
 
 def _row(tid: str, user: str, sec: float, utt: str, response: str = OK) -> dict[str, object]:
-    ts = (T0 + timedelta(seconds=sec)).isoformat().replace("+00:00", "Z")
-    return {
-        "turn_id": tid,
-        "user_id": user,
-        "timestamp": ts,
-        "utterance": utt,
-        "response": response,
-    }
+    return turn_row(tid, user, sec, utt, response, t0=T0)
 
 
 def _write(path: Path, rows: list[dict[str, object]]) -> Path:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import redis
+from logrows import turn_row
 from typer.testing import CliRunner
 
 from offline.cli import app
@@ -45,9 +46,7 @@ USERS = ("u0", "u1", "u2")  # k = 3 distinct users behind every pair
 
 
 def _row(tid: str, user: str, sec: float, utt: str, response: str = "OK.", **kw: object) -> dict:
-    ts = (T0 + timedelta(seconds=sec)).isoformat().replace("+00:00", "Z")
-    return {"turn_id": tid, "user_id": user, "timestamp": ts, "utterance": utt,
-            "response": response, **kw}  # fmt: skip
+    return turn_row(tid, user, sec, utt, response, t0=T0, **kw)
 
 
 def _write(path: Path, fixes: list[tuple[str, str]]) -> Path:

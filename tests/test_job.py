@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from logrows import turn_line
 
 from offline.job import read_pairs, run_nightly
 from rewrite.config import Settings
@@ -19,9 +20,7 @@ FAIL = "Sorry, I didn't understand that."
 
 
 def _turn(tid: str, user: str, sec: float, utt: str, response: str = "OK.", **kw: object) -> str:
-    ts = (T0 + timedelta(seconds=sec)).isoformat().replace("+00:00", "Z")
-    row = {"turn_id": tid, "user_id": user, "timestamp": ts, "utterance": utt, "response": response}
-    return json.dumps({**row, **kw})
+    return turn_line(tid, user, sec, utt, response, t0=T0, **kw)
 
 
 def _logs(tmp_path: Path) -> Path:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import urllib.request
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import prometheus_client
 import pyarrow.parquet as pq
 import pytest
 import redis
+from logrows import turn_row
 from typer.testing import CliRunner
 
 from offline.catalog import PersonalEntry, build_catalog
@@ -52,9 +53,7 @@ BOSTON = ("whats the whether in boston", "what's the weather in boston")  # a re
 
 
 def _row(tid: str, user: str, sec: float, utt: str, response: str = "OK.", **kw: object) -> dict:
-    ts = (T0 + timedelta(seconds=sec)).isoformat().replace("+00:00", "Z")
-    return {"turn_id": tid, "user_id": user, "timestamp": ts, "utterance": utt,
-            "response": response, **kw}  # fmt: skip
+    return turn_row(tid, user, sec, utt, response, t0=T0, **kw)
 
 
 def _fix(user: str, tid: str, base: float, wrong: str, right: str) -> list[dict]:

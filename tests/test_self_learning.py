@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from logrows import turn_row
 
 from offline.catalog import read_catalog, read_personal
 from offline.defects import DefectLabel
@@ -32,15 +33,7 @@ CORPUS = Path(__file__).parents[2] / "shared/data/slurp/utterances.jsonl"
 
 
 def _row(tid: str, user: str, sec: float, utt: str, response: str, **kw: Any) -> dict[str, Any]:
-    ts = (T0 + timedelta(seconds=sec)).isoformat().replace("+00:00", "Z")
-    return {
-        "turn_id": tid,
-        "user_id": user,
-        "timestamp": ts,
-        "utterance": utt,
-        "response": response,
-        **kw,
-    }
+    return turn_row(tid, user, sec, utt, response, t0=T0, **kw)
 
 
 def _honest(n: int) -> list[dict[str, Any]]:
