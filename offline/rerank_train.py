@@ -445,7 +445,9 @@ def top_choices(groups: Sequence[RankGroup], scores: np.ndarray, offsets: np.nda
         best = g.candidates[int(order[0])]
         top[gi] = float(s[order[0]])
         correct[gi] = g.is_correct(best.text)
-        eligible[gi] = best.text != g.query
+        # as at serving: a query that is itself a candidate (a catalog entry or in the user's
+        # history, i.e. it succeeds) is never rewritten (rewrite.rerank.trigger)
+        eligible[gi] = all(c.text != g.query for c in g.candidates)
         for r, ci in enumerate(order, start=1):
             if g.is_correct(g.candidates[int(ci)].text):
                 rank[gi] = r
@@ -484,8 +486,13 @@ def trigger_metrics(tc: TopChoice, threshold: float) -> dict[str, float]:
     }
 
 
-def choose_threshold(tc: TopChoice, target_precision: float = 0.9) -> tuple[float, bool]:
-    """The lowest threshold (among the top scores) whose precision at trigger >= target.
+def choose_threshold(
+    tc: TopChoice, target_precision: float = 0.9, min_triggers: int = 1
+) -> tuple[float, bool]:
+    """The lowest threshold (among the top scores) whose precision at trigger >= target and
+    that triggers on at least ``min_triggers`` groups (a precision measured on a handful of
+    dev triggers is chance: on DSTC2's small dev split a threshold "met" on 5 triggers gave
+    precision 0.50 on test).
 
     Returns:
         ``(threshold, met)``; when no threshold reaches the target, ``met`` is False and the
@@ -501,7 +508,7 @@ def choose_threshold(tc: TopChoice, target_precision: float = 0.9) -> tuple[floa
     cum_n = np.arange(1, len(s) + 1)
     # only the last index of each run of equal scores is a reachable threshold
     last = np.r_[s[1:] != s[:-1], True]
-    ok = last & (cum_good / cum_n >= target_precision)
+    ok = last & (cum_good / cum_n >= target_precision) & (cum_n >= min_triggers)
     if not ok.any():
         return float(s[0]) + 1.0, False
     return float(s[np.nonzero(ok)[0][-1]]), True
@@ -544,6 +551,7 @@ class RankerTrainConfig:
     dev_frac: float = 0.15
     test_frac: float = 0.15
     target_precision: float = 0.9
+    min_dev_triggers: int = 20  # a threshold must trigger on this many dev groups
 
     def params(self) -> dict[str, Any]:
         """LightGBM parameters (deterministic)."""
@@ -680,6 +688,7 @@ def fit_trigger_model(
     threshold, met = choose_threshold(
         TopChoice(oof, tc.correct, elig & np.isfinite(oof), tc.rank, tc.positive),
         config.target_precision,
+        config.min_dev_triggers,
     )
     booster = lgb.train(
         params,
@@ -801,7 +810,7 @@ def train_ranker(
             )
         decision["dev"] = trig.oof  # out of fold: the honest dev figure
     else:
-        threshold, met = choose_threshold(tc_dev, config.target_precision)
+        threshold, met = choose_threshold(tc_dev, config.target_precision, config.min_dev_triggers)
     if not met:
         log.warning(
             "no dev threshold reaches precision %.2f; the ranker will not trigger",

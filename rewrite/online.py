@@ -392,6 +392,10 @@ class TriggerStage(_OnlineStage):
         assert ranker is not None
         best = state.retrieved[0] if state.retrieved else None
         best_score = state.decision_score if best is not None and len(state.scores) else 0.0
+        snap = state.online
+        in_catalog = isinstance(snap, OnlineSnapshot) and (
+            snap.index.lookup(state.normalized) is not None
+        )
         decision = trigger(
             state.normalized,
             best.text if best else None,
@@ -399,8 +403,8 @@ class TriggerStage(_OnlineStage):
             ranker.trigger_threshold,
             state.user_success_count,
             self._resources.settings.catalog.personal_min_count,
+            query_in_catalog=in_catalog,
         )
-        snap = state.online
         if isinstance(snap, OnlineSnapshot):
             state.model_version = snap.version
         if decision.rewrite and best is not None:

@@ -424,7 +424,7 @@ class TriggerDecision:
     Attributes:
         rewrite: True = hand the best candidate to NLU instead of the query.
         reason: ``"triggered"``, ``"no_candidates"``, ``"already_succeeds"``,
-            ``"same_as_query"`` or ``"below_threshold"``.
+            ``"succeeds_globally"``, ``"same_as_query"`` or ``"below_threshold"``.
     """
 
     rewrite: bool
@@ -438,14 +438,18 @@ def trigger(
     threshold: float,
     user_success_count: int,
     min_success_count: int = 1,
+    query_in_catalog: bool = False,
 ) -> TriggerDecision:
     """The trigger decision for the top-ranked candidate.
 
     Checked in this order: no candidate → ``no_candidates``; the query already succeeds for
     this user (``user_success_count >= min_success_count``, i.e. the normalized query is in the
-    user's personal history; ``catalog.personal_min_count``) → ``already_succeeds``; the best
-    candidate is the query itself → ``same_as_query``; ``best_score < threshold`` (or NaN) →
-    ``below_threshold``; else rewrite (``triggered``).
+    user's personal history; ``catalog.personal_min_count``) → ``already_succeeds``; the query
+    is itself a global catalog entry, i.e. it historically succeeds for many users
+    (``query_in_catalog``) → ``succeeds_globally`` (a working request is never rewritten into
+    another wording: on DSTC2 such rewrites, "what's the phone number" → "phone number", were
+    the online layer's losses); the best candidate is the query itself → ``same_as_query``;
+    ``best_score < threshold`` (or NaN) → ``below_threshold``; else rewrite (``triggered``).
 
     Args:
         query: normalized query.
@@ -454,11 +458,14 @@ def trigger(
         threshold: the ranker's trigger threshold.
         user_success_count: the user's successful uses of the query itself (0 unknown).
         min_success_count: count from which the query counts as succeeding (>= 1).
+        query_in_catalog: the normalized query is an entry of the global catalog.
     """
     if best_text is None:
         return TriggerDecision(False, "no_candidates")
     if user_success_count >= max(min_success_count, 1):
         return TriggerDecision(False, "already_succeeds")
+    if query_in_catalog:
+        return TriggerDecision(False, "succeeds_globally")
     if best_text == query:
         return TriggerDecision(False, "same_as_query")
     if not best_score >= threshold:  # also catches NaN

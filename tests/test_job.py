@@ -79,7 +79,7 @@ def test_publish_then_rewrite(
     assert res.source == "precomputed" and res.model_version == report.publish["version"]
     same = rewriter.rewrite(RewriteRequest("turn on the lights", user_id="u"))
     assert not same.rewritten and same.rewrite == "turn on the lights"
-    assert same.reason == "same_as_query"  # a catalog entry: the online layer keeps it
+    assert same.reason == "succeeds_globally"  # a catalog entry: the online layer keeps it
     rewriter.close()
 
 

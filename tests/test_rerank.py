@@ -156,6 +156,12 @@ def test_trigger_reasons(
 ) -> None:
     d = trigger("call dina", best_text, score, 0.5, success)
     assert (d.rewrite, d.reason) == expected
+    # a query that is itself a global catalog entry (it succeeds for many users) is kept
+    g = trigger("call dina", best_text, score, 0.5, success, query_in_catalog=True)
+    if expected[1] in ("triggered", "below_threshold", "same_as_query"):
+        assert (g.rewrite, g.reason) == (False, "succeeds_globally")
+    else:
+        assert (g.rewrite, g.reason) == expected
 
 
 @pytest.mark.parametrize("count", [1, 2, 100])
@@ -192,6 +198,9 @@ def test_choose_threshold_lowest_with_precision() -> None:
     thr, met = choose_threshold(_tc([5, 4, 4, 1], [True, True, False, True]), 0.9)
     assert met and thr == 5.0
     # nothing reaches the target → above every score, nothing triggers
+    # too few dev triggers: precision on 2 groups is chance, not met
+    assert choose_threshold(_tc([5, 4, 3], [True, True, True]), 0.9, min_triggers=4)[1] is False
+    assert choose_threshold(_tc([5, 4, 3], [True, True, True]), 0.9, min_triggers=3) == (3.0, True)
     thr, met = choose_threshold(_tc([3, 2], [False, True]), 0.9)
     assert (
         not met and thr > 3 and trigger_metrics(_tc([3, 2], [False, True]), thr)["triggered"] == 0
@@ -298,7 +307,8 @@ def test_trigger_model_precision_on_held_out_users(trained: RankerTrainResult) -
         best = g.candidates[int(order[0])]
         p = ranker.decision_score(x[order[0]], s[order])
         assert 0.0 <= p <= 1.0
-        d = trigger(g.query, best.text, p, ranker.trigger_threshold, user_success_count=0)
+        known = any(c.text == g.query for c in g.candidates)  # a catalog/history entry
+        d = trigger(g.query, best.text, p, ranker.trigger_threshold, 0, query_in_catalog=known)
         decisions.append((d.rewrite, g.is_correct(best.text)))
     triggered = [ok for rewrite, ok in decisions if rewrite]
     assert meta["metrics"]["test"]["ranker"]["triggered"] == len(triggered)
