@@ -26,7 +26,6 @@ import asyncio
 import gc
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ from typing import Any
 import grpc
 import pytest
 import redis
-from procs import stop_process
+from procs import SERVING_LINE, start_qrw_serve, stop_process, wait_for_log
 
 from offline.job import read_pairs, run_nightly
 from offline.publish import TEST_PAUSE_ENV, PublishError, connect, publish_pairs
@@ -81,21 +80,6 @@ def _write(path: Path, lines: list[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _wait_for(pattern: str, log_path: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> str:
-    """The first match of ``pattern`` in a child's log (its group 1, else the whole match)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = log_path.read_text(errors="replace")
-        m = re.search(pattern, text)
-        if m:
-            return m.group(1) if m.groups() else m.group(0)
-        assert proc.poll() is None, f"child exited {proc.returncode}:\n{text[-3000:]}"
-        time.sleep(0.05)
-    raise AssertionError(
-        f"{pattern!r} not logged in {timeout_s} s:\n{log_path.read_text()[-3000:]}"
-    )
 
 
 # --------------------------------------------------------------------------- killed publish
@@ -139,7 +123,7 @@ def test_job_killed_during_publish_keeps_the_old_version_and_rerun_finishes(
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        _wait_for(f"{TEST_PAUSE_ENV}: publish paused", log_path, proc, timeout_s=120.0)
+        wait_for_log(f"{TEST_PAUSE_ENV}: publish paused", log_path, proc, timeout_s=120.0)
         time.sleep(lock_ttl_s + 1.0)  # longer than the lease: the paused job keeps renewing it
         token = clean_redis.get(keyspace.PUBLISH_LOCK)
         assert token is not None, "the publishing job lost its lock while alive"
@@ -401,15 +385,8 @@ def test_sustained_load_then_graceful_drain(settings: Settings, tmp_path: Path) 
     proc: subprocess.Popen[bytes] | None = None
     try:
         _publish_by_hand(own_redis.url, "load-v1")
-        with log_path.open("wb") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "offline.cli", "-v", "serve", "--port", "0"],
-                cwd=ROOT,
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-        target = _wait_for(r"qrw gRPC server on (127\.0\.0\.1:\d+) ", log_path, proc, 90.0)
+        proc = start_qrw_serve(log_path, env, ROOT)
+        target = wait_for_log(SERVING_LINE, log_path, proc, 90.0)
         figures: dict[str, Any] = {"load_s": LOAD_S}
 
         async def scenario() -> tuple[list[Any], list[Any], list[Any], float]:

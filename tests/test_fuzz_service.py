@@ -30,8 +30,6 @@ import math
 import os
 import random
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -48,7 +46,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from procs import stop_process
+from procs import SERVING_LINE, start_qrw_serve, stop_process, wait_for_log
 
 from offline.job import run_nightly
 from rewrite import keyspace
@@ -849,18 +847,6 @@ def rss_mb(pid: int) -> float:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
-def _wait_for_target(log_path: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> str:
-    """The ``host:port`` the server logged once it serves."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log_path.read_text()
-        m = re.search(r"qrw gRPC server on (\S+) ", log_path.read_text())
-        if m:
-            return m.group(1)
-        time.sleep(0.1)
-    raise AssertionError("server not up in time:\n" + log_path.read_text()[-3000:])
-
-
 #: Allowed RSS growth of the server over the measured run (3,000 calls after a 600-call
 #: warm-up), MiB. What may grow legitimately: the query encoder's LRU of query vectors (one
 #: entry per distinct normalized text, ~1.7 KB each: < 5 MiB for 3,000 calls), the metaphone
@@ -879,16 +865,9 @@ def test_bounded_fuzz_run_against_qrw_serve(fuzz_env: FuzzEnv, tmp_path: Path) -
     env = {k: v for k, v in os.environ.items() if k != "QRW_REDIS__URL"}
     env.update(fuzz_env.env, PYTHONPATH=str(root))
     log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "offline.cli", "-v", "serve", "--port", "0"],
-            cwd=root,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    proc = start_qrw_serve(log_path, env, root)
     try:
-        target = _wait_for_target(log_path, proc, timeout_s=90.0)
+        target = wait_for_log(SERVING_LINE, log_path, proc, timeout_s=90.0)
         assert target.startswith("127.0.0.1:")
         with RewriteClient(target, timeout_s=CALL_TIMEOUT_S) as rc:
             hit = rc.rewrite(RewriteRequest("what's the weather in wilkerson", "bob"))
