@@ -302,16 +302,25 @@ def write_quarantine(rows: Iterable[QuarantinedRow], path: Path) -> int:
     return n
 
 
+def write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> int:
+    """Write dicts as JSONL (UTF-8, one object a line, parent folders created); returns the
+    row count."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with path.open("w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
 def write_turn_logs(turns: Iterable[TurnLog | dict[str, Any]], path: Path) -> int:
     """Write turns as JSONL (``.jsonl``) or Parquet (``.parquet``); returns the row count."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = [t.to_json_dict() if isinstance(t, TurnLog) else t for t in turns]
-    if path.suffix == ".parquet":
-        import pyarrow as pa
+    if path.suffix != ".parquet":
+        return write_jsonl(rows, path)
+    import pyarrow as pa
 
-        pq.write_table(pa.Table.from_pylist(rows), path)
-    else:
-        with path.open("w", encoding="utf-8") as fh:
-            for r in rows:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
     return len(rows)

@@ -196,12 +196,6 @@ def _threshold_met(ranker: Path) -> bool:
     return bool(meta.get("threshold_met"))
 
 
-def _write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    with path.open("w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
 def _guarded(
     rewrite: Callable[[RewriteRequest], RewriteResult], assigner: ArmAssigner, errors: list[str]
 ) -> Callable[[RewriteRequest], RewriteResult]:
@@ -255,7 +249,7 @@ def run_experiment(
     """
     from offline.demo import train_run_ranker
     from offline.job import run_nightly
-    from offline.schema import write_turn_logs
+    from offline.schema import write_jsonl, write_turn_logs
     from offline.simulate import Simulator, SimulatorConfig
     from rewrite.client import RewriteClient
     from rewrite.server import RewriteServer
@@ -285,7 +279,7 @@ def run_experiment(
         res = sim.simulate_day(sim_day, rewrite_fn=rewrite_fn, progress=False)
         path = out / "logs" / f"day-{sim_day:02d}.jsonl"
         write_turn_logs(res.turns, path)
-        _write_jsonl(res.truth, out / "truth" / f"day-{sim_day:02d}.jsonl")
+        write_jsonl(res.truth, out / "truth" / f"day-{sim_day:02d}.jsonl")
         log_files.append(path)
         return res.turns, res.truth
 

@@ -40,6 +40,7 @@ from offline.schema import (
     QuarantinedRow,
     TurnLog,
     TurnValidator,
+    write_jsonl,
     write_quarantine,
     write_turn_logs,
 )
@@ -311,8 +312,8 @@ def import_dstc2(path: Path, out_dir: Path, fixed_spacing_s: float = 10.0) -> Ds
         "quarantine": out_dir / "quarantine.jsonl",
     }
     write_turn_logs(turns_out, paths["turns"])
-    _write_jsonl(truth_out, paths["truth"])
-    _write_jsonl(skipped_out, paths["skipped"])
+    write_jsonl(truth_out, paths["truth"])
+    write_jsonl(skipped_out, paths["skipped"])
     write_quarantine(quarantine, paths["quarantine"])
 
     summary = Dstc2ImportSummary(
@@ -338,11 +339,3 @@ def import_dstc2(path: Path, out_dir: Path, fixed_spacing_s: float = 10.0) -> Ds
         summary.elapsed_s,
     )
     return summary
-
-
-def _write_jsonl(rows: list[dict[str, Any]], path: Path) -> int:
-    """Write dicts as JSONL (UTF-8, one object a line); returns the row count."""
-    with path.open("w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return len(rows)
