@@ -41,9 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from offline.defects import DefectRule, label_turns
-from offline.rephrase import RephraseLink
-from offline.sessionize import Session, Turn
+from offline.defects import DefectLabel
+from offline.sessionize import Turn
 from rewrite.config import CatalogSettings
 from rewrite.privacy import pseudonymize
 from rewrite.retrieval import CATALOG_SCHEMA
@@ -120,27 +119,6 @@ class CatalogResult:
     n_utterances: int
     n_personal_users: int
     n_rewritten_excluded: int = 0
-
-
-def turn_success(
-    turns: Sequence[Turn],
-    sessions: Sequence[Session],
-    links: Sequence[RephraseLink],
-    rule: DefectRule,
-) -> np.ndarray:
-    """Success of every turn: not a defect under ``rule`` and not rephrased by a later turn.
-
-    Args:
-        turns: the job's turns (``turns[i].idx == i``).
-        sessions: their sessions (for ``last_in_session``).
-        links: rephrase links (``earlier`` is rephrased by ``later``).
-        rule: the job's defect rule.
-
-    Returns:
-        ``(len(turns),)`` bool array, True = success.
-    """
-    labels = label_turns(turns, sessions, links, rule)
-    return np.fromiter((not lab.defect for lab in labels), dtype=bool, count=len(labels))
 
 
 def _most_common(tbl: pa.Table, column: str) -> dict[str, str]:
@@ -244,9 +222,7 @@ def _personal(tbl: pa.Table, cfg: CatalogSettings) -> list[PersonalEntry]:
 
 def build_catalog(
     turns: Sequence[Turn],
-    sessions: Sequence[Session],
-    links: Sequence[RephraseLink],
-    rule: DefectRule,
+    labels: Sequence[DefectLabel],
     settings: CatalogSettings,
     user_key: bytes,
     min_users_global: int = 1,
@@ -255,9 +231,9 @@ def build_catalog(
 
     Args:
         turns: the job's turns (``turns[i].idx == i``).
-        sessions: their sessions.
-        links: rephrase links from the job's detector.
-        rule: the job's defect rule (the same one the Markov chain uses).
+        labels: every turn's label under the job's defect rule
+            (:func:`offline.defects.label_turns`, the labels the Markov chain uses); a turn
+            succeeds when it is not a defect.
         settings: thresholds (``catalog:`` section).
         user_key: HMAC key for pseudonymous user keys
             (:func:`rewrite.privacy.user_key_from_settings`).
@@ -271,11 +247,13 @@ def build_catalog(
         the others (a rewritten turn rephrasing an earlier one makes that one a defect).
 
     Raises:
-        ValueError: ``user_key`` is empty.
+        ValueError: ``user_key`` is empty, or ``labels`` do not match ``turns``.
     """
     if not user_key:
         raise ValueError("user_key must not be empty")
-    ok_all = turn_success(turns, sessions, links, rule)
+    if len(labels) != len(turns):
+        raise ValueError(f"{len(labels)} labels for {len(turns)} turns")
+    ok_all = np.fromiter((not lab.defect for lab in labels), dtype=bool, count=len(labels))
     own = [t for t in turns if not t.rewritten]
     ok = ok_all[np.fromiter((t.idx for t in own), dtype=np.int64, count=len(own))]
     n_rewritten = len(turns) - len(own)

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import redis
 
 from offline.catalog import build_catalog, write_catalog, write_personal
-from offline.defects import DefectRule, label_turns
+from offline.defects import DefectLabel, DefectRule, label_turns
 from offline.forget import read_forgotten
 from offline.guardrails import (
     GuardrailResult,
@@ -129,9 +129,10 @@ def build_chains(
     turns: Sequence[Turn],
     sessions: Sequence[Session],
     links: Sequence[RephraseLink],
-    rule: DefectRule,
+    labels: Sequence[DefectLabel],
 ) -> tuple[list[RephraseChain], Counter[str]]:
-    """Follow rephrase links into chains and label each chain's last turn with the defect rule.
+    """Follow rephrase links into chains; each chain ends in its last turn's label under the
+    defect rule (``labels``: :func:`offline.defects.label_turns`, one per turn).
 
     Chains hold the user's own turns only: a turn the service rewrote (:attr:`Turn.rewritten`)
     is cut out — no state, no absorbing outcome — because its success or failure is the
@@ -146,7 +147,6 @@ def build_chains(
     own = [not t.rewritten for t in turns]
     next_of = {lk.earlier: lk.later for lk in links if own[lk.earlier] and own[lk.later]}
     has_prev = set(next_of.values())
-    labels = label_turns(turns, sessions, links, rule)
     reasons: Counter[str] = Counter()
     for lab in labels:
         reasons.update(lab.reasons)
@@ -357,9 +357,7 @@ def run_nightly(
             out / "defects.parquet",
         )
     with _timed(timings, "chains"):
-        chains, defect_reasons = build_chains(
-            turns, sessions, detected.links, DefectRule(settings.defects)
-        )
+        chains, defect_reasons = build_chains(turns, sessions, detected.links, labels)
     with _timed(timings, "markov"):
         pairs, mstats = mine_pairs(chains, settings.markov, settings.privacy.min_users_global)
     with _timed(timings, "self_learning"):
@@ -381,9 +379,7 @@ def run_nightly(
     with _timed(timings, "catalog"):
         cat = build_catalog(
             turns,
-            sessions,
-            detected.links,
-            DefectRule(settings.defects),
+            labels,
             settings.catalog,
             user_key,
             min_users_global=settings.privacy.min_users_global,

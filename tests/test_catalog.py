@@ -15,11 +15,10 @@ from offline.catalog import (
     build_catalog,
     read_catalog,
     read_personal,
-    turn_success,
     write_catalog,
     write_personal,
 )
-from offline.defects import DefectRule
+from offline.defects import DefectRule, label_turns
 from offline.job import run_nightly
 from offline.rephrase import RephraseLink
 from offline.sessionize import Turn, sessionize
@@ -60,7 +59,8 @@ class _Log:
         self, cfg: CatalogSettings, links: list[RephraseLink] | None = None
     ) -> tuple[list[CatalogEntry], list[PersonalEntry]]:
         sessions = sessionize(self.turns, 300.0)
-        res = build_catalog(self.turns, sessions, links or [], RULE, cfg, KEY)
+        labels = label_turns(self.turns, sessions, links or [], RULE)
+        res = build_catalog(self.turns, labels, cfg, KEY)
         assert res.n_turns == len(self.turns)
         return res.catalog, res.personal
 
@@ -74,8 +74,8 @@ def test_success_is_no_defect_signal_and_not_rephrased() -> None:
     log.add("u1", "set timer", ts=40)  # fine on its face, but rephrased by the next turn
     log.add("u1", "set a timer", ts=45)
     sessions = sessionize(log.turns, 300.0)
-    ok = turn_success(log.turns, sessions, [RephraseLink(4, 5, 0.9)], RULE)
-    assert ok.tolist() == [True, False, False, False, False, True]
+    labels = label_turns(log.turns, sessions, [RephraseLink(4, 5, 0.9)], RULE)
+    assert [not lab.defect for lab in labels] == [True, False, False, False, False, True]
 
 
 def test_global_catalog_thresholds_metadata_and_order() -> None:

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from offline.catalog import PersonalEntry, build_catalog
 from offline.cli import app
-from offline.defects import DefectRule
+from offline.defects import DefectRule, label_turns
 from offline.forget import forget_user, read_forgotten
 from offline.job import run_nightly
 from offline.markov import RephraseChain, RewritePair, mine_pairs
@@ -111,7 +111,9 @@ def test_catalog_entry_needs_k_distinct_users_personal_unaffected() -> None:
 
     def catalog(spec: list[tuple[str, str]]) -> tuple[set[str], set[tuple[str, str]]]:
         turns = _turns(spec)
-        res = build_catalog(turns, sessionize(turns, 300.0), [], rule, cfg, KEY, 3)
+        res = build_catalog(
+            turns, label_turns(turns, sessionize(turns, 300.0), [], rule), cfg, KEY, 3
+        )
         return {e.text for e in res.catalog}, {(p.user, p.text) for p in res.personal}
 
     two = [("a", "play jazz"), ("a", "play jazz"), ("b", "play jazz"), ("b", "play jazz")]
