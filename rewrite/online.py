@@ -393,9 +393,7 @@ class TriggerStage(_OnlineStage):
         best = state.retrieved[0] if state.retrieved else None
         best_score = state.decision_score if best is not None and len(state.scores) else 0.0
         snap = state.online
-        in_catalog = isinstance(snap, OnlineSnapshot) and (
-            snap.index.lookup(state.normalized) is not None
-        )
+        in_catalog = isinstance(snap, OnlineSnapshot) and state.normalized in snap.index
         decision = trigger(
             state.normalized,
             best.text if best else None,

@@ -232,6 +232,10 @@ class GlobalIndex:
     def __len__(self) -> int:
         return self.info.n
 
+    def __contains__(self, text: object) -> bool:
+        """Whether ``text`` (normalized) is a catalog entry (a dict lookup, no object built)."""
+        return text in self._id_of
+
     def lookup(self, text: str) -> RetrievedCandidate | None:
         """Catalog metadata of an exact (normalized) text as a ``layer="global"`` candidate with
         ``dense_score`` 0.0 (no query involved), or None when the text is not in the catalog."""
