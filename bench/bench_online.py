@@ -250,7 +250,7 @@ def build_index(n: int, seed: int, encoder_id: str, settings: Settings, threads:
     from rewrite.retrieval import INDEX_META, IndexInfo
 
     dpr = settings.dpr
-    kind = choose_kind(n, dpr.flat_max_entries)
+    kind = choose_kind(n, dpr.flat_max_entries, dpr.ivf_min_entries)
     params = f"{kind}-{dpr.hnsw_m}-{EF_CONSTRUCTION}" if kind == "hnsw" else kind
     key = hashlib.sha256(params.encode()).hexdigest()[:8]
     out = CACHE / "online-index" / f"n{n}-s{seed}-{key}"
@@ -520,6 +520,7 @@ def stats_handler(get_server: Callable[[], RewriteServer], clock: StageClock) ->
             out["encoder_onnx"] = snap.encoder.onnx_path.name
             out["encoder_cache"] = snap.encoder.cache_info()._asdict()
             out["ef_search"] = getattr(getattr(snap.index.index, "hnsw", None), "efSearch", None)
+            out["nprobe"] = getattr(snap.index.index, "nprobe", None)
         if layer is not None and layer.ranker is not None:
             out["ranker"] = layer.ranker.name
         return json.dumps(out).encode()
@@ -852,6 +853,8 @@ def report(
     if kind == "hnsw":
         kind += f" M={params.get('hnsw_m')} efC={params.get('ef_construction')} "
         kind += f"efSearch={stats.get('ef_search')}"
+    elif kind == "ivf_sq8":
+        kind += f" nlist={params.get('nlist')} nprobe={stats.get('nprobe')}"
     cache = stats.get("encoder_cache", {})
     print(
         f"\nqrw online benchmark: {info.n:,} catalog entries ({kind}); query tower "

@@ -6,8 +6,12 @@ folder that :class:`rewrite.retrieval.GlobalIndex` loads:
 
 - ``index.faiss``: exact ``faiss.IndexFlatIP`` up to ``dpr.flat_max_entries`` entries,
   ``faiss.IndexHNSWFlat`` (inner product, ``M = dpr.hnsw_m``, ``efConstruction`` =
-  :data:`EF_CONSTRUCTION`, ``efSearch = dpr.hnsw_ef_search``) above; FAISS id i = catalog row i.
-  Threshold and HNSW parameters were chosen with ``bench/bench_index.py``.
+  :data:`EF_CONSTRUCTION`, ``efSearch = dpr.hnsw_ef_search``) up to ``dpr.ivf_min_entries``,
+  and ``IVF<nlist>,SQ8`` above (``faiss.IndexIVFScalarQuantizer``: a flat coarse quantizer of
+  :func:`ivf_nlist` centroids trained by k-means, 8-bit scalar-quantized vectors, 384 bytes
+  each; ``nprobe = dpr.ivf_nprobe``; Jégou et al., "Product quantization for nearest neighbor
+  search", TPAMI 2011, for the inverted-file structure); FAISS id i = catalog row i.
+  Thresholds and parameters were chosen with ``bench/bench_index.py``.
 - ``catalog.parquet``: the id sidecar (:data:`rewrite.retrieval.CATALOG_COLUMNS`, in id order;
   duplicate texts dropped, missing metadata filled with defaults);
 - ``index.json`` (:class:`rewrite.retrieval.IndexInfo`), written last, so a folder without it is
@@ -91,9 +95,24 @@ def normalize_catalog(table: pa.Table) -> pa.Table:
     return out
 
 
-def choose_kind(n: int, flat_max_entries: int) -> str:
-    """``"flat"`` (exact IndexFlatIP) when ``n <= flat_max_entries``, else ``"hnsw"``."""
-    return "flat" if n <= flat_max_entries else "hnsw"
+IVF_TRAIN_PER_LIST = 40
+"""k-means training points per IVF list (FAISS warns below 39)."""
+
+
+def choose_kind(n: int, flat_max_entries: int, ivf_min_entries: int | None = None) -> str:
+    """``"flat"`` (exact IndexFlatIP) when ``n <= flat_max_entries``, ``"ivf_sq8"`` when
+    ``ivf_min_entries`` is set and ``n > ivf_min_entries``, else ``"hnsw"``."""
+    if n <= flat_max_entries:
+        return "flat"
+    if ivf_min_entries is not None and n > ivf_min_entries:
+        return "ivf_sq8"
+    return "hnsw"
+
+
+def ivf_nlist(n: int) -> int:
+    """IVF lists for ``n`` vectors: ``4 * sqrt(n)`` (FAISS's guideline of 4-16 sqrt(n)),
+    at least 1 and at most ``n // IVF_TRAIN_PER_LIST`` so k-means has enough points."""
+    return max(1, min(int(4 * np.sqrt(max(n, 1))), n // IVF_TRAIN_PER_LIST))
 
 
 def make_faiss_index(
@@ -102,8 +121,13 @@ def make_faiss_index(
     hnsw_m: int = 32,
     ef_construction: int = EF_CONSTRUCTION,
     ef_search: int = 64,
+    nprobe: int = 32,
+    seed: int = 0,
 ) -> Any:
     """A FAISS inner-product index over ``vectors`` (``(n, dim)`` float32, L2-normalised).
+
+    ``ivf_sq8`` trains its coarse quantizer (k-means, :func:`ivf_nlist` lists) on at most
+    ``IVF_TRAIN_PER_LIST * nlist`` rows drawn with ``seed``, so a rebuild is deterministic.
 
     Raises:
         ValueError: unknown ``kind`` or a non-2-D input.
@@ -121,8 +145,19 @@ def make_faiss_index(
         index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
         index.hnsw.efSearch = ef_search
+    elif kind == "ivf_sq8":
+        nlist = ivf_nlist(len(x))
+        index = faiss.index_factory(dim, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
+        sample = x
+        if len(x) > IVF_TRAIN_PER_LIST * nlist:
+            rng = np.random.default_rng(seed)
+            rows = np.sort(rng.choice(len(x), IVF_TRAIN_PER_LIST * nlist, replace=False))
+            sample = x[rows]
+        index.cp.seed = seed
+        index.train(sample)
+        index.nprobe = nprobe
     else:
-        raise ValueError(f"unknown index kind {kind!r} (flat | hnsw)")
+        raise ValueError(f"unknown index kind {kind!r} (flat | hnsw | ivf_sq8)")
     if len(x):
         index.add(x)
     return index
@@ -149,7 +184,8 @@ def write_index_dir(
         catalog: the catalog in :data:`CATALOG_SCHEMA` (see :func:`normalize_catalog`), n rows.
         out_dir: the index folder (created; an older index there is replaced).
         encoder_id: the passage encoder's ``encoder_id``.
-        settings: ``dpr`` settings (``flat_max_entries``, ``hnsw_m``, ``hnsw_ef_search``).
+        settings: ``dpr`` settings (``flat_max_entries``, ``hnsw_m``, ``hnsw_ef_search``,
+            ``ivf_min_entries``, ``ivf_nprobe``).
         version: the published version this index belongs to.
         threads: FAISS OpenMP threads for the build (None = FAISS default).
 
@@ -167,10 +203,15 @@ def write_index_dir(
         faiss.omp_set_num_threads(int(threads))
     n = len(vectors)
     dim = int(vectors.shape[1]) if vectors.ndim == 2 else 0
-    kind = choose_kind(n, settings.flat_max_entries)
+    kind = choose_kind(n, settings.flat_max_entries, settings.ivf_min_entries)
     t0 = time.perf_counter()
     index = make_faiss_index(
-        vectors, kind, settings.hnsw_m, ef_construction, settings.hnsw_ef_search
+        vectors,
+        kind,
+        settings.hnsw_m,
+        ef_construction,
+        settings.hnsw_ef_search,
+        nprobe=settings.ivf_nprobe,
     )
     build_s = time.perf_counter() - t0
     pid = os.getpid()
@@ -187,6 +228,8 @@ def write_index_dir(
             ef_construction=ef_construction,
             ef_search=settings.hnsw_ef_search,
         )
+    elif kind == "ivf_sq8":
+        params.update(nlist=int(index.nlist), nprobe=settings.ivf_nprobe)
     info = IndexInfo(
         version=version,
         encoder_id=encoder_id,

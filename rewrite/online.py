@@ -151,6 +151,7 @@ class OnlineLayer:
                 Path(index_dir),
                 expected_encoder_id=encoder_id,
                 ef_search=self.settings.dpr.hnsw_ef_search,
+                nprobe=self.settings.dpr.ivf_nprobe,
             )
         except Exception as err:  # refuse anything that fails to load; keep serving the old one
             INDEX_ERRORS.inc()

@@ -6,10 +6,11 @@
 catalog, and result dataclasses (here :class:`RetrievedCandidate` with the catalog metadata the
 reranker needs). An index folder holds
 
-- ``index.faiss``: ``faiss.IndexFlatIP`` (exact) or ``faiss.IndexHNSWFlat`` with inner product
-  (Malkov & Yashunin, "Efficient and robust approximate nearest neighbor search using
-  Hierarchical Navigable Small World graphs", TPAMI 2018) over L2-normalised passage vectors, so
-  the score is the cosine;
+- ``index.faiss``: ``faiss.IndexFlatIP`` (exact), ``faiss.IndexHNSWFlat`` (Malkov & Yashunin,
+  "Efficient and robust approximate nearest neighbor search using Hierarchical Navigable Small
+  World graphs", TPAMI 2018) or ``faiss.IndexIVFScalarQuantizer`` (``IVF<nlist>,SQ8``: inverted
+  lists of 8-bit scalar-quantized vectors) with inner product over L2-normalised passage
+  vectors, so the score is the cosine (approximately, for SQ8);
 - ``catalog.parquet``: the id sidecar, columns :data:`CATALOG_COLUMNS`;
 - ``index.json``: :class:`IndexInfo` — format, version, ``encoder_id``, dim, n, kind and the
   SHA-256 of both files.
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ CATALOG_SCHEMA = pa.schema(
         ("last_seen", pa.float64()),
     ]
 )
-KINDS = ("flat", "hnsw")
+KINDS = ("flat", "hnsw", "ivf_sq8")
 _CATALOG_EMPTY: dict[str, Any] = {
     "text": "",
     "frequency": 0,
@@ -108,9 +110,10 @@ class IndexInfo:
     Attributes:
         version: the published version the index belongs to ("" when built outside publish).
         encoder_id: ``encoder_id`` of the passage encoder (DPR artifact content hash).
-        dim: vector size; n: entries (= catalog rows); kind: ``"flat"`` or ``"hnsw"``.
+        dim: vector size; n: entries (= catalog rows); kind: one of :data:`KINDS`.
         sha256: hex SHA-256 of ``index.faiss`` and ``catalog.parquet``.
-        params: build/search parameters (``hnsw_m``, ``ef_construction``, ``ef_search``).
+        params: build/search parameters (``hnsw_m``, ``ef_construction``, ``ef_search``;
+            ``nlist``, ``nprobe``).
         format: :data:`INDEX_FORMAT`.
         built_unix: build time, seconds since the epoch.
     """
@@ -201,18 +204,38 @@ class GlobalIndex:
         info: the :class:`IndexInfo` of the folder; directory: where it was loaded from.
     """
 
-    def __init__(self, index: Any, catalog: dict[str, Any], info: IndexInfo, directory: Path):
+    def __init__(self, index: Any, catalog: pa.Table, info: IndexInfo, directory: Path):
         self.index = index
         self.info = info
         self.directory = directory
-        self._text: list[str] = catalog["text"]
-        self._domain: list[str] = catalog["domain"]
-        self._intent: list[str] = catalog["intent"]
-        self._frequency: list[int] = catalog["frequency"]
-        self._n_users: list[int] = catalog["n_users"]
-        self._success: list[float] = catalog["success_rate"]
-        self._last_seen: list[float] = catalog["last_seen"]
-        self._id_of: dict[str, int] = {t: i for i, t in enumerate(self._text)}
+        # The catalog stays columnar (about 60 bytes per entry at 1M entries instead of
+        # ~450 bytes as Python lists and a text -> id dict): strings as Arrow arrays, numbers
+        # as numpy arrays, and membership by a sorted array of 64-bit text hashes.
+        filled = {c: pc.fill_null(catalog.column(c), _CATALOG_EMPTY[c]) for c in CATALOG_COLUMNS}
+        self._text: pa.Array = filled["text"].combine_chunks()
+        self._domain: pa.Array = filled["domain"].combine_chunks()
+        self._intent: pa.Array = filled["intent"].combine_chunks()
+        self._frequency = filled["frequency"].to_numpy()
+        self._n_users = filled["n_users"].to_numpy()
+        self._success = filled["success_rate"].to_numpy()
+        self._last_seen = filled["last_seen"].to_numpy()
+        hashes = np.fromiter(
+            (hash(t) for t in self._text.to_pylist()), dtype=np.int64, count=len(self._text)
+        )
+        self._hash_order = np.argsort(hashes, kind="stable")
+        self._hash_sorted = hashes[self._hash_order]
+
+    def _id_of(self, text: str) -> int | None:
+        """Catalog row of ``text`` (binary search over the sorted hashes, then a text
+        comparison of the rows with that hash), or None."""
+        h = hash(text)
+        pos = int(np.searchsorted(self._hash_sorted, h))
+        while pos < len(self._hash_sorted) and self._hash_sorted[pos] == h:
+            i = int(self._hash_order[pos])
+            if self._text[i].as_py() == text:
+                return i
+            pos += 1
+        return None
 
     @property
     def dim(self) -> int:
@@ -226,7 +249,7 @@ class GlobalIndex:
 
     @property
     def kind(self) -> str:
-        """``"flat"`` or ``"hnsw"``."""
+        """One of :data:`KINDS`."""
         return self.info.kind
 
     def __len__(self) -> int:
@@ -234,33 +257,33 @@ class GlobalIndex:
 
     def __contains__(self, text: object) -> bool:
         """Whether ``text`` (normalized) is a catalog entry (a dict lookup, no object built)."""
-        return text in self._id_of
+        return isinstance(text, str) and self._id_of(text) is not None
 
     def lookup(self, text: str) -> RetrievedCandidate | None:
         """Catalog metadata of an exact (normalized) text as a ``layer="global"`` candidate with
         ``dense_score`` 0.0 (no query involved), or None when the text is not in the catalog."""
-        i = self._id_of.get(text)
+        i = self._id_of(text)
         return None if i is None else self._candidate(i, 0.0)
 
     def _candidate(self, i: int, score: float) -> RetrievedCandidate:
         return RetrievedCandidate(
-            text=self._text[i],
+            text=self._text[i].as_py(),
             layer="global",
             dense_score=score,
-            frequency=self._frequency[i],
-            success_rate=self._success[i],
-            n_users=self._n_users[i],
-            domain=self._domain[i],
-            intent=self._intent[i],
+            frequency=int(self._frequency[i]),
+            success_rate=float(self._success[i]),
+            n_users=int(self._n_users[i]),
+            domain=self._domain[i].as_py(),
+            intent=self._intent[i].as_py(),
         )
 
     def text(self, i: int) -> str:
         """Catalog text of FAISS id ``i``."""
-        return self._text[i]
+        return str(self._text[i].as_py())
 
     def last_seen(self, i: int) -> float:
         """Catalog ``last_seen`` (epoch seconds) of FAISS id ``i``."""
-        return self._last_seen[i]
+        return float(self._last_seen[i])
 
     @classmethod
     def load(
@@ -268,6 +291,7 @@ class GlobalIndex:
         directory: Path,
         expected_encoder_id: str | None = None,
         ef_search: int | None = None,
+        nprobe: int | None = None,
         threads: int | None = 1,
         verify: bool = True,
     ) -> GlobalIndex:
@@ -277,6 +301,7 @@ class GlobalIndex:
             directory: folder with ``index.faiss``, ``catalog.parquet``, ``index.json``.
             expected_encoder_id: the query encoder's ``encoder_id``; None = do not check.
             ef_search: HNSW search breadth (default: the value recorded at build).
+            nprobe: IVF lists searched per query (default: the value recorded at build).
             threads: FAISS OpenMP threads (process-wide setting; the online service uses 1 and
                 parallelises over requests); None = leave FAISS's default.
             verify: check SHA-256 of both files (reads them once more; ~1 s per GB).
@@ -320,21 +345,24 @@ class GlobalIndex:
                 f"index at {directory}: {index.ntotal} vectors, {table.num_rows} catalog rows, "
                 f"index.json says {info.n}"
             )
-        is_hnsw = isinstance(index, faiss.IndexHNSWFlat)
-        if info.kind not in KINDS or (info.kind == "hnsw") != is_hnsw:
+        kind_of: dict[str, Any] = {
+            "flat": faiss.IndexFlatIP,
+            "hnsw": faiss.IndexHNSWFlat,
+            "ivf_sq8": faiss.IndexIVFScalarQuantizer,
+        }
+        if info.kind not in KINDS or type(index) is not kind_of[info.kind]:
             raise IndexMismatchError(
                 f"index at {directory} is {type(index).__name__}, index.json says {info.kind!r}"
             )
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise IndexMismatchError(f"index at {directory} does not use inner product")
-        if is_hnsw:
+        if info.kind == "hnsw":
             index.hnsw.efSearch = int(ef_search or info.params.get("ef_search", 64))
+        elif info.kind == "ivf_sq8":
+            index.nprobe = int(nprobe or info.params.get("nprobe", 32))
         missing = [c for c in CATALOG_COLUMNS if c not in table.column_names]
         if missing:
             raise IndexCorruptError(f"{directory / CATALOG_FILE} lacks columns {missing}")
-        catalog = {c: table.column(c).to_pylist() for c in CATALOG_COLUMNS}
-        for c, empty in _CATALOG_EMPTY.items():  # nulls -> the dataclass defaults
-            catalog[c] = [empty if v is None else v for v in catalog[c]]
         log.info(
             "global index loaded from %s: %s, n=%d, dim=%d, encoder %s",
             directory,
@@ -343,7 +371,7 @@ class GlobalIndex:
             info.dim,
             info.encoder_id,
         )
-        return cls(index, catalog, info, directory)
+        return cls(index, table, info, directory)
 
     def search(self, query_vecs: np.ndarray, k: int) -> list[list[RetrievedCandidate]]:
         """Top-``k`` catalog entries per query by inner product (= cosine).

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from offline.index import build_index, choose_kind, normalize_catalog, write_index_dir
+from offline.index import build_index, choose_kind, ivf_nlist, normalize_catalog, write_index_dir
 from rewrite.config import DprSettings
 from rewrite.retrieval import (
     CATALOG_FILE,
@@ -53,9 +53,13 @@ def unit_vectors(n: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def build(tmp: Path, n: int, flat_max: int = 1000, **kw: object) -> tuple[Path, np.ndarray]:
+def build(
+    tmp: Path, n: int, flat_max: int = 1000, ivf_min: int = 100_000, **kw: object
+) -> tuple[Path, np.ndarray]:
     vecs = unit_vectors(n)
-    settings = DprSettings(flat_max_entries=flat_max, hnsw_m=16, hnsw_ef_search=64)
+    settings = DprSettings(
+        flat_max_entries=flat_max, hnsw_m=16, hnsw_ef_search=64, ivf_min_entries=ivf_min
+    )
     write_index_dir(vecs, catalog_table(n), tmp, ENCODER, settings, version="v1", **kw)  # type: ignore[arg-type]
     return tmp, vecs
 
@@ -69,6 +73,48 @@ def test_choose_kind_by_size() -> None:
     assert choose_kind(0, 100) == "flat"
     assert choose_kind(100, 100) == "flat"
     assert choose_kind(101, 100) == "hnsw"
+    assert choose_kind(101, 100, ivf_min_entries=200) == "hnsw"
+    assert choose_kind(200, 100, ivf_min_entries=200) == "hnsw"
+    assert choose_kind(201, 100, ivf_min_entries=200) == "ivf_sq8"
+    assert ivf_nlist(1_000_000) == 4000 and ivf_nlist(3000) == 75 and ivf_nlist(10) == 1
+
+
+def test_ivf_sq8_index_builds_loads_and_finds_neighbours(tmp_path: Path) -> None:
+    """Above ``ivf_min_entries`` the job builds IVF<nlist>,SQ8: the service loads it with the
+    recorded (or a given) nprobe, finds each query's source entry first with a cosine close
+    to the exact one (8-bit quantization), and a rebuild is byte-identical (seeded k-means)."""
+    import faiss
+
+    n = 3000
+    directory, vecs = build(tmp_path / "a", n, flat_max=100, ivf_min=1000)
+    info = json.loads((directory / INDEX_META).read_text())
+    assert info["kind"] == "ivf_sq8" and info["params"]["nlist"] == 75
+    assert info["params"]["nprobe"] == 32
+    index = GlobalIndex.load(directory, expected_encoder_id=ENCODER)
+    assert type(index.index) is faiss.IndexIVFScalarQuantizer and index.index.nprobe == 32
+    assert GlobalIndex.load(directory, nprobe=5).index.nprobe == 5
+    rows = list(range(0, n, 97))
+    queries = near(vecs[rows], seed=2)
+    for row, q, res in zip(rows, queries, index.search(queries, k=5), strict=True):
+        assert res[0].text == f"utterance {row}" and res[0].frequency == 10 + row
+        assert res[0].dense_score == pytest.approx(float(vecs[row] @ q), abs=0.02)
+    again, _ = build(tmp_path / "b", n, flat_max=100, ivf_min=1000)
+    assert (again / INDEX_FILE).read_bytes() == (directory / INDEX_FILE).read_bytes()
+
+
+def test_catalog_membership_by_hash_finds_every_entry(tmp_path: Path) -> None:
+    """``in`` and ``lookup`` (sorted 64-bit hashes + a text check) find every catalog text,
+    its own row's metadata, and nothing else (prefixes, case, other types)."""
+    directory, _ = build(tmp_path, 500, flat_max=1000)
+    index = GlobalIndex.load(directory)
+    for i in range(500):
+        text = f"utterance {i}"
+        assert text in index
+        hit = index.lookup(text)
+        assert hit is not None and hit.frequency == 10 + i and hit.intent == f"i{i % 7}"
+    for other in ("utterance", "Utterance 1", "utterance 500", "", None, 3):
+        assert other not in index
+    assert index.lookup("utterance 5000") is None
 
 
 @pytest.mark.parametrize(("n", "kind"), [(60, "flat"), (300, "hnsw")])
