@@ -224,6 +224,10 @@ def train_dpr_cmd(
         list[Path] | None,
         typer.Option(help="turn logs to distil on (default: the run's logs)"),
     ] = None,
+    noisy_queries: Annotated[
+        int,
+        typer.Option(help="label-free noisy copies per catalog text added as training queries"),
+    ] = 0,
     config: ConfigOpt = None,
 ) -> None:
     """Fine-tune the DPR query/passage encoders on a run's rewrite pairs (or export zero-shot
@@ -241,6 +245,8 @@ def train_dpr_cmd(
     train_config = dataclasses.replace(train_config, max_length=settings.dpr.max_length)
     if seed is not None:
         train_config = dataclasses.replace(train_config, seed=seed)
+    if noisy_queries:
+        train_config = dataclasses.replace(train_config, noisy_queries_per_passage=noisy_queries)
     try:
         res = train_from_run(
             run, train_config, out or settings.dpr.artifacts_dir, zero_shot=zero_shot

@@ -137,6 +137,9 @@ class DprTrainConfig:
         max_int8_recall_drop: its dev recall@1 is at most this much below the fp32 tower's.
         max_grad_norm: gradient clipping.
         max_train_seconds: optional wall-clock cap for the loop (seconds); None = none.
+        noisy_queries_per_passage: label-free noisy copies of each passage added to the
+            training split as queries (:func:`offline.dpr.augment.noisy_query_pairs`; typo-aware
+            training, Zhuang & Zuccon 2021); 0 = mined pairs only. Dev stays mined pairs.
     """
 
     seed: int = 13
@@ -161,6 +164,7 @@ class DprTrainConfig:
     max_int8_recall_drop: float = 0.01
     max_grad_norm: float = 1.0
     max_train_seconds: float | None = None
+    noisy_queries_per_passage: int = 0
 
     @staticmethod
     def tiny() -> DprTrainConfig:
@@ -876,6 +880,18 @@ def train_from_run(
         data = build_dataset(
             Path(run_dir), config.dev_share, config.seed, config.min_pair_similarity
         )
+        if config.noisy_queries_per_passage > 0:
+            from offline.dpr.augment import noisy_query_pairs
+
+            noisy = noisy_query_pairs(
+                data.passages,
+                config.noisy_queries_per_passage,
+                config.seed,
+                exclude_queries=[p.query for p in data.dev],
+            )
+            data.train = data.train + noisy
+            data.counts["noisy_train_pairs"] = len(noisy)
+            log.info("DPR: %d noisy-query pairs added to %d mined", len(noisy), len(data.train))
         res = train_dpr(data, config, out_root, progress=progress)
     write_latest(out_root, res.artifact)
     return res
