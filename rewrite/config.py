@@ -144,6 +144,11 @@ class ServiceSettings(BaseModel):
 
     Overload: at most ``max_pending_calls`` calls wait inside gRPC for a handler; gRPC cancels
     calls beyond that at once (``CANCELLED``) — see :mod:`rewrite.server`.
+
+    ``online_threads``: worker threads for the online stages (encode → trigger), which spend
+    most of their time outside the GIL, so two requests' online work overlaps on two cores;
+    validation, normalization and the precomputed lookup stay on the event loop. 0 = every
+    stage inline on the event loop (one request's online work at a time).
     """
 
     host: str = "127.0.0.1"
@@ -159,6 +164,7 @@ class ServiceSettings(BaseModel):
     grace_s: float = 5.0
     drain_quiet_s: float = Field(default=0.2, ge=0.0)
     max_pending_calls: int = Field(default=2000, ge=1)
+    online_threads: int = Field(default=2, ge=0)
 
 
 class SimulatorSettings(BaseModel):

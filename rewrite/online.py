@@ -265,6 +265,7 @@ class _OnlineStage:
     ``warm_up`` (the shared :class:`OnlineLayer`)."""
 
     name = "online"
+    offload = True  # ONNX Runtime, FAISS, Redis, LightGBM: mostly outside the GIL
 
     def __init__(self, resources: Resources) -> None:
         self._resources = resources

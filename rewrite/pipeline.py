@@ -40,6 +40,7 @@ class RewriteState:
     reason: str = ""
     candidates: list[Candidate] = field(default_factory=list)
     done: bool = False
+    started_s: float = 0.0  # time.perf_counter() when the Rewriter took the request
     # online stages (rewrite/online.py)
     online: Any = None  # the OnlineSnapshot answering this request
     query_vector: np.ndarray | None = None  # (dim,) float32, L2-normalised
@@ -50,9 +51,17 @@ class RewriteState:
 
 
 class Stage(Protocol):
-    """One pipeline step."""
+    """One pipeline step.
+
+    ``offload``: the stage may run on the service's online worker threads
+    (``service.online_threads``) instead of the event loop: it spends most of its time in code
+    that releases the GIL (ONNX Runtime, FAISS, a Redis socket, LightGBM via ctypes) and is
+    safe to call from several threads at once. The first offloadable stage and every stage
+    after it run on a worker thread (see :meth:`rewrite.rewriter.Rewriter.prepare`).
+    """
 
     name: str
+    offload: bool
 
     def warm_up(self) -> None:
         """Load heavy resources once before serving."""
@@ -85,6 +94,7 @@ class NormalizeStage:
     """Fills ``state.normalized`` with :func:`rewrite.normalize.normalize_utterance`."""
 
     name = "normalize"
+    offload = False
 
     def __init__(self, resources: Resources) -> None:
         del resources
@@ -110,6 +120,7 @@ class PrecomputedStage:
     """
 
     name = "precomputed"
+    offload = False
 
     def __init__(self, resources: Resources) -> None:
         self._resources = resources

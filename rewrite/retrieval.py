@@ -54,6 +54,8 @@ CATALOG_SCHEMA = pa.schema(
     ]
 )
 KINDS = ("flat", "hnsw", "ivf_sq8")
+_HASH_CHUNK = 65_536  # catalog texts hashed per step at load
+
 _CATALOG_EMPTY: dict[str, Any] = {
     "text": "",
     "frequency": 0,
@@ -219,9 +221,11 @@ class GlobalIndex:
         self._n_users = filled["n_users"].to_numpy()
         self._success = filled["success_rate"].to_numpy()
         self._last_seen = filled["last_seen"].to_numpy()
-        hashes = np.fromiter(
-            (hash(t) for t in self._text.to_pylist()), dtype=np.int64, count=len(self._text)
-        )
+        n = len(self._text)
+        hashes = np.empty(n, dtype=np.int64)
+        for start in range(0, n, _HASH_CHUNK):  # chunks: no 1M-string list at load
+            chunk = self._text.slice(start, _HASH_CHUNK).to_pylist()
+            hashes[start : start + len(chunk)] = [hash(t) for t in chunk]
         self._hash_order = np.argsort(hashes, kind="stable")
         self._hash_sorted = hashes[self._hash_order]
 

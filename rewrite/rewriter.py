@@ -50,6 +50,10 @@ class Rewriter:
         self.resources = Resources(settings=settings, pair_store=pair_store)
         self.stages: list[Stage] = build_pipeline(settings.service.pipeline, self.resources)
         self.arms = ArmAssigner(settings.experiment)
+        self._offload_from = next(
+            (i for i, st in enumerate(self.stages) if getattr(st, "offload", False)),
+            len(self.stages),
+        )
         self._warm = False
 
     @classmethod
@@ -99,10 +103,26 @@ class Rewriter:
                 raise InvalidRequestError(f"context[{i}].utterance too long")
 
     def rewrite(self, request: RewriteRequest) -> RewriteResult:
-        """Rewrite one utterance, or pass it through.
+        """Rewrite one utterance, or pass it through (:meth:`prepare`, :meth:`complete` and
+        :meth:`finish` on the calling thread).
 
         Returns:
             :class:`RewriteResult`; on pass-through ``rewrite == request.utterance``.
+        Raises:
+            InvalidRequestError: see :meth:`validate`.
+        """
+        return self.finish(self.complete(self.prepare(request)))
+
+    @property
+    def offload_from(self) -> int:
+        """Index of the first stage with ``offload`` set (``len(stages)`` when none)."""
+        return self._offload_from
+
+    def prepare(self, request: RewriteRequest) -> RewriteState:
+        """Validate, resolve the arm and run the stages before the first offloadable one
+        (normalize, precomputed: cheap, on the caller's thread). A precomputed hit, a
+        control-arm request or a pass-through finishes here (``state.done``); otherwise
+        :meth:`complete` runs the rest, on any thread.
 
         Raises:
             InvalidRequestError: see :meth:`validate`.
@@ -116,20 +136,36 @@ class Rewriter:
             raise
         if not self._warm:
             self.warm_up()
-        state = RewriteState(request=request, arm=arm.name, layers=arm.layers)
+        state = RewriteState(request=request, arm=arm.name, layers=arm.layers, started_s=t0)
         if not arm.layers:
-            state.reason = "control_arm"
-        else:
-            for stage in self.stages:
+            state.reason, state.done = "control_arm", True
+            return state
+        for stage in self.stages[: self.offload_from]:
+            state = stage.run(state)
+            if state.done:
+                break
+        return state
+
+    def complete(self, state: RewriteState) -> RewriteState:
+        """Run the stages :meth:`prepare` left (none when ``state.done``). Thread-safe: the
+        offloadable stages may run on several threads at once."""
+        if not state.done:
+            for stage in self.stages[self.offload_from :]:
                 state = stage.run(state)
                 if state.done:
                     break
+        return state
+
+    def finish(self, state: RewriteState) -> RewriteResult:
+        """The :class:`RewriteResult` of a completed request; counts it in the metrics
+        (latency from :meth:`prepare` on)."""
+        request = state.request
         rewritten = state.rewrite is not None
         if not rewritten and not state.reason:
             state.reason = "below_threshold"
-        latency_ms = (time.perf_counter() - t0) * 1000.0
+        latency_ms = (time.perf_counter() - state.started_s) * 1000.0
         metrics.LATENCY.observe(latency_ms / 1000.0)
-        metrics.REQUESTS.labels(state.source, arm.name).inc()
+        metrics.REQUESTS.labels(state.source, state.arm).inc()
         if not rewritten:
             metrics.PASS_THROUGH.labels(state.reason).inc()
         return RewriteResult(
@@ -139,7 +175,7 @@ class Rewriter:
             confidence=state.confidence if rewritten else 0.0,
             model_version=state.model_version,
             normalized=state.normalized,
-            arm=arm.name,
+            arm=state.arm,
             reason="" if rewritten else state.reason,
             candidates=tuple(state.candidates) if request.explain else (),
             latency_ms=latency_ms,

@@ -33,8 +33,14 @@ What this module adds to the Rewriter:
   hundreds of calls sent well before the signal;
 - an optional Prometheus ``/metrics`` endpoint on 127.0.0.1 (``prometheus_client``).
 
-Server mode: ``grpc.aio``, with the synchronous Rewriter called inline on the event loop (no
-thread hop; the Rewriter is only ever used from that one thread). Chosen by measurement with
+Server mode: ``grpc.aio``. Validation, normalization and the precomputed lookup
+(:meth:`Rewriter.prepare`) run inline on the event loop (no thread hop); a request that
+needs the online stages (encode → trigger, :meth:`Rewriter.complete`) continues on one of
+``service.online_threads`` worker threads, because those stages spend most of their time in
+ONNX Runtime, FAISS, a Redis socket and LightGBM, which release the GIL, so two requests'
+online work overlaps on two cores (``bench/bench_online.py`` measures it; 0 threads = all
+inline). Up to :data:`MAX_CONCURRENT_RPCS` calls may then wait for a worker inside their
+handlers. The inline choice for the precomputed path was made by measurement with
 ``bench/bench_server_mode.py`` (3,000 Rewrite calls per row, half precomputed hits and half
 misses, against an embedded Redis; server in its own process, a grpc.aio load client in
 another, 127.0.0.1; 2-core machine, grpcio 1.85.1; medians of 5 interleaved rounds; the echo
@@ -75,6 +81,7 @@ https://grpc.github.io/grpc/python/grpc_asyncio.html), the asyncio route_guide e
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
 import threading
@@ -264,15 +271,25 @@ class QueryRewriteServicer:
     """Implements ``queryrewrite.v1.QueryRewrite`` (grpc.aio) over a :class:`Rewriter`.
 
     Args:
-        rewriter: a warmed-up Rewriter; the servicer neither warms nor closes it. It is called
-            inline on the event loop, so it is only ever used from that one thread.
+        rewriter: a warmed-up Rewriter; the servicer neither warms nor closes it. Its
+            :meth:`~Rewriter.prepare` and :meth:`~Rewriter.finish` run inline on the event
+            loop; :meth:`~Rewriter.complete` (the online stages) runs on ``online_pool`` when
+            given, else inline too.
         request_deadline_s: server-side budget per call, seconds; the client's deadline wins
             when it is earlier (see the module docstring).
+        online_pool: worker threads for the online stages (``service.online_threads``); the
+            caller shuts it down.
     """
 
-    def __init__(self, rewriter: Rewriter, request_deadline_s: float) -> None:
+    def __init__(
+        self,
+        rewriter: Rewriter,
+        request_deadline_s: float,
+        online_pool: concurrent.futures.ThreadPoolExecutor | None = None,
+    ) -> None:
         self.rewriter = rewriter
         self.request_deadline_s = request_deadline_s
+        self.online_pool = online_pool
         #: ``time.monotonic()`` when the last Rewrite call reached its handler (drain uses it)
         self.last_call_at = -1e18
 
@@ -299,7 +316,13 @@ class QueryRewriteServicer:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
             budget_s = min(budget_s, remaining)
         try:
-            response = result_to_proto(self.rewriter.rewrite(request_from_proto(request)))
+            state = self.rewriter.prepare(request_from_proto(request))
+            if state.done or self.online_pool is None:
+                state = self.rewriter.complete(state)
+            else:
+                loop = asyncio.get_running_loop()
+                state = await loop.run_in_executor(self.online_pool, self.rewriter.complete, state)
+            response = result_to_proto(self.rewriter.finish(state))
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_message(str(e)))
         except Exception:
@@ -405,8 +428,8 @@ class RewriteServer:
         self._extra_handlers = tuple(extra_handlers)
         self._server: grpc.aio.Server | None = None
         self._servicer: QueryRewriteServicer | None = None
-        self._health: Any = None  # grpc_health.v1.health.aio.HealthServicer
         self._metrics_httpd: Any = None
+        self._online_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._port = 0
         self._metrics_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -457,7 +480,11 @@ class RewriteServer:
             ],
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
-        servicer = QueryRewriteServicer(self._rewriter, svc.request_deadline_s)
+        if svc.online_threads > 0 and self._online_pool is None:
+            self._online_pool = concurrent.futures.ThreadPoolExecutor(
+                svc.online_threads, thread_name_prefix="qrw-online"
+            )
+        servicer = QueryRewriteServicer(self._rewriter, svc.request_deadline_s, self._online_pool)
         server.add_generic_rpc_handlers((rewrite_handler(servicer), *self._extra_handlers))
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -498,6 +525,9 @@ class RewriteServer:
         await self._health.enter_graceful_shutdown()  # every service → NOT_SERVING
         await self._serve_queued(min(grace / 2, self.settings.service.drain_quiet_s), grace / 2)
         await server.stop(max(0.0, deadline - time.monotonic()))
+        if self._online_pool is not None:
+            pool, self._online_pool = self._online_pool, None
+            await asyncio.to_thread(pool.shutdown, True)
         if self._metrics_httpd is not None:
             httpd, self._metrics_httpd = self._metrics_httpd, None
             await asyncio.to_thread(httpd.shutdown)

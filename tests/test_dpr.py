@@ -344,3 +344,41 @@ def test_cli_train_dpr(tmp_path: Path, zero_shot_artifact: Path) -> None:
     assert res.exit_code != 0 and "--run" in res.output
     res = runner.invoke(app, ["train", "dpr", "--run", str(tmp_path / "nope"), "--out", str(root)])
     assert res.exit_code == 2 and "rephrases.parquet" in res.output
+
+
+def test_noisy_query_pairs_are_seeded_label_free_corruptions() -> None:
+    """Noisy copies: deterministic per seed, every target a given passage, no query equal to a
+    passage or to an excluded (dev) query, each query a small edit of its target, and every
+    operation family (word swaps by sound or spelling, letter edits, splits, merges) shows up."""
+    from rapidfuzz.distance import Levenshtein
+
+    from offline.dpr.augment import noisy_query_pairs
+
+    passages = [
+        "turn on the kitchen lights",
+        "turn off the bedroom lights",
+        "play some jazz music in the kitchen",
+        "what is the weather in boston tomorrow",
+        "set an alarm for seven in the morning",
+        "what time is my meeting with george",
+        "read my new emails from work",
+        "tell me a joke about cats",
+        "pick up some salt at the store",
+        "change the light color to blue",
+    ]
+    dev_query = "turn on the kitchen light"
+    pairs = noisy_query_pairs(passages, 20, seed=3, exclude_queries=[dev_query])
+    assert pairs == noisy_query_pairs(passages, 20, seed=3, exclude_queries=[dev_query])
+    assert pairs != noisy_query_pairs(passages, 20, seed=4)
+    assert len(pairs) > 100 and len({(p.query, p.target) for p in pairs}) == len(pairs)
+    assert {p.target for p in pairs} == set(passages)
+    assert all(p.origin == "noise" and p.query not in passages for p in pairs)
+    assert all(p.query != dev_query for p in pairs)
+    # at most two word edits: the query stays close to its target
+    assert all(Levenshtein.normalized_similarity(p.query, p.target) >= 0.6 for p in pairs)
+    vocab = {w for t in passages for w in t.split()}
+    word_swaps = [p for p in pairs if (set(p.query.split()) - set(p.target.split())) & vocab]
+    assert word_swaps, "no catalog word replaced another (sound-alike / edit-distance 1)"
+    assert any(len(p.query.split()) > len(p.target.split()) for p in pairs)  # a split
+    assert any(len(p.query.split()) < len(p.target.split()) for p in pairs)  # a merge
+    assert noisy_query_pairs(passages, 0, seed=3) == [] and noisy_query_pairs([], 5, 3) == []

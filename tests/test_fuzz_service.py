@@ -54,6 +54,7 @@ from rewrite._pb.queryrewrite.v1 import rewrite_pb2 as pb
 from rewrite.client import RewriteClient
 from rewrite.config import FULL_PIPELINE, ServiceSettings, Settings, load_settings
 from rewrite.normalize import normalize_utterance
+from rewrite.pipeline import RewriteState
 from rewrite.redis_server import EmbeddedRedis
 from rewrite.rewriter import Rewriter
 from rewrite.server import (
@@ -649,10 +650,10 @@ class SlowRewriter(Rewriter):
         self.delay_s = delay_s
         self.calls = 0
 
-    def rewrite(self, request: RewriteRequest) -> RewriteResult:
+    def prepare(self, request: RewriteRequest) -> RewriteState:
         self.calls += 1
         time.sleep(self.delay_s)
-        return super().rewrite(request)
+        return super().prepare(request)
 
 
 def _budgets_logged(caplog: pytest.LogCaptureFixture) -> list[float]:

@@ -18,7 +18,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import pytest
@@ -33,6 +33,7 @@ from rewrite import keyspace, metrics
 from rewrite._pb.queryrewrite.v1 import rewrite_pb2
 from rewrite.client import RewriteClient
 from rewrite.config import Settings
+from rewrite.pipeline import RewriteState
 from rewrite.redis_server import EmbeddedRedis
 from rewrite.rewriter import Rewriter
 from rewrite.server import (
@@ -120,17 +121,18 @@ class RecordingRewriter(Rewriter):
         self.delay_s = delay_s
         self.requests: list[RewriteRequest] = []
 
-    def rewrite(self, request: RewriteRequest) -> RewriteResult:
+    def prepare(self, request: RewriteRequest) -> RewriteState:
+        # the servicer calls prepare (inline) → complete (maybe on a worker) → finish
         self.requests.append(request)
         if self.delay_s:
             time.sleep(self.delay_s)  # blocks the server's event loop, like slow CPU work
-        return super().rewrite(request)
+        return super().prepare(request)
 
 
 class BrokenRewriter(Rewriter):
     """Validates like the real one, then fails with a message that must not leak."""
 
-    def rewrite(self, request: RewriteRequest) -> RewriteResult:
+    def prepare(self, request: RewriteRequest) -> RewriteState:
         self.validate(request)
         raise RuntimeError("internal detail: password=hunter2")
 
@@ -561,3 +563,65 @@ def test_serve_stops_gracefully_on_sigterm(redis_url: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --------------------------------------------------------------------------- online threads
+
+
+class _ThreadProbeStage:
+    """An offloadable stage that records which thread ran it and when (and sleeps, releasing
+    the GIL like ONNX Runtime or FAISS would)."""
+
+    name = "thread_probe"
+    offload = True
+    seen: ClassVar[list[tuple[str, float, float]]] = []
+
+    def __init__(self, resources: Any) -> None:
+        del resources
+
+    def warm_up(self) -> None:
+        return None
+
+    def run(self, state: RewriteState) -> RewriteState:
+        start = time.monotonic()
+        time.sleep(0.3)
+        _ThreadProbeStage.seen.append((threading.current_thread().name, start, time.monotonic()))
+        return state
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_online_stages_run_on_worker_threads(settings: Settings, threads: int) -> None:
+    """With ``service.online_threads`` > 0 the offloadable stages run on ``qrw-online``
+    worker threads, so two concurrent online requests overlap in time; with 0 they run on the
+    event loop's thread, one after the other. A precomputed hit never leaves the loop."""
+    from rewrite.pipeline import register_stage
+
+    register_stage("thread_probe", _ThreadProbeStage)
+    s = settings.model_copy(deep=True)
+    s.service.pipeline = ["normalize", "precomputed", "thread_probe"]
+    s.service.online_threads = threads
+    _ThreadProbeStage.seen.clear()
+    with RewriteServer(s, host="127.0.0.1", port=0) as srv, RewriteClient(srv.target) as rc:
+        results: list[RewriteResult] = []
+        callers = [
+            threading.Thread(
+                target=lambda i=i: results.append(
+                    rc.rewrite(RewriteRequest(utterance=f"probe {i}", user_id=f"u{i}"))
+                )
+            )
+            for i in range(2)
+        ]
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join(10.0)
+    assert len(results) == 2 and all(not r.rewritten for r in results)
+    names = [name for name, _, _ in _ThreadProbeStage.seen]
+    assert len(names) == 2
+    (_, _, e0), (_, s1, _) = sorted(_ThreadProbeStage.seen, key=lambda x: x[1])
+    if threads:
+        assert all(n.startswith("qrw-online") for n in names), names
+        assert s1 < e0, "two online requests did not overlap on two worker threads"
+    else:
+        assert not any(n.startswith("qrw-online") for n in names), names
+        assert s1 >= e0, "inline online stages overlapped"
