@@ -316,28 +316,32 @@ class QueryRewriteServicer:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
             budget_s = min(budget_s, remaining)
         try:
-            state = self.rewriter.prepare(request_from_proto(request))
-            if state.done or self.online_pool is None:
-                state = self.rewriter.complete(state)
-            else:
-                loop = asyncio.get_running_loop()
-                state = await loop.run_in_executor(self.online_pool, self.rewriter.complete, state)
-            response = result_to_proto(self.rewriter.finish(state))
-        except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_message(str(e)))
-        except Exception:
-            log.exception("Rewrite failed; passing through (request_id=%r)", request.request_id)
-            metrics.PASS_THROUGH.labels(INTERNAL_ERROR_REASON).inc()
-            return pass_through_response(request, INTERNAL_ERROR_REASON)
-        elapsed_s = time.monotonic() - started
-        if elapsed_s > budget_s:
-            log.warning(
-                "Rewrite took %.1f ms, over its %.1f ms budget (request_id=%r)",
-                elapsed_s * 1000.0,
-                budget_s * 1000.0,
-                request.request_id,
-            )
-        return response
+            try:
+                state = self.rewriter.prepare(request_from_proto(request))
+                if state.done or self.online_pool is None:
+                    state = self.rewriter.complete(state)
+                else:
+                    # a call cancelled here (client deadline, shutdown) leaves its worker to
+                    # finish the request; the answer is dropped
+                    state = await asyncio.get_running_loop().run_in_executor(
+                        self.online_pool, self.rewriter.complete, state
+                    )
+                return result_to_proto(self.rewriter.finish(state))
+            except InvalidRequestError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_message(str(e)))
+            except Exception:
+                log.exception("Rewrite failed; passing through (request_id=%r)", request.request_id)
+                metrics.PASS_THROUGH.labels(INTERNAL_ERROR_REASON).inc()
+                return pass_through_response(request, INTERNAL_ERROR_REASON)
+        finally:  # also when the call was cancelled while its online stages ran
+            elapsed_s = time.monotonic() - started
+            if elapsed_s > budget_s:
+                log.warning(
+                    "Rewrite took %.1f ms, over its %.1f ms budget (request_id=%r)",
+                    elapsed_s * 1000.0,
+                    budget_s * 1000.0,
+                    request.request_id,
+                )
 
 
 async def parse_request(data: bytes, context: RewriteContext) -> rewrite_pb2.RewriteRequest:
