@@ -6,10 +6,14 @@ Plan (``settings.spark``; README "Engines: local and Spark"):
 2. sessionization with window functions (``lag`` of the timestamp per user, a running sum of
    session starts, ``row_number`` within the session) — the same rule as
    :func:`~offline.engine.stages.sessionize_table`;
-3. span detector: ``groupBy(user).applyInArrow(examples_table)`` → ``mapInArrow(score_examples)``
+3. span detector: ``groupBy(user).applyInArrow(examples_table)`` → ``mapInArrow(size_examples)``
+   (token lengths) → global sort by :data:`~offline.engine.stages.BATCH_ORDER` and
+   ``zipWithIndex`` into the model's batches → ``groupBy(batch).applyInArrow(score_examples)``
    (the ONNX model loaded once per executor Python worker,
-   :func:`~offline.engine.stages.span_model`) → ``cogroup`` with the turns per user →
-   ``applyInArrow(label_users)``; heuristic baseline: ``groupBy(user).applyInArrow(label_users)``;
+   :func:`~offline.engine.stages.span_model`; identical batches keep the int8 model's
+   per-batch activation scales, hence the scores, identical to the local engine's) →
+   ``cogroup`` with the turns per user → ``applyInArrow(label_users)``; heuristic baseline:
+   ``groupBy(user).applyInArrow(label_users)``;
 4. Markov: states and rephrase edges by explode / distinct; connected components by iterative
    min-label propagation over DataFrame joins and group-bys (:func:`connected_components`);
    component sizes by group-by; components over ``markov.max_component_states`` skipped and
@@ -29,16 +33,20 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from offline.engine import CoreResult, collect_result, prepare_detector, timed
 from offline.engine.stages import (
+    BATCH_ORDER,
     COMPONENT_PAIRS_SCHEMA,
     EXAMPLES_SCHEMA,
     LABELLED_SCHEMA,
     PREDICTIONS_SCHEMA,
+    SIZED_EXAMPLES_SCHEMA,
     examples_table,
     label_users,
     score_examples,
+    size_examples,
     solve_component_table,
     turns_to_table,
 )
@@ -264,17 +272,36 @@ def run_spark(turns: Sequence[Turn], settings: Settings, spark: Any = None) -> C
             def examples(table: pa.Table) -> pa.Table:
                 return examples_table(table, rephrase)
 
-            def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            def size(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
                 for batch in batches:
                     table = pa.Table.from_batches([batch])
-                    yield from score_examples(table, rephrase, model_dir).to_batches()
+                    yield from size_examples(table, rephrase, model_dir).to_batches()
+
+            def score(table: pa.Table) -> pa.Table:
+                order = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in BATCH_ORDER])
+                return score_examples(table.take(order), rephrase, model_dir)
 
             def label_with(table: pa.Table, predictions: pa.Table) -> pa.Table:
                 return label_users(table, rephrase, defects, predictions)
 
-            predictions = by_user.applyInArrow(
-                examples, from_arrow_schema(EXAMPLES_SCHEMA)
-            ).mapInArrow(score, from_arrow_schema(PREDICTIONS_SCHEMA))
+            sized = (
+                by_user.applyInArrow(examples, from_arrow_schema(EXAMPLES_SCHEMA))
+                .mapInArrow(size, from_arrow_schema(SIZED_EXAMPLES_SCHEMA))
+                .cache()
+            )
+            batch_size = rephrase.batch_size
+            ranks = (
+                sized.select("current_idx", *BATCH_ORDER)
+                .orderBy(*BATCH_ORDER)
+                .rdd.zipWithIndex()
+                .map(lambda row: (row[0]["current_idx"], row[1] // batch_size))
+                .toDF("current_idx long, batch long")
+            )
+            predictions = (
+                sized.join(ranks, "current_idx")
+                .groupBy("batch")
+                .applyInArrow(score, from_arrow_schema(PREDICTIONS_SCHEMA))
+            )
             labelled = by_user.cogroup(predictions.groupBy("user_id")).applyInArrow(
                 label_with, labelled_type
             )

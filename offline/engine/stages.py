@@ -66,15 +66,25 @@ SESSIONIZED_SCHEMA = TURNS_SCHEMA.append(pa.field("session_no", pa.int64())).app
 )
 
 #: A span-detector example: ``example`` is :meth:`DetectorExample.to_json` as JSON;
-#: ``context_idx`` the global indices of its context turns (newest first).
+#: ``context_idx`` the global indices of its context turns (newest first); ``session_no`` and
+#: ``pos`` the current turn's session and position (the run's example order).
 EXAMPLES_SCHEMA = pa.schema(
     [
         ("user_id", pa.string()),
+        ("session_no", pa.int64()),
+        ("pos", pa.int64()),
         ("current_idx", pa.int64()),
         ("context_idx", pa.list_(pa.int64())),
         ("example", pa.string()),
     ]
 )
+
+#: :data:`EXAMPLES_SCHEMA` plus ``n_tokens``, the rendered example's length in tokens.
+SIZED_EXAMPLES_SCHEMA = EXAMPLES_SCHEMA.append(pa.field("n_tokens", pa.int64()))
+
+#: The order the span model batches examples in (:meth:`SpanDetector.predict` sorts by token
+#: length, ties in the run's example order). Batch ``k`` is ranks ``[k·B, (k+1)·B)``.
+BATCH_ORDER = ("n_tokens", "user_id", "session_no", "pos")
 
 #: One span-model prediction: ``earlier_idx`` the predicted rephrased turn (-1: none),
 #: ``score`` its span probability, ``n_context`` the candidate pairs the example scored.
@@ -225,9 +235,13 @@ def examples_table(table: pa.Table, rephrase: RephraseSettings) -> pa.Table:
     """
     turns, sessions, gidx = _turns_and_sessions(table)
     examples = build_examples(turns, sessions, rephrase.lookback_turns, rephrase.max_gap_s)
+    where = {i: (int(s.session_id.rsplit("#", 1)[1]), p) for s in sessions
+             for p, i in enumerate(s.turns)}  # fmt: skip
     return pa.Table.from_pydict(
         {
             "user_id": [ex.user_id for ex in examples],
+            "session_no": [where[ex.current_idx][0] for ex in examples],
+            "pos": [where[ex.current_idx][1] for ex in examples],
             "current_idx": [int(gidx[ex.current_idx]) for ex in examples],
             "context_idx": [[int(gidx[i]) for i in ex.context_idx] for ex in examples],
             "example": [json.dumps(ex.to_json(), ensure_ascii=False) for ex in examples],
@@ -256,14 +270,31 @@ def span_model(artifact: str | Path, backend: str) -> Any:
         return _MODELS[key]
 
 
+def size_examples(examples: pa.Table, rephrase: RephraseSettings, artifact: str | Path) -> pa.Table:
+    """Add ``n_tokens`` (:data:`SIZED_EXAMPLES_SCHEMA`): each example rendered by the span
+    model's renderer, the length the model batches by.
+
+    Why: the default ``onnx-int8`` model quantizes activations dynamically, with one scale per
+    batch tensor, so a score depends on which examples share its batch. The Spark engine
+    therefore forms exactly the batches :meth:`SpanDetector.predict` forms over the whole run
+    (rank by :data:`BATCH_ORDER`, chunks of ``batch_size``) and scores each batch as one group.
+    """
+    exs = [DetectorExample.from_json(json.loads(e)) for e in examples["example"].to_pylist()]
+    model = span_model(artifact, rephrase.detector_backend)
+    lengths = [len(r.input_ids) for r in model.renderer.render_many(exs)] if exs else []
+    return examples.append_column("n_tokens", pa.array(lengths, pa.int64()))
+
+
 def score_examples(
     examples: pa.Table, rephrase: RephraseSettings, artifact: str | Path
 ) -> pa.Table:
     """Run the span model over a batch of examples.
 
     Args:
-        examples: :data:`EXAMPLES_SCHEMA` rows (any batch; the model batches internally by
-            ``rephrase.batch_size`` after sorting by token length).
+        examples: :data:`EXAMPLES_SCHEMA` rows in the run's example order (or one batch of
+            :data:`BATCH_ORDER`); the model sorts them by token length and runs batches of
+            ``rephrase.batch_size``, and with the int8 model a score depends on its batch
+            (see :func:`size_examples`).
         rephrase: ``batch_size`` and ``detector_backend``.
         artifact: the detector artifact directory (resolved on the driver).
 
