@@ -29,17 +29,26 @@ OUTPUTS = ("pairs", "defects", "rephrases", "catalog", "personal")
 needs_corpus = pytest.mark.skipif(not CORPUS.is_file(), reason=f"no SLURP corpus at {CORPUS}")
 
 
-@pytest.fixture(scope="module")
-def sim_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two simulated days of 300 users (about 6,000 turns)."""
+def _simulate(root: Path, users: int, days: int) -> Path:
     from offline.schema import write_turn_logs
     from offline.simulate import Simulator
 
-    root = tmp_path_factory.mktemp("engines")
-    sim = Simulator(CORPUS, users=300, seed=7)
-    for day in (1, 2):
+    sim = Simulator(CORPUS, users=users, seed=7)
+    for day in range(1, days + 1):
         write_turn_logs(sim.simulate_day(day).turns, root / f"day-{day:02d}.jsonl")
     return root
+
+
+@pytest.fixture(scope="module")
+def sim_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two simulated days of 300 users (about 6,000 turns)."""
+    return _simulate(tmp_path_factory.mktemp("engines"), users=300, days=2)
+
+
+@pytest.fixture(scope="module")
+def small_sim_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One simulated day of 80 users (about 800 turns: the span model scores them on CPU)."""
+    return _simulate(tmp_path_factory.mktemp("engines-small"), users=80, days=1)
 
 
 def _job_settings(settings: Settings) -> Settings:
@@ -139,13 +148,13 @@ def test_spark_connected_components_and_cap_match_local(spark: Any) -> None:
     ]  # fmt: skip
     df = spark.createDataFrame(rows, "user_id string, session_no long, pos long, "
                                      "chain array<string>, chain_success boolean")  # fmt: skip
-    for cap in (5, 6):
-        s = _job_settings(load_settings())
-        s.markov.max_component_states = cap
-        want_pairs, want = mine_pairs(chains, s.markov, s.privacy.min_users_global)
-        got_pairs, got, info = mine_pairs_spark(df, s)
-        assert got == want and got_pairs == want_pairs
-        assert 6 <= info["cc_rounds"] <= 7  # path of 6 states: diameter 5, plus the check
+    s = _job_settings(load_settings())
+    s.markov.max_component_states = 5  # the 6-state path is skipped, (x, y) solved
+    want_pairs, want = mine_pairs(chains, s.markov, s.privacy.min_users_global)
+    got_pairs, got, info = mine_pairs_spark(df, s)
+    assert got == want and got_pairs == want_pairs
+    assert got.components_skipped_giant == 1 and got.components_solved == 1
+    assert info["cc_rounds"] <= 5  # path of 6 states: pointer jumping beats diameter + 1
 
 
 @pytest.mark.slow
@@ -183,16 +192,22 @@ def _detector_artifact(tmp_path_factory: pytest.TempPathFactory, s: Settings) ->
 @needs_corpus
 def test_engines_write_identical_outputs_span_detector(
     spark: Any,
-    sim_logs: Path,
+    small_sim_logs: Path,
     tmp_path: Path,
     tmp_path_factory: pytest.TempPathFactory,
     settings: Settings,
 ) -> None:
     """BERT span detector: examples per user (applyInArrow), scored by mapInArrow with the
-    ONNX model loaded once per executor, links chosen per user (cogroup) — same outputs."""
+    ONNX model loaded once per executor (batches: token-length rank → groupBy(batch)), links
+    chosen per user (cogroup) — same outputs.
+
+    ``batch_size`` 16 makes several model batches, so the batch-forming step is exercised
+    (the int8 model's scores depend on batch composition)."""
     s = _job_settings(settings)
     s.rephrase.detector = "bert_span"
     s.rephrase.detector_artifact = _detector_artifact(tmp_path_factory, s)
-    reports = _run_both(sim_logs, tmp_path, s)
-    assert reports["spark"].counts["rephrase_detector"] == "bert_span"
-    assert reports["spark"].counts["rephrase_candidates_scored"] > 1000
+    s.rephrase.batch_size = 16
+    reports = _run_both(small_sim_logs, tmp_path, s)
+    counts = reports["spark"].counts
+    assert counts["rephrase_detector"] == "bert_span"
+    assert counts["rephrase_candidates_scored"] > 100 and counts["rephrase_links"] > 10

@@ -103,13 +103,17 @@ def sessionize_spark(df: Any, gap_s: float) -> Any:
 
 
 def connected_components(edges: Any, max_iterations: int) -> tuple[Any, int]:
-    """Connected components of an undirected graph by min-label propagation.
+    """Connected components of an undirected graph by min-label propagation with pointer
+    jumping.
 
-    Every vertex starts with its own name as label; each round a vertex takes the minimum of
+    Every vertex starts with its own name as label. Each round, a vertex takes the minimum of
     its label and its neighbours' labels (a join of the edges with the labels, a group-by
-    ``min``), until no label changes. A component ends labelled with its smallest vertex
-    name; a round moves a label one edge, so the rounds are the largest component's diameter
-    plus one. Each round's labels are checkpointed (``localCheckpoint``) to cut the lineage.
+    ``min``), then the minimum of that and the previous label of the vertex its label names
+    (pointer jumping: a label is always a vertex of the same component, so this is safe and
+    shortens long paths). Labels only decrease; a round without a change is the fixed point,
+    where every component carries its smallest vertex name. Each round's labels are
+    checkpointed (``localCheckpoint``) to cut the lineage; the change count reads the
+    checkpoint (the previous label rides along), so a round is one shuffle-heavy job.
 
     Args:
         edges: DataFrame with string columns ``a``, ``b`` (direction ignored).
@@ -117,7 +121,7 @@ def connected_components(edges: Any, max_iterations: int) -> tuple[Any, int]:
 
     Returns:
         (DataFrame ``v`` (vertex), ``c`` (component label) for every vertex on an edge, rounds
-        run).
+        run including the final one without change).
 
     Raises:
         RuntimeError: not converged within ``max_iterations`` rounds.
@@ -133,12 +137,19 @@ def connected_components(edges: Any, max_iterations: int) -> tuple[Any, int]:
     labels = und.select(F.col("src").alias("v")).distinct().withColumn("c", F.col("v"))
     labels = labels.localCheckpoint()
     for rounds in range(1, max_iterations + 1):
-        msgs = und.join(labels, und.src == labels.v).select(F.col("dst").alias("v"), "c")
-        new = labels.union(msgs).groupBy("v").agg(F.min("c").alias("c")).localCheckpoint()
-        changed = (
-            new.alias("n").join(labels.alias("o"), "v").where(F.col("n.c") != F.col("o.c")).count()
+        own = labels.select("v", "c", F.col("c").alias("old"))
+        msgs = und.join(labels, und.src == labels.v).select(
+            F.col("dst").alias("v"), "c", F.lit(None).cast("string").alias("old")
         )
-        labels = new
+        prop = (
+            own.unionByName(msgs).groupBy("v").agg(F.min("c").alias("c"), F.max("old").alias("old"))
+        )
+        jump = labels.select(F.col("v").alias("c"), F.col("c").alias("cc"))
+        new = (
+            prop.join(jump, "c").select("v", F.least("c", "cc").alias("c"), "old").localCheckpoint()
+        )
+        changed = new.where(F.col("c") != F.col("old")).count()
+        labels = new.select("v", "c")
         if changed == 0:
             und.unpersist()
             return labels, rounds
