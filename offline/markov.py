@@ -69,7 +69,13 @@ class RewritePair:
 
 @dataclass
 class MarkovStats:
-    """Counts reported by :func:`mine_pairs`."""
+    """Counts reported by :func:`mine_pairs` (``report.json`` ``markov``).
+
+    ``components`` counts connected components with at least two states, ``largest_component``
+    the states of the largest (singletons included), ``components_skipped_giant`` /
+    ``states_skipped_giant`` the components over ``markov.max_component_states`` that were
+    skipped (no pairs) and their states.
+    """
 
     chains: int = 0
     states: int = 0
@@ -77,6 +83,7 @@ class MarkovStats:
     components: int = 0
     components_solved: int = 0
     components_skipped_giant: int = 0
+    states_skipped_giant: int = 0
     largest_component: int = 0
     candidates: int = 0
     pairs: int = 0
@@ -282,6 +289,7 @@ def mine_pairs(
         size = int(comp_sizes[lab])
         if size > settings.max_component_states:
             stats.components_skipped_giant += 1
+            stats.states_skipped_giant += size
             log.warning("skipping giant component with %d states", size)
             continue
         stats.components_solved += 1

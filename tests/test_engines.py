@@ -120,6 +120,7 @@ def test_giant_component_is_skipped_and_counted() -> None:
     pairs, stats = mine_pairs(_component_chains(), s, 2)
     assert stats.components == 2 and stats.largest_component == 6
     assert stats.components_skipped_giant == 1 and stats.components_solved == 1
+    assert stats.states_skipped_giant == 6
     assert [(p.source, p.rewrite) for p in pairs] == [("x", "y")]
     pairs, stats = mine_pairs(_component_chains(), s.model_copy(update={"max_component_states": 6}))
     assert stats.components_skipped_giant == 0 and len(pairs) > 1

@@ -207,6 +207,7 @@ def mine_pairs_spark(
     for size in giant:
         log.warning("skipping giant component with %d states", size)
     stats.components_skipped_giant = len(giant)
+    stats.states_skipped_giant = sum(giant)
     keyed = chains.join(
         labels.withColumnRenamed("v", "first"), F.element_at("chain", 1) == F.col("first")
     ).join(sizes.where(F.col("size") <= markov.max_component_states), "c")
