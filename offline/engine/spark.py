@@ -52,7 +52,7 @@ from offline.engine.stages import (
 )
 from offline.markov import MarkovStats, RewritePair
 from offline.sessionize import Turn
-from rewrite.config import Settings, SparkSettings
+from rewrite.config import RephraseSettings, Settings, SparkSettings
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +240,58 @@ def mine_pairs_spark(
     return pairs, stats, {"cc_rounds": rounds}
 
 
+def span_predictions(turns: Any, rephrase: RephraseSettings, artifact: str) -> Any:
+    """Span-model predictions for every example of sessionized turns, on Spark.
+
+    ``groupBy(user).applyInArrow(examples_table)`` → ``mapInArrow(size_examples)`` → global sort
+    by :data:`~offline.engine.stages.BATCH_ORDER` and ``zipWithIndex`` into chunks of
+    ``rephrase.batch_size`` → ``groupBy(batch).applyInArrow(score_examples)``: exactly the
+    batches :meth:`SpanDetector.predict` forms over the whole run, so the int8 model's
+    per-batch activation scales, hence the scores, equal the local engine's.
+
+    Args:
+        turns: DataFrame of :data:`~offline.engine.stages.SESSIONIZED_SCHEMA` rows.
+        rephrase: context size, gap, batch size, backend.
+        artifact: detector artifact directory, readable at this path on every executor.
+
+    Returns:
+        DataFrame of :data:`~offline.engine.stages.PREDICTIONS_SCHEMA` rows.
+    """
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    def examples(table: pa.Table) -> pa.Table:
+        return examples_table(table, rephrase)
+
+    def size(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            table = pa.Table.from_batches([batch])
+            yield from size_examples(table, rephrase, artifact).to_batches()
+
+    def score(table: pa.Table) -> pa.Table:
+        order = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in BATCH_ORDER])
+        return score_examples(table.take(order), rephrase, artifact)
+
+    sized = (
+        turns.groupBy("user_id")
+        .applyInArrow(examples, from_arrow_schema(EXAMPLES_SCHEMA))
+        .mapInArrow(size, from_arrow_schema(SIZED_EXAMPLES_SCHEMA))
+        .cache()
+    )
+    batch_size = rephrase.batch_size
+    ranks = (
+        sized.select("current_idx", *BATCH_ORDER)
+        .orderBy(*BATCH_ORDER)
+        .rdd.zipWithIndex()
+        .map(lambda row: (row[0]["current_idx"], row[1] // batch_size))
+        .toDF("current_idx long, batch long")
+    )
+    return (
+        sized.join(ranks, "current_idx")
+        .groupBy("batch")
+        .applyInArrow(score, from_arrow_schema(PREDICTIONS_SCHEMA))
+    )
+
+
 def run_spark(turns: Sequence[Turn], settings: Settings, spark: Any = None) -> CoreResult:
     """Sessionize, detect rephrases, label defects, build chains and mine pairs on Spark.
 
@@ -279,41 +331,11 @@ def run_spark(turns: Sequence[Turn], settings: Settings, spark: Any = None) -> C
 
             labelled = by_user.applyInArrow(label, labelled_type)
         else:
-            model_dir = str(artifact)
-
-            def examples(table: pa.Table) -> pa.Table:
-                return examples_table(table, rephrase)
-
-            def size(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-                for batch in batches:
-                    table = pa.Table.from_batches([batch])
-                    yield from size_examples(table, rephrase, model_dir).to_batches()
-
-            def score(table: pa.Table) -> pa.Table:
-                order = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in BATCH_ORDER])
-                return score_examples(table.take(order), rephrase, model_dir)
 
             def label_with(table: pa.Table, predictions: pa.Table) -> pa.Table:
                 return label_users(table, rephrase, defects, predictions)
 
-            sized = (
-                by_user.applyInArrow(examples, from_arrow_schema(EXAMPLES_SCHEMA))
-                .mapInArrow(size, from_arrow_schema(SIZED_EXAMPLES_SCHEMA))
-                .cache()
-            )
-            batch_size = rephrase.batch_size
-            ranks = (
-                sized.select("current_idx", *BATCH_ORDER)
-                .orderBy(*BATCH_ORDER)
-                .rdd.zipWithIndex()
-                .map(lambda row: (row[0]["current_idx"], row[1] // batch_size))
-                .toDF("current_idx long, batch long")
-            )
-            predictions = (
-                sized.join(ranks, "current_idx")
-                .groupBy("batch")
-                .applyInArrow(score, from_arrow_schema(PREDICTIONS_SCHEMA))
-            )
+            predictions = span_predictions(df, rephrase, str(artifact))
             labelled = by_user.cogroup(predictions.groupBy("user_id")).applyInArrow(
                 label_with, labelled_type
             )
