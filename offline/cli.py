@@ -114,6 +114,13 @@ def nightly(
     force: Annotated[
         bool, typer.Option("--force", help="publish even when a guardrail fails (logged)")
     ] = False,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            "--engine",
+            help="local | spark: where the stages up to the pairs run (default: config engine)",
+        ),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """validate → sessionize → rephrases → absorbing Markov chain → pairs (→ Redis).
@@ -127,8 +134,10 @@ def nightly(
     settings = _settings(config)
     if force and not publish:
         raise typer.BadParameter("--force only makes sense with --publish")
+    if engine is not None and engine not in ("local", "spark"):
+        raise typer.BadParameter(f"--engine must be local or spark (got {engine!r})")
     try:
-        report = run_nightly(logs, out, settings, publish=publish, force=force)
+        report = run_nightly(logs, out, settings, publish=publish, force=force, engine=engine)
     except PublishRefusedError as e:
         _print_json({"guardrails": e.result.to_dict()})
         console.print(f"[red]publish refused:[/red] {e.reason}; the active version stays")

@@ -40,7 +40,8 @@ import pyarrow.parquet as pq
 import redis
 
 from offline.catalog import build_catalog, write_catalog, write_personal
-from offline.defects import DefectLabel, DefectRule, label_turns
+from offline.chains import build_chains  # noqa: F401  (re-exported: offline.job.build_chains)
+from offline.engine import run_engine
 from offline.forget import read_forgotten
 from offline.guardrails import (
     GuardrailResult,
@@ -48,10 +49,9 @@ from offline.guardrails import (
     check_before_publish,
     load_canaries,
 )
-from offline.markov import RephraseChain, RewritePair, mine_pairs
+from offline.markov import RewritePair
 from offline.online_build import OnlineBuild, build_online, install_index
 from offline.publish import PublishError, connect, content_hash, publish_pairs
-from offline.rephrase import RephraseLink, build_detector
 from offline.schema import (
     SCHEMA_VERSION,
     QuarantinedRow,
@@ -66,7 +66,7 @@ from offline.self_learning import (
     write_demoted,
     write_feedback,
 )
-from offline.sessionize import Session, Turn, sessionize, to_turns
+from offline.sessionize import to_turns
 from rewrite.config import Settings
 from rewrite.privacy import pseudonymize, user_key_from_settings
 from rewrite.redis_server import resolve_redis_url
@@ -123,46 +123,6 @@ class NightlyReport:
     settings: dict[str, Any] = field(default_factory=dict)
     guardrails: dict[str, Any] | None = None
     self_learning: dict[str, Any] = field(default_factory=dict)
-
-
-def build_chains(
-    turns: Sequence[Turn],
-    sessions: Sequence[Session],
-    links: Sequence[RephraseLink],
-    labels: Sequence[DefectLabel],
-) -> tuple[list[RephraseChain], Counter[str]]:
-    """Follow rephrase links into chains; each chain ends in its last turn's label under the
-    defect rule (``labels``: :func:`offline.defects.label_turns`, one per turn).
-
-    Chains hold the user's own turns only: a turn the service rewrote (:attr:`Turn.rewritten`)
-    is cut out — no state, no absorbing outcome — because its success or failure is the
-    rewrite's (:mod:`offline.self_learning`). The links into and out of it are dropped, so the
-    turns before it end their chain with their own label (the one it rephrases is a defect)
-    and the turn after it starts a new chain.
-
-    Returns:
-        (chains — one per chain start, singletons included; defect-reason counts over all
-        turns, rewritten ones included).
-    """
-    own = [not t.rewritten for t in turns]
-    next_of = {lk.earlier: lk.later for lk in links if own[lk.earlier] and own[lk.later]}
-    has_prev = set(next_of.values())
-    reasons: Counter[str] = Counter()
-    for lab in labels:
-        reasons.update(lab.reasons)
-        reasons["defect" if lab.defect else "success"] += 1
-    defective = [lab.defect for lab in labels]
-    chains: list[RephraseChain] = []
-    for s in sessions:
-        for start in s.turns:
-            if start in has_prev or not own[start]:
-                continue
-            seq = [start]
-            while seq[-1] in next_of:
-                seq.append(next_of[seq[-1]])
-            utts = tuple(turns[i].normalized for i in seq)
-            chains.append(RephraseChain(utts, not defective[seq[-1]], s.user_id))
-    return chains, reasons
 
 
 def _finish(
@@ -246,6 +206,7 @@ def run_nightly(
     publish: bool = False,
     now: datetime | None = None,
     force: bool = False,
+    engine: str | None = None,
 ) -> NightlyReport:
     """Run the nightly job end to end.
 
@@ -259,6 +220,9 @@ def run_nightly(
         now: reference time for the future-timestamp check (default: wall clock).
         force: publish even when a guardrail fails (logged at WARNING, recorded in the
             report as ``guardrails.forced``).
+        engine: ``"local"`` or ``"spark"`` — where sessionize → rephrases → defects → chains
+            → pairs run (:mod:`offline.engine`); default ``settings.engine``. Both give
+            identical outputs; everything after the pairs runs here either way.
 
     Returns:
         The :class:`NightlyReport` also written to ``out/report.json``.
@@ -292,6 +256,7 @@ def run_nightly(
             "catalog": settings.catalog.model_dump(),
             "privacy": {"min_users_global": settings.privacy.min_users_global},
             "guardrails": settings.guardrails.model_dump(mode="json"),
+            "engine": engine or settings.engine,
         },
     )
     t_all = time.perf_counter()
@@ -317,14 +282,12 @@ def run_nightly(
         n_forgotten = len(read.turns) - len(kept)
     if n_forgotten:
         log.info("dropped %d turns of forgotten users", n_forgotten)
-    with _timed(timings, "sessionize"):
+    with _timed(timings, "to_turns"):
         turns = to_turns(kept)
-        sessions = sessionize(turns, settings.session.gap_s)
-    with _timed(timings, "rephrase_warm_up"):
-        detector = build_detector(settings.rephrase, settings.defects)
-        detector.warm_up()
-    with _timed(timings, "rephrase"):
-        detected = detector.detect(turns, sessions)
+    with _timed(timings, "engine"):
+        core = run_engine(turns, settings, engine)
+    timings.update(core.timings_s)
+    links = core.links
     pq.write_table(
         pa.Table.from_pylist(
             [
@@ -337,14 +300,14 @@ def run_nightly(
                     "user": pseudo[turns[lk.later].user_id],
                     "ts": turns[lk.later].ts,
                 }
-                for lk in detected.links
+                for lk in links
             ],
             schema=REPHRASES_SCHEMA,
         ),
         out / "rephrases.parquet",
     )
+    labels = core.labels
     with _timed(timings, "defects"):
-        labels = label_turns(turns, sessions, detected.links, DefectRule(settings.defects))
         pq.write_table(
             pa.Table.from_pydict(
                 {
@@ -356,10 +319,7 @@ def run_nightly(
             ),
             out / "defects.parquet",
         )
-    with _timed(timings, "chains"):
-        chains, defect_reasons = build_chains(turns, sessions, detected.links, labels)
-    with _timed(timings, "markov"):
-        pairs, mstats = mine_pairs(chains, settings.markov, settings.privacy.min_users_global)
+    pairs, mstats = core.pairs, core.markov
     with _timed(timings, "self_learning"):
         feedback = served_pair_feedback(turns, labels, settings.self_learning)
         dropped: list[RewritePair] = []
@@ -404,16 +364,16 @@ def run_nightly(
         "rows_quarantined": len(read.quarantined),
         "forgotten_turns": n_forgotten,
         "users": len({t.user_id for t in turns}),
-        "sessions": len(sessions),
-        "rephrase_candidates_scored": detected.candidates_scored,
-        "rephrase_links": len(detected.links),
-        "rephrase_detector": detector.name,
-        "rephrase_detector_artifact": str(getattr(detector, "artifact", "") or ""),
+        "sessions": core.sessions,
+        "rephrase_candidates_scored": core.candidates_scored,
+        "rephrase_links": len(links),
+        "rephrase_detector": core.detector_name,
+        "rephrase_detector_artifact": core.detector_artifact,
         "rephrase_candidate_pairs_per_s": round(
-            detected.candidates_scored / max(timings["rephrase"], 1e-9), 1
+            core.candidates_scored / max(timings["rephrase"], 1e-9), 1
         ),
-        "defects": dict(defect_reasons),
-        "chains": len(chains),
+        "defects": dict(core.defect_reasons),
+        "chains": core.chains,
         "pairs": len(pairs),
         "success_turns": cat.n_success_turns,
         "utterances": cat.n_utterances,
@@ -467,7 +427,7 @@ def run_nightly(
         read.rows_in,
         len(read.quarantined),
         n_forgotten,
-        len(detected.links),
+        len(links),
         len(pairs),
         timings["total"],
     )

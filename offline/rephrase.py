@@ -16,7 +16,7 @@ rephrased at most once, so rephrases form simple chains.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -218,22 +218,39 @@ class BertSpanRephraseDetector:
         examples = build_examples(turns, sessions, s.lookback_turns, s.max_gap_s)
         preds = self._model.predict(examples, batch_size=s.batch_size) if examples else []
         res = RephraseResult(candidates_scored=sum(len(ex.context) for ex in examples))
-        chosen = sorted(
-            (
-                (p.score, ex.context_idx[p.label], ex.current_idx)
-                for ex, p in zip(examples, preds, strict=True)
-                if p.label >= 0 and p.score >= s.min_detector_score
-            ),
-            key=lambda x: (-x[0], x[1], x[2]),
+        res.links = select_links(
+            (p.score, ex.context_idx[p.label], ex.current_idx)
+            for ex, p in zip(examples, preds, strict=True)
+            if p.label >= 0 and p.score >= s.min_detector_score
         )
-        used: set[int] = set()
-        for score, earlier, later in chosen:
-            if earlier in used:
-                continue
-            used.add(earlier)
-            res.links.append(RephraseLink(earlier, later, round(float(score), 6)))
-        res.links.sort(key=lambda lk: lk.later)
         return res
+
+
+def select_links(candidates: Iterable[tuple[float, int, int]]) -> list[RephraseLink]:
+    """The span detector's link choice: each earlier turn is rephrased at most once, the
+    highest-scoring candidate wins (ties: lower earlier, then lower later index).
+
+    Only candidates with the same ``earlier`` compete, and an earlier turn and all its
+    candidate later turns belong to one user, so choosing per user (the Spark engine's groups)
+    gives the same links as choosing over the whole run.
+
+    Args:
+        candidates: ``(score in [0, 1], earlier turn idx, later turn idx)`` that passed
+            ``min_detector_score``.
+
+    Returns:
+        Links sorted by ``later``; scores rounded to 6 decimals.
+    """
+    chosen = sorted(candidates, key=lambda x: (-x[0], x[1], x[2]))
+    used: set[int] = set()
+    links: list[RephraseLink] = []
+    for score, earlier, later in chosen:
+        if earlier in used:
+            continue
+        used.add(earlier)
+        links.append(RephraseLink(earlier, later, round(float(score), 6)))
+    links.sort(key=lambda lk: lk.later)
+    return links
 
 
 DetectorFactory = Callable[[RephraseSettings, DefectSettings], RephraseDetector]

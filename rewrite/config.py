@@ -100,6 +100,31 @@ class MarkovSettings(BaseModel):
     max_component_states: int = 50_000
 
 
+class SparkSettings(BaseModel):
+    """The Spark engine of the nightly job (``engine: spark``; :mod:`offline.engine.spark`).
+
+    Attributes:
+        master: Spark master URL (``local[2]``, ``yarn``, ``spark://host:7077``,
+            ``k8s://...``); ignored when a SparkSession already exists (``spark-submit``
+            sets it).
+        app_name: application name shown by the cluster manager.
+        shuffle_partitions: ``spark.sql.shuffle.partitions`` (partitions of every group-by).
+        driver_memory: ``spark.driver.memory`` (only effective when this process starts the
+            JVM, i.e. not under ``spark-submit``).
+        max_cc_iterations: bound on the min-label-propagation rounds of the connected
+            components step (a round moves a label one edge, so a component needs about its
+            diameter in rounds); not converging within the bound raises ``RuntimeError``.
+        conf: further ``spark.*`` settings passed to the session builder verbatim.
+    """
+
+    master: str = "local[2]"
+    app_name: str = "qrw-nightly"
+    shuffle_partitions: int = Field(default=4, ge=1)
+    driver_memory: str = "2g"
+    max_cc_iterations: int = Field(default=64, ge=1)
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
 class SelfLearningSettings(BaseModel):
     """Feedback on the service's own rewrites (:mod:`offline.self_learning`; Ponnusamy et al.,
     "Self-Aware Feedback-Based Self-Learning in Large-Scale Conversational AI", NAACL 2022).
@@ -343,6 +368,8 @@ class Settings(BaseSettings):
     )
 
     data_root: Path = Path("../shared/data")
+    engine: Literal["local", "spark"] = "local"
+    spark: SparkSettings = Field(default_factory=SparkSettings)
     schema_: SchemaSettings = Field(default_factory=SchemaSettings, alias="schema")
     redis: RedisSettings = Field(default_factory=RedisSettings)
     session: SessionSettings = Field(default_factory=SessionSettings)

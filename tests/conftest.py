@@ -12,6 +12,8 @@ Fixtures (reuse them from any test module):
   on ``redis_url``.
 - ``_isolated_forget_file`` (session, autouse): ``QRW_PRIVACY__FORGET_FILE`` set to a temp
   file for the whole session (the forget list of ``qrw forget-user``).
+- ``spark`` (session): a ``local[2]`` SparkSession (skipped without pyspark), stopped at the
+  end.
 - ``grpc_server`` (session): a running :class:`~rewrite.server.RewriteServer` on
   127.0.0.1 with an ephemeral port (``.port``, ``.target``), stopped at the end.
 """
@@ -19,8 +21,10 @@ Fixtures (reuse them from any test module):
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # Before torch loads: OpenMP threads otherwise busy-wait and starve the other core's work.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -110,3 +114,28 @@ def dpr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("dpr")
     export_zero_shot(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[Any]:
+    """One local SparkSession (``local[2]``, no UI, 2 shuffle partitions, Arrow on) for the
+    whole test session, stopped at the end; skipped when pyspark is not installed
+    (``pip install -e '.[spark]'``). Executors run this interpreter (``PYSPARK_PYTHON``)."""
+    pytest.importorskip("pyspark")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("qrw-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.driver.memory", "2g")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    try:
+        yield session
+    finally:
+        session.stop()
