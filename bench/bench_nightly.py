@@ -299,6 +299,25 @@ def estimate_s(n: int, detector: str, done: list[RunResult]) -> float:
     return 60.0 * n / PRIOR_TURNS_PER_MIN.get(detector, 60_000.0) + 30.0
 
 
+def estimate_rss_mb(n: int, done: list[RunResult]) -> float | None:
+    """Peak RSS a run of ``n`` turns should reach, extrapolated linearly from the two largest
+    measured runs (any detector; memory is dominated by the turns held in Python), or None."""
+    ok = sorted((r for r in done if r.ok), key=lambda r: r.turns)
+    if len(ok) < 2 or ok[-1].turns == ok[-2].turns:
+        return None
+    a, b = ok[-2], ok[-1]
+    per_turn = (b.peak_rss_mb - a.peak_rss_mb) / (b.turns - a.turns)
+    return b.peak_rss_mb + per_turn * (n - b.turns)
+
+
+def available_mb() -> float:
+    """``MemAvailable`` of the machine, MB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024.0
+    return float("inf")
+
+
 def plot(results: list[RunResult], fits: dict[str, dict[str, Any]], path: Path) -> None:
     """Job seconds and peak RSS against turns, one line per engine/detector, with the fit."""
     import matplotlib
@@ -448,6 +467,12 @@ def main() -> None:
     ap.add_argument("--base-users", type=int, default=10_000, help="users of the base day")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=4 * 3600.0, help="per run, seconds")
+    ap.add_argument(
+        "--max-mem-share",
+        type=float,
+        default=0.7,
+        help="skip a size whose extrapolated peak RSS exceeds this share of MemAvailable",
+    )
     ap.add_argument("--out", type=Path, default=RUNS / "nightly.json")
     ap.add_argument("--plot", type=Path, default=RUNS / "nightly_cost.png")
     ap.add_argument(
@@ -472,6 +497,18 @@ def main() -> None:
             f"run {i + 1}/{len(plan)}: {engine}, {detector}, {n:,} turns; estimate "
             f"{est / 60:.1f} min (all remaining runs ~{rest / 60:.0f} min)"
         )
+        rss = estimate_rss_mb(n, results)
+        if rss is not None:
+            log(f"  expected peak RSS ~{rss:,.0f} MB ({available_mb():,.0f} MB available now)")
+            if rss > args.max_mem_share * available_mb():
+                r = RunResult(engine, detector, n, ok=False)
+                r.error = (
+                    f"skipped: expected peak RSS ~{rss:,.0f} MB > {args.max_mem_share:.0%} of the "
+                    f"{available_mb():,.0f} MB available (--max-mem-share)"
+                )
+                results.append(r)
+                log(f"  {r.error}")
+                continue
         r = run_job(logs, n, engine, detector, args.timeout, extra_env)
         results.append(r)
         if r.ok:
