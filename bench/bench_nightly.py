@@ -368,7 +368,8 @@ def report(results: list[RunResult], fits: dict[str, dict[str, Any]], mach: dict
     )
     print(
         f"\n{'engine':<7}{'detector':<20}{'turns':>11}{'job s':>9}{'wall s':>9}{'turns/min':>11}"
-        f"{'peak RSS MB':>13}{'CPU s':>8}{'links':>9}{'pairs':>7}{'catalog':>9}"
+        f"{'peak RSS MB':>13}{'CPU s':>8}{'turns/CPU-min':>15}{'links':>9}{'pairs':>7}"
+        f"{'catalog':>9}"
     )
     for r in results:
         if not r.ok:
@@ -378,10 +379,16 @@ def report(results: list[RunResult], fits: dict[str, dict[str, Any]], mach: dict
         print(
             f"{r.engine:<7}{r.detector:<20}{r.turns:>11,}{r.job_s:>9.1f}{r.wall_s:>9.1f}"
             f"{r.turns_per_min:>11,.0f}{r.peak_rss_mb:>13,.0f}{r.cpu_s:>8.0f}"
+            f"{60.0 * r.turns / r.cpu_s:>15,.0f}"
             f"{c.get('rephrase_links', 0):>9,}{c.get('pairs', 0):>7,}"
             f"{c.get('catalog_entries', 0):>9,}"
         )
     ok = [r for r in results if r.ok]
+    print(
+        "(job s: report.json timings_s.total; wall s: the child process incl. interpreter start "
+        "and imports; CPU s: the child's user + system time, all threads -- on a shared machine "
+        "turns per CPU-minute is the steadier figure, turns/min the one the target names)"
+    )
     if ok:
         print("\nstage seconds (report.json timings_s)")
         print(f"{'engine/detector/turns':<36}" + "".join(f"{s[:10]:>11}" for s in STAGES))
