@@ -480,6 +480,14 @@ def main() -> None:
         default=0.7,
         help="skip a size whose extrapolated peak RSS exceeds this share of MemAvailable",
     )
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="earlier results JSON files whose runs join this one's tables, fits and plot "
+        "(runs of the same engine, detector and size are replaced by this run's)",
+    )
     ap.add_argument("--out", type=Path, default=RUNS / "nightly.json")
     ap.add_argument("--plot", type=Path, default=RUNS / "nightly_cost.png")
     ap.add_argument(
@@ -525,9 +533,13 @@ def main() -> None:
             )
         else:
             log(f"  failed: {r.error.splitlines()[0] if r.error else '?'}")
+    mine = {(r.engine, r.detector, r.turns) for r in results}
+    for path in args.merge:
+        old = [RunResult(**d) for d in json.loads(path.read_text())["results"]]
+        results = [r for r in old if (r.engine, r.detector, r.turns) not in mine] + results
     fits: dict[str, dict[str, Any]] = {}
-    for e in args.engine:
-        for d in args.detector:
+    for e in sorted({r.engine for r in results}):
+        for d in sorted({r.detector for r in results}):
             pts = [(r.turns, r.job_s) for r in results if r.ok and (r.engine, r.detector) == (e, d)]
             f = fit(pts)
             if f:
