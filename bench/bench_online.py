@@ -304,15 +304,16 @@ def zero_shot_artifact(artifacts_dir: Path, timeout_s: float = 900.0) -> Path:
 
 
 def synthetic_ranker(trees: int, seed: int) -> Path:
-    """A LightGBM lambdarank artifact (``ranker.txt`` + ``ranker.json``) trained for exactly
-    ``trees`` rounds (production parameters, no early stopping) on 1,000 random groups of 20
-    candidates; trigger threshold = 90th percentile of the groups' best scores. Cached."""
+    """A LightGBM lambdarank artifact (``ranker.txt``, its ONNX export, ``ranker.json``)
+    trained for exactly ``trees`` rounds (production parameters, no early stopping) on 1,000
+    random groups of 20 candidates; trigger threshold = 90th percentile of the groups' best
+    scores. Cached."""
     import lightgbm as lgb
 
-    from offline.rerank_train import RankerTrainConfig
-    from rewrite.rerank import FEATURE_NAMES, RANKER_META_FILE, RANKER_MODEL_FILE
+    from offline.rerank_train import RankerTrainConfig, export_trees_onnx
+    from rewrite.rerank import FEATURE_NAMES, RANKER_META_FILE, RANKER_MODEL_FILE, RANKER_ONNX_FILE
 
-    out = CACHE / "ranker" / f"t{trees}-s{seed}"
+    out = CACHE / "ranker" / f"t{trees}-s{seed}-onnx"
     if (out / RANKER_META_FILE).exists():
         return out
     rng = np.random.default_rng(seed)
@@ -344,7 +345,10 @@ def synthetic_ranker(trees: int, seed: int) -> Path:
         "synthetic": True,
         "num_trees": booster.num_trees(),
     }
+    onnx_model, diff = export_trees_onnx(model, x)
+    meta["onnx"] = {"ranker_sha256": hashlib.sha256(onnx_model).hexdigest(), "max_abs_diff": diff}
     out.mkdir(parents=True, exist_ok=True)
+    (out / RANKER_ONNX_FILE).write_bytes(onnx_model)
     (out / RANKER_MODEL_FILE).write_text(model)
     (out / RANKER_META_FILE).write_text(json.dumps(meta, indent=2))
     return out

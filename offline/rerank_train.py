@@ -19,9 +19,11 @@ it triggers. A query triggers when its top candidate differs from the query and 
 threshold (:func:`rewrite.rerank.trigger`). A Platt scaling of the top score (Platt, 1999),
 fitted on dev, gives the response confidence.
 
-Artifacts: ``<artifacts_dir>/<content-hash>/ranker.txt`` (LightGBM text model) and
-``ranker.json``; ``<artifacts_dir>/LATEST`` names the newest. Written under a temporary name and
-renamed when complete.
+Artifacts: ``<artifacts_dir>/<content-hash>/ranker.txt`` (LightGBM text model),
+``ranker.json`` and the ONNX export the service runs (``ranker.onnx`` / ``trigger.onnx``,
+:func:`export_trees_onnx`, checked against LightGBM on the training rows);
+``<artifacts_dir>/LATEST`` names the newest. Written under a temporary name and renamed when
+complete.
 
 Figures reported per split (dev, test): recall@1 and MRR of the dense order (retrieval alone),
 the :class:`~rewrite.rerank.HeuristicRanker` and the trained ranker; precision at trigger and
@@ -37,6 +39,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -48,17 +51,22 @@ from typing import Any
 
 import lightgbm as lgb
 import numpy as np
+import onnxruntime  # noqa: F401  (the export is verified on it; imported early for a clear error)
 import pyarrow as pa
 import pyarrow.parquet as pq
 from rapidfuzz import fuzz, process
 
 from rewrite.rerank import (
     FEATURE_NAMES,
+    ONNX_INPUT,
     RANKER_META_FILE,
     RANKER_MODEL_FILE,
+    RANKER_ONNX_FILE,
     TRIGGER_FEATURE_NAMES,
     TRIGGER_MODEL_FILE,
+    TRIGGER_ONNX_FILE,
     HeuristicRanker,
+    OnnxTreeScorer,
     feature_matrix,
     trigger_features,
 )
@@ -71,6 +79,58 @@ log = logging.getLogger(__name__)
 CandidateGenerator = Callable[[str, str], list[RetrievedCandidate]]
 
 GROUPS_FORMAT = "qrw-rank-groups-v1"
+
+#: Largest |ONNX - LightGBM| score difference :func:`export_trees_onnx` accepts.
+ONNX_MAX_ABS_DIFF = 1e-4
+#: ONNX ``ai.onnx.ml`` opset target of the export (the newest onnxmltools' LightGBM converter
+#: supports).
+ONNX_TARGET_OPSET = 15
+
+
+def export_trees_onnx(model_str: str, check_x: np.ndarray) -> tuple[bytes, float]:
+    """Export a LightGBM text model to ONNX (onnxmltools ``convert_lightgbm``) and verify it.
+
+    A ``lambdarank`` model is exported as a regression model: its prediction is the raw sum of
+    the trees either way, and onnxmltools has no ranking converter. A ``binary`` model keeps
+    its ``probabilities`` output (:class:`rewrite.rerank.OnnxTreeScorer` reads column 1).
+
+    Args:
+        model_str: ``Booster.model_to_string()``.
+        check_x: ``(n, F)`` float32 rows to compare both runtimes on (the training rows).
+
+    Returns:
+        ``(onnx_bytes, max_abs_diff)``: the serialized model (input ``x`` ``(n, F)`` float32)
+        and the largest score difference to ``Booster.predict`` on ``check_x``.
+
+    Raises:
+        ValueError: the ONNX scores differ by more than :data:`ONNX_MAX_ABS_DIFF` (LightGBM
+            thresholds are doubles; ONNX Runtime compares float32).
+    """
+    from onnxmltools import convert_lightgbm
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    booster = lgb.Booster(model_str=model_str)
+    objective = re.search(r"^objective=(\S+)", model_str, flags=re.MULTILINE)
+    binary = objective is not None and objective.group(1) == "binary"
+    export_str = re.sub(
+        r"^objective=lambdarank.*$", "objective=regression", model_str, flags=re.MULTILINE
+    )
+    n_feat = booster.num_feature()
+    model = convert_lightgbm(
+        lgb.Booster(model_str=export_str),
+        initial_types=[(ONNX_INPUT, FloatTensorType([None, n_feat]))],
+        target_opset=ONNX_TARGET_OPSET,
+        zipmap=False,
+    )
+    data = model.SerializeToString()
+    diff = 0.0
+    if len(check_x):
+        x = np.ascontiguousarray(check_x, dtype=np.float32)
+        got = OnnxTreeScorer(data, "probability" if binary else "score").predict(x)
+        diff = float(np.max(np.abs(got - booster.predict(x))))
+    if diff > ONNX_MAX_ABS_DIFF:
+        raise ValueError(f"ONNX export differs from LightGBM by {diff:.3g} (> {ONNX_MAX_ABS_DIFF})")
+    return data, diff
 
 
 @dataclass(frozen=True)
@@ -841,6 +901,20 @@ def train_ranker(
             "threshold_from": "out-of-fold dev probabilities (5 folds by user)",
         }
     chash = h.hexdigest()[:16]
+    check_x = np.concatenate([m.x for m in mats.values()])
+    ranker_onnx, ranker_diff = export_trees_onnx(model_str, check_x)
+    onnx_meta: dict[str, Any] = {
+        "ranker_sha256": hashlib.sha256(ranker_onnx).hexdigest(),
+        "ranker_max_abs_diff": ranker_diff,
+        "converter": f"onnxmltools {metadata.version('onnxmltools')}",
+        "target_opset": ONNX_TARGET_OPSET,
+    }
+    trigger_onnx: bytes | None = None
+    if trig is not None:
+        trig_x = trigger_rows(splits["dev"], mats["dev"], scores["dev"])
+        trigger_onnx, trigger_diff = export_trees_onnx(trig.model_str, trig_x)
+        onnx_meta["trigger_sha256"] = hashlib.sha256(trigger_onnx).hexdigest()
+        onnx_meta["trigger_max_abs_diff"] = trigger_diff
     meta: dict[str, Any] = {
         "name": "lightgbm_lambdarank",
         "content_hash": chash,
@@ -849,6 +923,7 @@ def train_ranker(
         "trigger_threshold": threshold,
         "threshold_met": met,
         "trigger_model": trigger_meta,
+        "onnx": onnx_meta,
         "target_precision": config.target_precision,
         "calibration": platt,
         "config": asdict(config),
@@ -874,8 +949,10 @@ def train_ranker(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         (tmp / RANKER_MODEL_FILE).write_text(model_str)
-        if trig is not None:
+        (tmp / RANKER_ONNX_FILE).write_bytes(ranker_onnx)
+        if trig is not None and trigger_onnx is not None:
             (tmp / TRIGGER_MODEL_FILE).write_text(trig.model_str)
+            (tmp / TRIGGER_ONNX_FILE).write_bytes(trigger_onnx)
         (tmp / RANKER_META_FILE).write_text(json.dumps(meta, indent=2, default=str))
         if out.exists():
             shutil.rmtree(out)

@@ -13,8 +13,13 @@ for this user (Ponnusamy et al., "Feedback-based self-learning in large-scale co
 AI agents", AAAI 2020; Cho et al., "Personalized search-based query rewrite system for
 conversational AI", 2021).
 
-Artifacts (``artifacts/ranker/<content-hash>/``): ``ranker.txt`` (LightGBM text model) and
-``ranker.json`` (feature names, trigger threshold, Platt calibration, metrics, sha256).
+Artifacts (``artifacts/ranker/<content-hash>/``): ``ranker.txt`` (LightGBM text model),
+``ranker.json`` (feature names, trigger threshold, Platt calibration, metrics, sha256) and the
+same trees exported to ONNX (``ranker.onnx``, ``trigger.onnx``; onnxmltools at training time,
+checked against LightGBM). The service scores with the ONNX files on ONNX Runtime's
+``TreeEnsemble`` operators, so it never imports ``lightgbm`` (whose import pulls pandas,
+scikit-learn and scipy: ~200 MB of resident memory, see the README's "Speed" section); an
+older artifact without ONNX files falls back to LightGBM, imported lazily.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import lightgbm as lgb
 import numpy as np
 from rapidfuzz import fuzz, process
 from rapidfuzz.distance import JaroWinkler
@@ -43,6 +47,10 @@ log = logging.getLogger(__name__)
 RANKER_MODEL_FILE = "ranker.txt"
 RANKER_META_FILE = "ranker.json"
 TRIGGER_MODEL_FILE = "trigger.txt"
+RANKER_ONNX_FILE = "ranker.onnx"
+TRIGGER_ONNX_FILE = "trigger.onnx"
+#: Input name of the exported tree models (``(n, F)`` float32).
+ONNX_INPUT = "x"
 
 #: Feature order of :func:`feature_matrix` columns and of the trained model (fixed; a model
 #: whose stored names differ is refused by :meth:`Ranker.load`). Ranges:
@@ -251,8 +259,82 @@ class _FeatureRanker:
         return float(sorted_scores[0])
 
 
+class TreeScorer(Protocol):
+    """A fitted tree ensemble: ``predict((n, F) float32) -> (n,) float64``."""
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Scores of the rows of ``x``."""
+        ...
+
+
+class OnnxTreeScorer:
+    """LightGBM trees exported to ONNX (:func:`offline.rerank_train.export_trees_onnx`, by
+    onnxmltools) run on ONNX Runtime's ``ai.onnx.ml.TreeEnsemble*`` operators (one intra-op
+    thread by default: the service's worker threads provide the parallelism).
+
+    Args:
+        model: the ``.onnx`` file's bytes; input ``x`` ``(n, F)`` float32.
+        output: ``"score"`` (regression-style raw score, lambdarank) or ``"probability"``
+            (binary classifier: column 1 of its ``probabilities`` output).
+        num_threads: ONNX Runtime intra-op threads.
+
+    Raises:
+        onnxruntime.capi.onnxruntime_pybind11_state.InvalidProtobuf / Fail: not a valid model.
+    """
+
+    def __init__(self, model: bytes, output: str = "score", num_threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = num_threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3  # the classifier's unused `label` output warns on shape
+        self._sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in self._sess.get_outputs()]
+        if output == "probability":
+            if "probabilities" not in names:
+                raise ValueError(f"ONNX trigger model has no `probabilities` output ({names})")
+            self._out, self._col = "probabilities", 1
+        else:
+            self._out, self._col = names[0], 0
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """``(n, F)`` float32 → ``(n,)`` float64 (raw score or P(class 1))."""
+        out = self._sess.run([self._out], {ONNX_INPUT: np.ascontiguousarray(x, np.float32)})[0]
+        return np.asarray(out, dtype=np.float64).reshape(len(x), -1)[:, self._col]
+
+
+class LightgbmTreeScorer:
+    """The LightGBM text model itself (``lightgbm.Booster``, imported on first use): the
+    fallback for artifacts trained before the ONNX export, and the reference the export is
+    checked against."""
+
+    def __init__(self, model_str: str, num_threads: int = 1) -> None:
+        import lightgbm as lgb
+
+        self.booster = lgb.Booster(model_str=model_str)
+        self.num_threads = num_threads
+
+    def num_feature(self) -> int:
+        """Input width of the model."""
+        return int(self.booster.num_feature())
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """``(n, F)`` float32 → ``(n,)`` float64 (``Booster.predict``)."""
+        out = self.booster.predict(x, num_threads=self.num_threads)
+        return np.asarray(out, dtype=np.float64)
+
+
+def _checked_bytes(path: Path, sha256: str | None) -> bytes:
+    """The file's bytes; ``ValueError`` when a recorded sha256 differs (corrupt file)."""
+    data = path.read_bytes()
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path}: sha256 mismatch (corrupt?)")
+    return data
+
+
 class Ranker(_FeatureRanker):
-    """LightGBM lambdarank booster over :data:`FEATURE_NAMES` plus its trigger decision.
+    """LightGBM lambdarank trees over :data:`FEATURE_NAMES` plus the trigger decision.
 
     Lambdarank scores order the candidates of one request but are not comparable across
     requests (the loss only sees pairs within a group), so an artifact may carry a second model,
@@ -260,11 +342,15 @@ class Ranker(_FeatureRanker):
     :data:`TRIGGER_FEATURE_NAMES`): the probability that the top candidate is a correct
     rewrite, trained on held-out queries that include utterances which need no rewrite. With it,
     ``trigger_threshold`` is on that probability scale; without it, on the raw top score.
-    Build with :meth:`load`. ``model_version`` is the artifact's content hash.
+    Build with :meth:`load`; the trees run on ONNX Runtime (:class:`OnnxTreeScorer`) when
+    the artifact has the ONNX export, else on LightGBM. ``model_version`` is the artifact's
+    content hash.
 
     Attributes:
-        trigger_threshold: raw-score threshold of :func:`trigger` (from ``ranker.json``
-            unless overridden).
+        scorer / trigger_scorer: the ranking and trigger trees (:class:`TreeScorer`).
+        backend: ``"onnxruntime"`` or ``"lightgbm"``.
+        trigger_threshold: threshold of :func:`trigger` (from ``ranker.json`` unless
+            overridden).
         meta: the whole ``ranker.json``.
     """
 
@@ -272,14 +358,15 @@ class Ranker(_FeatureRanker):
 
     def __init__(
         self,
-        booster: lgb.Booster,
+        scorer: TreeScorer,
         meta: dict[str, Any],
         trigger_threshold: float | None = None,
-        num_threads: int = 1,
-        trigger_booster: lgb.Booster | None = None,
+        trigger_scorer: TreeScorer | None = None,
+        backend: str = "onnxruntime",
     ) -> None:
-        self.booster = booster
-        self.trigger_booster = trigger_booster
+        self.scorer = scorer
+        self.trigger_scorer = trigger_scorer
+        self.backend = backend
         self.meta = meta
         self.model_version = str(meta.get("content_hash", ""))
         self.trigger_threshold = float(
@@ -288,7 +375,6 @@ class Ranker(_FeatureRanker):
         platt = meta.get("calibration") or {}
         self._platt_a = float(platt.get("a", 1.0))
         self._platt_b = float(platt.get("b", -self.trigger_threshold))
-        self.num_threads = num_threads
 
     @classmethod
     def load(
@@ -296,64 +382,85 @@ class Ranker(_FeatureRanker):
         artifact_dir: Path,
         trigger_threshold: float | None = None,
         num_threads: int = 1,
+        backend: str = "auto",
     ) -> Ranker:
-        """Load ``ranker.txt`` + ``ranker.json`` from an artifact directory.
+        """Load an artifact directory (``ranker.json`` + ``ranker.txt`` [+ ``trigger.txt``]
+        [+ their ``.onnx`` exports]).
 
         Args:
             artifact_dir: ``artifacts/ranker/<content-hash>``.
             trigger_threshold: override of the stored threshold (settings).
-            num_threads: LightGBM prediction threads (1 online).
+            num_threads: prediction threads (1 online).
+            backend: ``"auto"`` (ONNX Runtime when the artifact has the export, else
+                LightGBM), ``"onnxruntime"`` or ``"lightgbm"``.
 
         Raises:
-            FileNotFoundError: a file is missing.
-            ValueError: the model file's sha256 differs from the meta, or the stored feature
-                names differ from :data:`FEATURE_NAMES` (trained by other code).
+            FileNotFoundError: a file is missing (or ``backend="onnxruntime"`` without export).
+            ValueError: a file's sha256 differs from the meta, or the stored feature names
+                differ from :data:`FEATURE_NAMES` (trained by other code).
         """
         artifact_dir = Path(artifact_dir)
         meta = json.loads((artifact_dir / RANKER_META_FILE).read_text())
-        model_bytes = (artifact_dir / RANKER_MODEL_FILE).read_bytes()
-        digest = hashlib.sha256(model_bytes).hexdigest()
-        if meta.get("model_sha256") and meta["model_sha256"] != digest:
-            raise ValueError(f"{artifact_dir / RANKER_MODEL_FILE}: sha256 mismatch (corrupt?)")
+        model_bytes = _checked_bytes(artifact_dir / RANKER_MODEL_FILE, meta.get("model_sha256"))
         if tuple(meta.get("feature_names", ())) != FEATURE_NAMES:
             raise ValueError(
                 f"{artifact_dir}: ranker features {meta.get('feature_names')} differ from "
                 f"this code's FEATURE_NAMES; retrain with `qrw train ranker`"
             )
-        booster = lgb.Booster(model_str=model_bytes.decode("utf-8"))
-        if booster.num_feature() != N_FEATURES:
-            raise ValueError(f"{artifact_dir}: model has {booster.num_feature()} features")
-        trig: lgb.Booster | None = None
         tmeta = meta.get("trigger_model")
+        tbytes: bytes | None = None
         if tmeta:
-            tbytes = (artifact_dir / TRIGGER_MODEL_FILE).read_bytes()
-            if tmeta.get("sha256") != hashlib.sha256(tbytes).hexdigest():
-                raise ValueError(f"{artifact_dir / TRIGGER_MODEL_FILE}: sha256 mismatch (corrupt?)")
             if tuple(tmeta.get("feature_names", ())) != TRIGGER_FEATURE_NAMES:
                 raise ValueError(f"{artifact_dir}: trigger features differ from this code's")
-            trig = lgb.Booster(model_str=tbytes.decode("utf-8"))
-        log.info("ranker %s loaded from %s", meta.get("content_hash"), artifact_dir)
-        return cls(booster, meta, trigger_threshold, num_threads, trig)
+            tbytes = _checked_bytes(artifact_dir / TRIGGER_MODEL_FILE, tmeta.get("sha256"))
+        onnx_meta = meta.get("onnx") or {}
+        if backend == "onnxruntime" and not onnx_meta:
+            raise FileNotFoundError(f"{artifact_dir}: no ONNX export (retrain the ranker)")
+        scorer: TreeScorer
+        trig: TreeScorer | None = None
+        if onnx_meta and backend != "lightgbm":
+            used = "onnxruntime"
+            rbytes = _checked_bytes(artifact_dir / RANKER_ONNX_FILE, onnx_meta["ranker_sha256"])
+            scorer = OnnxTreeScorer(rbytes, "score", num_threads)
+            if tbytes is not None:
+                obytes = _checked_bytes(
+                    artifact_dir / TRIGGER_ONNX_FILE, onnx_meta["trigger_sha256"]
+                )
+                trig = OnnxTreeScorer(obytes, "probability", num_threads)
+        else:
+            used = "lightgbm"
+            lgbm = LightgbmTreeScorer(model_bytes.decode("utf-8"), num_threads)
+            if lgbm.num_feature() != N_FEATURES:
+                raise ValueError(f"{artifact_dir}: model has {lgbm.num_feature()} features")
+            scorer = lgbm
+            if tbytes is not None:
+                trig = LightgbmTreeScorer(tbytes.decode("utf-8"), num_threads)
+            if backend == "auto":
+                log.warning(
+                    "ranker %s has no ONNX export; scoring with LightGBM (retrain to export)",
+                    meta.get("content_hash"),
+                )
+        log.info("ranker %s loaded from %s (%s)", meta.get("content_hash"), artifact_dir, used)
+        return cls(scorer, meta, trigger_threshold, trig, used)
 
     def score_matrix(self, x: np.ndarray) -> np.ndarray:
         """Raw lambdarank scores of an ``(n, F)`` float32 feature matrix → ``(n,)`` float64."""
         if x.shape[0] == 0:
             return np.zeros(0, dtype=np.float64)
-        out = self.booster.predict(x, num_threads=self.num_threads)
-        return np.asarray(out, dtype=np.float64)
+        return self.scorer.predict(x)
 
     def decision_score(self, x_top: np.ndarray, sorted_scores: np.ndarray) -> float:
         """The trigger model's probability that the top candidate is correct, or the top
         ranker score when the artifact has no trigger model."""
-        if self.trigger_booster is None:
+        if self.trigger_scorer is None:
             return float(sorted_scores[0])
         feats = trigger_features(x_top, sorted_scores)
-        return float(self.trigger_booster.predict(feats, num_threads=self.num_threads)[0])
+        return float(self.trigger_scorer.predict(feats)[0])
 
     def confidence(self, score: float) -> float:
         """The trigger model's probability (``score`` is one), else the Platt-calibrated
         probability (fitted on dev) that the top candidate is correct."""
-        if self.trigger_booster is not None:
+        if self.trigger_scorer is not None:
             return min(max(score, 0.0), 1.0)
         return _sigmoid(self._platt_a * score + self._platt_b)
 

@@ -36,6 +36,7 @@ from offline.rerank_train import (
     top_choices,
     train_ranker,
     trigger_metrics,
+    trigger_rows,
     write_groups,
 )
 from rewrite.config import RerankSettings
@@ -44,7 +45,9 @@ from rewrite.rerank import (
     FEATURE_NAMES,
     RANKER_META_FILE,
     RANKER_MODEL_FILE,
+    RANKER_ONNX_FILE,
     TRIGGER_MODEL_FILE,
+    TRIGGER_ONNX_FILE,
     HeuristicRanker,
     Ranker,
     candidate_features,
@@ -290,7 +293,7 @@ def test_trigger_model_precision_on_held_out_users(trained: RankerTrainResult) -
     assert meta["threshold_met"] and meta["target_precision"] == 0.9
     assert meta["trigger_model"] and meta["trigger_model"]["file"] == "trigger.txt"
     ranker = Ranker.load(trained.artifact)
-    assert ranker.trigger_booster is not None
+    assert ranker.trigger_scorer is not None and ranker.backend == "onnxruntime"
     assert ranker.trigger_threshold == meta["trigger_threshold"]
     assert 0.0 < ranker.trigger_threshold < 1.0  # a probability now, not a lambdarank score
     # dev: the threshold was chosen on out-of-fold probabilities for precision >= 0.9
@@ -330,7 +333,22 @@ def test_save_load_identical_scores_and_deterministic(
     assert (trained.artifact.parent / "LATEST").read_text().strip() == trained.artifact.name
     gm = group_matrix(trained.splits["test"])
     assert trained.booster is not None
-    np.testing.assert_array_equal(ranker.score_matrix(gm.x), trained.booster.predict(gm.x))
+    # the service runs the ONNX export; LightGBM (the training runtime) is the reference
+    assert ranker.backend == "onnxruntime"
+    onnx_scores, lgb_scores = ranker.score_matrix(gm.x), trained.booster.predict(gm.x)
+    assert np.max(np.abs(onnx_scores - lgb_scores)) <= 1e-4
+    assert trained.meta["onnx"]["ranker_max_abs_diff"] <= 1e-4
+    for lo, hi in zip(gm.offsets[:-1], gm.offsets[1:], strict=True):  # same top choice
+        if hi > lo:
+            assert np.argmax(onnx_scores[lo:hi]) == np.argmax(lgb_scores[lo:hi])
+    reference = Ranker.load(trained.artifact, backend="lightgbm")
+    np.testing.assert_array_equal(reference.score_matrix(gm.x), lgb_scores)
+    assert reference.trigger_scorer is not None
+    rows = trigger_rows(trained.splits["test"], gm, lgb_scores)
+    assert ranker.trigger_scorer is not None
+    np.testing.assert_allclose(
+        ranker.trigger_scorer.predict(rows), reference.trigger_scorer.predict(rows), atol=1e-5
+    )
     via_settings = load_ranker(RerankSettings(artifacts_dir=trained.artifact.parent))
     assert isinstance(via_settings, Ranker)
     assert via_settings.model_version == ranker.model_version
@@ -366,7 +384,23 @@ def test_load_refuses_corrupt_or_foreign_model(trained: RankerTrainResult, tmp_p
     with pytest.raises(ValueError, match=r"trigger\.txt: sha256"):
         Ranker.load(bad)
     (bad / TRIGGER_MODEL_FILE).write_text(trig)
-    assert Ranker.load(bad).trigger_booster is not None
+    with pytest.raises(FileNotFoundError):  # the ONNX export is missing from `bad`
+        Ranker.load(bad)
+    for name in (RANKER_ONNX_FILE, TRIGGER_ONNX_FILE):
+        (bad / name).write_bytes((trained.artifact / name).read_bytes())
+    assert Ranker.load(bad).trigger_scorer is not None
+    onnx = (trained.artifact / RANKER_ONNX_FILE).read_bytes()
+    (bad / RANKER_ONNX_FILE).write_bytes(onnx[:-8] + bytes(8))
+    with pytest.raises(ValueError, match=r"ranker\.onnx: sha256"):
+        Ranker.load(bad)
+    # an artifact trained before the export (no "onnx" in its meta) still loads, on LightGBM
+    meta = json.loads((trained.artifact / RANKER_META_FILE).read_text())
+    del meta["onnx"]
+    (bad / RANKER_META_FILE).write_text(json.dumps(meta))
+    legacy = Ranker.load(bad)
+    assert legacy.backend == "lightgbm" and legacy.trigger_scorer is not None
+    with pytest.raises(FileNotFoundError, match="no ONNX export"):
+        Ranker.load(bad, backend="onnxruntime")
 
 
 @pytest.mark.slow
