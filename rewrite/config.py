@@ -174,6 +174,9 @@ class ServiceSettings(BaseModel):
     most of their time outside the GIL, so two requests' online work overlaps on two cores;
     validation, normalization and the precomputed lookup stay on the event loop. 0 = every
     stage inline on the event loop (one request's online work at a time).
+
+    ``pair_cache_size``: entries of the in-process cache of precomputed-pair answers per
+    ``(version, normalized utterance)`` (:class:`rewrite.store.PairStore`; 0 = off).
     """
 
     host: str = "127.0.0.1"
@@ -186,6 +189,7 @@ class ServiceSettings(BaseModel):
     max_message_bytes: int = 256 * 1024
     request_deadline_s: float = 1.0
     version_cache_s: float = 1.0
+    pair_cache_size: int = Field(default=65536, ge=0)
     grace_s: float = 5.0
     drain_quiet_s: float = Field(default=0.2, ge=0.0)
     max_pending_calls: int = Field(default=2000, ge=1)

@@ -11,6 +11,9 @@ REQUESTS = Counter("qrw_requests_total", "Rewrite requests answered", ["source",
 PASS_THROUGH = Counter("qrw_pass_through_total", "Requests passed through", ["reason"])
 INVALID = Counter("qrw_invalid_requests_total", "Requests rejected as INVALID_ARGUMENT")
 STORE_ERRORS = Counter("qrw_store_errors_total", "Redis failures turned into pass-through")
+PAIR_CACHE = Counter(
+    "qrw_pair_cache_total", "Precomputed-pair lookups by in-process cache result", ["result"]
+)
 LATENCY = Histogram(
     "qrw_rewrite_latency_seconds",
     "Time inside the Rewriter per request",

@@ -46,6 +46,7 @@ class Rewriter:
                 socket_timeout_s=settings.redis.socket_timeout_s,
                 connect_timeout_s=settings.redis.connect_timeout_s,
                 version_cache_s=settings.service.version_cache_s,
+                pair_cache_size=settings.service.pair_cache_size,
             )
         self.resources = Resources(settings=settings, pair_store=pair_store)
         self.stages: list[Stage] = build_pipeline(settings.service.pipeline, self.resources)

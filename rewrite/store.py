@@ -1,9 +1,13 @@
 """Read side of the Redis pair store used by the online service.
 
-Lookups are one ``HGETALL`` per request; the active version id is cached for
-``version_cache_s`` seconds. Any Redis failure raises :class:`StoreUnavailableError`, which the
-Rewriter turns into a pass-through; after a failure the store backs off for
-``retry_after_s`` seconds so an outage costs no latency, then tries again (recovery).
+Lookups are one ``HGETALL`` per request, or none when the answer (a pair or "no pair") for
+the same normalized utterance in the same published version is in the in-process LRU cache
+(``service.pair_cache_size`` entries, cachetools): a published version never changes, so
+the cache needs no invalidation; a new active version (publish, rollback) is simply another
+key. The active version id is cached for ``version_cache_s`` seconds. Any Redis failure
+raises :class:`StoreUnavailableError`, which the Rewriter turns into a pass-through; after a
+failure the store backs off for ``retry_after_s`` seconds so an outage costs no latency, then
+tries again (recovery).
 Library: redis-py.
 """
 
@@ -15,10 +19,11 @@ import time
 from dataclasses import dataclass
 
 import redis
+from cachetools import LRUCache
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from rewrite import keyspace
+from rewrite import keyspace, metrics
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +95,11 @@ class RedisReader:
             raise StoreUnavailableError("redis marked down (backing off)")
 
     def _fail(self, err: Exception) -> StoreUnavailableError:
+        """Back off for ``retry_after_s`` and forget the cached active version, so nothing is
+        served again (from any cache) before Redis has answered once more."""
         self._down_until = time.monotonic() + self.retry_after_s
+        with self._lock:
+            self._version_at = -1e18
         log.warning("redis unavailable (%s): %s", self.role, err)
         return StoreUnavailableError(str(err))
 
@@ -118,11 +127,38 @@ class RedisReader:
         self._client.close()
 
 
+_NOT_CACHED = object()
+
+
 class PairStore(RedisReader):
     """Precomputed-pair lookups against the active published version (see
-    :class:`RedisReader` for the arguments and failure handling)."""
+    :class:`RedisReader` for the other arguments and failure handling).
+
+    Args:
+        pair_cache_size: entries of the in-process LRU cache of lookup answers keyed by
+            ``(version, normalized)`` (pairs and misses; 0 = off). Both hits and misses are
+            cached: most online traffic has no pair, and asking Redis again for the same
+            utterance in the same immutable version would only add a round trip. While Redis
+            is marked down (the back-off), the cache is not consulted either: an outage is a
+            pass-through, as without the cache.
+    """
 
     role = "pairs"
+
+    def __init__(
+        self,
+        url: str,
+        socket_timeout_s: float = 0.05,
+        connect_timeout_s: float = 0.05,
+        version_cache_s: float = 1.0,
+        retry_after_s: float = 0.5,
+        pair_cache_size: int = 0,
+    ) -> None:
+        super().__init__(url, socket_timeout_s, connect_timeout_s, version_cache_s, retry_after_s)
+        self._cache: LRUCache[tuple[str, str], PairHit | None] | None = (
+            LRUCache(maxsize=pair_cache_size) if pair_cache_size > 0 else None
+        )
+        self._cache_lock = threading.Lock()
 
     def lookup(self, normalized: str) -> PairHit | None:
         """The precomputed rewrite for a normalized utterance in the active version.
@@ -137,19 +173,33 @@ class PairStore(RedisReader):
         if version is None:
             return None
         self._guard()
+        key = (version, normalized)
+        if self._cache is not None:
+            with self._cache_lock:
+                cached = self._cache.get(key, _NOT_CACHED)
+            if cached is not _NOT_CACHED:
+                metrics.PAIR_CACHE.labels("hit").inc()
+                return cached if isinstance(cached, PairHit) else None
+            metrics.PAIR_CACHE.labels("miss").inc()
         try:
             h = self._client.hgetall(keyspace.pair_key(version, normalized))
         except (redis.RedisError, OSError) as e:
             raise self._fail(e) from e
-        if not h:
-            return None
-        return PairHit(
-            rewrite=str(h["rewrite"]),
-            confidence=float(h.get("confidence", 0.0)),
-            support=int(h.get("support", 0)),
-            n_users=int(h.get("n_users", 0)),
-            version=version,
+        hit = (
+            PairHit(
+                rewrite=str(h["rewrite"]),
+                confidence=float(h.get("confidence", 0.0)),
+                support=int(h.get("support", 0)),
+                n_users=int(h.get("n_users", 0)),
+                version=version,
+            )
+            if h
+            else None
         )
+        if self._cache is not None:
+            with self._cache_lock:
+                self._cache[key] = hit
+        return hit
 
 
 class StaticPairStore:

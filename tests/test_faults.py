@@ -189,7 +189,10 @@ def test_redis_hanging_under_requests_passes_through_and_recovers(
     keeps calling: no call fails or waits long (the store's 50 ms socket timeout and 0.5 s
     back-off), the ones that met the hang pass through with ``store_unavailable`` and are
     counted in ``qrw_store_errors_total`` and ``qrw_pass_through_total``, and rewriting
-    resumes by itself when Redis answers again."""
+    resumes by itself when Redis answers again. The client alternates the published utterance
+    (whose answer the in-process pair cache holds: until a lookup meets the hang it may still
+    be rewritten correctly, never wrongly) with utterances never asked before (each must meet
+    the hang)."""
     own_redis = EmbeddedRedis(tmp_path / "redis")
     own_redis.start()
     try:
@@ -209,10 +212,13 @@ def test_redis_hanging_under_requests_passes_through_and_recovers(
             stop = threading.Event()
 
             def hammer() -> None:
+                i = 0
                 while not stop.is_set():
+                    i += 1
+                    utt = "Play some Dell" if i % 2 else f"Play some Dell {i}"
                     t = time.monotonic()
                     try:
-                        res, err = rc.rewrite(RewriteRequest("Play some Dell", "u")), ""
+                        res, err = rc.rewrite(RewriteRequest(utt, "u")), ""
                     except grpc.RpcError as e:  # must not happen
                         res, err = None, repr(e)
                     answers.append((t, time.monotonic() - t, res, err))
@@ -238,9 +244,22 @@ def test_redis_hanging_under_requests_passes_through_and_recovers(
         ]
         after = [a[2] for a in answers if a[0] > pause_at + pause_s + 1.6 and a[2]]
         assert during and after
-        assert all(not r.rewritten and r.rewrite == "Play some Dell" for r in during)
-        assert all(r.reason == "store_unavailable" for r in during)
-        assert all(r.rewritten and r.model_version == "hang-v1" for r in after)
+        key = "play some dell"
+        fresh = [r for r in during if r.normalized != key]
+        cached = [r for r in during if r.normalized == key]
+        assert fresh and cached
+        assert all(not r.rewritten and r.rewrite.lower() == r.normalized for r in fresh)
+        assert all(r.reason == "store_unavailable" for r in fresh)
+        for r in cached:  # a correct answer of the active version, or a pass-through
+            if r.rewritten:
+                assert (r.rewrite, r.model_version) == (PAIR["rewrite"], "hang-v1")
+            else:
+                assert (r.reason, r.rewrite) == ("store_unavailable", "Play some Dell")
+        assert sum(not r.rewritten for r in cached) >= len(cached) // 2
+        assert all(r.reason != "store_unavailable" for r in after)
+        assert all(
+            r.rewritten and r.model_version == "hang-v1" for r in after if r.normalized == key
+        )
         assert max(a[1] for a in answers) < 0.5  # nobody waited for Redis
         unavailable = sum(1 for a in answers if a[2] and a[2].reason == "store_unavailable")
         passed = metrics.PASS_THROUGH.labels("store_unavailable")._value.get() - passed_before

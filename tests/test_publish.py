@@ -10,7 +10,7 @@ import redis
 from offline.markov import RewritePair
 from offline.publish import PublishError, connect, publish_pairs, rollback
 from rewrite import keyspace
-from rewrite.store import PairStore
+from rewrite.store import PairStore, StoreUnavailableError
 
 pytestmark = pytest.mark.integration
 
@@ -120,3 +120,46 @@ def test_duplicate_sources_rejected(redis_url: str, clean_redis: None) -> None:
 def test_unreachable_redis_is_a_clear_error(tmp_path: object) -> None:
     with pytest.raises(PublishError, match="qrw redis start"):
         connect("unix:///nonexistent/qrw.sock", timeout_s=0.2)
+
+
+def _hgetall_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+
+
+def test_pair_cache_answers_without_redis_and_follows_the_active_version(
+    redis_url: str, clean_redis: None
+) -> None:
+    """The in-process pair cache: a repeated lookup (a pair or a miss) costs no Redis round
+    trip; publish and rollback are new versions, so the next lookup sees them at once; an
+    outage is still a pass-through although the answer is cached."""
+    client = connect(redis_url)
+    v1 = publish_pairs(client, _pairs("a")).version
+    store = PairStore(redis_url, version_cache_s=0.0, pair_cache_size=100)
+    before = _hgetall_calls(client)
+    for _ in range(5):
+        hit = store.lookup("utt 3")
+        assert hit is not None and (hit.rewrite, hit.version) == ("fix 3 a", v1)
+        assert store.lookup("never seen") is None
+    assert _hgetall_calls(client) - before == 2  # one per (version, utterance)
+    v2 = publish_pairs(client, _pairs("b")).version
+    hit = store.lookup("utt 3")
+    assert hit is not None and (hit.rewrite, hit.version) == ("fix 3 b", v2)
+    rollback(client)
+    hit = store.lookup("utt 3")
+    assert hit is not None and (hit.rewrite, hit.version) == ("fix 3 a", v1)
+    assert _hgetall_calls(client) - before == 3  # v1's answer came back from the cache
+    # bounded: the least recently used answers are evicted
+    for i in range(200):
+        store.lookup(f"utt {i}")
+    assert len(store._cache or ()) == 100
+    # Redis unreachable: the back-off makes it a StoreUnavailableError, cached or not
+    down = PairStore("unix:///nonexistent/qrw.sock", version_cache_s=0.0, pair_cache_size=100)
+    with pytest.raises(StoreUnavailableError):
+        down.lookup("utt 3")
+    down._version, down._version_at = v1, 1e18  # the active version still cached
+    down._cache[(v1, "utt 3")] = hit  # type: ignore[index]
+    with pytest.raises(StoreUnavailableError, match="backing off"):
+        down.lookup("utt 3")
+    store.close()
+    down.close()

@@ -486,3 +486,46 @@ def test_examples_from_rephrases_acceptable_rewrites_and_negatives(tmp_path: Pat
     g = RankGroup("play jas", "u1", "play jazz music", [], also_correct=("play some jazz",))
     assert g.is_correct("play some jazz") and g.is_correct("play jazz music")
     assert not g.is_correct("call mom")
+
+
+def test_onnx_export_keeps_every_split_of_float32_inputs() -> None:
+    """LightGBM splits at double midpoints between training values; ONNX TreeEnsemble holds
+    float32 thresholds. Rounded to nearest, a 500-tree model on 20,000 random rows moved one
+    row's split (score off by 0.048); rounded down, every float32 input takes the same branch,
+    so the export matches LightGBM up to float32 sums of the leaves."""
+    import re
+
+    import lightgbm as lgb
+
+    from offline.rerank_train import _float32_thresholds, export_trees_onnx
+    from rewrite.rerank import OnnxTreeScorer
+
+    rng = np.random.default_rng(0)
+    x = rng.random((20_000, len(FEATURE_NAMES))).astype(np.float32)
+    utility = (x[:, 6] + 0.5 * x[:, 2] + 0.1 * rng.standard_normal(len(x))).reshape(1000, 20)
+    y = np.zeros_like(utility)
+    y[np.arange(1000), utility.argmax(axis=1)] = 1.0
+    params = {**RankerTrainConfig().params(), "num_threads": 1}
+    ds = lgb.Dataset(x, label=y.reshape(-1), group=[20] * 1000, params={"verbosity": -1})
+    booster = lgb.train(params, ds, num_boost_round=500)
+    model = booster.model_to_string()
+    rounded = _float32_thresholds(model)
+    thresholds = [
+        float(v) for line in re.findall(r"^threshold=(.*)$", rounded, re.M) for v in line.split()
+    ]
+    assert thresholds and all(float(np.float32(t)) == t for t in thresholds)
+    np.testing.assert_array_equal(lgb.Booster(model_str=rounded).predict(x), booster.predict(x))
+    data, diff = export_trees_onnx(model, x)
+    assert diff <= 1e-4
+    onnx_scores = OnnxTreeScorer(data).predict(x)
+    assert np.max(np.abs(onnx_scores - booster.predict(x))) == pytest.approx(diff)
+    # the binary trigger model keeps its probability output
+    bin_booster = lgb.train(
+        {"objective": "binary", "verbosity": -1, "num_threads": 1},
+        lgb.Dataset(x, label=y.reshape(-1), params={"verbosity": -1}),
+        num_boost_round=50,
+    )
+    bdata, bdiff = export_trees_onnx(bin_booster.model_to_string(), x)
+    probs = OnnxTreeScorer(bdata, "probability").predict(x[:100])
+    assert bdiff <= 1e-4 and np.all((probs >= 0) & (probs <= 1))
+    np.testing.assert_allclose(probs, bin_booster.predict(x[:100]), atol=1e-5)

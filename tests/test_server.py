@@ -345,12 +345,15 @@ def test_redis_outage_passes_through_then_recovers(settings: Settings, tmp_path:
             passed = metrics.PASS_THROUGH.labels("store_unavailable")._value.get()
             assert own_redis.stop() is True
             # 1.6 s spans the store's 0.5 s back-off and its 1 s version cache expiring
+            # the first call asks what the in-process pair cache cannot answer, so it meets
+            # the outage; from then on the cached pair of `text` is not served either
             answered = 0
             until = time.monotonic() + 1.6
             while time.monotonic() < until:
-                down = rc.rewrite(RewriteRequest(text, "u"))
+                utt = text if answered % 2 else f"Play some jazz {answered}"
+                down = rc.rewrite(RewriteRequest(utt, "u"))
                 assert down.rewritten is False
-                assert down.rewrite == text
+                assert down.rewrite == utt
                 assert down.source == "none"
                 assert down.reason == "store_unavailable"
                 assert down.confidence == 0.0
