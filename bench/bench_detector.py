@@ -45,6 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Must be set before torch loads; override from the environment to measure the spinning default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from bench._machine import describe  # noqa: E402
 from offline.detector.examples import DetectorExample, read_examples  # noqa: E402
 from offline.detector.inference import BACKENDS, SpanDetector, compare_runners  # noqa: E402
 
@@ -132,6 +133,7 @@ def main() -> None:
     pairs = sum(len(ex.context) for ex in examples)
     rendered = detectors["torch"].renderer.render_many(examples)
     mean_tokens = statistics.fmean(len(r.input_ids) for r in rendered)
+    print(f"machine      {describe()}")
     print(f"artifact     {artifact}")
     print(f"examples     {len(examples)} from {src}; {pairs} candidate pairs")
     print(

@@ -52,7 +52,7 @@ if str(ROOT) not in sys.path:  # allow `python bench/bench_encoders.py` without 
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.bench_nightly import machine  # noqa: E402
+from bench._machine import describe, machine  # noqa: E402
 
 RUNS = ROOT / "runs" / "bench"
 BATCH = 32
@@ -241,8 +241,8 @@ def main() -> None:
     print(
         f"\nquery encoder variants: all-MiniLM-L6-v2 zero-shot DPR tower ({artifact.name}, "
         f"max_length {meta.get('max_length')}), {len(texts)} SLURP texts, batch {BATCH} for "
-        f"throughput, median of {args.rounds} rounds; {mach['cpus']} CPUs ({mach['cpu']}), "
-        f"{mach['date']}; 1-min load average {mach['load_avg_1m_start']} at start, "
+        f"throughput, median of {args.rounds} rounds; {describe(mach)}; 1-min load average "
+        f"{mach['load_avg_1m_start']} at start, "
         f"{os.getloadavg()[0]:.2f} at end (shared machine: prefer the ratios)"
     )
     print(

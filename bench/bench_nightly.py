@@ -37,13 +37,11 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +50,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # allow `python bench/bench_nightly.py` without install
     sys.path.insert(0, str(ROOT))
+
+from bench._machine import describe, machine  # noqa: E402
 
 CACHE = ROOT / "var" / "bench" / "nightly"
 RUNS = ROOT / "runs" / "bench"
@@ -67,27 +67,6 @@ def log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- machine
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, logical CPUs, RAM and the date, for the README's figures."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "ram_gb": round(ram_gb, 1),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "python": platform.python_version(),
-        "load_avg_1m_start": round(os.getloadavg()[0], 2),
-    }
 
 
 # --------------------------------------------------------------------------- synthetic logs
@@ -362,8 +341,8 @@ STAGES = ("validate", "sessionize", "rephrase_warm_up", "rephrase", "defects", "
 def report(results: list[RunResult], fits: dict[str, dict[str, Any]], mach: dict[str, Any]) -> None:
     """Tables, fit lines, identity of engines and PASS/MISS."""
     print(
-        f"\nqrw nightly job benchmark: {mach['cpus']} CPUs ({mach['cpu']}), {mach['ram_gb']} GB "
-        f"RAM, {mach['date']}; 1-min load average {mach['load_avg_1m_start']} at start, "
+        f"\nqrw nightly job benchmark: {describe(mach)}; 1-min load average "
+        f"{mach['load_avg_1m_start']} at start, "
         f"{os.getloadavg()[0]:.2f} at end (the machine is shared: absolute figures are noisy)"
     )
     print(

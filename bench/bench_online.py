@@ -85,6 +85,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # allow `python bench/bench_online.py` without install
     sys.path.insert(0, str(ROOT))
 
+from bench._machine import describe  # noqa: E402
 from bench.bench_server_mode import ECHO_METHOD, echo_handler, summary  # noqa: E402
 from rewrite._pb.queryrewrite.v1 import rewrite_pb2  # noqa: E402
 from rewrite.config import FULL_PIPELINE as CONFIG_FULL_PIPELINE  # noqa: E402
@@ -887,8 +888,11 @@ def report(
         f"\nqrw online benchmark: {info.n:,} catalog entries ({kind}); query tower "
         f"{stats.get('encoder_onnx')} of {info.encoder_id}; ranker {ranker_desc}; "
         f"{args.requests} calls per row + {WARMUP} warm-up, median of {args.rounds} round(s); "
-        f"{os.cpu_count()} CPUs, 1-min load average {mem['load_start']:.1f} at start, "
-        f"{os.getloadavg()[0]:.1f} at end; grpcio {grpc.__version__}"
+        f"{describe()}; 1-min load average {mem['load_start']:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end; grpcio {grpc.__version__}; pair cache "
+        f"{args.pair_cache_size if args.pair_cache_size is not None else 'config default'} "
+        "entries (precomputed rows repeat their utterances: after the warm-up they are cache "
+        "hits unless it is 0)"
     )
     built = "cached; first build took" if build.cached else "built in"
     print(
@@ -1105,6 +1109,12 @@ def main() -> None:
         "share the zero-shot passage tower, e.g. `qrw train dpr --zero-shot --query-layers 3`",
     )
     ap.add_argument("--ef-search", type=int, help="HNSW efSearch of the service (dpr setting)")
+    ap.add_argument(
+        "--pair-cache-size",
+        type=int,
+        help="service.pair_cache_size of the service (default: the config's; 0 = every "
+        "precomputed lookup asks Redis)",
+    )
     ap.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--redis-url", help=argparse.SUPPRESS)
@@ -1129,6 +1139,8 @@ def main() -> None:
         server_env["QRW_DPR__ARTIFACTS_DIR"] = str(artifact.parent)
     if args.ef_search is not None:
         server_env["QRW_DPR__HNSW_EF_SEARCH"] = str(args.ef_search)
+    if args.pair_cache_size is not None:
+        server_env["QRW_SERVICE__PAIR_CACHE_SIZE"] = str(args.pair_cache_size)
     build = build_index(args.n, args.seed, artifact.name, settings, args.build_threads)
     log(f"index {build.directory} ({'cached' if build.cached else 'built'})")
     if args.ranker == "synthetic":
