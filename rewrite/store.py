@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from cachetools import LRUCache
@@ -131,10 +132,11 @@ _NOT_CACHED = object()
 
 
 class PairStore(RedisReader):
-    """Precomputed-pair lookups against the active published version (see
-    :class:`RedisReader` for the other arguments and failure handling).
+    """Precomputed-pair lookups against the active published version.
 
     Args:
+        url, reader: :class:`RedisReader`'s arguments (timeouts, version cache, back-off; see
+            there for the failure handling).
         pair_cache_size: entries of the in-process LRU cache of lookup answers keyed by
             ``(version, normalized)`` (pairs and misses; 0 = off). Both hits and misses are
             cached: most online traffic has no pair, and asking Redis again for the same
@@ -145,16 +147,8 @@ class PairStore(RedisReader):
 
     role = "pairs"
 
-    def __init__(
-        self,
-        url: str,
-        socket_timeout_s: float = 0.05,
-        connect_timeout_s: float = 0.05,
-        version_cache_s: float = 1.0,
-        retry_after_s: float = 0.5,
-        pair_cache_size: int = 0,
-    ) -> None:
-        super().__init__(url, socket_timeout_s, connect_timeout_s, version_cache_s, retry_after_s)
+    def __init__(self, url: str, pair_cache_size: int = 0, **reader: Any) -> None:
+        super().__init__(url, **reader)
         self._cache: LRUCache[tuple[str, str], PairHit | None] | None = (
             LRUCache(maxsize=pair_cache_size) if pair_cache_size > 0 else None
         )
