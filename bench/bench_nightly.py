@@ -298,8 +298,13 @@ def available_mb() -> float:
 
 
 def plot(results: list[RunResult], fits: dict[str, dict[str, Any]], path: Path) -> None:
-    """Job seconds and peak RSS against turns, one line per engine/detector, with the fit."""
-    import matplotlib
+    """Job seconds and peak RSS against turns, one line per engine/detector, with the fit.
+    Skipped with a message when matplotlib (the ``bench`` extra) is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        log("no plot: matplotlib is not installed (`pip install -e '.[bench]'`, or `make bench`)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -24,7 +24,6 @@ validation (``counts.forgotten_turns``); pairs and catalog entries need at least
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import time
@@ -225,12 +224,6 @@ def run_nightly(
             → pairs run (:mod:`offline.engine`); default ``settings.engine``. Both give
             identical outputs; everything after the pairs runs here either way.
 
-    The job's long-lived objects (the turns as read, then the engine's turn list) are moved
-    out of the cyclic garbage collector's view (``gc.freeze``, Python docs) once built: they
-    hold no cycles, and a full collection would otherwise walk millions of them again and
-    again while later stages allocate (measured ~25 % of validation + sessionization at 1M
-    turns). ``gc.unfreeze`` on the way out.
-
     Returns:
         The :class:`NightlyReport` also written to ``out/report.json``.
 
@@ -243,22 +236,6 @@ def run_nightly(
         offline.publish.PublishError: ``publish`` and Redis is unreachable (checked before
             any work) or publishing failed.
     """
-    try:
-        return _run_nightly(logs, out, settings, publish, now, force, engine)
-    finally:
-        gc.unfreeze()
-
-
-def _run_nightly(
-    logs: Sequence[str | Path],
-    out: Path,
-    settings: Settings,
-    publish: bool,
-    now: datetime | None,
-    force: bool,
-    engine: str | None,
-) -> NightlyReport:
-    """:func:`run_nightly` (which restores the garbage collector afterwards)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     canaries: list[str] | None = None
@@ -291,7 +268,6 @@ def _run_nightly(
         if forgotten:
             read.quarantined = _redact_forgotten(read.quarantined, forgotten, user_key)
         write_quarantine(read.quarantined, out / "quarantine.jsonl")
-    gc.freeze()  # the turns as read live to the end of the job (see run_nightly)
     # every row counted under its bounded reason code (offline.schema.reason_code), so the
     # counts sum to ``rows`` and no row data (ids, timestamps) becomes a key
     reasons = Counter(q.code for q in read.quarantined)
@@ -308,7 +284,6 @@ def _run_nightly(
         log.info("dropped %d turns of forgotten users", n_forgotten)
     with _timed(timings, "to_turns"):
         turns = to_turns(kept)
-    gc.freeze()
     with _timed(timings, "engine"):
         core = run_engine(turns, settings, engine)
     timings.update(core.timings_s)
