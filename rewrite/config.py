@@ -215,12 +215,19 @@ class DprSettings(BaseModel):
     embeddings with recall@1 0.976 vs exact. At 1M random vectors HNSW (efSearch 64) costs
     1.7 GB, a 28-minute build, 0.75 ms p50 and recall@1 0.35, where IVF4096,SQ8 at nprobe 32
     costs 379 MB, a 2.2-minute build, 0.39 ms p50 and recall@1 0.84.
+
+    ``query_precision``: which query tower the service runs — ``auto`` (``query.int8.onnx``
+    when the artifact's int8 check passed, else ``query.onnx``), ``int8`` (error when absent)
+    or ``fp32``. int8 pays off on CPUs with int8 dot-product instructions (AVX-512 VNNI: ~3x
+    fp32); on AVX2-only CPUs it is ~1.1x fp32 at cosine 0.992 (``bench/bench_encoders.py``),
+    where ``fp32`` keeps the exact vectors for ~12 % more encoder time.
     """
 
     artifacts_dir: Path = Path("artifacts/dpr")
     artifact: Path | None = None
     max_length: int = 32
     threads: int = 1
+    query_precision: Literal["auto", "int8", "fp32"] = "auto"
     flat_max_entries: int = 10_000
     hnsw_m: int = 32
     hnsw_ef_search: int = 64

@@ -105,9 +105,11 @@ class OnlineLayer:
         enc = self._encoders.get(encoder_id)
         if enc is None:
             path = Path(self.settings.dpr.artifacts_dir) / encoder_id
+            precision = self.settings.dpr.query_precision
             enc = QueryEncoder.load(
                 path,
                 threads=self.settings.dpr.threads,
+                quantized=None if precision == "auto" else precision == "int8",
                 cache_size=self.settings.dpr.query_cache_size,
             )
             if enc.encoder_id != encoder_id:

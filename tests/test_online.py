@@ -113,6 +113,37 @@ def test_global_fix_for_everyone_personal_fix_for_the_user_with_history(
         rewriter.close()
 
 
+def test_query_precision_setting_picks_the_query_tower(
+    online_settings: Settings, tmp_path: Path
+) -> None:
+    """``dpr.query_precision``: ``fp32`` serves ``query.onnx`` (the exact vectors), ``int8``
+    and ``auto`` (its check passed) ``query.int8.onnx``; both fix alice's utterance, with
+    slightly different dense cosines."""
+    logs = _wilkerson_logs(tmp_path / "day-01.jsonl")
+    run_nightly([logs], tmp_path / "run", online_settings, publish=True)
+    query = "what's the weather in wilkerson"
+    served: dict[str, tuple[str, float]] = {}
+    for precision in ("fp32", "int8", "auto"):
+        s = online_settings.model_copy(deep=True)
+        s.dpr.query_precision = precision
+        rewriter = Rewriter(s)
+        rewriter.warm_up()
+        try:
+            res = rewriter.rewrite(RewriteRequest(query, user_id="alice", explain=True))
+            layer = rewriter.resources.online
+            snap = layer.snapshot() if layer is not None else None
+            assert snap is not None
+            assert res.rewrite == "what's the weather in wilmington" and res.source == "global"
+            top = next(c for c in res.candidates if c.text == res.rewrite)
+            served[precision] = (snap.encoder.onnx_path.name, top.features["dense_cosine"])
+        finally:
+            rewriter.close()
+    assert served["fp32"][0] == "query.onnx"
+    assert served["int8"][0] == served["auto"][0] == "query.int8.onnx"
+    assert served["int8"][1] == served["auto"][1] != served["fp32"][1]
+    assert abs(served["int8"][1] - served["fp32"][1]) < 0.05
+
+
 def test_online_layer_passes_through_without_a_published_index(
     online_settings: Settings, tmp_path: Path
 ) -> None:
