@@ -10,6 +10,7 @@ are then skipped. New stages register with :func:`register_stage` and are listed
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -41,6 +42,10 @@ class RewriteState:
     candidates: list[Candidate] = field(default_factory=list)
     done: bool = False
     started_s: float = 0.0  # time.perf_counter() when the Rewriter took the request
+    # cooperative stop between stages (Rewriter.complete): the caller went away (set from the
+    # server's event loop while a worker runs the online stages), or the budget ran out
+    abandoned: bool = False
+    deadline_s: float = math.inf  # time.perf_counter() after which no further stage starts
     # online stages (rewrite/online.py)
     online: Any = None  # the OnlineSnapshot answering this request
     query_vector: np.ndarray | None = None  # (dim,) float32, L2-normalised
@@ -55,7 +60,7 @@ class Stage(Protocol):
 
     ``offload``: the stage may run on the service's online worker threads
     (``service.online_threads``) instead of the event loop: it spends most of its time in code
-    that releases the GIL (ONNX Runtime, FAISS, a Redis socket, LightGBM via ctypes) and is
+    that releases the GIL (ONNX Runtime, FAISS, a Redis socket) and is
     safe to call from several threads at once. The first offloadable stage and every stage
     after it run on a worker thread (see :meth:`rewrite.rewriter.Rewriter.prepare`).
     """
@@ -67,7 +72,8 @@ class Stage(Protocol):
         """Load heavy resources once before serving."""
 
     def run(self, state: RewriteState) -> RewriteState:
-        """Process one request; set ``state.done`` to stop the pipeline."""
+        """Process one request; set ``state.done`` to stop the pipeline. Return the same
+        ``state`` object, mutated (the server flags ``state.abandoned`` on that object)."""
 
 
 class PairLookup(Protocol):

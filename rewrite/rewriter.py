@@ -149,9 +149,23 @@ class Rewriter:
 
     def complete(self, state: RewriteState) -> RewriteState:
         """Run the stages :meth:`prepare` left (none when ``state.done``). Thread-safe: the
-        offloadable stages may run on several threads at once."""
+        offloadable stages may run on several threads at once.
+
+        Before each stage it checks whether to go on: when ``state.abandoned`` is set (the
+        server's call was cancelled: client deadline, disconnect, shutdown) the request ends
+        with ``reason="abandoned"``, and when ``time.perf_counter()`` is past
+        ``state.deadline_s`` (the call's budget) with ``reason="over_budget"`` — a
+        pass-through, counted in ``qrw_pass_through_total``; a running stage is not
+        interrupted. So a request nobody waits for stops costing CPU after its current stage.
+        """
         if not state.done:
             for stage in self.stages[self.offload_from :]:
+                if state.abandoned:
+                    state.reason, state.done = "abandoned", True
+                    break
+                if time.perf_counter() > state.deadline_s:
+                    state.reason, state.done = "over_budget", True
+                    break
                 state = stage.run(state)
                 if state.done:
                     break

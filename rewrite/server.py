@@ -68,8 +68,10 @@ the Rewriter's only I/O is Redis with ``redis.socket_timeout_s`` (50 ms) per com
 0.5 s back-off after a failure, and its CPU work is linear in an utterance capped at
 ``service.max_utterance_chars``; queueing on the loop is bounded by
 :data:`MAX_CONCURRENT_RPCS` × the per-call loop time (< 1 ms). A call that overruns its
-budget is logged at WARNING. (A synchronous call cannot be pre-empted, so the budget sheds
-and reports; it does not interrupt.)
+budget is logged at WARNING. A running stage cannot be pre-empted, but the online stages stop
+at the next stage boundary when the call's budget has run out (the caller gets a pass-through,
+``reason="over_budget"``) or the call was cancelled (``abandoned``: its worker does no more
+work for an answer nobody will read).
 
 Sources: gRPC Python API and AsyncIO API (https://grpc.github.io/grpc/python/grpc.html,
 https://grpc.github.io/grpc/python/grpc_asyncio.html), the asyncio route_guide example
@@ -318,14 +320,19 @@ class QueryRewriteServicer:
         try:
             try:
                 state = self.rewriter.prepare(request_from_proto(request))
+                state.deadline_s = time.perf_counter() + budget_s - (time.monotonic() - started)
                 if state.done or self.online_pool is None:
                     state = self.rewriter.complete(state)
                 else:
-                    # a call cancelled here (client deadline, shutdown) leaves its worker to
-                    # finish the request; the answer is dropped
-                    state = await asyncio.get_running_loop().run_in_executor(
-                        self.online_pool, self.rewriter.complete, state
-                    )
+                    try:
+                        state = await asyncio.get_running_loop().run_in_executor(
+                            self.online_pool, self.rewriter.complete, state
+                        )
+                    except asyncio.CancelledError:
+                        # the call was cancelled (client deadline, disconnect, shutdown):
+                        # the worker stops before its next stage (Rewriter.complete)
+                        state.abandoned = True
+                        raise
                 return result_to_proto(self.rewriter.finish(state))
             except InvalidRequestError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_message(str(e)))

@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -628,3 +629,64 @@ def test_online_stages_run_on_worker_threads(settings: Settings, threads: int) -
     else:
         assert not any(n.startswith("qrw-online") for n in names), names
         assert s1 >= e0, "inline online stages overlapped"
+
+
+class _CountingSlowStage:
+    """An offloadable stage that sleeps 0.25 s and counts how often it ran (by name)."""
+
+    offload = True
+    runs: ClassVar[Counter[str]] = Counter()
+
+    def __init__(self, resources: Any, name: str) -> None:
+        del resources
+        self.name = name
+
+    def warm_up(self) -> None:
+        return None
+
+    def run(self, state: RewriteState) -> RewriteState:
+        time.sleep(0.25)
+        _CountingSlowStage.runs[self.name] += 1
+        return state
+
+
+def test_online_stages_stop_when_over_budget_or_abandoned(settings: Settings) -> None:
+    """Three 0.25 s online stages. With a 0.4 s server budget the third never starts and the
+    caller gets a pass-through (``over_budget``) instead of waiting. A call the client cancels
+    after 0.1 s (budget 5 s, so only the cancellation can stop it) is flagged ``abandoned``
+    and its worker stops after the stage it is in: the later stages never run for it."""
+    from rewrite.pipeline import register_stage
+    from rewrite.server import REWRITE_METHOD, request_to_proto
+
+    for name in ("slow_a", "slow_b", "slow_c"):
+        register_stage(name, lambda r, name=name: _CountingSlowStage(r, name))
+    s = settings.model_copy(deep=True)
+    s.service.pipeline = ["normalize", "precomputed", "slow_a", "slow_b", "slow_c"]
+    s.service.online_threads = 2
+    s.service.request_deadline_s = 0.4
+    _CountingSlowStage.runs.clear()
+    with RewriteServer(s, host="127.0.0.1", port=0) as srv, RewriteClient(srv.target, 5.0) as rc:
+        t0 = time.monotonic()
+        res = rc.rewrite(RewriteRequest(utterance="something slow", user_id="u1"))
+        waited = time.monotonic() - t0
+    assert not res.rewritten and res.reason == "over_budget"
+    assert dict(_CountingSlowStage.runs) == {"slow_a": 1, "slow_b": 1}
+    assert waited < 0.75  # two stages, not three
+
+    s.service.request_deadline_s = 5.0
+    _CountingSlowStage.runs.clear()
+    with RewriteServer(s, host="127.0.0.1", port=0) as srv:
+        channel = grpc.insecure_channel(srv.target)
+        call = channel.unary_unary(
+            REWRITE_METHOD,
+            request_serializer=rewrite_pb2.RewriteRequest.SerializeToString,
+            response_deserializer=rewrite_pb2.RewriteResponse.FromString,
+        )
+        future = call.future(
+            request_to_proto(RewriteRequest(utterance="nobody waits", user_id="u2")), timeout=5.0
+        )
+        time.sleep(0.1)
+        assert future.cancel()
+        time.sleep(0.9)  # the worker finishes slow_a; without the flag it would be in slow_c
+        assert dict(_CountingSlowStage.runs) == {"slow_a": 1}
+        channel.close()
