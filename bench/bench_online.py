@@ -347,7 +347,10 @@ def synthetic_ranker(trees: int, seed: int) -> Path:
         "num_trees": booster.num_trees(),
     }
     onnx_model, diff = export_trees_onnx(model, x)
-    meta["onnx"] = {"ranker_sha256": hashlib.sha256(onnx_model).hexdigest(), "max_abs_diff": diff}
+    meta["onnx"] = {
+        "ranker_sha256": hashlib.sha256(onnx_model).hexdigest(),
+        "ranker_max_abs_diff": diff,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / RANKER_ONNX_FILE).write_bytes(onnx_model)
     (out / RANKER_MODEL_FILE).write_text(model)

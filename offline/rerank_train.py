@@ -51,7 +51,6 @@ from typing import Any
 
 import lightgbm as lgb
 import numpy as np
-import onnxruntime  # noqa: F401  (the export is verified on it; imported early for a clear error)
 import pyarrow as pa
 import pyarrow.parquet as pq
 from rapidfuzz import fuzz, process
@@ -66,6 +65,7 @@ from rewrite.rerank import (
     TRIGGER_MODEL_FILE,
     TRIGGER_ONNX_FILE,
     HeuristicRanker,
+    LightgbmTreeScorer,
     OnnxTreeScorer,
     feature_matrix,
     trigger_features,
@@ -129,7 +129,7 @@ def export_trees_onnx(model_str: str, check_x: np.ndarray) -> tuple[bytes, float
     from onnxmltools import convert_lightgbm
     from onnxmltools.convert.common.data_types import FloatTensorType
 
-    booster = lgb.Booster(model_str=model_str)
+    reference = LightgbmTreeScorer(model_str)
     objective = re.search(r"^objective=(\S+)", model_str, flags=re.MULTILINE)
     binary = objective is not None and objective.group(1) == "binary"
     export_str = re.sub(
@@ -138,7 +138,7 @@ def export_trees_onnx(model_str: str, check_x: np.ndarray) -> tuple[bytes, float
         _float32_thresholds(model_str),
         flags=re.MULTILINE,
     )
-    n_feat = booster.num_feature()
+    n_feat = reference.num_feature()
     model = convert_lightgbm(
         lgb.Booster(model_str=export_str),
         initial_types=[(ONNX_INPUT, FloatTensorType([None, n_feat]))],
@@ -150,7 +150,7 @@ def export_trees_onnx(model_str: str, check_x: np.ndarray) -> tuple[bytes, float
     if len(check_x):
         x = np.ascontiguousarray(check_x, dtype=np.float32)
         got = OnnxTreeScorer(data, "probability" if binary else "score").predict(x)
-        diff = float(np.max(np.abs(got - booster.predict(x))))
+        diff = float(np.max(np.abs(got - reference.predict(x))))
     if diff > ONNX_MAX_ABS_DIFF:
         raise ValueError(f"ONNX export differs from LightGBM by {diff:.3g} (> {ONNX_MAX_ABS_DIFF})")
     return data, diff

@@ -92,15 +92,17 @@ def read_dpr_meta(artifact_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def onnx_session(path: Path, threads: int = 1) -> Any:
-    """An ONNX Runtime CPU session: ``threads`` intra-op threads, 1 inter-op, no spinning.
+def onnx_session(path: Path | bytes, threads: int = 1) -> Any:
+    """An ONNX Runtime CPU session: ``threads`` intra-op threads, 1 inter-op, no spinning,
+    warnings off. ``path``: an ONNX file, or a serialized model's bytes (the ranker's trees,
+    :class:`rewrite.rerank.OnnxTreeScorer`).
 
     Raises:
         FileNotFoundError: no ONNX file at ``path``.
     """
     import onnxruntime as ort
 
-    if not Path(path).exists():
+    if not isinstance(path, bytes) and not Path(path).exists():
         raise FileNotFoundError(f"ONNX model not found: {path}")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, int(threads))
@@ -110,7 +112,8 @@ def onnx_session(path: Path, threads: int = 1) -> Any:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def load_fast_tokenizer(artifact_dir: Path, max_length: int) -> Any:

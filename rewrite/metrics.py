@@ -14,6 +14,8 @@ STORE_ERRORS = Counter("qrw_store_errors_total", "Redis failures turned into pas
 PAIR_CACHE = Counter(
     "qrw_pair_cache_total", "Precomputed-pair lookups by in-process cache result", ["result"]
 )
+PAIR_CACHE_HIT = PAIR_CACHE.labels("hit")  # bound once: the lookup is on every request
+PAIR_CACHE_MISS = PAIR_CACHE.labels("miss")
 LATENCY = Histogram(
     "qrw_rewrite_latency_seconds",
     "Time inside the Rewriter per request",

@@ -38,6 +38,7 @@ from rapidfuzz import fuzz, process
 from rapidfuzz.distance import JaroWinkler
 
 from rewrite.config import RerankSettings
+from rewrite.encoder import onnx_session
 from rewrite.normalize import normalize_utterance, phonetic_key
 from rewrite.retrieval import RetrievedCandidate
 from rewrite.types import ContextTurn
@@ -283,13 +284,8 @@ class OnnxTreeScorer:
     """
 
     def __init__(self, model: bytes, output: str = "score", num_threads: int = 1) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = num_threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3  # the classifier's unused `label` output warns on shape
-        self._sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        # warnings off (onnx_session): the classifier's unused `label` output warns on shape
+        self._sess = onnx_session(model, num_threads)
         names = [o.name for o in self._sess.get_outputs()]
         if output == "probability":
             if "probabilities" not in names:
@@ -306,8 +302,8 @@ class OnnxTreeScorer:
 
 class LightgbmTreeScorer:
     """The LightGBM text model itself (``lightgbm.Booster``, imported on first use): the
-    fallback for artifacts trained before the ONNX export, and the reference the export is
-    checked against."""
+    fallback for artifacts trained before the ONNX export, and the reference
+    :func:`offline.rerank_train.export_trees_onnx` checks the export against."""
 
     def __init__(self, model_str: str, num_threads: int = 1) -> None:
         import lightgbm as lgb

@@ -172,9 +172,9 @@ class PairStore(RedisReader):
             with self._cache_lock:
                 cached = self._cache.get(key, _NOT_CACHED)
             if cached is not _NOT_CACHED:
-                metrics.PAIR_CACHE.labels("hit").inc()
+                metrics.PAIR_CACHE_HIT.inc()
                 return cached if isinstance(cached, PairHit) else None
-            metrics.PAIR_CACHE.labels("miss").inc()
+            metrics.PAIR_CACHE_MISS.inc()
         try:
             h = self._client.hgetall(keyspace.pair_key(version, normalized))
         except (redis.RedisError, OSError) as e:
