@@ -99,6 +99,7 @@ STATS_SERVICE = "qrw.bench.Stats"
 STATS_METHOD = f"/{STATS_SERVICE}/Stats"
 CACHE = ROOT / "var" / "bench"
 BASE_EPOCH = 1_790_000_000.0  # fixed "now" of the synthetic metadata (deterministic cache)
+DEVICE_TYPES = ("speaker", "display", "phone", "tv", "car")  # of the synthetic catalog
 DAY_S = 86_400.0
 N_PAIRS = 200
 WARMUP = 200
@@ -160,7 +161,8 @@ def catalog_texts(n: int, seed: int) -> list[str]:
 def catalog_table(texts: list[str], seed: int) -> Any:
     """The catalog sidecar (``offline.index.CATALOG_SCHEMA``) with seeded metadata:
     frequency >= 3, 2 <= n_users <= frequency, success_rate in [0.7, 1), last_seen within 90
-    days before :data:`BASE_EPOCH`, intent = verb, domain = noun."""
+    days before :data:`BASE_EPOCH`, intent = verb, domain = noun, and 1-3 device types per
+    entry (of :data:`DEVICE_TYPES`; 2 on average) splitting its turns."""
     import pyarrow as pa
 
     from offline.index import CATALOG_SCHEMA
@@ -171,15 +173,33 @@ def catalog_table(texts: list[str], seed: int) -> Any:
     users = 2 + (rng.random(n) * (freq - 1)).astype(np.int64)
     intent = [t.split(" in ", 1)[0].split(" ")[0] for t in texts]
     domain = [t.split(" in ", 1)[0].rsplit(" ", 1)[-1] for t in texts]
+    rate = rng.uniform(0.7, 1.0, size=n)
+    # device types: k in {1, 2, 3} distinct types per entry, turns split at random
+    k = rng.integers(1, 4, size=n)
+    off = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(k, out=off[1:])
+    row = np.repeat(np.arange(n), k)
+    first = rng.integers(0, len(DEVICE_TYPES), size=n)
+    codes = (first[row] + (np.arange(len(row)) - off[row])) % len(DEVICE_TYPES)
+    share = rng.random(len(row)) + 0.05
+    share /= np.bincount(row, weights=share, minlength=n)[row]
+    turns = np.maximum((share * freq[row]).round().astype(np.int64), 1)
+    ok = (turns * rate[row]).round().astype(np.int64)
+    stats = pa.StructArray.from_arrays(
+        [pa.array(np.array(DEVICE_TYPES)[codes]), pa.array(turns), pa.array(ok)],
+        names=["device_type", "turns", "successes"],
+    )
+    device_types = pa.ListArray.from_arrays(pa.array(off), stats)
     return pa.table(
         {
             "text": texts,
             "frequency": freq.astype(np.int64),
             "n_users": users,
-            "success_rate": rng.uniform(0.7, 1.0, size=n),
+            "success_rate": rate,
             "domain": domain,
             "intent": intent,
             "last_seen": BASE_EPOCH - rng.uniform(0, 90 * DAY_S, size=n),
+            "device_types": device_types,
         },
         schema=CATALOG_SCHEMA,
     )
@@ -258,7 +278,7 @@ def build_index(n: int, seed: int, encoder_id: str, settings: Settings, threads:
     dpr = settings.dpr
     kind = choose_kind(n, dpr.flat_max_entries, dpr.ivf_min_entries)
     params = f"{kind}-{dpr.hnsw_m}-{EF_CONSTRUCTION}" if kind == "hnsw" else kind
-    key = hashlib.sha256(params.encode()).hexdigest()[:8]
+    key = hashlib.sha256(f"{params}-device_types".encode()).hexdigest()[:8]
     out = CACHE / "online-index" / f"n{n}-s{seed}-{key}"
     sidecar = out / "bench.json"
     if (out / INDEX_META).exists() and sidecar.exists():
@@ -314,7 +334,7 @@ def synthetic_ranker(trees: int, seed: int) -> Path:
     from offline.rerank_train import RankerTrainConfig, export_trees_onnx
     from rewrite.rerank import FEATURE_NAMES, RANKER_META_FILE, RANKER_MODEL_FILE, RANKER_ONNX_FILE
 
-    out = CACHE / "ranker" / f"t{trees}-s{seed}-onnx"
+    out = CACHE / "ranker" / f"t{trees}-s{seed}-f{len(FEATURE_NAMES)}-onnx"
     if (out / RANKER_META_FILE).exists():
         return out
     rng = np.random.default_rng(seed)
@@ -437,7 +457,9 @@ def publish_workload(
         return f"bench-user-{i % users}" if i % 4 else f"bench-anon-{i}"
 
     online_reqs = [
-        rewrite_pb2.RewriteRequest(utterance=u, user_id=user_of(i), request_id=f"o{i}")
+        rewrite_pb2.RewriteRequest(
+            utterance=u, user_id=user_of(i), request_id=f"o{i}", device_type=DEVICE_TYPES[i % 5]
+        )
         for i, u in enumerate(online)
     ]
     pre_reqs = []

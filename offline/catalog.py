@@ -11,9 +11,13 @@ success rate (:mod:`offline.self_learning`; Ponnusamy et al., NAACL 2022).
 - **Global catalog**: per normalized utterance, ``frequency`` (turns), ``n_users`` (distinct
   users), ``success_rate`` (successful turns / turns), the most common logged ``domain`` and
   ``intent`` ("" when never logged; ties broken alphabetically) and ``last_seen`` (latest turn,
-  float epoch seconds). An utterance is a rewrite target when ``frequency >= min_frequency``,
-  ``n_users >= max(min_users, privacy.min_users_global)`` and ``success_rate >=
-  min_success_rate`` (``catalog:`` settings; k-anonymity floor from ``privacy:``).
+  float epoch seconds) and ``device_types``: on which logged device types the utterance was
+  said, with turns and successful turns on each (most turns first, at most
+  ``max_device_types``; empty when the logs name no device types) — the ranker's
+  ``device_share`` / ``device_success_rate`` features. An utterance is a rewrite target when
+  ``frequency >= min_frequency``, ``n_users >= max(min_users, privacy.min_users_global)``
+  and ``success_rate >= min_success_rate`` (``catalog:`` settings; k-anonymity floor from
+  ``privacy:``).
   Rows are ordered by frequency (descending), then text, so row ``i`` is FAISS id ``i`` of the
   index built over ``catalog.parquet``.
 - **Personal histories**: per user, keyed by :func:`rewrite.privacy.pseudonymize` of the user
@@ -32,8 +36,9 @@ Rewriting in Conversational AI Agents", arXiv:2011.04748, 2020).
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +50,13 @@ from offline.defects import DefectLabel
 from offline.sessionize import Turn
 from rewrite.config import CatalogSettings
 from rewrite.privacy import pseudonymize
-from rewrite.retrieval import CATALOG_SCHEMA
+from rewrite.retrieval import (
+    CATALOG_SCHEMA,
+    DEVICE_TYPES_COLUMN,
+    DEVICE_TYPES_TYPE,
+    DeviceTypeStat,
+    device_types_from_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +82,7 @@ class CatalogEntry:
         success_rate: successful turns / ``frequency``, in [0, 1].
         domain, intent: most common logged NLU domain / intent ("" when never logged).
         last_seen: latest turn with this utterance, epoch seconds (UTC).
+        device_types: turns and successes per logged device type, most turns first.
     """
 
     text: str
@@ -80,6 +92,7 @@ class CatalogEntry:
     domain: str
     intent: str
     last_seen: float
+    device_types: tuple[DeviceTypeStat, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,32 @@ def _most_common(tbl: pa.Table, column: str) -> dict[str, str]:
     return {str(texts[i]): str(values[i]) for i in np.flatnonzero(first)}
 
 
+def _device_types(kept: pa.Table, max_types: int) -> dict[str, tuple[DeviceTypeStat, ...]]:
+    """``{text: per-device-type turns and successes}`` over the turns that name a device
+    type; most turns first (ties: device type ascending), at most ``max_types`` per text."""
+    sub = kept.filter(pc.not_equal(kept["device_type"], ""))
+    if sub.num_rows == 0:
+        return {}
+    agg = sub.group_by(["text", "device_type"], use_threads=False).aggregate(
+        [("ok", "sum"), ("ok", "count")]
+    )
+    agg = agg.sort_by(
+        [("text", "ascending"), ("ok_count", "descending"), ("device_type", "ascending")]
+    )
+    out: dict[str, list[DeviceTypeStat]] = defaultdict(list)
+    for text, dev, n, k in zip(
+        agg["text"].to_pylist(),
+        agg["device_type"].to_pylist(),
+        agg["ok_count"].to_pylist(),
+        agg["ok_sum"].to_pylist(),
+        strict=True,
+    ):
+        stats = out[text]
+        if len(stats) < max_types:
+            stats.append(DeviceTypeStat(dev, int(n), int(k)))
+    return {t: tuple(v) for t, v in out.items()}
+
+
 def _global(tbl: pa.Table, cfg: CatalogSettings, min_users: int) -> tuple[list[CatalogEntry], int]:
     agg = tbl.group_by("text", use_threads=False).aggregate(
         [("ts", "count"), ("user", "count_distinct"), ("ok", "sum"), ("ts", "max")]
@@ -156,6 +195,7 @@ def _global(tbl: pa.Table, cfg: CatalogSettings, min_users: int) -> tuple[list[C
     kept = tbl.filter(pc.is_in(tbl["text"], value_set=agg["text"]))
     domains = _most_common(kept, "domain")
     intents = _most_common(kept, "intent")
+    devices = _device_types(kept, cfg.max_device_types)
     entries = [
         CatalogEntry(
             text=text,
@@ -165,6 +205,7 @@ def _global(tbl: pa.Table, cfg: CatalogSettings, min_users: int) -> tuple[list[C
             domain=domains.get(text, ""),
             intent=intents.get(text, ""),
             last_seen=float(ls),
+            device_types=devices.get(text, ()),
         )
         for text, f, u, r, ls in zip(
             agg["text"].to_pylist(),
@@ -269,6 +310,7 @@ def build_catalog(
             "ok": pa.array(ok.astype(np.int64), pa.int64()),
             "domain": pa.array([t.domain for t in turns], pa.string()),
             "intent": pa.array([t.intent for t in turns], pa.string()),
+            "device_type": pa.array([t.device_type for t in turns], pa.string()),
         }
     )
     catalog, n_utterances = _global(tbl, settings, max(settings.min_users, min_users_global))
@@ -295,6 +337,7 @@ def build_catalog(
 def write_catalog(entries: Sequence[CatalogEntry], path: Path) -> None:
     """Write ``catalog.parquet`` (:data:`CATALOG_SCHEMA`), rows in the given order."""
     cols = {name: [getattr(e, name) for e in entries] for name in CATALOG_SCHEMA.names}
+    cols[DEVICE_TYPES_COLUMN] = [[asdict(d) for d in e.device_types] for e in entries]
     pq.write_table(pa.Table.from_pydict(cols, schema=CATALOG_SCHEMA), path)
 
 
@@ -305,7 +348,10 @@ def read_catalog(path: Path) -> list[CatalogEntry]:
         FileNotFoundError: the file does not exist.
         ValueError: its columns are not :data:`CATALOG_SCHEMA`'s.
     """
-    return [CatalogEntry(**row) for row in _read(path, CATALOG_SCHEMA).to_pylist()]
+    rows = _read(path, CATALOG_SCHEMA).to_pylist()
+    for row in rows:
+        row[DEVICE_TYPES_COLUMN] = device_types_from_rows(row[DEVICE_TYPES_COLUMN])
+    return [CatalogEntry(**row) for row in rows]
 
 
 def write_personal(entries: Sequence[PersonalEntry], path: Path) -> None:
@@ -329,6 +375,9 @@ def _read(path: Path, schema: pa.Schema) -> pa.Table:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} not found (run `qrw nightly` first)")
     tbl = pq.read_table(path)
+    if DEVICE_TYPES_COLUMN in schema.names and DEVICE_TYPES_COLUMN not in tbl.schema.names:
+        # written before device types were recorded: no device-type data
+        tbl = tbl.append_column(DEVICE_TYPES_COLUMN, pa.nulls(tbl.num_rows, DEVICE_TYPES_TYPE))
     if tbl.schema.names != schema.names:
         raise ValueError(f"{path}: columns {tbl.schema.names}, expected {schema.names}")
     return tbl.cast(schema)

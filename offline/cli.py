@@ -470,6 +470,9 @@ def rewrite_cmd(
     user: Annotated[str, typer.Option("--user", help="user id")],
     target: Annotated[str | None, typer.Option(help="host:port of the service")] = None,
     explain: Annotated[bool, typer.Option(help="show candidates")] = False,
+    device_type: Annotated[
+        str, typer.Option("--device-type", help="kind of device, e.g. speaker, display, tv")
+    ] = "",
     config: ConfigOpt = None,
 ) -> None:
     """Call the gRPC service once and print the response."""
@@ -482,7 +485,9 @@ def rewrite_cmd(
     target = target or f"{settings.service.host}:{settings.service.port}"
     with RewriteClient(target) as client:
         try:
-            res = client.rewrite(RewriteRequest(utterance=text, user_id=user, explain=explain))
+            res = client.rewrite(
+                RewriteRequest(text, user, explain=explain, device_type=device_type)
+            )
         except InvalidRequestError as e:
             console.print(f"[red]INVALID_ARGUMENT[/red]: {e}")
             raise typer.Exit(2) from e

@@ -248,7 +248,8 @@ def replay_evaluate(
     """Replay held-out turn logs through ``rewrite_fn`` and score the rewrites by WER.
 
     Turns are replayed in timestamp order (ties by ``turn_id``), each as
-    ``RewriteRequest(utterance, user_id, context, device_id, locale, request_id=turn_id)``.
+    ``RewriteRequest(utterance, user_id, context, device_id, locale, request_id=turn_id,
+    device_type)``.
     The context holds the same user's earlier turns at most ``context_window_s`` seconds
     before this one, oldest first, at most ``max_context_turns`` (the most recent ones), as
     :class:`rewrite.types.ContextTurn` (logged utterance, response, ``seconds_ago`` in seconds,
@@ -310,6 +311,7 @@ def replay_evaluate(
             device_id=turn.device_id or "",
             locale=turn.locale or "",
             request_id=turn.turn_id,
+            device_type=turn.device_type or "",
         )
         hist.append(turn)
         rep.turns += 1

@@ -114,6 +114,7 @@ class RetrievalExample:
         intended: the truth's ``intended_text``.
         target: the catalog text whose matching form equals the intended text's.
         context: the user's earlier turns within 300 s, oldest first (at most 5).
+        device_type: the turn's logged device type ("" when not logged).
     """
 
     turn_id: str
@@ -123,6 +124,7 @@ class RetrievalExample:
     intended: str
     target: str
     context: tuple[ContextTurn, ...] = ()
+    device_type: str = ""
 
 
 @dataclass
@@ -212,6 +214,7 @@ def build_examples(
                 ref,
                 target,
                 ctx,
+                turn.device_type or "",
             )
         )
     log.info(
@@ -434,7 +437,12 @@ def stack_rankings(
     out: list[list[str]] = []
     for e in examples:
         req = RewriteRequest(
-            e.utterance, e.user_id, context=e.context, explain=True, request_id=e.turn_id
+            e.utterance,
+            e.user_id,
+            context=e.context,
+            explain=True,
+            request_id=e.turn_id,
+            device_type=e.device_type,
         )
         try:
             res = rewrite_fn(req)

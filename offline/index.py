@@ -55,13 +55,15 @@ _DEFAULTS: dict[str, Any] = {
     "domain": "",
     "intent": "",
     "last_seen": -1.0,
+    "device_types": None,  # no device-type data
 }
 
 
 def normalize_catalog(table: pa.Table) -> pa.Table:
     """The catalog in :data:`CATALOG_SCHEMA`: columns cast, nulls and missing metadata columns
     filled with defaults (``last_seen`` -1 = unknown; a timestamp column becomes epoch
-    seconds), empty texts and repeated texts (after the first) dropped.
+    seconds; ``device_types`` null = no device-type data), empty texts and repeated texts
+    (after the first) dropped.
 
     Raises:
         ValueError: no ``text`` column.
@@ -78,7 +80,7 @@ def normalize_catalog(table: pa.Table) -> pa.Table:
         if fld.name == "last_seen" and pa.types.is_timestamp(col.type):
             col = pc.divide(pc.cast(pc.cast(col, pa.timestamp("us", tz="UTC")), pa.int64()), 1e6)
         col = pc.cast(col, fld.type)
-        if fld.name != "text":
+        if fld.name != "text" and _DEFAULTS[fld.name] is not None:
             col = pc.fill_null(col, pa.scalar(_DEFAULTS[fld.name], type=fld.type))
         cols[fld.name] = col
     out = pa.table(cols, schema=CATALOG_SCHEMA)

@@ -95,6 +95,7 @@ REPHRASES_SCHEMA = pa.schema(
         ("score", pa.float64()),
         ("user", pa.string()),
         ("ts", pa.float64()),
+        ("device_type", pa.string()),  # of the earlier (failing) turn; "" when not logged
     ]
 )
 
@@ -299,6 +300,7 @@ def run_nightly(
                     "score": lk.score,
                     "user": pseudo[turns[lk.later].user_id],
                     "ts": turns[lk.later].ts,
+                    "device_type": turns[lk.earlier].device_type,
                 }
                 for lk in links
             ],

@@ -70,7 +70,12 @@ from rewrite.rerank import (
     feature_matrix,
     trigger_features,
 )
-from rewrite.retrieval import RetrievedCandidate
+from rewrite.retrieval import (
+    DEVICE_TYPES_TYPE,
+    DeviceTypeStat,
+    RetrievedCandidate,
+    device_types_from_rows,
+)
 from rewrite.types import ContextTurn
 
 log = logging.getLogger(__name__)
@@ -166,6 +171,7 @@ class RankExample:
     now_s: float = 0.0
     context: tuple[ContextTurn, ...] = ()
     also_correct: tuple[str, ...] = ()  # other acceptable rewrites (see examples_from_rephrases)
+    device_type: str = ""  # the query turn's normalized device type ("" unknown)
 
 
 @dataclass
@@ -179,6 +185,7 @@ class RankGroup:
     now_s: float = 0.0
     context: tuple[ContextTurn, ...] = ()
     also_correct: tuple[str, ...] = ()
+    device_type: str = ""
 
     def is_correct(self, text: str) -> bool:
         """``text`` is the known rewrite or another acceptable one."""
@@ -209,6 +216,7 @@ def build_groups(examples: Iterable[RankExample], generate: CandidateGenerator) 
             ex.now_s,
             ex.context,
             ex.also_correct,
+            ex.device_type,
         )
         for ex in examples
     ]
@@ -227,6 +235,7 @@ def write_groups(groups: Sequence[RankGroup], path: Path) -> None:
             "also_correct": list(g.also_correct),
             "now_s": float(g.now_s),
             "context": json.dumps([asdict(t) for t in g.context]),
+            "device_type": g.device_type,
             "candidates": [asdict(c) for c in g.candidates],
         }
         for g in groups
@@ -243,6 +252,7 @@ def write_groups(groups: Sequence[RankGroup], path: Path) -> None:
             ("personal_age_s", pa.float64()),
             ("domain", pa.string()),
             ("intent", pa.string()),
+            ("device_types", DEVICE_TYPES_TYPE),
         ]
     )
     schema = pa.schema(
@@ -253,6 +263,7 @@ def write_groups(groups: Sequence[RankGroup], path: Path) -> None:
             ("also_correct", pa.list_(pa.string())),
             ("now_s", pa.float64()),
             ("context", pa.string()),
+            ("device_type", pa.string()),
             ("candidates", pa.list_(cand_type)),
         ],
         metadata={"format": GROUPS_FORMAT},
@@ -275,7 +286,12 @@ def read_groups(path: Path) -> list[RankGroup]:
     out = []
     for row in table.to_pylist():
         ctx = tuple(ContextTurn(**t) for t in json.loads(row.get("context") or "[]"))
-        cands = [RetrievedCandidate(**c) for c in row["candidates"] or []]
+        cands = [
+            RetrievedCandidate(
+                **{**c, "device_types": device_types_from_rows(c.get("device_types"))}
+            )
+            for c in row["candidates"] or []
+        ]
         out.append(
             RankGroup(
                 row["query"],
@@ -285,6 +301,7 @@ def read_groups(path: Path) -> list[RankGroup]:
                 float(row.get("now_s") or 0.0),
                 ctx,
                 tuple(row.get("also_correct") or ()),
+                str(row.get("device_type") or ""),
             )
         )
     return out
@@ -324,6 +341,7 @@ class CatalogEntry:
     n_users: int = 0
     domain: str = ""
     intent: str = ""
+    device_types: tuple[DeviceTypeStat, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -377,6 +395,7 @@ class FuzzyCatalogRetriever:
                 n_users=e.n_users,
                 domain=e.domain,
                 intent=e.intent,
+                device_types=e.device_types,
             )
         hist = list(self.personal.get(user, ()))
         if hist:
@@ -397,6 +416,7 @@ class FuzzyCatalogRetriever:
                     personal_age_s=h.age_s,
                     domain=g.domain,
                     intent=g.intent,
+                    device_types=g.device_types,
                 )
         cands = list(by_text.values())
         dense = self.dense(query, [c.text for c in cands])
@@ -407,12 +427,14 @@ class FuzzyCatalogRetriever:
 
 def read_catalog(path: Path) -> list[CatalogEntry]:
     """``catalog.parquet`` rows (columns ``text, frequency, n_users, success_rate`` and,
-    optionally, ``domain, intent``)."""
+    optionally, ``domain, intent, device_types``)."""
     names = {f.name for f in fields(CatalogEntry)}
-    return [
-        CatalogEntry(**{k: v for k, v in row.items() if k in names and v is not None})
-        for row in pq.read_table(path).to_pylist()
-    ]
+    out = []
+    for row in pq.read_table(path).to_pylist():
+        kw = {k: v for k, v in row.items() if k in names and v is not None}
+        kw["device_types"] = device_types_from_rows(kw.get("device_types"))
+        out.append(CatalogEntry(**kw))
+    return out
 
 
 def examples_from_run(run_dir: Path) -> list[RankExample]:
@@ -488,7 +510,7 @@ class GroupMatrix:
 
 def group_matrix(groups: Sequence[RankGroup]) -> GroupMatrix:
     """Stack :func:`rewrite.rerank.feature_matrix` of each group."""
-    xs = [feature_matrix(g.query, g.candidates, g.now_s, g.context) for g in groups]
+    xs = [feature_matrix(g.query, g.candidates, g.now_s, g.context, g.device_type) for g in groups]
     ys = [g.labels() for g in groups]
     sizes = [len(g.candidates) for g in groups]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -1014,6 +1036,11 @@ _SYN_SLOTS = (
     ("tina", "dina", "gina", "nina"),
     ("marco", "mario", "margo", "marcel"),
 )
+#: Device types of :func:`synthetic_task` users, with their shares (the rest log none).
+_SYN_DEVICES = (("speaker", 0.55), ("display", 0.35))
+#: Slot families whose dominant value differs by device type: value 0 is what speaker users
+#: mean, value 1 what display users mean (like "play the office" on a TV vs a speaker).
+_SYN_DEVICE_SPLIT = (1, 6)
 
 
 def _garble(word: str, rng: random.Random) -> str:
@@ -1044,15 +1071,38 @@ def synthetic_task(
     65% the target with a garbled slot word; 20% also drop a filler word. ``dense_score`` is
     nearly entity-blind: word overlap outside the slot, a little character overlap, and
     noise, so dense alone confuses the slot values.
+
+    Device types: 55% of users talk to a ``speaker``, 35% to a ``display``, 10% log none. In
+    the slot families :data:`_SYN_DEVICE_SPLIT` display users mean value 1 (85% of their
+    requests there), speaker users the dominant value 0, and the catalog's per-device-type
+    counts (``device_types``) show it (value 0: 10% of turns on displays, value 1: 90%; other
+    entries ~40% ± noise): only the request's device type tells the two apart when the slot
+    word was misheard as another value.
     """
     rng = random.Random(seed)
+    dev_rng = random.Random(seed + 2)  # device aspects: the other draws stay as they were
     catalog: list[CatalogEntry] = []
     for tpl in _SYN_TEMPLATES:
-        for fam in _SYN_SLOTS:
+        for fam_i, fam in enumerate(_SYN_SLOTS):
             for rank, val in enumerate(fam):
                 freq = int(200 / (rank + 1) ** 2 * rng.uniform(0.7, 1.3))
+                rate = rng.uniform(0.75, 0.98)
+                if fam_i in _SYN_DEVICE_SPLIT and rank < 2:
+                    p_display = 0.1 if rank == 0 else 0.9
+                else:
+                    p_display = min(max(dev_rng.gauss(0.4, 0.1), 0.0), 1.0)
+                n_disp = round(freq * p_display)
+                devices = tuple(
+                    DeviceTypeStat(d, n, round(n * rate))
+                    for d, n in sorted(
+                        (("display", n_disp), ("speaker", freq - n_disp)), key=lambda x: -x[1]
+                    )
+                    if n > 0
+                )
                 catalog.append(
-                    CatalogEntry(tpl.format(val), freq, rng.uniform(0.75, 0.98), max(freq // 4, 1))
+                    CatalogEntry(
+                        tpl.format(val), freq, rate, max(freq // 4, 1), device_types=devices
+                    )
                 )
     prior = {c.text: c.frequency for c in catalog}
     slot_words = {v for fam in _SYN_SLOTS for v in fam}
@@ -1077,6 +1127,12 @@ def synthetic_task(
     examples: list[RankExample] = []
     for u in range(n_users):
         user = f"u{u:04d}"
+        device, r_dev = "", dev_rng.random()
+        for name, share in _SYN_DEVICES:
+            if r_dev < share:
+                device = name
+                break
+            r_dev -= share
         favs: dict[int, str] = {}
         if rng.random() < 0.35:  # this user prefers a rarer value of one slot family
             fam_i = rng.randrange(len(_SYN_SLOTS))
@@ -1091,6 +1147,8 @@ def synthetic_task(
             else:
                 weights = [prior[tpl.format(v)] for v in fam]
                 val = rng.choices(fam, weights=weights)[0]
+                if fam_i in _SYN_DEVICE_SPLIT and device == "display" and dev_rng.random() < 0.85:
+                    val = fam[1]
             target = tpl.format(val)
             if fam_i in favs or rng.random() < 0.3:  # the user said it successfully before
                 hist[target] = PersonalEntry(target, rng.randint(1, 8), rng.uniform(3600, 3e6))
@@ -1104,7 +1162,7 @@ def synthetic_task(
                 query = tpl.format(_garble(val, rng))
             if rng.random() < 0.2:
                 query = query.replace("the ", "").replace(" to ", " ")
-            examples.append(RankExample(query, user, target))
+            examples.append(RankExample(query, user, target, device_type=device))
         # a distractor the user used once: a different value of a family they did not ask for
         d_fam = _SYN_SLOTS[rng.randrange(len(_SYN_SLOTS))]
         d_text = rng.choice(_SYN_TEMPLATES).format(rng.choice(d_fam))
@@ -1158,7 +1216,15 @@ def examples_from_rephrases(
         seen.add(key)
         also = tuple(sorted(accepted[r["earlier"]] - {r["later"]}))
         out.append(
-            RankExample(r["earlier"], key[0], r["later"], float(r.get("ts") or 0.0), (), also)
+            RankExample(
+                r["earlier"],
+                key[0],
+                r["later"],
+                float(r.get("ts") or 0.0),
+                (),
+                also,
+                str(r.get("device_type") or ""),
+            )
         )
     rephrased = {r["earlier"] for r in rows}
     personal_path = run_dir / "personal.parquet"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,8 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rewrite.normalize import normalize_device_type
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,10 @@ class TurnLog(BaseModel):
 
     Required: ``turn_id`` (unique), ``user_id`` (pseudonymous), ``timestamp`` (timezone-aware;
     naive values are rejected), ``utterance`` (the ASR 1-best the system acted on, non-empty).
-    Unknown extra fields are kept (``model_extra``) and ignored.
+    Unknown extra fields are kept (``model_extra``) and ignored. ``device_type`` (an optional
+    addition to schema v1: the kind of device, e.g. ``speaker``, ``display``, ``tv``) is
+    normalized by :func:`rewrite.normalize.normalize_device_type`; a value that is not a short
+    ``[a-z0-9_.-]`` token quarantines the row.
     """
 
     model_config = ConfigDict(extra="allow", frozen=True, str_strip_whitespace=False)
@@ -54,6 +60,15 @@ class TurnLog(BaseModel):
     rewrite: str | None = None
     rewrite_source: str | None = None
     locale: str | None = None
+    device_type: str | None = None
+
+    @field_validator("device_type")
+    @classmethod
+    def _device_type(cls, v: str | None) -> str | None:
+        # normalized here ("Speaker" -> "speaker") so the catalog counts one spelling; a
+        # non-token value is a schema error (quarantined)
+        t = normalize_device_type(v)
+        return sys.intern(t) if t else None
 
     @field_validator("timestamp")
     @classmethod

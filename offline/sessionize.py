@@ -27,6 +27,7 @@ class Turn:
             from users' words, and a service rewrite is feedback on the service.
         rewrite_source: the logged ``rewrite_source`` (``""`` when not logged).
         domain, intent: the NLU result when logged, else ``""``.
+        device_type: normalized device type when logged, else ``""``.
         rewrite: :func:`normalize_utterance` of the logged ``rewrite`` when the service
             changed the request (NLU received this instead of ``normalized``), else ``""``
             (no rewrite logged, or one equal to ``normalized`` after normalization). Such a
@@ -47,6 +48,7 @@ class Turn:
     domain: str = ""
     intent: str = ""
     rewrite: str = ""
+    device_type: str = ""
 
     @property
     def rewritten(self) -> bool:
@@ -88,6 +90,7 @@ def to_turns(logs: Sequence[TurnLog]) -> list[Turn]:
                 domain=t.domain or "",
                 intent=t.intent or "",
                 rewrite=rewrite if rewrite != said else "",
+                device_type=t.device_type or "",
             )
         )
     return out

@@ -271,6 +271,8 @@ class CatalogSettings(BaseModel):
     personal_min_count: int = Field(default=1, ge=1)
     personal_max_per_user: int = Field(default=200, ge=1)
     personal_min_success_rate: float = Field(default=0.5, ge=0.0, le=1.0)
+    #: device types recorded per catalog entry (most turns first; the ranker's device features)
+    max_device_types: int = Field(default=8, ge=1)
 
 
 class GuardrailSettings(BaseModel):

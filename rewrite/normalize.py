@@ -36,6 +36,34 @@ def normalize_utterance(text: str) -> str:
     return _SPACES.sub(" ", t).strip(" '")
 
 
+#: Longest device type accepted (turn logs and requests), characters.
+MAX_DEVICE_TYPE_CHARS = 64
+_DEVICE_TYPE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+
+
+def normalize_device_type(device_type: str | None) -> str:
+    """Canonical form of a device type (``"Speaker "`` → ``"speaker"``): NFKC, case-folded,
+    inner whitespace turned into ``_``. ``""`` for None or blank. Shared by the nightly job
+    (catalog device-type counts) and the service (the request's ``device_type``), so both
+    agree byte for byte.
+
+    Raises:
+        ValueError: longer than :data:`MAX_DEVICE_TYPE_CHARS`, or characters other than
+            ``[a-z0-9_.-]`` after normalization (device types are a small vocabulary such as
+            ``speaker``, ``display``, ``phone``, ``tv``, ``car``; not free text).
+    """
+    if device_type is None:
+        return ""
+    t = _SPACES.sub("_", unicodedata.normalize("NFKC", device_type).casefold().strip())
+    if not t:
+        return ""
+    if len(t) > MAX_DEVICE_TYPE_CHARS:
+        raise ValueError(f"device_type longer than {MAX_DEVICE_TYPE_CHARS} chars")
+    if not _DEVICE_TYPE.fullmatch(t):
+        raise ValueError(f"device_type {t[:32]!r} is not [a-z0-9_.-]+ (e.g. 'speaker', 'tv')")
+    return t
+
+
 @lru_cache(maxsize=200_000)
 def phonetic_key(normalized: str) -> str:
     """Space-joined Metaphone codes of the words of a normalized utterance (jellyfish).

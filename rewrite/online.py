@@ -241,6 +241,7 @@ def merge_personal(
             personal_age_s=max(0.0, now_s - float(last_seen[i])),
             domain=g.domain if g else "",
             intent=g.intent if g else "",
+            device_types=g.device_types if g else (),
         )
     return list(by_text.values())
 
@@ -372,7 +373,7 @@ class RerankStage(_OnlineStage):
             state.scores = np.zeros(0)
             return state
         now = time.time()
-        x = feature_matrix(state.normalized, cands, now, state.request.context)
+        x = feature_matrix(state.normalized, cands, now, state.request.context, state.device_type)
         scores = ranker.score_matrix(x)
         order = np.argsort(-scores, kind="stable")
         state.retrieved = [cands[i] for i in order.tolist()]

@@ -34,6 +34,7 @@ class RewriteState:
     arm: str = ""  # the experiment arm applied (rewrite.experiment)
     layers: frozenset[str] = frozenset(LAYERS)  # the rewrite layers the arm may use
     normalized: str = ""
+    device_type: str = ""  # normalize_device_type(request.device_type), "" unknown
     rewrite: str | None = None
     source: str = "none"
     confidence: float = 0.0

@@ -72,6 +72,15 @@ ONNX_INPUT = "x"
 #: - ``query_in_context``: 1.0 when the user said the query in an earlier turn, {0, 1}
 #: - ``context_max_ratio``: max ``token_set_ratio`` / 100 of candidate vs context turns, [0, 1]
 #: - ``identical_to_query``: 1.0 when the candidate equals the normalized query, {0, 1}
+#: - ``device_share``: share of the candidate's catalog turns (over its recorded device types)
+#:   said on the request's device type, [0, 1]; -1 when the request names no device type or
+#:   the catalog has no device types for the candidate
+#: - ``device_success_rate``: the candidate's success rate on the request's device type,
+#:   smoothed towards its overall ``success_rate`` with :data:`DEVICE_PRIOR_TURNS` pseudo-turns,
+#:   [0, 1]; the overall ``success_rate`` when unknown (as above)
+#:
+#: A model trained on fewer features (an older artifact, e.g. before the device-type pair) is
+#: served on the columns it knows (:meth:`Ranker.load`).
 FEATURE_NAMES: tuple[str, ...] = (
     "token_set_ratio",
     "partial_ratio",
@@ -91,6 +100,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "query_in_context",
     "context_max_ratio",
     "identical_to_query",
+    "device_share",
+    "device_success_rate",
 )
 N_FEATURES = len(FEATURE_NAMES)
 #: Features of the trigger model: the top candidate's :data:`FEATURE_NAMES`, its ranker score
@@ -105,6 +116,23 @@ TRIGGER_FEATURE_NAMES: tuple[str, ...] = (
 MAX_MARGIN = 10.0
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
 MAX_LEN_DIFF_WORDS = 20.0
+#: Pseudo-turns at the overall success rate added to a device type's own turns
+#: (``device_success_rate``): one or two turns on a device type say little.
+DEVICE_PRIOR_TURNS = 2.0
+
+
+def _device_features(cand: RetrievedCandidate, device_type: str) -> tuple[float, float]:
+    """``(device_share, device_success_rate)`` of one candidate (see :data:`FEATURE_NAMES`)."""
+    stats = cand.device_types
+    if not device_type or not stats:
+        return -1.0, float(cand.success_rate)
+    total = sum(max(d.turns, 0) for d in stats)
+    mine = next((d for d in stats if d.device_type == device_type), None)
+    turns = max(mine.turns, 0) if mine else 0
+    ok = min(max(mine.successes, 0), turns) if mine else 0
+    share = turns / total if total else 0.0
+    rate = (ok + DEVICE_PRIOR_TURNS * cand.success_rate) / (turns + DEVICE_PRIOR_TURNS)
+    return share, rate
 
 
 def _context_utterances(context: Sequence[ContextTurn]) -> list[str]:
@@ -116,6 +144,7 @@ def feature_matrix(
     cands: Sequence[RetrievedCandidate],
     now_s: float,
     context: Sequence[ContextTurn] = (),
+    device_type: str = "",
 ) -> np.ndarray:
     """Features of all candidates of one request, vectorised (one rapidfuzz ``cdist`` call per
     string measure).
@@ -126,6 +155,8 @@ def feature_matrix(
         now_s: request time, epoch seconds. Recency comes precomputed in
             ``cand.personal_age_s``; ``now_s`` is part of the signature for time features.
         context: earlier turns of the session (utterances normalized here).
+        device_type: the request's normalized device type
+            (:func:`rewrite.normalize.normalize_device_type`), ``""`` unknown.
 
     Returns:
         ``(len(cands), len(FEATURE_NAMES))`` float32, columns in :data:`FEATURE_NAMES` order,
@@ -169,6 +200,9 @@ def feature_matrix(
         sims = process.cdist(texts, ctx, scorer=fuzz.token_set_ratio)
         x[:, _COL["context_max_ratio"]] = sims.max(axis=1) / 100.0
     x[:, _COL["identical_to_query"]] = [t == query for t in texts]
+    x[:, [_COL["device_share"], _COL["device_success_rate"]]] = [
+        _device_features(c, device_type) for c in cands
+    ]
     # Defensive: metadata from storage could hold NaN/inf; the model needs finite inputs.
     np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     return x
@@ -179,10 +213,11 @@ def candidate_features(
     cand: RetrievedCandidate,
     now_s: float,
     context: Sequence[ContextTurn] = (),
+    device_type: str = "",
 ) -> dict[str, float]:
     """Features of one candidate by name (the row :func:`feature_matrix` computes; for
     ``explain`` responses and tests). Ranges are documented at :data:`FEATURE_NAMES`."""
-    row = feature_matrix(query, [cand], now_s, context)[0]
+    row = feature_matrix(query, [cand], now_s, context, device_type)[0]
     return {name: float(v) for name, v in zip(FEATURE_NAMES, row, strict=True)}
 
 
@@ -199,6 +234,7 @@ class CandidateRanker(Protocol):
         cands: Sequence[RetrievedCandidate],
         now_s: float,
         context: Sequence[ContextTurn] = (),
+        device_type: str = "",
     ) -> np.ndarray:
         """``(n,)`` float64 scores, higher is better."""
 
@@ -248,10 +284,11 @@ class _FeatureRanker:
         cands: Sequence[RetrievedCandidate],
         now_s: float,
         context: Sequence[ContextTurn] = (),
+        device_type: str = "",
     ) -> np.ndarray:
         """``(len(cands),)`` float64 scores (higher better; same scale as
         ``trigger_threshold``)."""
-        return self.score_matrix(feature_matrix(query, cands, now_s, context))
+        return self.score_matrix(feature_matrix(query, cands, now_s, context, device_type))
 
     def decision_score(self, x_top: np.ndarray, sorted_scores: np.ndarray) -> float:
         """The number :func:`trigger` compares with ``trigger_threshold``: here the top
@@ -321,6 +358,25 @@ class LightgbmTreeScorer:
         return np.asarray(out, dtype=np.float64)
 
 
+def _columns(names: Sequence[str], known: Sequence[str], what: str) -> np.ndarray | None:
+    """Column indices of ``names`` in ``known`` (None when they are all of ``known``, in
+    order: no selection needed).
+
+    Raises:
+        ValueError: ``names`` is empty, has a name not in ``known``, or is out of order.
+    """
+    if tuple(names) == tuple(known):
+        return None
+    pos = {n: i for i, n in enumerate(known)}
+    unknown = [n for n in names if n not in pos]
+    if not names or unknown:
+        raise ValueError(f"{what} features {unknown or '[]'} unknown to this code")
+    cols = np.array([pos[n] for n in names], dtype=np.intp)
+    if np.any(np.diff(cols) <= 0):
+        raise ValueError(f"{what} features are not in this code's order")
+    return cols
+
+
 def _checked_bytes(path: Path, sha256: str | None) -> bytes:
     """The file's bytes; ``ValueError`` when a recorded sha256 differs (corrupt file)."""
     data = path.read_bytes()
@@ -344,6 +400,8 @@ class Ranker(_FeatureRanker):
 
     Attributes:
         scorer / trigger_scorer: the ranking and trigger trees (:class:`TreeScorer`).
+        feature_names: the model's input columns (:data:`FEATURE_NAMES`, or a subset of it in
+            the same order for an artifact trained before features were added).
         backend: ``"onnxruntime"`` or ``"lightgbm"``.
         trigger_threshold: threshold of :func:`trigger` (from ``ranker.json`` unless
             overridden).
@@ -361,6 +419,12 @@ class Ranker(_FeatureRanker):
         backend: str = "onnxruntime",
     ) -> None:
         self.scorer = scorer
+        names = tuple(meta.get("feature_names") or FEATURE_NAMES)
+        self.feature_names = names
+        self._cols = _columns(names, FEATURE_NAMES, "ranker")
+        tmeta = meta.get("trigger_model") or {}
+        tnames = tuple(tmeta.get("feature_names") or TRIGGER_FEATURE_NAMES)
+        self._trigger_cols = _columns(tnames, TRIGGER_FEATURE_NAMES, "trigger")
         self.trigger_scorer = trigger_scorer
         self.backend = backend
         self.meta = meta
@@ -392,22 +456,35 @@ class Ranker(_FeatureRanker):
 
         Raises:
             FileNotFoundError: a file is missing (or ``backend="onnxruntime"`` without export).
-            ValueError: a file's sha256 differs from the meta, or the stored feature names
-                differ from :data:`FEATURE_NAMES` (trained by other code).
+            ValueError: a file's sha256 differs from the meta, or a stored feature name is
+                not one of :data:`FEATURE_NAMES` / :data:`TRIGGER_FEATURE_NAMES` in the same
+                order (trained by other code). A model on a subset of them (trained before a
+                feature was added) is served on those columns.
         """
         artifact_dir = Path(artifact_dir)
         meta = json.loads((artifact_dir / RANKER_META_FILE).read_text())
         model_bytes = _checked_bytes(artifact_dir / RANKER_MODEL_FILE, meta.get("model_sha256"))
-        if tuple(meta.get("feature_names", ())) != FEATURE_NAMES:
-            raise ValueError(
-                f"{artifact_dir}: ranker features {meta.get('feature_names')} differ from "
-                f"this code's FEATURE_NAMES; retrain with `qrw train ranker`"
+        names = tuple(meta.get("feature_names", ()))
+        try:
+            _columns(names, FEATURE_NAMES, "ranker")
+        except ValueError as err:
+            raise ValueError(f"{artifact_dir}: {err}; retrain with `qrw train ranker`") from None
+        if names != FEATURE_NAMES:
+            log.warning(
+                "ranker %s was trained on %d of this code's %d features (missing: %s); "
+                "retrain with `qrw train ranker` to use them",
+                meta.get("content_hash"),
+                len(names),
+                N_FEATURES,
+                ", ".join(n for n in FEATURE_NAMES if n not in names),
             )
         tmeta = meta.get("trigger_model")
         tbytes: bytes | None = None
         if tmeta:
-            if tuple(tmeta.get("feature_names", ())) != TRIGGER_FEATURE_NAMES:
-                raise ValueError(f"{artifact_dir}: trigger features differ from this code's")
+            try:
+                _columns(tuple(tmeta.get("feature_names", ())), TRIGGER_FEATURE_NAMES, "trigger")
+            except ValueError as err:
+                raise ValueError(f"{artifact_dir}: {err}") from None
             tbytes = _checked_bytes(artifact_dir / TRIGGER_MODEL_FILE, tmeta.get("sha256"))
         onnx_meta = meta.get("onnx") or {}
         if backend == "onnxruntime" and not onnx_meta:
@@ -426,7 +503,7 @@ class Ranker(_FeatureRanker):
         else:
             used = "lightgbm"
             lgbm = LightgbmTreeScorer(model_bytes.decode("utf-8"), num_threads)
-            if lgbm.num_feature() != N_FEATURES:
+            if lgbm.num_feature() != len(names):
                 raise ValueError(f"{artifact_dir}: model has {lgbm.num_feature()} features")
             scorer = lgbm
             if tbytes is not None:
@@ -443,7 +520,7 @@ class Ranker(_FeatureRanker):
         """Raw lambdarank scores of an ``(n, F)`` float32 feature matrix → ``(n,)`` float64."""
         if x.shape[0] == 0:
             return np.zeros(0, dtype=np.float64)
-        return self.scorer.predict(x)
+        return self.scorer.predict(x if self._cols is None else x[:, self._cols])
 
     def decision_score(self, x_top: np.ndarray, sorted_scores: np.ndarray) -> float:
         """The trigger model's probability that the top candidate is correct, or the top
@@ -451,6 +528,8 @@ class Ranker(_FeatureRanker):
         if self.trigger_scorer is None:
             return float(sorted_scores[0])
         feats = trigger_features(x_top, sorted_scores)
+        if self._trigger_cols is not None:
+            feats = feats[:, self._trigger_cols]
         return float(self.trigger_scorer.predict(feats)[0])
 
     def confidence(self, score: float) -> float:

@@ -11,7 +11,8 @@ reranker needs). An index folder holds
   World graphs", TPAMI 2018) or ``faiss.IndexIVFScalarQuantizer`` (``IVF<nlist>,SQ8``: inverted
   lists of 8-bit scalar-quantized vectors) with inner product over L2-normalised passage
   vectors, so the score is the cosine (approximately, for SQ8);
-- ``catalog.parquet``: the id sidecar, columns :data:`CATALOG_COLUMNS`;
+- ``catalog.parquet``: the id sidecar, columns :data:`CATALOG_COLUMNS` (plus, optionally,
+  :data:`DEVICE_TYPES_COLUMN`);
 - ``index.json``: :class:`IndexInfo` — format, version, ``encoder_id``, dim, n, kind and the
   SHA-256 of both files.
 
@@ -40,6 +41,13 @@ CATALOG_FILE = "catalog.parquet"
 INDEX_META = "index.json"
 INDEX_FORMAT = 1
 CATALOG_COLUMNS = ("text", "frequency", "n_users", "success_rate", "domain", "intent", "last_seen")
+#: Per-entry device-type counts: the device types the utterance was said on (most turns
+#: first, at most ``catalog.max_device_types``) with turns and successful turns on each.
+#: Optional when reading (catalogs written before it load without device-type data).
+DEVICE_TYPES_COLUMN = "device_types"
+DEVICE_TYPES_TYPE = pa.list_(
+    pa.struct([("device_type", pa.string()), ("turns", pa.int64()), ("successes", pa.int64())])
+)
 #: ``catalog.parquet``: the global catalog written by the nightly job and the index's id
 #: sidecar (row i = FAISS id i).
 CATALOG_SCHEMA = pa.schema(
@@ -51,6 +59,7 @@ CATALOG_SCHEMA = pa.schema(
         ("domain", pa.string()),
         ("intent", pa.string()),
         ("last_seen", pa.float64()),
+        (DEVICE_TYPES_COLUMN, DEVICE_TYPES_TYPE),
     ]
 )
 KINDS = ("flat", "hnsw", "ivf_sq8")
@@ -68,6 +77,31 @@ _CATALOG_EMPTY: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
+class DeviceTypeStat:
+    """How a catalog utterance fared on one device type (nightly job, :mod:`offline.catalog`).
+
+    Attributes:
+        device_type: normalized device type (:func:`rewrite.normalize.normalize_device_type`).
+        turns: turns with the utterance on that device type (all users).
+        successes: those of them that succeeded (<= ``turns``).
+    """
+
+    device_type: str
+    turns: int
+    successes: int
+
+
+def device_types_from_rows(rows: Any) -> tuple[DeviceTypeStat, ...]:
+    """``DeviceTypeStat`` tuple from Arrow/Parquet list-of-struct rows (dicts), dataclasses or
+    None (= no device-type data)."""
+    if not rows:
+        return ()
+    return tuple(
+        r if isinstance(r, DeviceTypeStat) else DeviceTypeStat(**r) for r in rows if r is not None
+    )
+
+
+@dataclass(frozen=True)
 class RetrievedCandidate:
     """One rewrite candidate retrieved for a query.
 
@@ -82,6 +116,8 @@ class RetrievedCandidate:
         personal_age_s: seconds since the user last used it successfully; -1 unknown.
         domain: NLU domain, if logged.
         intent: NLU intent, if logged.
+        device_types: the catalog's per-device-type turns and successes of the text (empty
+            when the logs named no device types or the text is not in the catalog).
     """
 
     text: str  # normalized catalog/personal utterance
@@ -94,6 +130,7 @@ class RetrievedCandidate:
     personal_age_s: float = -1  # seconds since the user last used it successfully; -1 unknown
     domain: str = ""
     intent: str = ""
+    device_types: tuple[DeviceTypeStat, ...] = ()
 
 
 class IndexMismatchError(ValueError):
@@ -221,6 +258,7 @@ class GlobalIndex:
         self._n_users = filled["n_users"].to_numpy()
         self._success = filled["success_rate"].to_numpy()
         self._last_seen = filled["last_seen"].to_numpy()
+        self._load_device_types(catalog)
         n = len(self._text)
         hashes = np.empty(n, dtype=np.int64)
         for start in range(0, n, _HASH_CHUNK):  # chunks: no 1M-string list at load
@@ -228,6 +266,51 @@ class GlobalIndex:
             hashes[start : start + len(chunk)] = [hash(t) for t in chunk]
         self._hash_order = np.argsort(hashes, kind="stable")
         self._hash_sorted = hashes[self._hash_order]
+
+    def _load_device_types(self, catalog: pa.Table) -> None:
+        """Device-type counts in flat arrays (CSR-like: row i owns ``[off[i], off[i+1])`` of
+        ``_dt_code`` (uint8 into ``_dt_vocab``) / ``_dt_turns`` / ``_dt_ok`` (int32)): 4 bytes
+        per entry plus 9 per (entry, device type), ~22 MB at 1M entries with two device types
+        each; nothing kept when no entry has any, so a catalog without device types costs no
+        memory."""
+        self._dt_off: np.ndarray | None = None
+        self._dt_vocab: list[str] = []
+        if DEVICE_TYPES_COLUMN not in catalog.column_names:
+            return
+        lists = catalog.column(DEVICE_TYPES_COLUMN).combine_chunks()
+        lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+        if not lengths.any():
+            return
+        flat = pc.list_flatten(lists)
+        codes = pc.dictionary_encode(pc.fill_null(flat.field("device_type"), ""))
+        self._dt_vocab = [str(v) for v in codes.dictionary.to_pylist()]
+        code_type = np.uint8 if len(self._dt_vocab) <= 256 else np.int32
+        self._dt_code = codes.indices.to_numpy(zero_copy_only=False).astype(code_type)
+        counts = [pc.fill_null(flat.field(f), 0) for f in ("turns", "successes")]
+        # counts beyond int32 are clipped (shares and rates of such entries barely move)
+        self._dt_turns, self._dt_ok = (
+            np.clip(c.to_numpy(zero_copy_only=False), 0, 2**31 - 1).astype(np.int32) for c in counts
+        )
+        off = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=off[1:])
+        self._dt_off = off.astype(np.int32) if off[-1] < 2**31 else off
+
+    def device_types(self, i: int) -> tuple[DeviceTypeStat, ...]:
+        """Per-device-type turns and successes of FAISS id ``i`` (empty when unknown)."""
+        off = self._dt_off
+        if off is None:
+            return ()
+        a, b = int(off[i]), int(off[i + 1])
+        vocab = self._dt_vocab
+        return tuple(
+            DeviceTypeStat(vocab[c], t, k)
+            for c, t, k in zip(
+                self._dt_code[a:b].tolist(),
+                self._dt_turns[a:b].tolist(),
+                self._dt_ok[a:b].tolist(),
+                strict=True,
+            )
+        )
 
     def _id_of(self, text: str) -> int | None:
         """Catalog row of ``text`` (binary search over the sorted hashes, then a text
@@ -279,6 +362,7 @@ class GlobalIndex:
             n_users=int(self._n_users[i]),
             domain=self._domain[i].as_py(),
             intent=self._intent[i].as_py(),
+            device_types=self.device_types(i),
         )
 
     def text(self, i: int) -> str:

@@ -14,6 +14,7 @@ import rewrite.online  # noqa: F401  (registers the online stages)
 from rewrite import metrics
 from rewrite.config import Settings, load_settings
 from rewrite.experiment import ArmAssigner
+from rewrite.normalize import normalize_device_type
 from rewrite.pipeline import PairLookup, Resources, RewriteState, Stage, build_pipeline
 from rewrite.redis_server import resolve_redis_url
 from rewrite.store import PairStore
@@ -75,8 +76,10 @@ class Rewriter:
         Raises:
             InvalidRequestError: empty/oversized utterance or user id, control characters,
                 too many context turns, negative ``seconds_ago``, an over-long request id
-                (it is echoed in the response, which must fit ``service.max_message_bytes``);
-                (at :meth:`rewrite`) an unknown experiment arm.
+                (it is echoed in the response, which must fit ``service.max_message_bytes``),
+                a ``device_type`` that is not a short ``[a-z0-9_.-]`` token
+                (:func:`rewrite.normalize.normalize_device_type`); (at :meth:`rewrite`) an
+                unknown experiment arm.
         """
         svc = self.settings.service
         if not request.utterance or not request.utterance.strip():
@@ -93,6 +96,10 @@ class Rewriter:
             raise InvalidRequestError(f"user_id longer than {svc.max_user_id_chars} chars")
         if len(request.request_id) > svc.max_request_id_chars:
             raise InvalidRequestError(f"request_id longer than {svc.max_request_id_chars} chars")
+        try:
+            normalize_device_type(request.device_type)
+        except ValueError as err:
+            raise InvalidRequestError(str(err)) from None
         if len(request.context) > svc.max_context_turns:
             raise InvalidRequestError(
                 f"too many context turns: {len(request.context)} > {svc.max_context_turns}"
@@ -137,7 +144,13 @@ class Rewriter:
             raise
         if not self._warm:
             self.warm_up()
-        state = RewriteState(request=request, arm=arm.name, layers=arm.layers, started_s=t0)
+        state = RewriteState(
+            request=request,
+            arm=arm.name,
+            layers=arm.layers,
+            started_s=t0,
+            device_type=normalize_device_type(request.device_type),
+        )
         if not arm.layers:
             state.reason, state.done = "control_arm", True
             return state

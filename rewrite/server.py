@@ -166,6 +166,7 @@ def request_from_proto(pb: rewrite_pb2.RewriteRequest) -> RewriteRequest:
         arm=pb.arm,
         explain=pb.explain,
         request_id=pb.request_id,
+        device_type=pb.device_type,
     )
 
 
@@ -180,6 +181,7 @@ def request_to_proto(request: RewriteRequest) -> rewrite_pb2.RewriteRequest:
         arm=request.arm,
         explain=request.explain,
         request_id=request.request_id,
+        device_type=request.device_type,
     )
 
 

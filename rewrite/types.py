@@ -28,7 +28,12 @@ class ContextTurn:
 
 @dataclass(frozen=True)
 class RewriteRequest:
-    """One rewrite request. ``utterance`` and ``user_id`` are required."""
+    """One rewrite request. ``utterance`` and ``user_id`` are required.
+
+    ``device_type`` (e.g. ``"speaker"``, ``"display"``, ``"tv"``; normalized by
+    :func:`rewrite.normalize.normalize_device_type`) reaches the ranker: the catalog records
+    on which device types each rewrite target was said and succeeded.
+    """
 
     utterance: str
     user_id: str
@@ -38,6 +43,7 @@ class RewriteRequest:
     arm: str = ""
     explain: bool = False
     request_id: str = ""
+    device_type: str = ""
 
 
 @dataclass(frozen=True)

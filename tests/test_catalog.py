@@ -24,6 +24,7 @@ from offline.rephrase import RephraseLink
 from offline.sessionize import Turn, sessionize
 from rewrite.config import CatalogSettings, DefectSettings, Settings
 from rewrite.privacy import pseudonymize
+from rewrite.retrieval import DeviceTypeStat
 
 FAIL = "Sorry, I didn't understand that."
 KEY = b"test-key"
@@ -46,12 +47,14 @@ class _Log:
         feedback: int = 0,
         domain: str = "",
         intent: str = "",
+        device_type: str = "",
     ) -> int:
         idx = len(self.turns)
         when = ts if ts is not None else 1000.0 * idx
         turn = Turn(
-            idx, f"t{idx}", user, when, text, text, response, barge_in, feedback, "", domain, intent
-        )
+            idx, f"t{idx}", user, when, text, text, response, barge_in, feedback, "", domain,
+            intent, device_type=device_type,
+        )  # fmt: skip
         self.turns.append(turn)
         return idx
 
@@ -99,6 +102,37 @@ def test_global_catalog_thresholds_metadata_and_order() -> None:
     assert flaky.last_seen == max(t.ts for t in log.turns if t.normalized == "flaky")
     assert (jazz.frequency, jazz.n_users, jazz.success_rate) == (3, 3, 1.0)
     assert (jazz.domain, jazz.intent) == ("music", "play")  # empty values do not count
+
+
+def test_device_type_counts_per_entry_most_turns_first_capped() -> None:
+    log = _Log()
+    # "show the weather": 4 turns on displays (all fine), 3 on speakers (2 fail), 1 unknown
+    for i in range(4):
+        log.add(f"u{i}", "show the weather", device_type="display")
+    for i in range(3):
+        log.add(f"u{i}", "show the weather", FAIL if i else "OK.", device_type="speaker")
+    log.add("u9", "show the weather")
+    for dev in ("tv", "car", "phone"):  # one turn each: ties broken by name, cap 2 drops phone
+        log.add(f"w-{dev}", "what's the weather", device_type=dev)
+    log.add("w-x", "what's the weather")
+    cfg = CatalogSettings(min_frequency=3, min_users=2, min_success_rate=0.5, max_device_types=2)
+    catalog, _ = log.build(cfg)
+    by_text = {e.text: e for e in catalog}
+    show = by_text["show the weather"]
+    assert (show.frequency, show.success_rate) == (8, 6 / 8)
+    assert show.device_types == (
+        DeviceTypeStat("display", 4, 4),
+        DeviceTypeStat("speaker", 3, 1),
+    )
+    assert by_text["what's the weather"].device_types == (
+        DeviceTypeStat("car", 1, 1),
+        DeviceTypeStat("phone", 1, 1),
+    )
+    # no device types logged: no device-type data
+    log2 = _Log()
+    for i in range(3):
+        log2.add(f"u{i}", "play jazz")
+    assert log2.build(CatalogSettings())[0][0].device_types == ()
 
 
 def test_rephrased_turns_do_not_count_as_successes() -> None:
@@ -158,7 +192,7 @@ def test_empty_input_gives_empty_outputs() -> None:
 
 def test_parquet_round_trip_and_exact_columns(tmp_path: Path) -> None:
     cat = [
-        CatalogEntry("play jazz", 5, 3, 0.8, "music", "play", 1.5e9),
+        CatalogEntry("play jazz", 5, 3, 0.8, "music", "play", 1.5e9, (DeviceTypeStat("tv", 2, 1),)),
         CatalogEntry("call mom", 4, 2, 1.0, "", "", 1.6e9),
     ]
     pers = [PersonalEntry("ab" * 16, "play jazz", 3, 1.5e9)]
@@ -172,6 +206,7 @@ def test_parquet_round_trip_and_exact_columns(tmp_path: Path) -> None:
         "domain",
         "intent",
         "last_seen",
+        "device_types",
     ]
     assert pq.read_table(tmp_path / "personal.parquet").schema.names == [
         "user",
@@ -183,6 +218,10 @@ def test_parquet_round_trip_and_exact_columns(tmp_path: Path) -> None:
     assert read_personal(tmp_path / "personal.parquet") == pers
     with pytest.raises(ValueError, match="columns"):
         read_catalog(tmp_path / "personal.parquet")
+    # a catalog written before device types were recorded still reads (no device-type data)
+    old = pq.read_table(tmp_path / "catalog.parquet").drop_columns(["device_types"])
+    pq.write_table(old, tmp_path / "old.parquet")
+    assert [e.device_types for e in read_catalog(tmp_path / "old.parquet")] == [(), ()]
     with pytest.raises(FileNotFoundError):
         read_personal(tmp_path / "missing.parquet")
 

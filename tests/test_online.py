@@ -26,10 +26,12 @@ ONLINE = list(FULL_PIPELINE)
 FAIL = "Sorry, I didn't understand that."
 
 
-def _row(tid: str, user: str, sec: float, utt: str, response: str = "Here you go.") -> str:
+def _row(
+    tid: str, user: str, sec: float, utt: str, response: str = "Here you go.", **kw: str
+) -> str:
     ts = (T0 + timedelta(seconds=sec)).isoformat().replace("+00:00", "Z")
     return json.dumps({"turn_id": tid, "user_id": user, "timestamp": ts, "utterance": utt,
-                       "response": response})  # fmt: skip
+                       "response": response, **kw})  # fmt: skip
 
 
 @pytest.fixture
@@ -111,6 +113,53 @@ def test_global_fix_for_everyone_personal_fix_for_the_user_with_history(
         )
     finally:
         rewriter.close()
+
+
+def test_device_type_reaches_the_ranker_over_grpc(
+    online_settings: Settings, tmp_path: Path
+) -> None:
+    """The turn logs' ``device_type`` → the catalog's per-entry counts → the published index →
+    a gRPC request's ``device_type`` → the ranker's ``device_share`` / ``device_success_rate``
+    (seen with ``explain``); a request without one gets the documented "unknown" values."""
+    from rewrite.client import RewriteClient
+    from rewrite.server import RewriteServer
+
+    s = online_settings
+    rows = []
+    for k in range(6):  # "wilmington": 8 turns on speakers (all fine), 4 on displays (2 fail)
+        for d in range(2):
+            device = "speaker" if k < 4 else "display"
+            fail = device == "display" and d == 1
+            rows.append(
+                _row(
+                    f"u{k}-w{d}",
+                    f"user{k}",
+                    k * 5000 + d * 1000,
+                    "what's the weather in wilmington",
+                    FAIL if fail else "Here you go.",
+                    device_type="Speaker" if device == "speaker" else "display",
+                )
+            )
+    logs = tmp_path / "day-01.jsonl"
+    logs.write_text("\n".join(rows) + "\n")
+    s.catalog.min_success_rate = 0.5
+    report = run_nightly([logs], tmp_path / "run", s, publish=True)
+    assert report.publish is not None
+    query, target = "what's the weather in wilkerson", "what's the weather in wilmington"
+    feats = {}
+    with (
+        RewriteServer(s, host="127.0.0.1", port=0) as srv,
+        RewriteClient(srv.target, timeout_s=10.0) as rc,
+    ):
+        for device in ("display", "SPEAKER", "tv", ""):
+            res = rc.rewrite(RewriteRequest(query, "alice", explain=True, device_type=device))
+            cand = next(c for c in res.candidates if c.text == target)
+            feats[device] = (cand.features["device_share"], cand.features["device_success_rate"])
+    rate = 10 / 12  # overall success rate of the entry
+    assert feats["display"] == pytest.approx((4 / 12, (2 + 2 * rate) / (4 + 2)), abs=1e-6)
+    assert feats["SPEAKER"] == pytest.approx((8 / 12, (8 + 2 * rate) / (8 + 2)), abs=1e-6)
+    assert feats["tv"] == pytest.approx((0.0, rate), abs=1e-6)  # never said on a tv
+    assert feats[""] == pytest.approx((-1.0, rate), abs=1e-6)  # unknown device type
 
 
 def test_query_precision_setting_picks_the_query_tower(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +54,9 @@ from rewrite.rerank import (
     feature_matrix,
     load_ranker,
     trigger,
+    trigger_features,
 )
-from rewrite.retrieval import RetrievedCandidate
+from rewrite.retrieval import DeviceTypeStat, RetrievedCandidate
 from rewrite.types import ContextTurn
 
 Q = "what's the weather in wilkersen"
@@ -82,7 +83,30 @@ def test_feature_names_fixed_order() -> None:
         "phonetic_equal", "dense_cosine", "log_frequency", "success_rate", "log_n_users",
         "log_personal_count", "has_personal", "personal_log_age_s", "is_personal",
         "len_diff_words", "query_in_context", "context_max_ratio", "identical_to_query",
+        "device_share", "device_success_rate",
     )  # fmt: skip
+
+
+def test_device_features_from_the_catalog_counts_and_the_request_device_type() -> None:
+    show = RetrievedCandidate(
+        "show me the weather", "global", 0.8, 10, 0.7, 5,
+        device_types=(DeviceTypeStat("display", 8, 8), DeviceTypeStat("speaker", 2, 0)),
+    )  # fmt: skip
+    plain = RetrievedCandidate("what's the weather", "global", 0.8, 10, 0.9, 5)
+    col = {n: i for i, n in enumerate(FEATURE_NAMES)}
+
+    def dev(device_type: str) -> list[tuple[float, float]]:
+        x = feature_matrix("whats the whether", [show, plain], 0.0, (), device_type)
+        return [(float(r[col["device_share"]]), float(r[col["device_success_rate"]])) for r in x]
+
+    # display: 8 of 10 turns, 8 of 8 fine, smoothed with 2 pseudo-turns at the overall 0.7
+    assert dev("display")[0] == pytest.approx((0.8, (8 + 2 * 0.7) / (8 + 2)))
+    assert dev("speaker")[0] == pytest.approx((0.2, (0 + 2 * 0.7) / (2 + 2)))
+    # a device type the entry was never said on: share 0, the overall rate (prior only)
+    assert dev("tv")[0] == pytest.approx((0.0, 0.7))
+    # unknown request device type, or no device-type data for the entry: -1, overall rate
+    assert dev("")[0] == pytest.approx((-1.0, 0.7))
+    assert dev("display")[1] == pytest.approx((-1.0, 0.9))
 
 
 def test_features_finite_in_documented_ranges() -> None:
@@ -301,7 +325,7 @@ def test_trigger_model_precision_on_held_out_users(trained: RankerTrainResult) -
     test = trained.splits["test"]
     decisions = []
     for g in test:  # recompute with the online API: score → sort → decision_score → trigger()
-        x = feature_matrix(g.query, g.candidates, g.now_s, g.context)
+        x = feature_matrix(g.query, g.candidates, g.now_s, g.context, g.device_type)
         s = ranker.score_matrix(x)
         if not len(s):
             decisions.append((False, False))
@@ -375,7 +399,11 @@ def test_load_refuses_corrupt_or_foreign_model(trained: RankerTrainResult, tmp_p
     meta["feature_names"] = meta["feature_names"][::-1]
     (bad / RANKER_MODEL_FILE).write_text(model)
     (bad / RANKER_META_FILE).write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="FEATURE_NAMES"):
+    with pytest.raises(ValueError, match="not in this code's order"):
+        Ranker.load(bad)
+    meta["feature_names"] = ["no_such_feature", *meta["feature_names"][1:]]
+    (bad / RANKER_META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"no_such_feature.*unknown to this code"):
         Ranker.load(bad)
     # a tampered trigger model is refused too
     (bad / RANKER_META_FILE).write_text((trained.artifact / RANKER_META_FILE).read_text())
@@ -401,6 +429,70 @@ def test_load_refuses_corrupt_or_foreign_model(trained: RankerTrainResult, tmp_p
     assert legacy.backend == "lightgbm" and legacy.trigger_scorer is not None
     with pytest.raises(FileNotFoundError, match="no ONNX export"):
         Ranker.load(bad, backend="onnxruntime")
+
+
+def test_a_model_trained_before_the_device_features_is_served_on_its_columns(
+    tmp_path: Path,
+) -> None:
+    """An artifact whose ``feature_names`` are the 18 features before ``device_share`` /
+    ``device_success_rate`` loads (logged) and scores the columns it knows; its trigger model
+    likewise. Same scores as LightGBM on those columns."""
+    import lightgbm as lgb
+
+    old = [n for n in FEATURE_NAMES if not n.startswith("device_")]
+    old_trig = [*(f"top1_{n}" for n in old), "top1_score", "score_margin"]
+    rng = np.random.default_rng(0)
+    x = rng.random((400, len(FEATURE_NAMES))).astype(np.float32)
+    keep = [FEATURE_NAMES.index(n) for n in old]
+    y = (x[:, FEATURE_NAMES.index("ratio")] > 0.5).astype(np.float32)
+    params = {"objective": "regression", "verbose": -1, "num_threads": 1, "min_data_in_leaf": 5}
+    booster = lgb.train(params, lgb.Dataset(x[:, keep], y), num_boost_round=5)
+    tparams = {**params, "objective": "binary"}
+    xt = rng.random((400, len(old_trig))).astype(np.float32)
+    tbooster = lgb.train(tparams, lgb.Dataset(xt, xt[:, 2] > 0.5), num_boost_round=5)
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / RANKER_MODEL_FILE).write_text(booster.model_to_string())
+    (d / TRIGGER_MODEL_FILE).write_text(tbooster.model_to_string())
+    meta = {"content_hash": "old", "feature_names": old, "trigger_threshold": 0.5,
+            "trigger_model": {"feature_names": old_trig}}  # fmt: skip
+    (d / RANKER_META_FILE).write_text(json.dumps(meta))
+    ranker = Ranker.load(d)
+    assert ranker.backend == "lightgbm" and ranker.feature_names == tuple(old)
+    np.testing.assert_allclose(ranker.score_matrix(x), booster.predict(x[:, keep]), rtol=1e-6)
+    scores = np.array([0.9, 0.2])
+    full = trigger_features(x[0], scores)[0]
+    t_keep = [
+        i for i, n in enumerate((*(f"top1_{n}" for n in FEATURE_NAMES), "top1_score",
+                                 "score_margin")) if n in old_trig
+    ]  # fmt: skip
+    assert ranker.decision_score(x[0], scores) == pytest.approx(
+        float(tbooster.predict(full[None, t_keep])[0])
+    )
+
+
+@pytest.mark.slow
+def test_device_type_decides_where_the_catalog_says_it_matters(
+    trained: RankerTrainResult,
+) -> None:
+    """The synthetic task's display users mean "austin" where speaker users mean "boston"
+    (a slot family split by device type): for a slot word misheard as a third value the
+    trained ranker picks by the request's device type, and the device features carry gain."""
+    gain = trained.meta["feature_importance_gain"]
+    assert gain["device_share"] + gain["device_success_rate"] > 0
+    ranker = Ranker.load(trained.artifact)
+    _, retriever = synthetic_task(n_users=10, queries_per_user=1, seed=0)
+    query = "what's the weather in houston"  # heard a third value of the family
+    cands = retriever(query, "nobody")
+    texts = [c.text for c in cands]
+    assert {"what's the weather in boston", "what's the weather in austin"} <= set(texts)
+    picks = {}
+    for device in ("speaker", "display"):
+        s = ranker.score(query, cands, 0.0, (), device)
+        top = {t: v for t, v in zip(texts, s, strict=True)}
+        picks[device] = top["what's the weather in austin"] - top["what's the weather in boston"]
+    # austin gains on boston for a display user, by a clear margin
+    assert picks["display"] > picks["speaker"] + 0.5, picks
 
 
 @pytest.mark.slow
@@ -440,7 +532,7 @@ def test_cli_train_ranker_from_groups_and_run(tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_pylist([
         {"source": s, "rewrite": r, "absorption_probability": 0.9, "support": 3, "n_users": 2}
         for s, r in pairs]), run / "pairs.parquet")  # fmt: skip
-    pq.write_table(pa.Table.from_pylist([vars(c) for c in retriever.catalog]),
+    pq.write_table(pa.Table.from_pylist([asdict(c) for c in retriever.catalog]),
                    run / "catalog.parquet")  # fmt: skip
     res = runner.invoke(app, ["train", "ranker", "--run", str(run), "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output

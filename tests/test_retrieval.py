@@ -15,8 +15,10 @@ from offline.index import build_index, choose_kind, ivf_nlist, normalize_catalog
 from rewrite.config import DprSettings
 from rewrite.retrieval import (
     CATALOG_FILE,
+    DEVICE_TYPES_TYPE,
     INDEX_FILE,
     INDEX_META,
+    DeviceTypeStat,
     GlobalIndex,
     IndexCorruptError,
     IndexMismatchError,
@@ -115,6 +117,36 @@ def test_catalog_membership_by_hash_finds_every_entry(tmp_path: Path) -> None:
     for other in ("utterance", "Utterance 1", "utterance 500", "", None, 3):
         assert other not in index
     assert index.lookup("utterance 5000") is None
+
+
+def test_device_types_reach_the_candidates_and_cost_nothing_when_absent(tmp_path: Path) -> None:
+    """Per-entry device-type counts go from ``catalog.parquet`` to every search hit and lookup
+    (row i's own, in order; other rows none); a catalog without any keeps no arrays."""
+    n = 120
+    table = catalog_table(n)
+    stats = [
+        [{"device_type": "speaker", "turns": 5 + i, "successes": 4}, {"device_type": "tv",
+          "turns": 2, "successes": 2}] if i % 3 == 0 else [] if i % 3 == 1 else None
+        for i in range(n)
+    ]  # fmt: skip
+    col = table.schema.get_field_index("device_types")
+    table = table.set_column(col, "device_types", pa.array(stats, DEVICE_TYPES_TYPE))
+    vecs = unit_vectors(n)
+    write_index_dir(vecs, table, tmp_path / "a", ENCODER, DprSettings(), version="v1")
+    index = GlobalIndex.load(tmp_path / "a")
+    for i in range(n):
+        want = (
+            (DeviceTypeStat("speaker", 5 + i, 4), DeviceTypeStat("tv", 2, 2)) if i % 3 == 0 else ()
+        )
+        assert index.device_types(i) == want
+        hit = index.lookup(f"utterance {i}")
+        assert hit is not None and hit.device_types == want
+    top = index.search(vecs[:4], k=1)
+    assert [c[0].device_types for c in top] == [index.device_types(i) for i in range(4)]
+    # without device types (all empty): nothing stored, candidates carry none
+    write_index_dir(vecs, catalog_table(n), tmp_path / "b", ENCODER, DprSettings(), version="v1")
+    plain = GlobalIndex.load(tmp_path / "b")
+    assert plain._dt_off is None and plain.search(vecs[:1], k=3)[0][0].device_types == ()
 
 
 @pytest.mark.parametrize(("n", "kind"), [(60, "flat"), (300, "hnsw")])
@@ -242,6 +274,7 @@ def test_normalize_catalog_fills_defaults_and_drops_repeats() -> None:
         "domain": "",
         "intent": "",
         "last_seen": 1.0,
+        "device_types": None,  # no device-type data
     }
     assert rows[2]["last_seen"] == -1.0
     with pytest.raises(ValueError, match="'text'"):

@@ -77,3 +77,25 @@ def test_truncated_parquet_is_quarantined_not_fatal(tmp_path: Path) -> None:
     res = read_turn_logs([tmp_path])
     assert [t.turn_id for t in res.turns] == ["t1"]
     assert len(res.quarantined) == 1 and "unreadable" in res.quarantined[0].reason
+
+
+def test_device_type_is_normalized_and_a_free_text_value_is_quarantined(tmp_path: Path) -> None:
+    lines = [
+        json.dumps(_row(turn_id="a", device_type=" Smart Display ")),
+        json.dumps(_row(turn_id="b", device_type="")),
+        json.dumps(_row(turn_id="c")),
+        json.dumps(_row(turn_id="d", device_type="speaker; drop table")),
+        json.dumps(_row(turn_id="e", device_type="x" * 65)),
+        json.dumps(_row(turn_id="f", device_type=7)),
+    ]
+    p = tmp_path / "day.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    res = read_turn_logs([p], TurnValidator(now=datetime(2026, 2, 1, tzinfo=UTC)))
+    assert [(t.turn_id, t.device_type) for t in res.turns] == [
+        ("a", "smart_display"),
+        ("b", None),
+        ("c", None),
+    ]
+    reasons = {q.line: q.reason for q in res.quarantined}
+    assert set(reasons) == {4, 5, 6} and all("device_type" in r for r in reasons.values())
+    assert "[a-z0-9_.-]" in reasons[4] and "longer than 64" in reasons[5]

@@ -268,6 +268,16 @@ def _invalid_cases(settings: Settings) -> list[tuple[str, rewrite_pb2.RewriteReq
             rewrite_pb2.RewriteRequest(utterance="play jazz", user_id="u", arm="bogus"),
             "unknown arm 'bogus'",
         ),
+        (
+            "free-text device type",
+            rewrite_pb2.RewriteRequest(utterance="play jazz", user_id="u", device_type="tv; x"),
+            "device_type 'tv;_x' is not [a-z0-9_.-]+",
+        ),
+        (
+            "oversized device type",
+            rewrite_pb2.RewriteRequest(utterance="play jazz", user_id="u", device_type="t" * 65),
+            "device_type longer than 64 chars",
+        ),
     ]
 
 
@@ -409,7 +419,7 @@ def test_client_round_trips_context_turns(settings: Settings, published: str) ->
 
 def test_conversions_are_inverse() -> None:
     request = RewriteRequest(
-        "a", "u", (ContextTurn("b", "c", 1.5, True),), "d", "e", "f", True, "g"
+        "a", "u", (ContextTurn("b", "c", 1.5, True),), "d", "e", "f", True, "g", "smart_tv"
     )
     assert request_from_proto(request_to_proto(request)) == request
     result = RewriteResult(

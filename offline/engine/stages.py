@@ -56,6 +56,7 @@ TURNS_SCHEMA = pa.schema(
         ("domain", pa.string()),
         ("intent", pa.string()),
         ("rewrite", pa.string()),
+        ("device_type", pa.string()),
     ]
 )
 

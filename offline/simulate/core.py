@@ -46,7 +46,9 @@ OUTCOME_SUCCESS = "success"
 OUTCOME_WRONG = "wrong_action"
 OUTCOME_NOT_UNDERSTOOD = "not_understood"
 
-_PLAN, _REACT, _USER = 1, 2, 0  # numpy stream ids: day plan, reactions/channel, user setup
+# numpy stream ids: day plan, reactions/channel, user setup, the user's device type (its own
+# stream, so adding it left every other draw as it was)
+_PLAN, _REACT, _USER, _DEVICE = 1, 2, 0, 3
 
 
 class SimulatorConfig(BaseModel):
@@ -125,6 +127,11 @@ class SimulatorConfig(BaseModel):
     max_context_turns: int = Field(default=10, ge=0)
     """Earlier session turns passed to ``rewrite_fn`` (newest kept)."""
     locale: str = "en-US"
+    device_types: dict[str, float] = Field(
+        default_factory=lambda: {"speaker": 0.6, "display": 0.25, "phone": 0.15}
+    )
+    """Device type of each user's device (logged as ``device_type``), drawn with these
+    weights; empty = not logged. Outcomes do not depend on it in this simulator."""
     use_lm_vocabulary: bool = True
     """Favour ASR substitutes from ``lm.txt`` next to the corpus (if present) as LM vocabulary."""
     channel: ChannelConfig = Field(default_factory=ChannelConfig)
@@ -215,6 +222,7 @@ class _User:
     index: int
     user_id: str
     device_id: str
+    device_type: str
     activity: float
     personal: dict[str, tuple[str, ...]]
     habits: list[Goal]
@@ -334,6 +342,14 @@ class Simulator:
         i = int(np.searchsorted(self._pop_cdf, rng.random() * self._pop_cdf[-1], side="right"))
         return self._popular[min(i, len(self._popular) - 1)]
 
+    def _device_type(self, index: int) -> str:
+        kinds = {k: w for k, w in self.config.device_types.items() if w > 0}
+        if not kinds:
+            return ""
+        w = np.array(list(kinds.values()), dtype=np.float64)
+        rng = np.random.default_rng([self.seed, index, 0, _DEVICE])
+        return list(kinds)[int(rng.choice(len(w), p=w / w.sum()))]
+
     def _make_user(self, index: int) -> _User:
         c = self.config
         rng = np.random.default_rng([self.seed, index, 0, _USER])
@@ -349,6 +365,7 @@ class Simulator:
             index=index,
             user_id="u" + _user_hex("user", self.seed, index, 12),
             device_id="d" + _user_hex("device", self.seed, index, 10),
+            device_type=self._device_type(index),
             activity=activity,
             personal=personal,
             habits=[],
@@ -516,6 +533,8 @@ class Simulator:
                         "device_id": user.device_id,
                         "locale": c.locale,
                     }
+                    if user.device_type:
+                        row["device_type"] = user.device_type
                     acted_on = heard.text
                     rewritten = False
                     if rewrite_fn is not None:
@@ -535,6 +554,7 @@ class Simulator:
                                 device_id=user.device_id,
                                 locale=c.locale,
                                 request_id=turn_id,
+                                device_type=user.device_type,
                             )
                         )
                         if res.rewritten and res.rewrite.strip():
