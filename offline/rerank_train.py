@@ -1192,7 +1192,8 @@ def examples_from_rephrases(
     answer): utterances that succeeded in the run (``personal.parquet``), were never
     rephrased and are not catalog entries — half asked by a user without history, half by a
     user who succeeded with them once, that use left out of their history (see
-    :meth:`RunRetriever.leave_out`). Serving traffic is mostly such utterances; without them
+    :meth:`RunRetriever.leave_out`); each with a device type drawn from the positives' (the
+    run's histories record none). Serving traffic is mostly such utterances; without them
     the trigger would be chosen on failing queries only and would fire on everything, and
     without the second half it learns that a near neighbour in the user's history means
     "rewrite" (measured: personal-layer win/loss 1.9:1 in the closed loop).
@@ -1244,10 +1245,15 @@ def examples_from_rephrases(
         rng.shuffle(once)
         n_neg = int(negatives_per_positive * len(out))
         n_hist = min(len(once), n_neg // 2)
+        # personal.parquet records no device types: a negative gets one drawn from the
+        # positives' device types (same share of "" too), so whether the device type is known
+        # says nothing about the label (measured: with negatives all "unknown" the trigger
+        # model learnt "device type known -> rewrite" and fired on 42 % of a simulated day)
+        devices = [ex.device_type for ex in out] or [""]
         for user, text in once[:n_hist]:
-            out.append(RankExample(text, user, text))
+            out.append(RankExample(text, user, text, device_type=rng.choice(devices)))
         for text in fine[: n_neg - n_hist]:
-            out.append(RankExample(text, f"new:{text}", text))
+            out.append(RankExample(text, f"new:{text}", text, device_type=rng.choice(devices)))
     return out
 
 

@@ -556,7 +556,8 @@ def test_examples_from_rephrases_acceptable_rewrites_and_negatives(tmp_path: Pat
     links = [("play jas", "play jazz music", "u1"), ("play jas", "play some jazz", "u2"),
              ("play jas", "play jas", "u3"), ("cal mom", "not in catalog", "u4")]  # fmt: skip
     rows = [{"earlier_turn_id": f"e{i}", "later_turn_id": f"l{i}", "earlier": a, "later": b,
-             "score": 1.0, "user": u, "ts": 10.0} for i, (a, b, u) in enumerate(links)]  # fmt: skip
+             "score": 1.0, "user": u, "ts": 10.0, "device_type": ("speaker", "tv")[i % 2]}
+            for i, (a, b, u) in enumerate(links)]  # fmt: skip
     pq.write_table(
         pa.Table.from_pylist(rows, schema=REPHRASES_SCHEMA), tmp_path / "rephrases.parquet"
     )
@@ -575,6 +576,10 @@ def test_examples_from_rephrases_acceptable_rewrites_and_negatives(tmp_path: Pat
         "what time is it",
         "stop",
     }
+    # the query turn's device type; negatives draw theirs from the positives' (never all
+    # "unknown": that made "device type known" a label the trigger model learnt)
+    assert {e.user: e.device_type for e in pos} == {"u1": "speaker", "u2": "tv"}
+    assert all(e.device_type in {"speaker", "tv"} for e in neg)
     g = RankGroup("play jas", "u1", "play jazz music", [], also_correct=("play some jazz",))
     assert g.is_correct("play some jazz") and g.is_correct("play jazz music")
     assert not g.is_correct("call mom")
