@@ -45,6 +45,9 @@ from rewrite.retrieval import (
 
 log = logging.getLogger(__name__)
 
+#: Rows per Parquet row group of ``catalog.parquet`` (bounded decode memory at load).
+CATALOG_ROW_GROUP = 65_536
+
 EF_CONSTRUCTION = 80
 """HNSW ``efConstruction`` (build-time search breadth; bench/bench_index.py)."""
 
@@ -220,7 +223,8 @@ def write_index_dir(
     tmp_index = out_dir / f".{INDEX_FILE}.tmp-{pid}"
     tmp_cat = out_dir / f".{CATALOG_FILE}.tmp-{pid}"
     faiss.write_index(index, str(tmp_index))
-    pq.write_table(catalog.cast(CATALOG_SCHEMA), tmp_cat)
+    # row groups of 64k rows: the service reads `device_types` batch by batch (GlobalIndex.load)
+    pq.write_table(catalog.cast(CATALOG_SCHEMA), tmp_cat, row_group_size=CATALOG_ROW_GROUP)
     _replace_into(tmp_index, out_dir / INDEX_FILE)
     _replace_into(tmp_cat, out_dir / CATALOG_FILE)
     params: dict[str, Any] = {"build_seconds": round(build_s, 3)}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ CATALOG_SCHEMA = pa.schema(
 )
 KINDS = ("flat", "hnsw", "ivf_sq8")
 _HASH_CHUNK = 65_536  # catalog texts hashed per step at load
+_DEVICE_BATCH = 65_536  # catalog rows of `device_types` converted per step at load
 
 _CATALOG_EMPTY: dict[str, Any] = {
     "text": "",
@@ -243,7 +245,14 @@ class GlobalIndex:
         info: the :class:`IndexInfo` of the folder; directory: where it was loaded from.
     """
 
-    def __init__(self, index: Any, catalog: pa.Table, info: IndexInfo, directory: Path):
+    def __init__(
+        self,
+        index: Any,
+        catalog: pa.Table,
+        info: IndexInfo,
+        directory: Path,
+        device_types: Iterable[pa.Array] | None = None,
+    ):
         self.index = index
         self.info = info
         self.directory = directory
@@ -258,7 +267,9 @@ class GlobalIndex:
         self._n_users = filled["n_users"].to_numpy()
         self._success = filled["success_rate"].to_numpy()
         self._last_seen = filled["last_seen"].to_numpy()
-        self._load_device_types(catalog)
+        if device_types is None and DEVICE_TYPES_COLUMN in catalog.column_names:
+            device_types = catalog.column(DEVICE_TYPES_COLUMN).chunks
+        self._load_device_types(device_types or ())
         n = len(self._text)
         hashes = np.empty(n, dtype=np.int64)
         for start in range(0, n, _HASH_CHUNK):  # chunks: no 1M-string list at load
@@ -267,32 +278,51 @@ class GlobalIndex:
         self._hash_order = np.argsort(hashes, kind="stable")
         self._hash_sorted = hashes[self._hash_order]
 
-    def _load_device_types(self, catalog: pa.Table) -> None:
+    def _load_device_types(self, chunks: Iterable[pa.Array]) -> None:
         """Device-type counts in flat arrays (CSR-like: row i owns ``[off[i], off[i+1])`` of
         ``_dt_code`` (uint8 into ``_dt_vocab``) / ``_dt_turns`` / ``_dt_ok`` (int32)): 4 bytes
         per entry plus 9 per (entry, device type), ~22 MB at 1M entries with two device types
         each; nothing kept when no entry has any, so a catalog without device types costs no
-        memory."""
+        memory.
+
+        Args:
+            chunks: the ``device_types`` column in row order, as list-of-struct arrays (read
+                in batches by :meth:`load`: converting 2M structs at once left ~190 MB of freed
+                Arrow memory resident).
+        """
         self._dt_off: np.ndarray | None = None
         self._dt_vocab: list[str] = []
-        if DEVICE_TYPES_COLUMN not in catalog.column_names:
+        code_of: dict[str, int] = {}
+        lengths: list[np.ndarray] = []
+        codes: list[np.ndarray] = []
+        turns: list[np.ndarray] = []
+        oks: list[np.ndarray] = []
+        for lists in chunks:
+            lengths.append(
+                pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+            )
+            flat = pc.list_flatten(lists)
+            if not len(flat):
+                continue
+            types = pc.fill_null(flat.field("device_type"), "")
+            for t in pc.unique(types).to_pylist():
+                code_of.setdefault(str(t), len(code_of))
+            vocab = pa.array(list(code_of), pa.string())
+            codes.append(pc.index_in(types, value_set=vocab).to_numpy(zero_copy_only=False))
+            # counts beyond int32 are clipped (shares and rates of such entries barely move)
+            for out, name in ((turns, "turns"), (oks, "successes")):
+                col = pc.fill_null(flat.field(name), 0).to_numpy(zero_copy_only=False)
+                out.append(np.clip(col, 0, 2**31 - 1).astype(np.int32))
+        if not codes:
             return
-        lists = catalog.column(DEVICE_TYPES_COLUMN).combine_chunks()
-        lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
-        if not lengths.any():
-            return
-        flat = pc.list_flatten(lists)
-        codes = pc.dictionary_encode(pc.fill_null(flat.field("device_type"), ""))
-        self._dt_vocab = [str(v) for v in codes.dictionary.to_pylist()]
+        self._dt_vocab = list(code_of)
         code_type = np.uint8 if len(self._dt_vocab) <= 256 else np.int32
-        self._dt_code = codes.indices.to_numpy(zero_copy_only=False).astype(code_type)
-        counts = [pc.fill_null(flat.field(f), 0) for f in ("turns", "successes")]
-        # counts beyond int32 are clipped (shares and rates of such entries barely move)
-        self._dt_turns, self._dt_ok = (
-            np.clip(c.to_numpy(zero_copy_only=False), 0, 2**31 - 1).astype(np.int32) for c in counts
-        )
-        off = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=off[1:])
+        self._dt_code = np.concatenate(codes).astype(code_type)
+        self._dt_turns = np.concatenate(turns)
+        self._dt_ok = np.concatenate(oks)
+        n_entries = np.concatenate(lengths)
+        off = np.zeros(len(n_entries) + 1, dtype=np.int64)
+        np.cumsum(n_entries, out=off[1:])
         self._dt_off = off.astype(np.int32) if off[-1] < 2**31 else off
 
     def device_types(self, i: int) -> tuple[DeviceTypeStat, ...]:
@@ -421,9 +451,21 @@ class GlobalIndex:
         except RuntimeError as err:
             raise IndexCorruptError(f"cannot read {directory / INDEX_FILE}: {err}") from err
         try:
-            table = pq.read_table(directory / CATALOG_FILE)
+            parquet = pq.ParquetFile(directory / CATALOG_FILE)
+            columns = [c for c in parquet.schema_arrow.names if c != DEVICE_TYPES_COLUMN]
+            table = parquet.read(columns=columns)
         except Exception as err:  # pyarrow raises ArrowInvalid / OSError subclasses
             raise IndexCorruptError(f"cannot read {directory / CATALOG_FILE}: {err}") from err
+        device_types = (
+            (
+                b.column(0)
+                for b in parquet.iter_batches(
+                    batch_size=_DEVICE_BATCH, columns=[DEVICE_TYPES_COLUMN]
+                )
+            )
+            if DEVICE_TYPES_COLUMN in parquet.schema_arrow.names
+            else None
+        )
         if index.d != info.dim:
             raise IndexMismatchError(
                 f"{directory / INDEX_FILE} has dimension {index.d}, index.json says {info.dim}"
@@ -459,7 +501,13 @@ class GlobalIndex:
             info.dim,
             info.encoder_id,
         )
-        return cls(index, table, info, directory)
+        try:
+            out = cls(index, table, info, directory, device_types)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise IndexCorruptError(f"cannot read {directory / CATALOG_FILE}: {err}") from err
+        del table
+        pa.default_memory_pool().release_unused()  # the pool keeps freed pages otherwise
+        return out
 
     def search(self, query_vecs: np.ndarray, k: int) -> list[list[RetrievedCandidate]]:
         """Top-``k`` catalog entries per query by inner product (= cosine).

@@ -119,9 +119,15 @@ def test_catalog_membership_by_hash_finds_every_entry(tmp_path: Path) -> None:
     assert index.lookup("utterance 5000") is None
 
 
-def test_device_types_reach_the_candidates_and_cost_nothing_when_absent(tmp_path: Path) -> None:
+def test_device_types_reach_the_candidates_and_cost_nothing_when_absent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Per-entry device-type counts go from ``catalog.parquet`` to every search hit and lookup
-    (row i's own, in order; other rows none); a catalog without any keeps no arrays."""
+    (row i's own, in order; other rows none), also when read in several batches with a device
+    type first seen in a later batch; a catalog without any keeps no arrays."""
+    import rewrite.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "_DEVICE_BATCH", 7)
     n = 120
     table = catalog_table(n)
     stats = [
@@ -129,6 +135,7 @@ def test_device_types_reach_the_candidates_and_cost_nothing_when_absent(tmp_path
           "turns": 2, "successes": 2}] if i % 3 == 0 else [] if i % 3 == 1 else None
         for i in range(n)
     ]  # fmt: skip
+    stats[100] = [{"device_type": "car", "turns": 1, "successes": 0}]
     col = table.schema.get_field_index("device_types")
     table = table.set_column(col, "device_types", pa.array(stats, DEVICE_TYPES_TYPE))
     vecs = unit_vectors(n)
@@ -138,6 +145,8 @@ def test_device_types_reach_the_candidates_and_cost_nothing_when_absent(tmp_path
         want = (
             (DeviceTypeStat("speaker", 5 + i, 4), DeviceTypeStat("tv", 2, 2)) if i % 3 == 0 else ()
         )
+        if i == 100:
+            want = (DeviceTypeStat("car", 1, 0),)
         assert index.device_types(i) == want
         hit = index.lookup(f"utterance {i}")
         assert hit is not None and hit.device_types == want
