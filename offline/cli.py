@@ -177,6 +177,10 @@ def train_detector_cmd(
         int | None, typer.Option(help="first N calls of each DSTC2 file only (default all)")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="training seed (default from config)")] = None,
+    layers: Annotated[
+        int | None,
+        typer.Option(help="keep the first N of MiniLM's 6 layers (faster detector; default 6)"),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train the contextual BERT span rephrase detector; point artifacts/detector/LATEST at it."""
@@ -190,6 +194,8 @@ def train_detector_cmd(
         raise typer.BadParameter(str(err)) from err
     if seed is not None:
         train_config = dataclasses.replace(train_config, seed=seed)
+    if layers is not None:
+        train_config = dataclasses.replace(train_config, layers=layers)
     res = train_detector_pipeline(
         settings,
         data_root=data_root,

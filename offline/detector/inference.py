@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,14 @@ from typing import Any
 import numpy as np
 
 from offline.detector.examples import NO_REPHRASE, DetectorExample, Prediction
-from offline.detector.span_model import (
+from offline.detector.render import (
     MODEL_INPUTS,
     MODEL_OUTPUTS,
+    FastWordpiece,
     RenderConfig,
     Rendered,
     Renderer,
     decode,
-    load_tokenizer,
     pad_batch,
 )
 
@@ -164,6 +165,9 @@ class SpanDetector:
         backend: ``onnx-int8``, ``onnx`` or ``torch``.
         artifact: the artifact folder.
         meta: its ``detector.json``.
+        batch_workers: batches run at the same time, each on its own Python thread (ONNX
+            Runtime releases the GIL while it runs; one session serves concurrent runs); 1 =
+            one batch after another. Decoding overlaps the next batches' forward passes.
     """
 
     name = "bert_span"
@@ -175,12 +179,14 @@ class SpanDetector:
         backend: str,
         artifact: Path,
         meta: dict[str, Any] | None = None,
+        batch_workers: int = 1,
     ) -> None:
         self.renderer = renderer
         self._run = runner
         self.backend = backend
         self.artifact = Path(artifact)
         self.meta = meta or {}
+        self.batch_workers = max(1, batch_workers)
         self.last_stats = InferenceStats()
 
     @property
@@ -200,6 +206,7 @@ class SpanDetector:
         backend: str = "onnx-int8",
         threads: int = 2,
         allow_spinning: bool = False,
+        batch_workers: int = 1,
     ) -> SpanDetector:
         """Load an artifact for inference.
 
@@ -210,6 +217,9 @@ class SpanDetector:
             threads: intra-op threads (ONNX Runtime ``intra_op_num_threads`` or
                 ``torch.set_num_threads`` — the latter is process-wide).
             allow_spinning: let idle ONNX Runtime threads busy-wait (see :func:`onnx_session`).
+            batch_workers: ONNX backends only: run this many batches concurrently, each with
+                ``threads // batch_workers`` intra-op threads (at least 1); the torch backend
+                always runs one batch at a time.
 
         Raises:
             FileNotFoundError: not a complete artifact (the message names ``qrw train
@@ -231,7 +241,7 @@ class SpanDetector:
                 f"{artifact} is a detector artifact of an older format "
                 f"({meta.get('code_version', 'unknown')}); run `{TRAIN_COMMAND}` to retrain"
             )
-        renderer = Renderer(load_tokenizer(artifact), RenderConfig.from_dict(meta["render"]))
+        renderer = Renderer(FastWordpiece(artifact), RenderConfig.from_dict(meta["render"]))
         runner: Runner
         if backend == "torch":
             import torch
@@ -240,11 +250,17 @@ class SpanDetector:
 
             torch.set_num_threads(threads)
             runner = torch_runner(load_span_model(artifact))
+            batch_workers = 1
         else:
             path = artifact / ONNX_FILES[backend]
-            runner = onnx_runner(onnx_session(path, threads, allow_spinning))
-        log.info("loaded span detector %s (%s, %d threads)", artifact.name, backend, threads)
-        return cls(renderer, runner, backend, artifact, meta)
+            batch_workers = max(1, batch_workers)
+            per_run = max(1, threads // batch_workers)
+            runner = onnx_runner(onnx_session(path, per_run, allow_spinning))
+        log.info(
+            "loaded span detector %s (%s, %d threads, %d concurrent batches)",
+            artifact.name, backend, threads, batch_workers,
+        )  # fmt: skip
+        return cls(renderer, runner, backend, artifact, meta, batch_workers)
 
     def logits(self, rendered: Sequence[Rendered]) -> tuple[np.ndarray, np.ndarray]:
         """Raw start/end logits of one batch, each ``(batch, seq) float32`` (padded)."""
@@ -263,15 +279,30 @@ class SpanDetector:
         order = sorted(range(len(rendered)), key=lambda i: len(rendered[i].input_ids))
         out: list[Prediction | None] = [None] * len(rendered)
         stats = InferenceStats(examples=len(examples))
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            chunk = [rendered[j] for j in idx]
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+        def run(idx: list[int]) -> tuple[list[int], np.ndarray, np.ndarray, float]:
             tb = time.perf_counter()
-            start, end = self.logits(chunk)
-            stats.batch_ms.append((time.perf_counter() - tb) * 1000.0)
-            stats.padded_tokens += int(start.size)
-            for j, p in zip(idx, decode(start, end, chunk), strict=True):
-                out[j] = p
+            start, end = self.logits([rendered[j] for j in idx])
+            return idx, start, end, (time.perf_counter() - tb) * 1000.0
+
+        if self.batch_workers > 1 and len(chunks) > 1:
+            pool = ThreadPoolExecutor(self.batch_workers, thread_name_prefix="span-batch")
+            results: Iterable[tuple[list[int], np.ndarray, np.ndarray, float]] = pool.map(
+                run, chunks
+            )
+        else:
+            pool, results = None, map(run, chunks)
+        try:
+            for idx, start, end, ms in results:  # in batch order, whatever finished first
+                stats.batch_ms.append(ms)
+                stats.padded_tokens += int(start.size)
+                chunk = [rendered[j] for j in idx]
+                for j, p in zip(idx, decode(start, end, chunk), strict=True):
+                    out[j] = p
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         stats.seconds = time.perf_counter() - t0
         stats.cpu_seconds = time.process_time() - cpu0
         stats.pairs = sum(len(ex.context) for ex in examples)

@@ -62,6 +62,7 @@ from offline.detector.span_model import (
     load_tokenizer,
     pad_batch,
     span_loss,
+    truncate_layers,
 )
 from offline.trainutil import (
     linear_warmup_decay,
@@ -118,6 +119,8 @@ class SpanTrainConfig:
         max_train_seconds: optional wall-clock cap (seconds) for the optimisation loop; None =
             none (set it only when a hard budget matters more than reproducibility).
         render: :class:`~offline.detector.span_model.RenderConfig`.
+        layers: keep only the first ``layers`` transformer layers of all-MiniLM-L6-v2 (a
+            shallower, faster detector: inference cost is linear in layers); None = all 6.
     """
 
     seed: int = 13
@@ -136,6 +139,7 @@ class SpanTrainConfig:
     threads: int = 2
     max_train_seconds: float | None = None
     render: RenderConfig = field(default_factory=RenderConfig)
+    layers: int | None = None
 
     @staticmethod
     def tiny() -> SpanTrainConfig:
@@ -446,6 +450,8 @@ def train_span_detector(
     torch.set_num_threads(config.threads)
     tok = load_tokenizer(minilm_path())
     model = load_span_model(minilm_path(), vocab_size=len(tok))
+    if config.layers is not None:
+        truncate_layers(model, config.layers)
     renderer = Renderer(tok, config.render)
     rendered_all = renderer.render_many(train)
     keep = [i for i, r in enumerate(rendered_all) if not r.gold_dropped]

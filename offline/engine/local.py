@@ -40,7 +40,7 @@ def run_local(turns: Sequence[Turn], settings: Settings) -> CoreResult:
         detector = prepare_detector(settings)
         _, artifact = detector
         if artifact is not None:
-            span_model(artifact, settings.rephrase.detector_backend)
+            span_model(artifact, settings.rephrase)
     with timed(timings, "sessionize"):
         table = sessionize_table(turns_to_table(turns), settings.session.gap_s)
     with timed(timings, "rephrase"):

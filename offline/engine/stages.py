@@ -251,23 +251,28 @@ def examples_table(table: pa.Table, rephrase: RephraseSettings) -> pa.Table:
     )
 
 
-_MODELS: dict[tuple[str, str], Any] = {}
+_MODELS: dict[tuple[str, str, int], Any] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def span_model(artifact: str | Path, backend: str) -> Any:
+def span_model(artifact: str | Path, rephrase: RephraseSettings) -> Any:
     """The span detector for ``artifact``, loaded once per process (a Spark executor's Python
-    worker keeps it across tasks while ``spark.python.worker.reuse`` is on, the default).
+    worker keeps it across tasks while ``spark.python.worker.reuse`` is on, the default), with
+    ``rephrase.detector_backend`` and ``rephrase.batch_workers``.
 
     Raises:
         FileNotFoundError: not a complete artifact.
     """
     from offline.detector.inference import SpanDetector
 
-    key = (str(artifact), backend)
+    key = (str(artifact), rephrase.detector_backend, rephrase.batch_workers)
     with _MODELS_LOCK:
         if key not in _MODELS:
-            _MODELS[key] = SpanDetector.load(Path(artifact), backend=backend)
+            _MODELS[key] = SpanDetector.load(
+                Path(artifact),
+                backend=rephrase.detector_backend,
+                batch_workers=rephrase.batch_workers,
+            )
         return _MODELS[key]
 
 
@@ -281,7 +286,7 @@ def size_examples(examples: pa.Table, rephrase: RephraseSettings, artifact: str 
     (rank by :data:`BATCH_ORDER`, chunks of ``batch_size``) and scores each batch as one group.
     """
     exs = [DetectorExample.from_json(json.loads(e)) for e in examples["example"].to_pylist()]
-    model = span_model(artifact, rephrase.detector_backend)
+    model = span_model(artifact, rephrase)
     lengths = [len(r.input_ids) for r in model.renderer.render_many(exs)] if exs else []
     return examples.append_column("n_tokens", pa.array(lengths, pa.int64()))
 
@@ -305,9 +310,7 @@ def score_examples(
     rows = examples.to_pylist()
     exs = [DetectorExample.from_json(json.loads(r["example"])) for r in rows]
     preds = (
-        span_model(artifact, rephrase.detector_backend).predict(exs, batch_size=rephrase.batch_size)
-        if exs
-        else []
+        span_model(artifact, rephrase).predict(exs, batch_size=rephrase.batch_size) if exs else []
     )
     return pa.Table.from_pydict(
         {
