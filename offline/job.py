@@ -285,6 +285,11 @@ def run_nightly(
         log.info("dropped %d turns of forgotten users", n_forgotten)
     with _timed(timings, "to_turns"):
         turns = to_turns(kept)
+    # the validated log objects are not needed past this point; the job holds ``turns`` (with
+    # shared strings) to its end, so free the heavier pydantic rows now
+    n_valid = len(read.turns)
+    read.turns.clear()
+    del kept
     with _timed(timings, "engine"):
         core = run_engine(turns, settings, engine)
     timings.update(core.timings_s)
@@ -362,7 +367,7 @@ def run_nightly(
     report.pairs_content_hash = content_hash(pairs)
     report.counts = {
         "rows_in": read.rows_in,
-        "turns_valid": len(read.turns),
+        "turns_valid": n_valid,
         "rows_quarantined": len(read.quarantined),
         "forgotten_turns": n_forgotten,
         "users": len({t.user_id for t in turns}),
@@ -423,7 +428,7 @@ def run_nightly(
                 refused = guard
         finally:
             client.close()
-    _finish(report, timings, t_all, out, len(read.turns))
+    _finish(report, timings, t_all, out, n_valid)
     log.info(
         "nightly: %d rows, %d quarantined, %d forgotten, %d links, %d pairs in %.2f s",
         read.rows_in,

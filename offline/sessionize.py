@@ -15,7 +15,7 @@ from offline.schema import TurnLog
 from rewrite.normalize import normalize_utterance
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Turn:
     """A validated turn in the job's working form.
 
@@ -68,27 +68,43 @@ class Session:
 def to_turns(logs: Sequence[TurnLog]) -> list[Turn]:
     """Convert validated logs to :class:`Turn` (index = position in ``logs``).
 
+    Equal strings (utterances, responses, user ids, NLU labels) share one object and each
+    distinct utterance is normalized once: a day of logs repeats its head utterances and
+    system responses across many users, and the job holds every turn until it ends.
+
     ``normalized`` is what the user said; a logged ``rewrite`` goes to ``rewrite`` (see
     :class:`Turn`), so no later stage mistakes the service's words for the user's.
     """
     out = []
+    shared: dict[str, str] = {}  # one str object per distinct value (logs repeat heavily)
+    normalized: dict[str, str] = {}  # utterance -> normalize_utterance(utterance), once each
+
+    def one(text: str) -> str:
+        return shared.setdefault(text, text)
+
+    def norm(text: str) -> str:
+        got = normalized.get(text)
+        if got is None:
+            got = normalized[text] = one(normalize_utterance(text))
+        return got
+
     for i, t in enumerate(logs):
-        said = normalize_utterance(t.utterance)
-        rewrite = normalize_utterance(t.rewrite) if t.rewrite else ""
+        said = norm(t.utterance)
+        rewrite = norm(t.rewrite) if t.rewrite else ""
         out.append(
             Turn(
                 idx=i,
                 turn_id=t.turn_id,
-                user_id=t.user_id,
+                user_id=one(t.user_id),
                 ts=t.timestamp.timestamp(),
-                utterance=t.utterance,
+                utterance=one(t.utterance),
                 normalized=said,
-                response=t.response or "",
+                response=one(t.response or ""),
                 barge_in=bool(t.barge_in),
                 feedback=int(t.feedback or 0),
-                rewrite_source=t.rewrite_source or "",
-                domain=t.domain or "",
-                intent=t.intent or "",
+                rewrite_source=one(t.rewrite_source or ""),
+                domain=one(t.domain or ""),
+                intent=one(t.intent or ""),
                 rewrite=rewrite if rewrite != said else "",
                 device_type=t.device_type or "",
             )
