@@ -12,6 +12,11 @@ normalisation, 384-d. The three variants are the project's own:
   through :class:`rewrite.encoder.QueryEncoder` (the service's class, LRU cache off) at 1 and 2
   intra-op threads.
 
+- **static** (with ``--static ART``): a static query tower distilled from that zero-shot
+  artifact (``qrw train dpr --zero-shot --query-static``; a trained vector per wordpiece, the
+  query vector their mean, numpy only) through the same class; one thread (no intra-op
+  parallelism to use).
+
 All variants tokenize with the artifact's fast tokenizer (same ids, ``max_length`` of the
 artifact); timings include tokenization and normalisation, as in the service.
 
@@ -143,6 +148,15 @@ def onnx_variants(artifact: Path, threads: Sequence[int], int8: bool) -> list[Va
     return out
 
 
+def static_variant(artifact: Path) -> Variant:
+    """The service's :class:`QueryEncoder` on a static artifact (numpy, one thread)."""
+    from rewrite.encoder import QueryEncoder
+
+    enc = QueryEncoder.load(artifact, cache_size=0)
+    enc.batch_size = BATCH
+    return Variant("static", 1, enc.encode, lambda: None)
+
+
 def single_latencies(v: Variant, texts: Sequence[str]) -> np.ndarray:
     """Seconds per single-text call, every text once (after a warm-up)."""
     v.before()
@@ -184,6 +198,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RUNS / "encoders.json")
+    ap.add_argument(
+        "--static",
+        type=Path,
+        help="also a static query tower artifact distilled from the zero-shot one",
+    )
     args = ap.parse_args()
     mach = machine()
 
@@ -201,6 +220,11 @@ def main() -> None:
         + onnx_variants(artifact, args.threads, int8=False)
         + onnx_variants(artifact, args.threads, int8=True)
     )
+    if args.static is not None:
+        smeta = json.loads((args.static / "dpr.json").read_text())
+        if smeta.get("query_tower") != "static" or smeta.get("distilled_from") != artifact.name:
+            ap.error(f"--static {args.static} is not a static tower distilled from {artifact.name}")
+        variants.append(static_variant(args.static))
     vecs: dict[str, np.ndarray] = {}
     for v in variants:
         if v.name not in vecs:

@@ -235,9 +235,21 @@ def train_dpr_cmd(
     query_layers: Annotated[
         int, typer.Option(help="then distil the query tower to this many layers (0 = keep 6)")
     ] = 0,
+    query_static: Annotated[
+        bool,
+        typer.Option(
+            "--query-static",
+            help="then distil a static query tower (a trained vector per wordpiece, no "
+            "transformer; same passage tower)",
+        ),
+    ] = False,
     distill_logs: Annotated[
         list[Path] | None,
         typer.Option(help="turn logs to distil on (default: the run's logs)"),
+    ] = None,
+    distill_texts: Annotated[
+        list[Path] | None,
+        typer.Option(help="plain-text files, one utterance per line, to distil on as well"),
     ] = None,
     noisy_queries: Annotated[
         int,
@@ -247,12 +259,15 @@ def train_dpr_cmd(
 ) -> None:
     """Fine-tune the DPR query/passage encoders on a run's rewrite pairs (or export zero-shot
     MiniLM); ONNX towers under artifacts/dpr/<hash>/, LATEST points at it. With
-    --query-layers N a shallower query tower is distilled from it (same passage tower)."""
+    --query-layers N a shallower query tower is distilled from it, with --query-static a
+    static one (same passage tower)."""
     from offline.dpr.train import DprTrainConfig, train_from_run
 
     settings = _settings(config)
     if run is None and not zero_shot:
         raise typer.BadParameter("give --run RUN_DIR (or --zero-shot)")
+    if query_layers and query_static:
+        raise typer.BadParameter("give --query-layers N or --query-static, not both")
     try:
         train_config = DprTrainConfig.for_budget(budget)
     except ValueError as err:
@@ -269,7 +284,7 @@ def train_dpr_cmd(
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
-    if query_layers:
+    if query_layers or query_static:
         from offline.dpr.distill import DistillConfig, distill_query_tower
         from offline.schema import read_turn_logs
 
@@ -277,11 +292,15 @@ def train_dpr_cmd(
         if not logs and run is not None:
             logs = [Path(p) for p in json.loads((run / "report.json").read_text())["logs"]]
         if not logs:
-            raise typer.BadParameter("--query-layers needs --distill-logs (or --run)")
+            raise typer.BadParameter("--query-layers/--query-static need --distill-logs (or --run)")
         texts = [t.utterance for t in read_turn_logs(logs).turns]
+        for f in distill_texts or []:
+            texts += Path(f).read_text(encoding="utf-8").splitlines()
+        dconfig = DistillConfig.for_static() if query_static else DistillConfig(layers=query_layers)
         try:
-            res = distill_query_tower(res.artifact, texts, out or settings.dpr.artifacts_dir,
-                                      DistillConfig(layers=query_layers))  # fmt: skip
+            res = distill_query_tower(
+                res.artifact, texts, out or settings.dpr.artifacts_dir, dconfig
+            )
         except ValueError as e:
             raise typer.BadParameter(str(e)) from e
     m = res.meta

@@ -32,7 +32,8 @@ class OnlineBuild:
 
     Attributes:
         encoder: the passage encoder (also used for personal-history vectors).
-        encoder_kind: ``"fine-tuned"`` or ``"zero-shot"``.
+        encoder_kind: the artifact's ``variant``: ``"zero-shot"``, ``"fine-tuned"``,
+            ``"distilled-query"`` (a shallower query tower) or ``"static-query"``.
         index_dir: the index folder inside the run dir.
         info: its ``index.json``.
     """
@@ -58,7 +59,7 @@ def load_passage_encoder(settings: Settings) -> tuple[PassageEncoder, str]:
     """The DPR passage tower the settings name, else the zero-shot MiniLM one.
 
     Returns:
-        ``(encoder, kind)`` with kind ``"fine-tuned"`` or ``"zero-shot"``.
+        ``(encoder, kind)`` with kind the artifact's ``variant`` (:class:`OnlineBuild`).
 
     Raises:
         DprModelMissingError: ``dpr.artifact`` is set explicitly but missing (an explicit
@@ -81,8 +82,7 @@ def load_passage_encoder(settings: Settings) -> tuple[PassageEncoder, str]:
         path = export_zero_shot(Path(d.artifacts_dir)).artifact
         kind = "zero-shot"
     enc = PassageEncoder.load(path, threads=2)
-    if enc.meta.get("zero_shot"):
-        kind = "zero-shot"
+    kind = "zero-shot" if enc.meta.get("zero_shot") else str(enc.meta.get("variant", kind))
     return enc, kind
 
 

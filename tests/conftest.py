@@ -117,6 +117,23 @@ def dpr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def static_dpr_dir(dpr_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding a static query tower distilled from the zero-shot artifact of
+    :func:`dpr_dir` (``LATEST`` names the student; same passage tower), trained briefly on
+    :func:`commands.distill_texts`."""
+    from commands import distill_texts
+
+    from offline.dpr.distill import DistillConfig, distill_query_tower
+    from offline.dpr.train import export_zero_shot
+
+    root = tmp_path_factory.mktemp("dpr-static")
+    teacher = export_zero_shot(dpr_dir).artifact  # the session's (reused)
+    config = DistillConfig.for_static(epochs=8, noisy_copies=1)
+    distill_query_tower(teacher, distill_texts(), root, config)
+    return root
+
+
+@pytest.fixture(scope="session")
 def spark() -> Iterator[Any]:
     """One local SparkSession (``local[2]``, no UI, 2 shuffle partitions, Arrow on) for the
     whole test session, stopped at the end; skipped when pyspark is not installed

@@ -382,3 +382,123 @@ def test_noisy_query_pairs_are_seeded_label_free_corruptions() -> None:
     assert any(len(p.query.split()) > len(p.target.split()) for p in pairs)  # a split
     assert any(len(p.query.split()) < len(p.target.split()) for p in pairs)  # a merge
     assert noisy_query_pairs(passages, 0, seed=3) == [] and noisy_query_pairs([], 5, 3) == []
+
+
+def test_static_embedding_bag_is_the_masked_mean() -> None:
+    from rewrite.encoder import StaticEmbeddingBag
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(50, 8)).astype(np.float16)
+    bag = StaticEmbeddingBag(table)
+    ids = np.array([[1, 5, 7, 0], [3, 4, 0, 0]], dtype=np.int64)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=np.int64)
+    (out,) = bag.run(["embedding"], {"input_ids": ids, "attention_mask": mask})
+    rows = table.astype(np.float32)
+    expected = np.stack([rows[[1, 5, 7]].mean(axis=0), rows[[3, 4]].mean(axis=0)])
+    assert out.dtype == np.float32 and out.shape == (2, 8)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    assert bag.vocab_size == 50 and not bag.table.flags.writeable
+    with pytest.raises(IndexError):
+        bag.run(["embedding"], {"input_ids": np.array([[50]]), "attention_mask": np.ones((1, 1))})
+    with pytest.raises(ValueError, match="NaN"):
+        StaticEmbeddingBag(np.full((3, 2), np.nan, dtype=np.float16))
+    with pytest.raises(ValueError, match="vocab, dim"):
+        StaticEmbeddingBag(np.zeros(3, dtype=np.float16))
+
+
+@pytest.mark.slow
+def test_static_query_tower_distillation(static_dpr_dir: Path, dpr_dir: Path) -> None:
+    """``DistillConfig.for_static``: a float16 table per wordpiece replaces ``query.onnx``,
+    the passage tower is the teacher's file, training moves the vectors towards the teacher's,
+    the service's numpy encoder computes exactly the table mean, and it needs no torch or
+    ONNX Runtime."""
+    from commands import distill_texts
+
+    from offline.dpr.distill import DistillConfig, distill_query_tower
+    from offline.dpr.train import export_zero_shot
+    from rewrite.encoder import QueryEncoder, StaticEmbeddingBag, read_dpr_meta
+
+    teacher = export_zero_shot(dpr_dir).artifact
+    art = resolve_dpr_artifact(static_dpr_dir)
+    meta, tmeta = read_dpr_meta(art), read_dpr_meta(teacher)
+    assert meta["query_tower"] == "static" and meta["variant"] == "static-query"
+    assert meta["distilled_from"] == teacher.name and meta["encoder_id"] == art.name
+    assert art.name != teacher.name and meta["query_layers"] == 0
+    assert not (art / "query.onnx").exists() and not (art / "query.int8.onnx").exists()
+    table = np.load(art / "query.static.npy")
+    assert table.dtype == np.float16 and table.shape == (30522, 384)
+    assert meta["files_sha256"]["passage.onnx"] == tmeta["files_sha256"]["passage.onnx"]
+    assert set(meta["files_sha256"]) == {"passage.onnx", "query.static.npy"}
+    d = meta["distill"]
+    assert (
+        d["dev_cosine_to_teacher"]["mean"]
+        > d["dev_cosine_to_teacher_before_training"]["mean"] + 0.1
+    ), d
+    assert d["onnx_min_cosine_to_torch"] > 0.999  # float16 table vs the torch student
+
+    texts = ["what's the weather in wilkerson", "turn of the lights", "call mom"]
+    enc = QueryEncoder.load(art)
+    assert isinstance(enc.session, StaticEmbeddingBag)
+    vecs = enc.encode(texts)
+    assert vecs.shape == (3, 384) and vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    ids = enc.tokenizer.encode(texts[0]).ids  # [CLS] ... [SEP]
+    mean = table[ids].astype(np.float32).mean(axis=0)
+    np.testing.assert_allclose(vecs[0], mean / np.linalg.norm(mean), atol=1e-6)
+    np.testing.assert_allclose(enc.encode([texts[1]])[0], vecs[1], atol=1e-6)
+    teacher_vecs = QueryEncoder.load(teacher, quantized=False).encode(distill_texts()[:200])
+    cos = np.sum(enc.encode(distill_texts()[:200]) * teacher_vecs, axis=1)
+    assert cos.mean() > 0.85, cos.mean()
+    with pytest.raises(FileNotFoundError, match="static"):
+        QueryEncoder.load(art, quantized=True)
+    with pytest.raises(ValueError, match="static"):
+        distill_query_tower(art, distill_texts(), static_dpr_dir, DistillConfig.for_static())
+    again = distill_query_tower(
+        teacher, distill_texts(), static_dpr_dir, DistillConfig.for_static(epochs=8, noisy_copies=1)
+    )
+    assert again.reused and again.artifact == art
+
+    code = (
+        "import sys\n"
+        "from rewrite.encoder import QueryEncoder\n"
+        f"v = QueryEncoder.load({str(art)!r}).encode(['turn off the lights'])\n"
+        "assert v.shape == (1, 384), v.shape\n"
+        "bad = [m for m in ('torch', 'transformers', 'onnxruntime') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.slow
+def test_layer_distillation_exports_a_shallow_onnx_tower(dpr_dir: Path, tmp_path: Path) -> None:
+    """``DistillConfig(layers=1)``: a 1-layer MiniLM query tower exported to ONNX next to the
+    teacher's passage tower; the ONNX graph reproduces the torch student."""
+    import onnx
+    from commands import distill_texts
+
+    from offline.dpr.distill import DistillConfig, distill_query_tower
+    from offline.dpr.train import export_zero_shot
+    from rewrite.encoder import QueryEncoder
+
+    teacher = export_zero_shot(dpr_dir).artifact
+    config = DistillConfig(layers=1, epochs=2, quantize_int8=False)
+    res = distill_query_tower(teacher, distill_texts(), tmp_path / "dpr", config)
+    meta = res.meta
+    assert not res.reused and meta["variant"] == "distilled-query" and meta["query_layers"] == 1
+    assert "query_tower" not in meta and (res.artifact / "query.onnx").exists()
+    d = meta["distill"]
+    assert d["onnx_min_cosine_to_torch"] > 0.999
+    assert d["dev_cosine_to_teacher"]["mean"] > d["dev_cosine_to_teacher_before_training"]["mean"]
+
+    def matmuls(path: Path) -> int:
+        return sum(n.op_type == "MatMul" for n in onnx.load(str(path)).graph.node)
+
+    assert 6 * matmuls(res.artifact / "query.onnx") == matmuls(teacher / "query.onnx") > 0
+    vecs = QueryEncoder.load(res.artifact).encode(distill_texts()[:5])
+    assert vecs.shape == (5, 384)
+    with pytest.raises(ValueError, match="layers"):
+        DistillConfig(layers=0)

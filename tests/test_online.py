@@ -193,6 +193,49 @@ def test_query_precision_setting_picks_the_query_tower(
     assert abs(served["int8"][1] - served["fp32"][1]) < 0.05
 
 
+def test_static_query_tower_serves_the_online_path(
+    online_settings: Settings, static_dpr_dir: Path, tmp_path: Path
+) -> None:
+    """A static query tower (``qrw train dpr --query-static``) distilled from the zero-shot
+    one: the job indexes with its (unchanged) passage tower, the service encodes with the
+    numpy table, and the example that must work still works. Asking for an int8 query tower
+    it does not have refuses the index (pass-through), never an error."""
+    from rewrite.encoder import StaticEmbeddingBag
+
+    s = online_settings.model_copy(deep=True)
+    s.dpr.artifacts_dir = static_dpr_dir
+    logs = _wilkerson_logs(tmp_path / "day-01.jsonl")
+    report = run_nightly([logs], tmp_path / "run", s, publish=True)
+    assert report.online is not None and report.online["encoder_kind"] == "static-query"
+    query = "what's the weather in wilkerson"
+    rewriter = Rewriter(s)
+    rewriter.warm_up()
+    try:
+        layer = rewriter.resources.online
+        snap = layer.snapshot() if layer is not None else None
+        assert snap is not None and isinstance(snap.encoder.session, StaticEmbeddingBag)
+        assert snap.encoder.onnx_path.name == "query.static.npy"
+        alice = rewriter.rewrite(RewriteRequest(query, user_id="alice", explain=True))
+        assert alice.rewritten and alice.source == "global", (alice.reason, alice.candidates)
+        assert alice.rewrite == "what's the weather in wilmington"
+        bob = rewriter.rewrite(RewriteRequest(query, user_id="bob", explain=True))
+        assert (bob.rewrite, bob.source) == ("what's the weather in wilkesboro", "personal")
+        other = rewriter.rewrite(RewriteRequest("set a timer for ten minutes", user_id="alice"))
+        assert not other.rewritten
+    finally:
+        rewriter.close()
+    s.dpr.query_precision = "int8"
+    rewriter = Rewriter(s)
+    rewriter.warm_up()
+    try:
+        layer = rewriter.resources.online
+        assert layer is not None and layer.snapshot() is None
+        res = rewriter.rewrite(RewriteRequest(query, user_id="alice"))
+        assert not res.rewritten and res.reason == "online_unavailable"
+    finally:
+        rewriter.close()
+
+
 def test_online_layer_passes_through_without_a_published_index(
     online_settings: Settings, tmp_path: Path
 ) -> None:

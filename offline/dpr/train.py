@@ -66,6 +66,7 @@ from rewrite.encoder import (
     PASSAGE_ONNX,
     QUERY_INT8_ONNX,
     QUERY_ONNX,
+    QUERY_STATIC,
     PassageEncoder,
     QueryEncoder,
     load_fast_tokenizer,
@@ -278,19 +279,23 @@ def _tokenize(tok: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tenso
     return ids, mask
 
 
-def embed(tower: Tower, tok: Any, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
-    """Torch embeddings of ``texts``: ``(n, dim)`` float32, L2-normalised (eval, no grad;
-    sorted by length for batching, returned in input order)."""
+def embed(tower: nn.Module, tok: Any, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
+    """Torch embeddings of ``texts`` by ``tower`` (any module mapping ``(input_ids,
+    attention_mask)`` to L2-normalised rows: :class:`Tower`, a static student):
+    ``(n, dim)`` float32 (eval, no grad; sorted by length for batching, returned in input
+    order; ``(0, 0)`` for no texts)."""
     was = tower.training
     tower.eval()
-    dim = int(tower.bert.config.hidden_size)
-    out = np.zeros((len(texts), dim), dtype=np.float32)
+    out = np.zeros((len(texts), 0), dtype=np.float32)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     with torch.inference_mode():
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
             ids, mask = _tokenize(tok, [texts[i] for i in idx])
-            out[idx] = tower(ids, mask).numpy()
+            vecs = tower(ids, mask).numpy()
+            if s == 0:
+                out = np.zeros((len(texts), vecs.shape[1]), dtype=np.float32)
+            out[idx] = vecs
     tower.train(was)
     return out
 
@@ -554,7 +559,9 @@ def _new_tmp(out: Path) -> Path:
 
 def _finish(tmp: Path, out: Path, meta: dict[str, Any]) -> bool:
     """Write ``dpr.json`` and rename ``tmp`` to ``out``; False when ``out`` appeared meanwhile."""
-    files = [f for f in (QUERY_ONNX, PASSAGE_ONNX, QUERY_INT8_ONNX) if (tmp / f).exists()]
+    files = [
+        f for f in (QUERY_ONNX, PASSAGE_ONNX, QUERY_INT8_ONNX, QUERY_STATIC) if (tmp / f).exists()
+    ]
     meta["files_sha256"] = {f: sha256_file(tmp / f) for f in files}
     meta["created_unix"] = round(time.time(), 3)
     (tmp / DPR_META).write_text(json.dumps(meta, indent=2))
