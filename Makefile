@@ -44,6 +44,8 @@ BENCH_STAMP   := $(VENV)/.bench-installed
 NIGHTLY_SIZES ?= 100000 1000000
 NIGHTLY_ARGS  ?= --detector bert_span
 ONLINE_N      ?= 1000000
+# the static query tower the encoder and online benchmarks also measure (distilled first, ~3 min)
+STATIC_DPR    ?= var/bench/dpr-static
 ONLINE_ARGS   ?= --requests 1000 --rounds 3 --concurrency 1 2 4 8 16 32 64
 
 $(BENCH_STAMP): $(STAMP)
@@ -51,8 +53,11 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(BIN)/python bench/bench_encoders.py --data-root $(DATA)
+	$(BIN)/qrw train dpr --zero-shot --query-static --distill-texts $(DATA)/slurp/lm.txt --out $(STATIC_DPR)
+	$(BIN)/python bench/bench_encoders.py --data-root $(DATA) --static $(STATIC_DPR)/$$(cat $(STATIC_DPR)/LATEST)
 	$(BIN)/python bench/bench_online.py --n $(ONLINE_N) $(ONLINE_ARGS) --json runs/bench/online.json
+	$(BIN)/python bench/bench_online.py --n $(ONLINE_N) $(ONLINE_ARGS) --json runs/bench/online-static.json \
+		--dpr $(STATIC_DPR)/$$(cat $(STATIC_DPR)/LATEST)
 	$(BIN)/python bench/bench_nightly.py --sizes $(NIGHTLY_SIZES) $(NIGHTLY_ARGS) --data-root $(DATA)
 	$(BIN)/python bench/bench_detector.py
 

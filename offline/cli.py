@@ -291,9 +291,11 @@ def train_dpr_cmd(
         logs = list(distill_logs or [])
         if not logs and run is not None:
             logs = [Path(p) for p in json.loads((run / "report.json").read_text())["logs"]]
-        if not logs:
-            raise typer.BadParameter("--query-layers/--query-static need --distill-logs (or --run)")
-        texts = [t.utterance for t in read_turn_logs(logs).turns]
+        if not logs and not distill_texts:
+            raise typer.BadParameter(
+                "--query-layers/--query-static need --distill-logs or --distill-texts (or --run)"
+            )
+        texts = [t.utterance for t in read_turn_logs(logs).turns] if logs else []
         for f in distill_texts or []:
             texts += Path(f).read_text(encoding="utf-8").splitlines()
         dconfig = DistillConfig.for_static() if query_static else DistillConfig(layers=query_layers)

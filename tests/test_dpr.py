@@ -344,6 +344,12 @@ def test_cli_train_dpr(tmp_path: Path, zero_shot_artifact: Path) -> None:
     assert res.exit_code != 0 and "--run" in res.output
     res = runner.invoke(app, ["train", "dpr", "--run", str(tmp_path / "nope"), "--out", str(root)])
     assert res.exit_code == 2 and "rephrases.parquet" in res.output
+    res = runner.invoke(app, ["train", "dpr", "--zero-shot", "--query-static", "--out", str(root)])
+    flat = "".join(res.output.split()).replace("│", "")  # rich wraps the error in a box
+    assert res.exit_code != 0 and "--distill-logsor--distill-texts" in flat, res.output
+    both = ["--query-static", "--query-layers", "2"]
+    res = runner.invoke(app, ["train", "dpr", "--zero-shot", *both, "--out", str(root)])
+    assert res.exit_code != 0 and "notboth" in "".join(res.output.split()), res.output
 
 
 def test_noisy_query_pairs_are_seeded_label_free_corruptions() -> None:
