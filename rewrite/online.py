@@ -1,9 +1,10 @@
 """Online rewriting stages: encode → global retrieval → personal retrieval → rerank → trigger.
 
 The stages share one :class:`OnlineLayer` (held by :class:`~rewrite.pipeline.Resources`): the
-DPR query encoder (:class:`rewrite.encoder.QueryEncoder`, ONNX Runtime) and the FAISS global
-index (:class:`rewrite.retrieval.GlobalIndex`) of one published version, the personal store
-(:class:`rewrite.personal.PersonalStore`) and the ranker (:func:`rewrite.rerank.load_ranker`).
+DPR query encoder (:class:`rewrite.encoder.QueryEncoder`: ONNX Runtime, or numpy for a static
+tower) and the FAISS global index (:class:`rewrite.retrieval.GlobalIndex`) of one published
+version, the personal store (:class:`rewrite.personal.PersonalStore`) and the ranker
+(:func:`rewrite.rerank.load_ranker`).
 
 **Versions never mix inside the online layer.** The nightly job records ``index_dir`` and
 ``encoder_id`` in ``qrw:{version}:meta``; the layer loads that index with the query encoder
