@@ -129,8 +129,8 @@ class StaticEmbeddingBag:
     Transformer", 2024) makes a sentence encoder static by giving every vocabulary token the
     teacher's vector of that token alone; :mod:`offline.dpr.distill` starts from such vectors
     and then trains them to reproduce the teacher's query vectors on logged utterances. The
-    result costs a tokenization, a gather and a mean (~0.02 ms per query) instead of a
-    6-layer MiniLM pass (1.5-8 ms on one core).
+    result costs a tokenization, a gather and a mean (0.08 ms p50 per query on one AVX2 core,
+    ``bench/bench_encoders.py --static``) instead of a 6-layer MiniLM pass (1.5-8 ms).
 
     It answers ONNX Runtime's ``session.run`` call, so :class:`QueryEncoder` serves it like
     an ONNX graph: inputs ``input_ids``, ``attention_mask`` ``(batch, seq) int64``, output
@@ -150,15 +150,21 @@ class StaticEmbeddingBag:
         self.table = table
 
     @classmethod
-    def load(cls, path: Path) -> StaticEmbeddingBag:
-        """Read ``query.static.npy`` (no pickles).
+    def load(cls, path: Path, vocab_size: int) -> StaticEmbeddingBag:
+        """Read ``query.static.npy`` (no pickles) for a tokenizer of ``vocab_size`` wordpieces.
 
         Raises:
-            FileNotFoundError: no file at ``path``; ValueError: not a finite 2-d table.
+            FileNotFoundError: no file at ``path``; ValueError: not a finite 2-d table, or not
+            one row per wordpiece.
         """
         if not Path(path).exists():
             raise FileNotFoundError(f"static query tower not found: {path}")
-        return cls(np.load(path, allow_pickle=False))
+        bag = cls(np.load(path, allow_pickle=False))
+        if bag.vocab_size != vocab_size:
+            raise ValueError(
+                f"{path} has {bag.vocab_size} rows for a vocabulary of {vocab_size} wordpieces"
+            )
+        return bag
 
     @property
     def vocab_size(self) -> int:
@@ -260,12 +266,7 @@ class _OnnxTower:
         tokenizer = load_fast_tokenizer(artifact_dir, length)
         session: Any
         if onnx_path.name == QUERY_STATIC:
-            session = StaticEmbeddingBag.load(onnx_path)
-            if session.vocab_size != tokenizer.get_vocab_size():
-                raise ValueError(
-                    f"{onnx_path} has {session.vocab_size} rows for a vocabulary of "
-                    f"{tokenizer.get_vocab_size()} wordpieces"
-                )
+            session = StaticEmbeddingBag.load(onnx_path, tokenizer.get_vocab_size())
         else:
             session = onnx_session(onnx_path, threads)
         log.info("%s loaded from %s (encoder_id %s)", cls.__name__, onnx_path, meta["encoder_id"])

@@ -396,7 +396,7 @@ def test_noisy_query_pairs_are_seeded_label_free_corruptions() -> None:
     assert noisy_query_pairs(passages, 0, seed=3) == [] and noisy_query_pairs([], 5, 3) == []
 
 
-def test_static_embedding_bag_is_the_masked_mean() -> None:
+def test_static_embedding_bag_is_the_masked_mean(tmp_path: Path) -> None:
     from rewrite.encoder import StaticEmbeddingBag
 
     rng = np.random.default_rng(0)
@@ -416,6 +416,12 @@ def test_static_embedding_bag_is_the_masked_mean() -> None:
         StaticEmbeddingBag(np.full((3, 2), np.nan, dtype=np.float16))
     with pytest.raises(ValueError, match="vocab, dim"):
         StaticEmbeddingBag(np.zeros(3, dtype=np.float16))
+    np.save(tmp_path / "query.static.npy", table)
+    assert StaticEmbeddingBag.load(tmp_path / "query.static.npy", 50).vocab_size == 50
+    with pytest.raises(ValueError, match="50 rows for a vocabulary of 51"):
+        StaticEmbeddingBag.load(tmp_path / "query.static.npy", 51)
+    with pytest.raises(FileNotFoundError):
+        StaticEmbeddingBag.load(tmp_path / "missing.npy", 50)
 
 
 @pytest.mark.slow

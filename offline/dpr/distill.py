@@ -70,7 +70,6 @@ from rewrite.encoder import (
     QUERY_STATIC,
     STATIC_TOWER,
     QueryEncoder,
-    load_fast_tokenizer,
     read_dpr_meta,
 )
 
@@ -259,11 +258,10 @@ def distill_query_tower(
         seen = set(distinct)
         noisy = noisy_query_pairs(train, config.noisy_copies, config.seed, exclude_queries=dev)
         train += sorted({p.query for p in noisy} - seen)
-    max_length = int(tmeta.get("max_length", 32))
     t_enc = QueryEncoder.load(teacher, threads=config.threads, quantized=False, cache_size=0)
     target_train = t_enc.encode(train)  # (n, dim) float32, L2-normalised
     target_dev = t_enc.encode(dev)
-    tok = load_fast_tokenizer(teacher, max_length)
+    tok = t_enc.tokenizer  # the teacher's, truncated to its max_length
 
     t0 = time.perf_counter()
     student: nn.Module
@@ -301,7 +299,8 @@ def distill_query_tower(
     bar.close()
     train_s = time.perf_counter() - t0
     student.eval()
-    cos = np.sum(embed(student, tok, dev) * target_dev, axis=1)
+    student_dev = embed(student, tok, dev)
+    cos = np.sum(student_dev * target_dev, axis=1)
 
     tmp = _new_tmp(out)
     if isinstance(student, StaticTower):
@@ -325,7 +324,7 @@ def distill_query_tower(
         meta["query_tower"] = STATIC_TOWER
     (tmp / DPR_META).write_text(json.dumps(meta))  # provisional: the encoders read it
     onnx_q = QueryEncoder.load(tmp, threads=config.threads, quantized=False, cache_size=0)
-    onnx_cos = np.sum(onnx_q.encode(dev) * embed(student, tok, dev), axis=1)
+    onnx_cos = np.sum(onnx_q.encode(dev) * student_dev, axis=1)
     meta["distill"] = {
         "config": asdict(config),
         "train_texts": len(train),
