@@ -80,6 +80,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from prometheus_client import REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # allow `python bench/bench_online.py` without install
@@ -569,6 +570,10 @@ def stats_handler(get_server: Callable[[], RewriteServer], clock: StageClock) ->
             out["nprobe"] = getattr(snap.index.index, "nprobe", None)
         if layer is not None and layer.ranker is not None:
             out["ranker"] = layer.ranker.name
+        out["personal_cache"] = {
+            result: REGISTRY.get_sample_value("qrw_personal_cache_total", {"result": result})
+            for result in ("hit", "miss")
+        }
         return json.dumps(out).encode()
 
     return grpc.method_handlers_generic_handler(
@@ -909,6 +914,7 @@ def report(
     elif kind == "ivf_sq8":
         kind += f" nlist={params.get('nlist')} nprobe={stats.get('nprobe')}"
     cache = stats.get("encoder_cache", {})
+    pcache = stats.get("personal_cache", {})
     print(
         f"\nqrw online benchmark: {info.n:,} catalog entries ({kind}); query tower "
         f"{stats.get('encoder_onnx')} of {info.encoder_id}; ranker {ranker_desc}; "
@@ -931,7 +937,10 @@ def report(
         f"service: ready {mem['ready_s']:.1f} s after process start; RSS after load "
         f"{a['VmRSS']:,.0f} MB (VmHWM {a['VmHWM']:,.0f}); at end {e['VmRSS']:,.0f} MB (VmHWM "
         f"{e['VmHWM']:,.0f}); query-encoder cache hits {cache.get('hits')} / misses "
-        f"{cache.get('misses')} (last online conc-1 row)"
+        f"{cache.get('misses')} (last online conc-1 row); personal-history cache "
+        f"({args.personal_cache_mb if args.personal_cache_mb is not None else 'config default'}"
+        f" MiB) hits {pcache.get('hit')} / misses {pcache.get('miss')} (whole run; "
+        f"{work.n_users} users, so after the first minute of load nearly every read is a hit)"
     )
     print(
         f"\n{'rpc':<12}{'conc':>5}{'p50 ms':>9}{'p99 ms':>9}{'QPS':>8}{'QPS range':>13}"
@@ -1140,6 +1149,12 @@ def main() -> None:
         help="service.pair_cache_size of the service (default: the config's; 0 = every "
         "precomputed lookup asks Redis)",
     )
+    ap.add_argument(
+        "--personal-cache-mb",
+        type=float,
+        help="service.personal_cache_mb of the service (default: the config's; 0 = every "
+        "personal-layer read asks Redis and decodes the history)",
+    )
     ap.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--redis-url", help=argparse.SUPPRESS)
@@ -1166,6 +1181,8 @@ def main() -> None:
         server_env["QRW_DPR__HNSW_EF_SEARCH"] = str(args.ef_search)
     if args.pair_cache_size is not None:
         server_env["QRW_SERVICE__PAIR_CACHE_SIZE"] = str(args.pair_cache_size)
+    if args.personal_cache_mb is not None:
+        server_env["QRW_SERVICE__PERSONAL_CACHE_MB"] = str(args.personal_cache_mb)
     build = build_index(args.n, args.seed, artifact.name, settings, args.build_threads)
     log(f"index {build.directory} ({'cached' if build.cached else 'built'})")
     if args.ranker == "synthetic":

@@ -419,7 +419,8 @@ def forget_user_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """Delete a user's personal layer from every version in Redis and drop their turns from
-    future nightly runs (forget list: Redis set qrw:forgotten + privacy.forget_file)."""
+    future nightly runs (forget list: Redis set qrw:forgotten + privacy.forget_file).
+    Running services stop answering from a cached copy within service.personal_cache_ttl_s."""
     from offline.forget import forget_user
     from offline.publish import PublishError
     from rewrite.privacy import user_key_from_settings

@@ -178,6 +178,10 @@ class ServiceSettings(BaseModel):
 
     ``pair_cache_size``: entries of the in-process cache of precomputed-pair answers per
     ``(version, normalized utterance)`` (:class:`rewrite.store.PairStore`; 0 = off).
+    ``personal_cache_mb`` / ``personal_cache_ttl_s``: memory (MiB) and expiry (seconds) of the
+    in-process cache of decoded personal histories per ``(version, user)``
+    (:class:`rewrite.personal.PersonalStore`; 0 = off); the expiry bounds how long a running
+    service answers from the history of a user removed with ``qrw forget-user``.
     """
 
     host: str = "127.0.0.1"
@@ -191,6 +195,8 @@ class ServiceSettings(BaseModel):
     request_deadline_s: float = 1.0
     version_cache_s: float = 1.0
     pair_cache_size: int = Field(default=65536, ge=0)
+    personal_cache_mb: float = Field(default=64.0, ge=0.0)
+    personal_cache_ttl_s: float = Field(default=30.0, ge=0.0)
     grace_s: float = 5.0
     drain_quiet_s: float = Field(default=0.2, ge=0.0)
     max_pending_calls: int = Field(default=2000, ge=1)

@@ -19,8 +19,9 @@ Layout (see DESIGN.md):
 
 A version's keys are written completely before ``qrw:active`` flips to it and are never
 modified afterwards — except that ``qrw forget-user`` deletes a forgotten user's personal
-hash from every version (privacy wins over immutability) — so a reader holding a version id
-always sees one consistent version.
+hash from every version (privacy wins over immutability; a service's personal-history cache
+keeps serving a deleted hash for at most ``service.personal_cache_ttl_s`` seconds) — so a
+reader holding a version id always sees one consistent version.
 """
 
 from __future__ import annotations

@@ -16,6 +16,13 @@ PAIR_CACHE = Counter(
 )
 PAIR_CACHE_HIT = PAIR_CACHE.labels("hit")  # bound once: the lookup is on every request
 PAIR_CACHE_MISS = PAIR_CACHE.labels("miss")
+PERSONAL_CACHE = Counter(
+    "qrw_personal_cache_total",
+    "Personal-history reads by in-process cache result",
+    ["result"],
+)
+PERSONAL_CACHE_HIT = PERSONAL_CACHE.labels("hit")
+PERSONAL_CACHE_MISS = PERSONAL_CACHE.labels("miss")
 LATENCY = Histogram(
     "qrw_rewrite_latency_seconds",
     "Time inside the Rewriter per request",

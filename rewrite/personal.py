@@ -9,20 +9,32 @@ the history of the user it names — there is no lookup by pseudonym.
 Failure handling is the same as :class:`rewrite.store.PairStore`: short socket timeouts, no
 retries, any Redis failure raises :class:`~rewrite.store.StoreUnavailableError` (the pipeline
 degrades to pass-through) and the store backs off for ``retry_after_s`` seconds so an outage
-costs no latency. Library: redis-py, numpy.
+costs no latency.
+
+Decoded histories are kept in an in-process cache (``service.personal_cache_mb`` of decoded
+arrays, entries expire after ``service.personal_cache_ttl_s`` seconds): a published version's
+hashes never change, and the online layer fires on rephrases and retries, which follow the
+same user's failed request within seconds, so the second read of a history is the common
+case. The one exception to immutability is ``qrw forget-user``, which deletes a user's hashes:
+the expiry bounds how long a running service keeps answering from a forgotten user's cached
+history. While Redis is marked down the cache is not consulted (an outage stays a
+pass-through). Library: redis-py, numpy, cachetools.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import redis
+from cachetools import TTLCache
 
-from rewrite import keyspace
+from rewrite import keyspace, metrics
 from rewrite.config import Settings
 from rewrite.privacy import pseudonymize, user_key_from_settings
 from rewrite.redis_server import resolve_redis_url
@@ -57,6 +69,14 @@ class PersonalHistory:
     def __len__(self) -> int:
         return len(self.texts)
 
+    @property
+    def nbytes(self) -> int:
+        """Approximate memory of the decoded history, bytes (arrays + texts + fixed overhead)."""
+        arrays = self.counts.nbytes + self.last_seen.nbytes
+        if self.vectors is not None:
+            arrays += self.vectors.nbytes
+        return 512 + arrays + sum(49 + len(t) for t in self.texts)
+
     def count_of(self, text: str) -> int:
         """The user's successful uses of a normalized utterance (0 when not in the history)."""
         try:
@@ -85,9 +105,12 @@ class PersonalStore(RedisReader):
         user_key: HMAC key for pseudonymous user keys (the nightly job's key).
         socket_timeout_s, connect_timeout_s, version_cache_s, retry_after_s: as
             :class:`rewrite.store.RedisReader` (seconds).
+        cache_mb: memory of decoded histories kept in process, MiB (0 = no cache).
+        cache_ttl_s: seconds a cached history is served before Redis is read again (bounds
+            how long a ``qrw forget-user`` takes to reach a running service).
 
     Raises:
-        ValueError: ``user_key`` is empty.
+        ValueError: ``user_key`` is empty, or a negative cache size or expiry.
     """
 
     role = "personal layer"
@@ -100,9 +123,13 @@ class PersonalStore(RedisReader):
         connect_timeout_s: float = 0.05,
         version_cache_s: float = 1.0,
         retry_after_s: float = 0.5,
+        cache_mb: float = 0.0,
+        cache_ttl_s: float = 30.0,
     ) -> None:
         if not user_key:
             raise ValueError("user_key must not be empty")
+        if cache_mb < 0 or cache_ttl_s < 0:
+            raise ValueError(f"cache_mb and cache_ttl_s must be >= 0: {cache_mb}, {cache_ttl_s}")
         super().__init__(
             url,
             socket_timeout_s,
@@ -112,17 +139,27 @@ class PersonalStore(RedisReader):
             decode_responses=False,  # vectors are raw float16 bytes
         )
         self._user_key = user_key
+        size = int(cache_mb * 2**20)
+        self._cache: TTLCache[tuple[str, str], PersonalHistory] | None = (
+            TTLCache(maxsize=size, ttl=cache_ttl_s, getsizeof=_cache_size)
+            if size > 0 and cache_ttl_s > 0
+            else None
+        )
+        self._cache_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PersonalStore:
         """Build from ``settings.redis`` (URL, timeouts), ``service.version_cache_s`` and
-        ``privacy.user_key``."""
+        ``privacy.user_key``; the cache from ``service.personal_cache_mb`` and
+        ``service.personal_cache_ttl_s``."""
         return cls(
             resolve_redis_url(settings.redis.url, settings.redis.data_dir),
             user_key_from_settings(settings),
             socket_timeout_s=settings.redis.socket_timeout_s,
             connect_timeout_s=settings.redis.connect_timeout_s,
             version_cache_s=settings.service.version_cache_s,
+            cache_mb=settings.service.personal_cache_mb,
+            cache_ttl_s=settings.service.personal_cache_ttl_s,
         )
 
     def pseudonym(self, user_id: str) -> str:
@@ -138,11 +175,12 @@ class PersonalStore(RedisReader):
                 answered from so layers never mix); None = the active version.
 
         Returns:
-            :class:`PersonalHistory`; empty when the user has no history, ``user_id`` is empty,
-            nothing is published, or the stored hash is malformed (logged).
+            :class:`PersonalHistory` (shared with the cache: do not modify its arrays); empty
+            when the user has no history, ``user_id`` is empty, nothing is published, or the
+            stored hash is malformed (logged).
 
         Raises:
-            StoreUnavailableError: Redis failed.
+            StoreUnavailableError: Redis failed, or is marked down (backing off).
         """
         if version is None:
             version = self.active_version()
@@ -150,17 +188,39 @@ class PersonalStore(RedisReader):
             return PersonalHistory.empty(version=version or "")
         user = self.pseudonym(user_id)
         self._guard()
+        key = (version, user)
+        if self._cache is not None:
+            with self._cache_lock:
+                cached = self._cache.get(key)
+            if cached is not None:
+                metrics.PERSONAL_CACHE_HIT.inc()
+                return cached
+            metrics.PERSONAL_CACHE_MISS.inc()
         try:
             raw = self._client.hgetall(keyspace.personal_version_key(version, user))
         except (redis.RedisError, OSError) as e:
             raise self._fail(e) from e
-        if not raw:
-            return PersonalHistory.empty(user, version)
-        try:
-            return _decode(raw, user, version)
-        except (KeyError, ValueError, TypeError) as e:
-            log.warning("malformed personal history %s in %s: %s", user, version, e)
-            return PersonalHistory.empty(user, version)
+        hist = PersonalHistory.empty(user, version)
+        if raw:
+            try:
+                hist = _decode(raw, user, version)
+            except (KeyError, ValueError, TypeError) as e:
+                log.warning("malformed personal history %s in %s: %s", user, version, e)
+        if self._cache is not None:
+            # a history larger than the whole cache is not kept (cachetools: ValueError)
+            with self._cache_lock, contextlib.suppress(ValueError):
+                self._cache[key] = hist
+        return hist
+
+    def cache_clear(self) -> None:
+        """Drop every cached history (tests; a forget applied by hand)."""
+        if self._cache is not None:
+            with self._cache_lock:
+                self._cache.clear()
+
+
+def _cache_size(hist: PersonalHistory) -> int:
+    return hist.nbytes
 
 
 def _decode(raw: Mapping[bytes | str, bytes | str], user: str, version: str) -> PersonalHistory:
@@ -183,4 +243,7 @@ def _decode(raw: Mapping[bytes | str, bytes | str], user: str, version: str) -> 
         if len(blob) % (2 * n) != 0 or not blob:
             raise ValueError(f"vectors blob of {len(blob)} bytes does not hold {n} rows")
         vectors = np.frombuffer(blob, dtype="<f2").reshape(n, -1).astype(np.float32)
+        vectors.setflags(write=False)
+    counts.setflags(write=False)
+    last_seen.setflags(write=False)
     return PersonalHistory(user, version, texts, counts, last_seen, vectors)

@@ -230,3 +230,55 @@ def test_redis_down_raises_store_unavailable_quickly(tmp_path: Path) -> None:
     tcp = _store("redis://127.0.0.1:1")  # nothing listens on port 1
     with pytest.raises(StoreUnavailableError):
         tcp.history("alice", version="v1")
+
+
+@pytest.mark.integration
+def test_cache_serves_repeat_reads_until_expiry_and_forget_reaches_the_service(
+    redis_url: str, clean_redis: redis.Redis
+) -> None:
+    from offline.forget import forget_user
+    from rewrite import metrics
+
+    res = publish_pairs(connect(redis_url), PAIRS, personal=ALICE + BOB, encode=_encode)
+    store = _store(redis_url, cache_mb=1.0, cache_ttl_s=0.5)
+    hits, misses = metrics.PERSONAL_CACHE_HIT._value.get(), metrics.PERSONAL_CACHE_MISS._value.get()
+    first = store.history("alice")
+    assert first.texts[0] == "what's the weather in wilkerson"
+    assert first.vectors is not None and not first.vectors.flags.writeable  # shared: read-only
+    assert store.history("alice") is first  # second read: from the cache
+    assert store.history("mallory") is store.history("mallory")  # "no history" is cached too
+    assert metrics.PERSONAL_CACHE_HIT._value.get() - hits == 2
+    assert metrics.PERSONAL_CACHE_MISS._value.get() - misses == 2
+    assert store.history("bob").texts == ("what's the weather in wilkinson",)  # per user
+    # a forgotten user's history disappears from Redis at once and from the cache on expiry
+    forget_user(clean_redis, "alice", KEY, None)
+    assert len(_store(redis_url).history("alice")) == 0  # uncached reader: gone
+    assert store.history("alice") is first  # cached reader: until the expiry
+    time.sleep(0.6)
+    gone = store.history("alice")
+    assert len(gone) == 0 and gone.version == res.version
+    # while Redis is marked down the cache is not consulted: an outage is a pass-through
+    assert len(store.history("bob")) == 1
+    store._fail(ConnectionError("simulated outage"))
+    with pytest.raises(StoreUnavailableError, match="backing off"):
+        store.history("bob", version=res.version)
+
+
+@pytest.mark.integration
+def test_cache_is_keyed_by_version_and_bounded_in_memory(
+    redis_url: str, clean_redis: redis.Redis
+) -> None:
+    client = connect(redis_url)
+    v1 = publish_pairs(client, PAIRS, personal=ALICE, encode=_encode).version
+    v2 = publish_pairs(client, PAIRS, personal=_history("alice", [("play rock", 1, 1.8e9)]))
+    store = _store(redis_url, cache_mb=1.0, cache_ttl_s=60.0)
+    assert store.history("alice", version=v1).texts[0] == "what's the weather in wilkerson"
+    assert store.history("alice").texts == ("play rock",)  # the active version: another key
+    assert store.history("alice", version=v2.version).version == v2.version
+    # a history larger than the whole cache is served but not kept
+    tiny = _store(redis_url, cache_mb=100 / 2**20, cache_ttl_s=60.0)  # 100 bytes
+    a = tiny.history("alice", version=v1)
+    assert len(a) == 3 and a.nbytes > 100
+    assert tiny.history("alice", version=v1) is not a
+    with pytest.raises(ValueError, match=">= 0"):
+        _store(redis_url, cache_mb=-1.0)
