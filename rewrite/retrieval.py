@@ -235,55 +235,6 @@ def verify_index_dir(directory: Path, expected_encoder_id: str | None = None) ->
     return info
 
 
-class StringColumn:
-    """Random access to the values of an Arrow string array without building Arrow scalars.
-
-    ``col[i]`` decodes the bytes between two offsets of the array's data buffer (Arrow columnar
-    format: validity, offsets, data buffers) — about 10x cheaper than ``array[i].as_py()``,
-    which matters on the online path (texts, domains and intents of every retrieved candidate).
-    The Arrow buffers are shared, not copied. Nulls must be filled first.
-
-    Args:
-        array: a ``pa.string()`` or ``pa.large_string()`` array without nulls.
-
-    Raises:
-        TypeError: another type; ValueError: the array holds nulls.
-    """
-
-    def __init__(self, array: pa.Array) -> None:
-        if pa.types.is_string(array.type):
-            width: type[np.signedinteger[Any]] = np.int32
-        elif pa.types.is_large_string(array.type):
-            width = np.int64
-        else:
-            raise TypeError(f"StringColumn needs a string array, got {array.type}")
-        if array.null_count:
-            raise ValueError("StringColumn needs an array without nulls (fill them first)")
-        self.array = array  # keeps the buffers alive
-        _, offsets, data = array.buffers()
-        n = len(array)
-        self._offsets = np.frombuffer(
-            offsets, dtype=width, count=n + 1, offset=array.offset * np.dtype(width).itemsize
-        )
-        self._data = memoryview(data) if data is not None else memoryview(b"")
-
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
-    def __getitem__(self, i: int) -> str:
-        """Value ``i`` (``0 <= i < len``; a negative ``i`` counts from the end).
-
-        Raises:
-            IndexError: out of range.
-        """
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"row {i} out of range for {n} values")
-        return str(self._data[self._offsets[i] : self._offsets[i + 1]], "utf-8")
-
-
 class GlobalIndex:
     """The global catalog index: FAISS search plus catalog metadata per hit.
 
@@ -309,9 +260,9 @@ class GlobalIndex:
         # ~450 bytes as Python lists and a text -> id dict): strings as Arrow arrays, numbers
         # as numpy arrays, and membership by a sorted array of 64-bit text hashes.
         filled = {c: pc.fill_null(catalog.column(c), _CATALOG_EMPTY[c]) for c in CATALOG_COLUMNS}
-        self._text = StringColumn(filled["text"].combine_chunks())
-        self._domain = StringColumn(filled["domain"].combine_chunks())
-        self._intent = StringColumn(filled["intent"].combine_chunks())
+        self._text: pa.Array = filled["text"].combine_chunks()
+        self._domain: pa.Array = filled["domain"].combine_chunks()
+        self._intent: pa.Array = filled["intent"].combine_chunks()
         self._frequency = filled["frequency"].to_numpy()
         self._n_users = filled["n_users"].to_numpy()
         self._success = filled["success_rate"].to_numpy()
@@ -322,7 +273,7 @@ class GlobalIndex:
         n = len(self._text)
         hashes = np.empty(n, dtype=np.int64)
         for start in range(0, n, _HASH_CHUNK):  # chunks: no 1M-string list at load
-            chunk = self._text.array.slice(start, _HASH_CHUNK).to_pylist()
+            chunk = self._text.slice(start, _HASH_CHUNK).to_pylist()
             hashes[start : start + len(chunk)] = [hash(t) for t in chunk]
         self._hash_order = np.argsort(hashes, kind="stable")
         self._hash_sorted = hashes[self._hash_order]
@@ -398,7 +349,7 @@ class GlobalIndex:
         pos = int(np.searchsorted(self._hash_sorted, h))
         while pos < len(self._hash_sorted) and self._hash_sorted[pos] == h:
             i = int(self._hash_order[pos])
-            if self._text[i] == text:
+            if self._text[i].as_py() == text:
                 return i
             pos += 1
         return None
@@ -433,20 +384,20 @@ class GlobalIndex:
 
     def _candidate(self, i: int, score: float) -> RetrievedCandidate:
         return RetrievedCandidate(
-            text=self._text[i],
+            text=self._text[i].as_py(),
             layer="global",
             dense_score=score,
             frequency=int(self._frequency[i]),
             success_rate=float(self._success[i]),
             n_users=int(self._n_users[i]),
-            domain=self._domain[i],
-            intent=self._intent[i],
+            domain=self._domain[i].as_py(),
+            intent=self._intent[i].as_py(),
             device_types=self.device_types(i),
         )
 
     def text(self, i: int) -> str:
         """Catalog text of FAISS id ``i``."""
-        return self._text[i]
+        return str(self._text[i].as_py())
 
     def last_seen(self, i: int) -> float:
         """Catalog ``last_seen`` (epoch seconds) of FAISS id ``i``."""

@@ -4,7 +4,6 @@ checks that refuse a corrupt or mismatched index."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -326,28 +325,3 @@ def test_build_index_with_the_zero_shot_encoder(
     assert res[0][0].text == "turn off the lights" and res[0][0].frequency == 5
     assert res[1][0].text == "what's the weather in boston" and res[1][0].domain == "x"
     assert res[0][0].dense_score > res[0][1].dense_score
-
-
-def test_string_column_reads_the_arrow_values_without_scalars() -> None:
-    from rewrite.retrieval import StringColumn
-
-    rng = random.Random(5)
-    alphabet = "abcxyz éü日本 '"
-    values = ["".join(rng.choices(alphabet, k=rng.randrange(0, 12))) for _ in range(300)]
-    for arr in (
-        pa.array(values, pa.string()),
-        pa.array(values, pa.large_string()),
-        pa.chunked_array([values[:100], values[100:]], pa.string()).combine_chunks(),
-    ):
-        col = StringColumn(arr)
-        assert len(col) == len(values) and [col[i] for i in range(len(col))] == values
-        assert col[-1] == values[-1]
-    sliced = StringColumn(pa.array(values).slice(37, 50))  # a slice keeps the parent's offsets
-    assert [sliced[i] for i in range(50)] == values[37:87]
-    with pytest.raises(IndexError):
-        sliced[50]
-    assert len(StringColumn(pa.array([], pa.string()))) == 0
-    with pytest.raises(TypeError, match="string"):
-        StringColumn(pa.array([1, 2]))
-    with pytest.raises(ValueError, match="null"):
-        StringColumn(pa.array(["a", None]))
