@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -438,6 +439,18 @@ def report(results: list[RunResult], fits: dict[str, dict[str, Any]], mach: dict
             )
 
 
+def merge_runs(
+    earlier: Sequence[Sequence[RunResult]], mine: Sequence[RunResult]
+) -> list[RunResult]:
+    """One run per (engine, detector, turns): later files' runs replace earlier ones', this
+    invocation's runs replace all; sorted by engine, detector and turns."""
+    merged: dict[tuple[str, str, int], RunResult] = {}
+    for runs in [*earlier, mine]:
+        for r in runs:
+            merged[(r.engine, r.detector, r.turns)] = r
+    return [merged[k] for k in sorted(merged)]
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -446,7 +459,13 @@ def main() -> None:
         description=(__doc__ or "").split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument(
+        "--sizes",
+        type=int,
+        nargs="*",
+        default=[100_000, 1_000_000],
+        help="turns per run; none (`--sizes` alone) with --merge only reports the merged runs",
+    )
     ap.add_argument("--engine", nargs="+", default=["local"], choices=["local", "spark"])
     ap.add_argument(
         "--detector",
@@ -470,7 +489,8 @@ def main() -> None:
         nargs="+",
         default=[],
         help="earlier results JSON files whose runs join this one's tables, fits and plot "
-        "(runs of the same engine, detector and size are replaced by this run's)",
+        "(one run per engine, detector and size: a later file's replaces an earlier file's, "
+        "and this invocation's replaces both)",
     )
     ap.add_argument("--out", type=Path, default=RUNS / "nightly.json")
     ap.add_argument("--plot", type=Path, default=RUNS / "nightly_cost.png")
@@ -480,6 +500,8 @@ def main() -> None:
         help="skip the catalog's FAISS index stage (QRW_DPR__BUILD_INDEX=false)",
     )
     args = ap.parse_args()
+    if not args.sizes and not args.merge:
+        ap.error("nothing to do: give --sizes, or --merge files to report")
     mach = machine()
     extra_env = {"QRW_DPR__BUILD_INDEX": "false"} if args.no_index else {}
     corpus = args.data_root / "slurp" / "utterances.jsonl"
@@ -517,10 +539,10 @@ def main() -> None:
             )
         else:
             log(f"  failed: {r.error.splitlines()[0] if r.error else '?'}")
-    mine = {(r.engine, r.detector, r.turns) for r in results}
-    for path in args.merge:
-        old = [RunResult(**d) for d in json.loads(path.read_text())["results"]]
-        results = [r for r in old if (r.engine, r.detector, r.turns) not in mine] + results
+    results = merge_runs(
+        [[RunResult(**d) for d in json.loads(p.read_text())["results"]] for p in args.merge],
+        results,
+    )
     fits: dict[str, dict[str, Any]] = {}
     for e in sorted({r.engine for r in results}):
         for d in sorted({r.detector for r in results}):
