@@ -127,17 +127,26 @@ def unit_rows(
 
 
 def make_queries(
-    db: np.ndarray, n: int, noise: float, seed: int, rank: int | None = None
+    db: np.ndarray,
+    n: int,
+    noise: float,
+    seed: int,
+    rank: int | None = None,
+    data_seed: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` perturbed database rows (re-normalised) and their source row ids; with ``rank``
-    the noise lies in the data's subspace (same generator as :func:`unit_rows`)."""
+    the noise lies in the data's subspace: the basis of :func:`unit_rows` with ``data_seed``
+    (the seed the database was generated with), coefficients drawn from ``seed``."""
     rng = np.random.default_rng(seed + 1)
     src = rng.choice(len(db), size=n, replace=False)
     if rank is None:
         g = rng.standard_normal((n, db.shape[1]), dtype=np.float32) / np.sqrt(db.shape[1])
     else:
-        g = unit_rows(n, db.shape[1], seed, rank)  # same basis (same seed), fresh coefficients
-        g = g[rng.permutation(n)]
+        basis = np.random.default_rng(seed if data_seed is None else data_seed).standard_normal(
+            (rank, db.shape[1]), dtype=np.float32
+        ) / np.sqrt(rank)
+        g = rng.standard_normal((n, rank), dtype=np.float32) @ basis
+        g /= np.linalg.norm(g, axis=1, keepdims=True)
     q = db[src] + noise * g
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32), src
 
@@ -273,30 +282,42 @@ def hnsw_rows(
 
 
 def ivf_rows(db: np.ndarray, queries: np.ndarray, gt: np.ndarray, args: Any) -> list[Row]:
-    """Build ``IVF<ivf_nlist(n)>,SQ8`` the way the job does (:func:`offline.index.
-    make_faiss_index`) and measure latency and recall for every ``nprobe`` in
-    ``args.nprobe``."""
+    """Build each inverted-file kind in ``args.ivf_kinds`` the way the job does
+    (:func:`offline.index.make_faiss_index`: ``IVF<ivf_nlist(n)>,SQ8`` or
+    ``IVF<ivf_nlist(n)>,PQ<dim/4>x4fs,Refine(SQ6)``) and measure latency and recall for every
+    ``nprobe`` in ``args.nprobe`` (and, for ``ivf_pq_refine``, every k_factor in
+    ``args.k_factors``). Memory is the serialized index size (what ``faiss.read_index`` holds in
+    the service; a freshly built index also keeps its lists' growth slack)."""
     import faiss
 
-    faiss.omp_set_num_threads(args.build_threads)
-    r0 = rss_mb()
-    t = time.perf_counter()
-    index = make_faiss_index(db, "ivf_sq8", nprobe=args.nprobe[0])
-    build_s = time.perf_counter() - t
-    mem = rss_mb() - r0
-    print(f"ivf_sq8 nlist={index.nlist}: build {build_s:.1f} s, {mem:.0f} MB", file=sys.stderr)
-    faiss.omp_set_num_threads(args.threads)
     rows = []
-    for nprobe in args.nprobe:
-        index.nprobe = nprobe
-        lat = latencies_ms(index, queries, args.k)
-        _, ids = index.search(queries, args.k)
-        r1 = float(np.mean(ids[:, 0] == gt[:, 0]))
-        rk = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ids, gt, strict=True)]))
-        p50, p99 = np.percentile(lat, [50, 99]).tolist()
-        label = f"nlist={index.nlist} nprobe={nprobe}"
-        rows.append(Row("ivf_sq8", index.ntotal, label, build_s, mem, p50, p99, r1, rk,
-                        {"nlist": int(index.nlist), "nprobe": nprobe}))  # fmt: skip
+    for kind in args.ivf_kinds:
+        faiss.omp_set_num_threads(args.build_threads)
+        t = time.perf_counter()
+        index = make_faiss_index(db, kind, nprobe=args.nprobe[0])
+        build_s = time.perf_counter() - t
+        mem = faiss.serialize_index(index).nbytes / 2**20
+        ivf = faiss.extract_index_ivf(index)
+        print(f"{kind} nlist={ivf.nlist}: build {build_s:.1f} s, {mem:.0f} MB", file=sys.stderr)
+        faiss.omp_set_num_threads(args.threads)
+        k_factors = args.k_factors if kind == "ivf_pq_refine" else [0]
+        for nprobe in args.nprobe:
+            ivf.nprobe = nprobe
+            for k_factor in k_factors:
+                if k_factor:
+                    index.k_factor = k_factor
+                lat = latencies_ms(index, queries, args.k)
+                _, ids = index.search(queries, args.k)
+                r1 = float(np.mean(ids[:, 0] == gt[:, 0]))
+                rk = float(
+                    np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ids, gt, strict=True)])
+                )
+                p50, p99 = np.percentile(lat, [50, 99]).tolist()
+                label = f"nlist={ivf.nlist} nprobe={nprobe}"
+                label += f" kf={k_factor}" if k_factor else ""
+                extra = {"nlist": int(ivf.nlist), "nprobe": nprobe, "k_factor": k_factor}
+                rows.append(Row(kind, index.ntotal, label, build_s, mem, p50, p99, r1, rk, extra))
+        del index, ivf
     return rows
 
 
@@ -337,7 +358,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         args.n, args.dim = db.shape
     else:
         db = unit_rows(args.n, args.dim, args.seed, rank)
-        queries, _src = make_queries(db, args.queries, args.noise, args.seed + 7, rank)
+        queries, _src = make_queries(db, args.queries, args.noise, args.seed + 7, rank, args.seed)
     print(
         f"data: {args.data} {args.n} x {args.dim} in {time.perf_counter() - t0:.1f} s",
         file=sys.stderr,
@@ -397,14 +418,14 @@ def recommend(rows: Sequence[Row], budget_ms: float, target_recall: float) -> di
 def print_table(rows: Sequence[Row], k: int) -> None:
     """The result table on stdout."""
     head = (
-        f"{'kind':5} {'n':>9} {'params':26} {'build_s':>8} {'mem_MB':>8} {'p50_ms':>7} "
+        f"{'kind':13} {'n':>9} {'params':30} {'build_s':>8} {'mem_MB':>8} {'p50_ms':>7} "
         f"{'p99_ms':>7} {'recall@1':>8} {f'recall@{k}':>9}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r.kind:5} {r.n:>9} {r.params:26} {r.build_s:>8.1f} {r.mem_mb:>8.0f} "
+            f"{r.kind:13} {r.n:>9} {r.params:30} {r.build_s:>8.1f} {r.mem_mb:>8.0f} "
             f"{r.p50_ms:>7.3f} {r.p99_ms:>7.3f} {r.recall1:>8.3f} {r.recallk:>9.3f}"
         )
 
@@ -469,7 +490,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--ef", type=_ints, default=[16, 32, 64, 128, 256], help="efSearch values")
     p.add_argument("--ef-construction", type=int, default=EF_CONSTRUCTION)
     p.add_argument(
-        "--nprobe", type=_ints, default=[8, 16, 32, 64], help="IVF,SQ8 nprobe values ('' = skip)"
+        "--nprobe", type=_ints, default=[8, 16, 32, 64], help="IVF nprobe values ('' = skip)"
+    )
+    p.add_argument(
+        "--ivf-kinds",
+        type=lambda v: [k for k in v.split(",") if k],
+        default=["ivf_sq8", "ivf_pq_refine"],
+        help="inverted-file kinds to build (comma-separated)",
+    )
+    p.add_argument(
+        "--k-factors", type=_ints, default=[4, 8], help="ivf_pq_refine refine k_factor values"
     )
     p.add_argument("--threads", type=int, default=1, help="FAISS threads while searching")
     p.add_argument("--build-threads", type=int, default=2, help="FAISS threads while building")

@@ -93,6 +93,7 @@ from rewrite.config import FULL_PIPELINE as CONFIG_FULL_PIPELINE  # noqa: E402
 from rewrite.config import Settings, load_settings  # noqa: E402
 from rewrite.normalize import normalize_utterance  # noqa: E402
 from rewrite.redis_server import EmbeddedRedis  # noqa: E402
+from rewrite.retrieval import IVF_KINDS  # noqa: E402
 from rewrite.server import REWRITE_METHOD, RewriteServer  # noqa: E402
 
 FULL_PIPELINE = list(CONFIG_FULL_PIPELINE)
@@ -277,7 +278,7 @@ def build_index(n: int, seed: int, encoder_id: str, settings: Settings, threads:
     from rewrite.retrieval import INDEX_META, IndexInfo
 
     dpr = settings.dpr
-    kind = choose_kind(n, dpr.flat_max_entries, dpr.ivf_min_entries)
+    kind = choose_kind(n, dpr.flat_max_entries, dpr.ivf_min_entries, dpr.ivf_kind)
     params = f"{kind}-{dpr.hnsw_m}-{EF_CONSTRUCTION}" if kind == "hnsw" else kind
     key = hashlib.sha256(f"{params}-device_types-rg64k".encode()).hexdigest()[:8]
     out = CACHE / "online-index" / f"n{n}-s{seed}-{key}"
@@ -567,7 +568,7 @@ def stats_handler(get_server: Callable[[], RewriteServer], clock: StageClock) ->
             out["encoder_onnx"] = snap.encoder.onnx_path.name
             out["encoder_cache"] = snap.encoder.cache_info()._asdict()
             out["ef_search"] = getattr(getattr(snap.index.index, "hnsw", None), "efSearch", None)
-            out["nprobe"] = getattr(snap.index.index, "nprobe", None)
+            out["nprobe"] = snap.index.nprobe
         if layer is not None and layer.ranker is not None:
             out["ranker"] = layer.ranker.name
         out["personal_cache"] = {
@@ -911,8 +912,10 @@ def report(
     if kind == "hnsw":
         kind += f" M={params.get('hnsw_m')} efC={params.get('ef_construction')} "
         kind += f"efSearch={stats.get('ef_search')}"
-    elif kind == "ivf_sq8":
+    elif kind in IVF_KINDS:
         kind += f" nlist={params.get('nlist')} nprobe={stats.get('nprobe')}"
+        if "refine_k_factor" in params:
+            kind += f" refine k_factor={params['refine_k_factor']}"
     cache = stats.get("encoder_cache", {})
     pcache = stats.get("personal_cache", {})
     print(

@@ -215,13 +215,20 @@ class DprSettings(BaseModel):
 
     ``artifact`` null = the one ``artifacts_dir/LATEST`` names. The index is exact
     (``IndexFlatIP``) up to ``flat_max_entries`` catalog entries, HNSW up to
-    ``ivf_min_entries`` and IVF with 8-bit scalar quantization (``IVF<nlist>,SQ8``, nlist about
-    ``4 * sqrt(n)``, ``ivf_nprobe`` lists searched) above. Measured by ``bench/bench_index.py``
-    (1 thread, k=10, one query per call): flat p50 0.1-0.4 ms up to 10k entries, ~1 ms at 20k
-    (the vectors leave the cache), 27 ms at 200k; HNSW M=32 efSearch=64 p50 ~0.1 ms on real DPR
-    embeddings with recall@1 0.976 vs exact. At 1M random vectors HNSW (efSearch 64) costs
-    1.7 GB, a 28-minute build, 0.75 ms p50 and recall@1 0.35, where IVF4096,SQ8 at nprobe 32
-    costs 379 MB, a 2.2-minute build, 0.39 ms p50 and recall@1 0.84.
+    ``ivf_min_entries`` and an inverted file above (nlist about ``4 * sqrt(n)``, ``ivf_nprobe``
+    lists searched) of kind ``ivf_kind``: ``ivf_pq_refine`` (4-bit fast-scan PQ codes, the
+    ``ivf_refine_k_factor * k`` best re-scored with 6-bit scalar-quantized vectors) or
+    ``ivf_sq8`` (8-bit scalar-quantized vectors; see :mod:`offline.index`). ``ivf_nprobe`` and
+    ``ivf_refine_k_factor`` are read by the service at load, so they can be changed without a
+    rebuild. Measured by ``bench/bench_index.py`` (1 thread, k=10, one query per call): flat
+    p50 0.1-0.4 ms up to 10k entries, ~1 ms at 20k (the vectors leave the cache), 27 ms at 200k;
+    HNSW M=32 efSearch=64 p50 ~0.1 ms on real DPR embeddings with recall@1 0.976 vs exact. At 1M
+    random vectors HNSW (efSearch 64) costs 1.7 GB, a 28-minute build, 0.75 ms p50 and recall@1
+    0.35. On an AVX2 machine (2026-12-06), 1M random vectors, recall@1 against exact search:
+    ``ivf_sq8`` nprobe 32 / 64: 0.72 / 1.32 ms p50, 0.815 / 0.902 (380 MB); ``ivf_pq_refine``
+    (k_factor 4): 0.27 / 0.35 ms, 0.815 / 0.902 (337 MB with SQ6); the same on rank-32 vectors:
+    0.30 / 0.38 ms against 0.72 / 1.30 ms at equal recall@1 (0.716 / 0.833). Hence
+    ``ivf_pq_refine`` at nprobe 64: more recall than ``ivf_sq8`` at 32 in half its time.
 
     ``query_precision``: which query tower the service runs — ``auto`` (``query.int8.onnx``
     when the artifact's int8 check passed, else ``query.onnx``), ``int8`` (error when absent)
@@ -239,7 +246,9 @@ class DprSettings(BaseModel):
     hnsw_m: int = 32
     hnsw_ef_search: int = 64
     ivf_min_entries: int = 200_000
-    ivf_nprobe: int = 32
+    ivf_kind: Literal["ivf_pq_refine", "ivf_sq8"] = "ivf_pq_refine"
+    ivf_nprobe: int = Field(default=64, ge=1)
+    ivf_refine_k_factor: int = Field(default=8, ge=1)
     top_k: int = 10
     build_index: bool = True
     index_root: Path = Path("var/index")

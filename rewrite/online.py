@@ -155,6 +155,7 @@ class OnlineLayer:
                 expected_encoder_id=encoder_id,
                 ef_search=self.settings.dpr.hnsw_ef_search,
                 nprobe=self.settings.dpr.ivf_nprobe,
+                refine_k_factor=self.settings.dpr.ivf_refine_k_factor,
             )
         except Exception as err:  # refuse anything that fails to load; keep serving the old one
             INDEX_ERRORS.inc()

@@ -8,9 +8,12 @@ reranker needs). An index folder holds
 
 - ``index.faiss``: ``faiss.IndexFlatIP`` (exact), ``faiss.IndexHNSWFlat`` (Malkov & Yashunin,
   "Efficient and robust approximate nearest neighbor search using Hierarchical Navigable Small
-  World graphs", TPAMI 2018) or ``faiss.IndexIVFScalarQuantizer`` (``IVF<nlist>,SQ8``: inverted
-  lists of 8-bit scalar-quantized vectors) with inner product over L2-normalised passage
-  vectors, so the score is the cosine (approximately, for SQ8);
+  World graphs", TPAMI 2018) or an inverted file: ``faiss.IndexRefine`` over
+  ``faiss.IndexIVFPQFastScan`` (``ivf_pq_refine``: ``IVF<nlist>,PQ<m>x4fs,Refine(SQ6)``, 4-bit
+  PQ codes scanned with SIMD, the best ``k_factor * k`` re-scored with 6-bit scalar-quantized
+  vectors) or ``faiss.IndexIVFScalarQuantizer`` (``ivf_sq8``: ``IVF<nlist>,SQ8``), with inner
+  product over L2-normalised passage vectors, so the score is the cosine (approximately, for
+  the quantized kinds);
 - ``catalog.parquet``: the id sidecar, columns :data:`CATALOG_COLUMNS` (plus, optionally,
   :data:`DEVICE_TYPES_COLUMN`);
 - ``index.json``: :class:`IndexInfo` — format, version, ``encoder_id``, dim, n, kind and the
@@ -63,7 +66,9 @@ CATALOG_SCHEMA = pa.schema(
         (DEVICE_TYPES_COLUMN, DEVICE_TYPES_TYPE),
     ]
 )
-KINDS = ("flat", "hnsw", "ivf_sq8")
+#: Inverted-file kinds (``dpr.ivf_kind``; built by :func:`offline.index.make_faiss_index`).
+IVF_KINDS = ("ivf_pq_refine", "ivf_sq8")
+KINDS = ("flat", "hnsw", *IVF_KINDS)
 _HASH_CHUNK = 65_536  # catalog texts hashed per step at load
 _DEVICE_BATCH = 65_536  # catalog rows of `device_types` converted per step at load
 
@@ -412,6 +417,7 @@ class GlobalIndex:
         nprobe: int | None = None,
         threads: int | None = 1,
         verify: bool = True,
+        refine_k_factor: int | None = None,
     ) -> GlobalIndex:
         """Load and check an index folder.
 
@@ -420,6 +426,8 @@ class GlobalIndex:
             expected_encoder_id: the query encoder's ``encoder_id``; None = do not check.
             ef_search: HNSW search breadth (default: the value recorded at build).
             nprobe: IVF lists searched per query (default: the value recorded at build).
+            refine_k_factor: ``ivf_pq_refine``: PQ candidates re-scored per result (default:
+                the value recorded at build).
             threads: FAISS OpenMP threads (process-wide setting; the online service uses 1 and
                 parallelises over requests); None = leave FAISS's default.
             verify: check SHA-256 of both files (reads them once more; ~1 s per GB).
@@ -478,6 +486,7 @@ class GlobalIndex:
         kind_of: dict[str, Any] = {
             "flat": faiss.IndexFlatIP,
             "hnsw": faiss.IndexHNSWFlat,
+            "ivf_pq_refine": faiss.IndexRefine,
             "ivf_sq8": faiss.IndexIVFScalarQuantizer,
         }
         if info.kind not in KINDS or type(index) is not kind_of[info.kind]:
@@ -486,10 +495,16 @@ class GlobalIndex:
             )
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise IndexMismatchError(f"index at {directory} does not use inner product")
+        if info.kind == "ivf_pq_refine" and not isinstance(
+            faiss.downcast_index(index.base_index), faiss.IndexIVFPQFastScan
+        ):
+            raise IndexMismatchError(f"index at {directory} does not refine an IVF fast-scan PQ")
         if info.kind == "hnsw":
             index.hnsw.efSearch = int(ef_search or info.params.get("ef_search", 64))
-        elif info.kind == "ivf_sq8":
-            index.nprobe = int(nprobe or info.params.get("nprobe", 32))
+        elif info.kind in IVF_KINDS:
+            faiss.extract_index_ivf(index).nprobe = int(nprobe or info.params.get("nprobe", 32))
+        if info.kind == "ivf_pq_refine":
+            index.k_factor = float(refine_k_factor or info.params.get("refine_k_factor", 8))
         missing = [c for c in CATALOG_COLUMNS if c not in table.column_names]
         if missing:
             raise IndexCorruptError(f"{directory / CATALOG_FILE} lacks columns {missing}")
@@ -508,6 +523,15 @@ class GlobalIndex:
         del table
         pa.default_memory_pool().release_unused()  # the pool keeps freed pages otherwise
         return out
+
+    @property
+    def nprobe(self) -> int | None:
+        """IVF lists searched per query; None for the flat and HNSW kinds."""
+        if self.info.kind not in IVF_KINDS:
+            return None
+        import faiss
+
+        return int(faiss.extract_index_ivf(self.index).nprobe)
 
     def search(self, query_vecs: np.ndarray, k: int) -> list[list[RetrievedCandidate]]:
         """Top-``k`` catalog entries per query by inner product (= cosine).
