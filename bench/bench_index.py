@@ -47,20 +47,31 @@ Measured (2 cores shared with other jobs; single-query latency at k=10, 1 thread
     HNSW M=32 efC=80 ef=64, 29k real DPR   4.7 s     43 MB     0.11    0.18    0.976
 
 Uniform random 384-d vectors are the worst case (recall@1 0.35 at efSearch 64, 0.76 at 256);
-real sentence embeddings and low-rank data reach 0.98-1.0 at efSearch 64. Chosen defaults:
+real sentence embeddings and low-rank data reach 0.98-1.0 at efSearch 64 (the low-rank row
+was measured before 2026-12-06, when a seed mix-up put the queries' noise outside the data's
+subspace, an easier task than today's ``--data lowrank``). Chosen defaults:
 ``flat_max_entries`` 10,000 (flat p50 <= 0.3 ms; at 20k the vectors no longer fit in cache),
 ``hnsw_m`` 32, ``hnsw_ef_search`` 64.
 
-IVF with 8-bit scalar quantization (``IVF<4 sqrt(n)>,SQ8``, the job's kind above
-``dpr.ivf_min_entries``), same 1M random vectors, k=10, 1 thread::
+Inverted files (the job's kinds above ``dpr.ivf_min_entries``, nlist = 4 sqrt(n)), 1M
+vectors, k=10, 1 thread, 1,000 queries; AVX2-only EPYC, 2026-12-06 (``--m '' --flat-sizes ''
+--nprobe 16,32,64 --queries 1000``). Memory = serialized index size::
 
-    IVF4000,SQ8: build 133 s, memory 379 MB
-    nprobe        8      16      32      64
-    p50 ms     0.16    0.23    0.39    0.71
-    recall@1   0.58    0.72    0.84    0.91
+    random          kind            build  memory   nprobe 16       32             64
+                                                    p50 ms / recall@1
+                    ivf_sq8          60 s  380 MB   0.43 / 0.651    0.71 / 0.770   1.26 / 0.878
+                    ivf_pq_refine    63 s  337 MB   0.27 / 0.651    0.30 / 0.770   0.41 / 0.878
+    lowrank (32)    ivf_sq8          82 s  380 MB   0.45 / 0.594    0.74 / 0.734   1.31 / 0.837
+                    ivf_pq_refine   106 s  337 MB   0.26 / 0.591    0.31 / 0.728   0.39 / 0.828
 
-Against HNSW at 1M: a quarter of the memory, a 13x faster build, half the latency at nprobe 32
-and more than twice the recall@1, hence ``ivf_min_entries`` 200,000 and ``ivf_nprobe`` 32.
+(``ivf_pq_refine`` at k_factor 8; k_factor 4 saves 0.01-0.03 ms and loses 0.005-0.02 of
+recall@10.) ``ivf_pq_refine`` scans 4-bit PQ codes with SIMD and re-scores the best
+``k_factor * k`` with 6-bit vectors, so its cost grows slowly with nprobe, where ``ivf_sq8``
+decodes every vector of every probed list. Hence ``dpr.ivf_kind`` ``ivf_pq_refine`` and
+``dpr.ivf_nprobe`` 64 (more recall than ``ivf_sq8`` at 32 in about half the time). Earlier,
+on an AVX-512 machine (2026-11-23), ``ivf_sq8`` against HNSW at 1M random vectors: a quarter
+of the memory, a 13x faster build, half the latency at nprobe 32 and more than twice the
+recall@1, hence ``ivf_min_entries`` 200,000.
 
 Usage::
 

@@ -224,11 +224,12 @@ class DprSettings(BaseModel):
     p50 0.1-0.4 ms up to 10k entries, ~1 ms at 20k (the vectors leave the cache), 27 ms at 200k;
     HNSW M=32 efSearch=64 p50 ~0.1 ms on real DPR embeddings with recall@1 0.976 vs exact. At 1M
     random vectors HNSW (efSearch 64) costs 1.7 GB, a 28-minute build, 0.75 ms p50 and recall@1
-    0.35. On an AVX2 machine (2026-12-06), 1M random vectors, recall@1 against exact search:
-    ``ivf_sq8`` nprobe 32 / 64: 0.72 / 1.32 ms p50, 0.815 / 0.902 (380 MB); ``ivf_pq_refine``
-    (k_factor 4): 0.27 / 0.35 ms, 0.815 / 0.902 (337 MB with SQ6); the same on rank-32 vectors:
-    0.30 / 0.38 ms against 0.72 / 1.30 ms at equal recall@1 (0.716 / 0.833). Hence
-    ``ivf_pq_refine`` at nprobe 64: more recall than ``ivf_sq8`` at 32 in half its time.
+    0.35. Inverted files at 1M entries (AVX2 machine, 2026-12-06; recall@1 against exact
+    search): random vectors, nprobe 32 / 64, ``ivf_sq8`` 0.71 / 1.26 ms p50 at 0.770 / 0.878
+    (380 MB), ``ivf_pq_refine`` (k_factor 8) 0.30 / 0.41 ms at 0.770 / 0.878 (337 MB); vectors
+    on a rank-32 subspace 0.74 / 1.31 ms at 0.734 / 0.837 against 0.31 / 0.39 ms at 0.728 /
+    0.828. Hence ``ivf_pq_refine`` at nprobe 64: more recall than ``ivf_sq8`` at 32 (the
+    previous default) in about half its time.
 
     ``query_precision``: which query tower the service runs — ``auto`` (``query.int8.onnx``
     when the artifact's int8 check passed, else ``query.onnx``), ``int8`` (error when absent)

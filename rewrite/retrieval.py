@@ -426,11 +426,11 @@ class GlobalIndex:
             expected_encoder_id: the query encoder's ``encoder_id``; None = do not check.
             ef_search: HNSW search breadth (default: the value recorded at build).
             nprobe: IVF lists searched per query (default: the value recorded at build).
-            refine_k_factor: ``ivf_pq_refine``: PQ candidates re-scored per result (default:
-                the value recorded at build).
             threads: FAISS OpenMP threads (process-wide setting; the online service uses 1 and
                 parallelises over requests); None = leave FAISS's default.
             verify: check SHA-256 of both files (reads them once more; ~1 s per GB).
+            refine_k_factor: ``ivf_pq_refine``: PQ candidates re-scored per result, as a
+                multiple of k (default: the value recorded at build).
 
         Raises:
             FileNotFoundError: a file is missing.
