@@ -117,9 +117,16 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
-        self._proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
-        )
+        # stderr to the log file too: an inherited pipe would stay open as long as the server
+        # runs, so `qrw redis start 2>&1 | tee x` would never see EOF.
+        with open(self.data_dir / "redis.log", "ab") as err:
+            self._proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
         self.pid_path.write_text(str(self._proc.pid))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -103,3 +103,29 @@ def test_import_dstc2_cli(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["import", "dstc2", str(src), "--out", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "o" / "turns.jsonl").exists() and (tmp_path / "o" / "truth.jsonl").exists()
+
+
+def test_redis_start_returns_with_its_output_piped(tmp_path: Path) -> None:
+    """``qrw redis start 2>&1 | tee log`` returns: the server it leaves running writes to its
+    log file, not to the caller's stdout/stderr pipes (an inherited pipe stays open for as
+    long as the server runs, so a reader would wait forever). ``qrw redis stop`` stops it."""
+    import os
+    import subprocess
+    import sys
+
+    from rewrite.redis_server import EmbeddedRedis
+
+    data_dir = tmp_path / "redis"
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "QRW_REDIS__URL")}
+    env["QRW_REDIS__DATA_DIR"] = str(data_dir)
+    cmd = [sys.executable, "-c", "from offline.cli import main; main()", "redis"]
+    try:
+        res = subprocess.run([*cmd, "start"], env=env, capture_output=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        assert b"redis-server pid" in res.stdout
+        assert EmbeddedRedis(data_dir).ping()
+        res = subprocess.run([*cmd, "stop"], env=env, capture_output=True, timeout=30)
+        assert res.returncode == 0 and b"stopped" in res.stdout, res.stderr
+        assert not EmbeddedRedis(data_dir).ping()
+    finally:
+        EmbeddedRedis(data_dir).stop()  # by its pid file: only the server this test started
