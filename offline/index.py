@@ -321,14 +321,14 @@ def encode_catalog(
     return out
 
 
-def build_index(
+def encode_and_index(
     catalog: Path | pa.Table,
     encoder: PassageEncoder,
     out_dir: Path,
     settings: DprSettings,
     version: str = "",
     progress: bool = True,
-) -> IndexInfo:
+) -> tuple[IndexInfo, list[str], np.ndarray]:
     """Encode the catalog with the passage tower and write the index folder.
 
     Args:
@@ -341,7 +341,9 @@ def build_index(
         progress: tqdm progress bar while encoding.
 
     Returns:
-        The :class:`IndexInfo` written to ``index.json``.
+        The :class:`IndexInfo` written to ``index.json``, the indexed texts (row i = FAISS id
+        i; normalized catalog, repeats dropped) and their ``(n, dim)`` float32 L2-normalised
+        passage vectors (the exact vectors, also for a quantized index).
 
     Raises:
         FileNotFoundError: no catalog file; ValueError: no ``text`` column.
@@ -359,4 +361,17 @@ def build_index(
     log.info("encoded %d catalog texts in %.1f s", len(texts), time.perf_counter() - t0)
     if not len(texts):
         vectors = np.zeros((0, encoder.dim), dtype=np.float32)
-    return write_index_dir(vectors, table, out_dir, encoder.encoder_id, settings, version)
+    info = write_index_dir(vectors, table, out_dir, encoder.encoder_id, settings, version)
+    return info, texts, vectors
+
+
+def build_index(
+    catalog: Path | pa.Table,
+    encoder: PassageEncoder,
+    out_dir: Path,
+    settings: DprSettings,
+    version: str = "",
+    progress: bool = True,
+) -> IndexInfo:
+    """:func:`encode_and_index` without keeping the vectors; returns the ``index.json``."""
+    return encode_and_index(catalog, encoder, out_dir, settings, version, progress)[0]

@@ -356,7 +356,7 @@ def run_nightly(
     online: OnlineBuild | None = None
     if settings.dpr.build_index:
         with _timed(timings, "index"):
-            online = build_online(out, settings)
+            online = build_online(out, settings, reuse_texts={e.text for e in cat.personal})
         report.online = {
             "encoder_kind": online.encoder_kind,
             "encoder_id": online.info.encoder_id,
@@ -407,7 +407,7 @@ def run_nightly(
                     extra: dict[str, Any] = {}
                     if online is not None:
                         extra = {
-                            "encode": online.encoder.encode,
+                            "encode": online.encode,
                             "encoder_id": online.info.encoder_id,
                             "index_dir": install_index(online, settings),
                             "extra_content": {"online_content_id": online.content_id},

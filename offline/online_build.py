@@ -16,8 +16,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from rewrite.config import Settings
 from rewrite.encoder import DprModelMissingError, PassageEncoder, resolve_dpr_artifact
@@ -36,12 +39,33 @@ class OnlineBuild:
             ``"distilled-query"`` (a shallower query tower) or ``"static-query"``.
         index_dir: the index folder inside the run dir.
         info: its ``index.json``.
+        known_rows: text → row of ``known_vectors``: catalog texts whose passage vectors the
+            index stage kept because publishing needs them again (personal histories).
+        known_vectors: ``(len(known_rows), dim)`` float32, L2-normalised.
     """
 
     encoder: PassageEncoder
     encoder_kind: str
     index_dir: Path
     info: IndexInfo
+    known_rows: dict[str, int] = field(default_factory=dict)
+    known_vectors: np.ndarray | None = None
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Passage vectors of ``texts``, ``(len(texts), dim)`` float32, L2-normalised: the
+        index stage's vectors for the catalog texts it kept (:attr:`known_rows`), the encoder
+        for the others (one call). Saves encoding a text twice in one night: personal
+        histories hold the catalog's utterances too.
+        """
+        known = [i for i, t in enumerate(texts) if t in self.known_rows]
+        if not known or self.known_vectors is None:
+            return self.encoder.encode(texts)
+        out = np.empty((len(texts), self.known_vectors.shape[1]), dtype=np.float32)
+        out[known] = self.known_vectors[[self.known_rows[texts[i]] for i in known]]
+        rest = [i for i, t in enumerate(texts) if t not in self.known_rows]
+        if rest:
+            out[rest] = self.encoder.encode([texts[i] for i in rest])
+        return out
 
     @property
     def content_id(self) -> str:
@@ -86,19 +110,37 @@ def load_passage_encoder(settings: Settings) -> tuple[PassageEncoder, str]:
     return enc, kind
 
 
-def build_online(run_dir: Path, settings: Settings, progress: bool = False) -> OnlineBuild:
+def build_online(
+    run_dir: Path,
+    settings: Settings,
+    progress: bool = False,
+    reuse_texts: Collection[str] = (),
+) -> OnlineBuild:
     """Encode ``run_dir/catalog.parquet`` and write ``run_dir/index/``.
+
+    Args:
+        reuse_texts: texts the night encodes again later (its personal histories' utterances);
+            the vectors of those that are catalog texts are kept for :meth:`OnlineBuild.encode`.
 
     Raises:
         FileNotFoundError: no catalog in the run dir.
     """
-    from offline.index import build_index
+    from offline.index import encode_and_index
 
     encoder, kind = load_passage_encoder(settings)
-    info = build_index(
+    info, texts, vectors = encode_and_index(
         run_dir / CATALOG_FILE, encoder, run_dir / "index", settings.dpr, progress=progress
     )
-    return OnlineBuild(encoder, kind, run_dir / "index", info)
+    keep = [i for i, t in enumerate(texts) if t in reuse_texts]
+    log.info("keeping the vectors of %d catalog texts for personal histories", len(keep))
+    return OnlineBuild(
+        encoder,
+        kind,
+        run_dir / "index",
+        info,
+        known_rows={texts[i]: row for row, i in enumerate(keep)},
+        known_vectors=vectors[keep] if keep else None,
+    )
 
 
 def install_index(build: OnlineBuild, settings: Settings) -> Path:

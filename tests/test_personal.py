@@ -282,3 +282,59 @@ def test_cache_is_keyed_by_version_and_bounded_in_memory(
     assert tiny.history("alice", version=v1) is not a
     with pytest.raises(ValueError, match=">= 0"):
         _store(redis_url, cache_mb=-1.0)
+
+
+@pytest.mark.integration
+def test_nightly_encodes_each_catalog_text_once_for_index_and_histories(
+    tmp_path: Path,
+    settings: Settings,
+    clean_redis: redis.Redis,
+    dpr_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The index stage keeps the passage vectors of the catalog texts that personal histories
+    hold too, so the publish stage encodes only the texts outside the catalog: over one night
+    every text reaches the passage tower once, and the published history vectors are the
+    tower's vectors (float16) whichever stage computed them."""
+    from rewrite.encoder import PassageEncoder
+
+    common, rare = ["call mom", "play jazz"], ["play the blues by the river", "dim the den"]
+    said = [(f"u{u}", t) for u in range(4) for t in common] + [("u0", rare[0]), ("u1", rare[1])]
+    lines = [  # one turn per session (an hour apart): nothing is a rephrase
+        json.dumps(
+            {
+                "turn_id": f"t{i}",
+                "user_id": user,
+                "timestamp": f"2026-01-05T{i:02d}:00:00Z",
+                "utterance": text,
+                "response": "OK.",
+            }
+        )
+        for i, (user, text) in enumerate(said)
+    ]
+    (tmp_path / "day.jsonl").write_text("\n".join(lines) + "\n")
+    s = settings.model_copy(deep=True)
+    s.privacy.user_key = KEY.decode()
+    s.dpr.artifacts_dir = dpr_dir
+    s.dpr.index_root = tmp_path / "index-root"
+    s.catalog.min_users = s.catalog.min_frequency = 3
+    encoded: list[str] = []
+    original = PassageEncoder.encode
+
+    def counting(self: PassageEncoder, texts: Sequence[str]) -> np.ndarray:
+        encoded.extend(texts)
+        return original(self, texts)
+
+    monkeypatch.setattr(PassageEncoder, "encode", counting)
+    report = run_nightly([tmp_path / "day.jsonl"], tmp_path / "run", s, publish=True)
+    assert report.online is not None and report.online["index_entries"] == 2  # the common two
+    assert report.publish is not None and report.publish["n_personal_users"] == 4
+    assert sorted(encoded) == sorted(common + rare)  # each text once, over index + publish
+    monkeypatch.setattr(PassageEncoder, "encode", original)
+    from offline.dpr.train import export_zero_shot
+
+    tower = PassageEncoder.load(export_zero_shot(dpr_dir).artifact)  # the one the job used
+    for user in ("u0", "u1"):
+        h = _store(s.redis.url).history(user)
+        assert h.vectors is not None and set(h.texts) & set(common) and set(h.texts) & set(rare)
+        np.testing.assert_allclose(h.vectors, tower.encode(list(h.texts)), atol=2e-3)
