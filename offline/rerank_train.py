@@ -355,8 +355,9 @@ class PersonalEntry:
 
 class FuzzyCatalogRetriever:
     """A :data:`CandidateGenerator` without an encoder: rapidfuzz ``WRatio`` top-k over the
-    catalog plus the user's personal history, merged by text (layer ``"personal"`` when the
-    user has it, global metadata kept). ``dense_score`` comes from ``dense`` (default
+    catalog plus the user's personal history, merged by text with the service's
+    :func:`rewrite.online.merge_personal` (layer ``"personal"`` when the user has it, catalog
+    metadata kept, also for history entries outside the global top-k). ``dense_score`` comes from ``dense`` (default
     :func:`char_ngram_cosine`), a stand-in for the DPR cosine — the lead's real generator
     (DPR + FAISS + personal layer) replaces this class.
 
@@ -376,53 +377,53 @@ class FuzzyCatalogRetriever:
     ) -> None:
         self.catalog = list(catalog)
         self.texts = [c.text for c in self.catalog]
+        self._row_of = {t: i for i, t in enumerate(self.texts)}
         self.personal = dict(personal or {})
         self.top_k = top_k
         self.dense = dense
 
     def __call__(self, query: str, user: str) -> list[RetrievedCandidate]:
-        """Candidates for ``query`` of ``user`` (global top-k ∪ personal top-k)."""
+        """Candidates for ``query`` of ``user`` (global top-k ∪ personal top-k, merged by
+        :func:`rewrite.online.merge_personal` as in the service)."""
+        from rewrite.online import merge_personal
+
         hits = process.extract(query, self.texts, scorer=fuzz.WRatio, limit=self.top_k)
-        by_text: dict[str, RetrievedCandidate] = {}
-        for _text, _score, idx in hits:
-            e = self.catalog[idx]
-            by_text[e.text] = RetrievedCandidate(
-                text=e.text,
-                layer="global",
-                dense_score=0.0,
-                frequency=e.frequency,
-                success_rate=e.success_rate,
-                n_users=e.n_users,
-                domain=e.domain,
-                intent=e.intent,
-                device_types=e.device_types,
-            )
+        cands = [self._global(idx) for _text, _score, idx in hits]
         hist = list(self.personal.get(user, ()))
         if hist:
-            phits = process.extract(
-                query, [h.text for h in hist], scorer=fuzz.WRatio, limit=self.top_k
+            hist_texts = [h.text for h in hist]
+            scores = process.cdist([query], hist_texts, scorer=fuzz.WRatio)[0]
+            cands = merge_personal(
+                cands,
+                hist_texts,
+                np.array([h.count for h in hist], dtype=np.int64),
+                np.array([h.age_s for h in hist], dtype=np.float64),
+                scores,
+                self.top_k,
+                self._lookup,
             )
-            for _text, _score, idx in phits:
-                h = hist[idx]
-                g = by_text.get(h.text) or RetrievedCandidate(h.text, "global", 0.0)
-                by_text[h.text] = RetrievedCandidate(
-                    text=h.text,
-                    layer="personal",
-                    dense_score=0.0,
-                    frequency=g.frequency,
-                    success_rate=g.success_rate,
-                    n_users=g.n_users,
-                    personal_count=h.count,
-                    personal_age_s=h.age_s,
-                    domain=g.domain,
-                    intent=g.intent,
-                    device_types=g.device_types,
-                )
-        cands = list(by_text.values())
         dense = self.dense(query, [c.text for c in cands])
         out = [replace(c, dense_score=float(d)) for c, d in zip(cands, dense, strict=True)]
         out.sort(key=lambda c: -c.dense_score)
         return out
+
+    def _global(self, idx: int) -> RetrievedCandidate:
+        e = self.catalog[idx]
+        return RetrievedCandidate(
+            text=e.text,
+            layer="global",
+            dense_score=0.0,
+            frequency=e.frequency,
+            success_rate=e.success_rate,
+            n_users=e.n_users,
+            domain=e.domain,
+            intent=e.intent,
+            device_types=e.device_types,
+        )
+
+    def _lookup(self, text: str) -> RetrievedCandidate | None:
+        idx = self._row_of.get(text)
+        return None if idx is None else self._global(idx)
 
 
 def read_catalog(path: Path) -> list[CatalogEntry]:
@@ -1312,7 +1313,7 @@ class RunRetriever:
     def __call__(self, query: str, user: str, now_s: float = 0.0) -> list[RetrievedCandidate]:
         """Global top-k ∪ the user's personal top-k for ``query`` (normalized); ``now_s``
         (epoch s) defaults to the latest personal ``last_seen`` of the run."""
-        from rewrite.online import merge_personal
+        from rewrite.online import history_ages, merge_personal
 
         q = self.query_encoder.encode([query])
         cands = self.index.search(q, self.top_k)[0]
@@ -1330,10 +1331,10 @@ class RunRetriever:
                 keep = np.arange(len(texts)) != i
                 texts = [t for t, k in zip(texts, keep, strict=True) if k]
                 counts, last_seen, vecs = counts[keep], last_seen[keep], vecs[keep]
+        ages = history_ages(last_seen, now_s or self.now_s)
         return merge_personal(
-            cands, texts, counts, last_seen, vecs @ q[0], self.personal_top_k,
-            now_s or self.now_s, self.index.lookup,
-        )  # fmt: skip
+            cands, texts, counts, ages, vecs @ q[0], self.personal_top_k, self.index.lookup
+        )
 
 
 def groups_from_run(run_dir: Path, settings: Any, top_k: int = 10) -> tuple[list[RankGroup], str]:

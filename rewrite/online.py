@@ -208,30 +208,33 @@ def merge_personal(
     global_cands: Sequence[RetrievedCandidate],
     texts: Sequence[str],
     counts: np.ndarray,
-    last_seen: np.ndarray,
+    ages_s: np.ndarray,
     scores: np.ndarray,
     k: int,
-    now_s: float,
     lookup: Callable[[str], RetrievedCandidate | None],
 ) -> list[RetrievedCandidate]:
     """Merge the user's top-``k`` history entries into the global candidates, by text.
 
     Args:
         global_cands: the global layer's candidates (best first).
-        texts, counts, last_seen: the user's history (``(n,)`` counts, epoch-second last uses).
-        scores: ``(n,)`` dense scores of the history entries against the query.
+        texts, counts: the user's history (``(n,)`` successful uses).
+        ages_s: ``(n,)`` seconds since the user last used each entry (:func:`history_ages`);
+            negative = unknown (becomes ``personal_age_s`` -1).
+        scores: ``(n,)`` scores of the history entries against the query (dense, or any
+            similarity; only their order matters here).
         k: personal candidates kept (highest scores).
-        now_s: the request time, epoch seconds (for ``personal_age_s``).
         lookup: catalog metadata of a text (:meth:`rewrite.retrieval.GlobalIndex.lookup`).
 
     Returns:
         Global candidates with the personal ones merged in: an utterance found by both layers
-        becomes one candidate with ``layer="personal"``, the global metadata kept.
+        becomes one candidate with ``layer="personal"``, the global metadata kept; a history
+        entry the global layer did not return gets its catalog metadata from ``lookup``.
     """
     by_text = {c.text: c for c in global_cands}
-    for i in np.argsort(-scores, kind="stable")[: max(k, 0)].tolist():
+    for i in np.argsort(-np.asarray(scores), kind="stable")[: max(k, 0)].tolist():
         text = texts[i]
         g = by_text.get(text) or lookup(text)
+        age = float(ages_s[i])
         by_text[text] = RetrievedCandidate(
             text=text,
             layer="personal",
@@ -240,12 +243,18 @@ def merge_personal(
             success_rate=g.success_rate if g else 0.0,
             n_users=g.n_users if g else 0,
             personal_count=int(counts[i]),
-            personal_age_s=max(0.0, now_s - float(last_seen[i])),
+            personal_age_s=age if age >= 0 else -1.0,
             domain=g.domain if g else "",
             intent=g.intent if g else "",
             device_types=g.device_types if g else (),
         )
     return list(by_text.values())
+
+
+def history_ages(last_seen: np.ndarray, now_s: float) -> np.ndarray:
+    """Seconds since each last use, ``(n,)`` float64, clamped at 0 (a ``last_seen`` after
+    ``now_s``, i.e. clock skew between the job's logs and the service, counts as "just now")."""
+    return np.maximum(0.0, now_s - np.asarray(last_seen, dtype=np.float64))
 
 
 def _online(resources: Resources) -> OnlineLayer:
@@ -349,10 +358,9 @@ class PersonalRetrievalStage(_OnlineStage):
             state.retrieved,
             hist.texts,
             hist.counts,
-            hist.last_seen,
+            history_ages(hist.last_seen, time.time()),
             hist.vectors @ state.query_vector,
             self._resources.settings.rerank.personal_top_k,
-            time.time(),
             snap.index.lookup,
         )
         return state

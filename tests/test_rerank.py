@@ -269,6 +269,22 @@ def test_fuzzy_retriever_merges_personal_layer() -> None:
     assert all(c.layer == "global" for c in gen("call gina", "u2"))
 
 
+def test_fuzzy_retriever_gives_history_entries_their_catalog_metadata() -> None:
+    """As in the service (:func:`rewrite.online.merge_personal`): a history entry the global
+    top-k missed still carries its catalog metadata (training features = serving features);
+    one outside the catalog carries none, and an unknown age stays -1."""
+    cat = [CatalogEntry("call tina", 50, 0.9, 10), CatalogEntry("play jazz", 7, 0.6, 3)]
+    personal = {"u1": [PersonalEntry("play jazz", 2, 30.0)], "u2": [PersonalEntry("call mina", 1)]}
+    gen = FuzzyCatalogRetriever(cat, personal, top_k=1)
+    by = {c.text: c for c in gen("call gina", "u1")}
+    assert by["call tina"].layer == "global"
+    jazz = by["play jazz"]
+    assert jazz.layer == "personal" and (jazz.frequency, jazz.n_users) == (7, 3)
+    assert jazz.success_rate == 0.6 and jazz.personal_age_s == 30.0
+    mina = {c.text: c for c in gen("call gina", "u2")}["call mina"]
+    assert mina.frequency == 0 and mina.personal_count == 1 and mina.personal_age_s == -1.0
+
+
 # --------------------------------------------------------------------------- fallback, loading
 
 
