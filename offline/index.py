@@ -1,6 +1,6 @@
 """Build the FAISS global index from the catalog (the nightly job's index stage).
 
-:func:`build_index` encodes every catalog text with the DPR passage tower
+:func:`encode_and_index` encodes every catalog text with the DPR passage tower
 (:class:`rewrite.encoder.PassageEncoder`, L2-normalised 384-d vectors) and writes an index
 folder that :class:`rewrite.retrieval.GlobalIndex` loads:
 
@@ -363,15 +363,3 @@ def encode_and_index(
         vectors = np.zeros((0, encoder.dim), dtype=np.float32)
     info = write_index_dir(vectors, table, out_dir, encoder.encoder_id, settings, version)
     return info, texts, vectors
-
-
-def build_index(
-    catalog: Path | pa.Table,
-    encoder: PassageEncoder,
-    out_dir: Path,
-    settings: DprSettings,
-    version: str = "",
-    progress: bool = True,
-) -> IndexInfo:
-    """:func:`encode_and_index` without keeping the vectors; returns the ``index.json``."""
-    return encode_and_index(catalog, encoder, out_dir, settings, version, progress)[0]

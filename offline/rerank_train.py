@@ -357,9 +357,10 @@ class FuzzyCatalogRetriever:
     """A :data:`CandidateGenerator` without an encoder: rapidfuzz ``WRatio`` top-k over the
     catalog plus the user's personal history, merged by text with the service's
     :func:`rewrite.online.merge_personal` (layer ``"personal"`` when the user has it, catalog
-    metadata kept, also for history entries outside the global top-k). ``dense_score`` comes from ``dense`` (default
-    :func:`char_ngram_cosine`), a stand-in for the DPR cosine — the lead's real generator
-    (DPR + FAISS + personal layer) replaces this class.
+    metadata kept, also for history entries outside the global top-k). ``dense_score`` comes
+    from ``dense`` (default :func:`char_ngram_cosine`), a stand-in for the DPR cosine — the
+    serving generator (DPR + FAISS + personal layer, :class:`RunRetriever`) replaces this class
+    when the run has an index.
 
     Args:
         catalog: global rewrite targets.

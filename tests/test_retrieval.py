@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from offline.index import (
-    build_index,
     choose_kind,
+    encode_and_index,
     ivf_nlist,
     normalize_catalog,
     pq_subquantizers,
@@ -392,15 +392,18 @@ def test_build_index_with_the_zero_shot_encoder(
         pa.Table.from_pylist([{"text": t, "frequency": 5, "domain": "x"} for t in texts]),
         tmp_path / "catalog.parquet",
     )
-    info = build_index(
+    passage = PassageEncoder.load(art)
+    info, indexed, vectors = encode_and_index(
         tmp_path / "catalog.parquet",
-        PassageEncoder.load(art),
+        passage,
         tmp_path / "index",
         DprSettings(),
         version="v7",
         progress=False,
     )
     assert (info.kind, info.n, info.dim, info.version) == ("flat", 5, 384, "v7")
+    assert indexed == texts and vectors.shape == (5, 384)  # what the job keeps for publishing
+    np.testing.assert_allclose(vectors, passage.encode(texts), atol=1e-5)
     qe = QueryEncoder.load(art)
     index = GlobalIndex.load(tmp_path / "index", expected_encoder_id=qe.encoder_id)
     res = index.search(qe.encode(["turn of the lights", "whats the whether in boston"]), k=3)
