@@ -160,6 +160,8 @@ def test_ivf_refine_rescores_the_fast_scan_candidates(tmp_path: Path) -> None:
     coarse = GlobalIndex.load(directory, nprobe=75, refine_k_factor=1)
     assert overlap(refined, 1) >= 0.97 and overlap(refined, 1) > overlap(coarse, 1)
     assert overlap(refined, 10) > overlap(coarse, 10) + 0.2
+    one_list = GlobalIndex.load(directory, nprobe=1)  # nprobe reaches the wrapped IVF
+    assert overlap(one_list, 10) < overlap(refined, 10) - 0.2
     for c in refined.search(queries[:1], k=3)[0]:
         row = int(c.text.split()[1])
         assert c.dense_score == pytest.approx(float(vecs[row] @ queries[0]), abs=0.02)
