@@ -37,8 +37,8 @@ unit: install
 test: lint typecheck unit
 
 # Benchmarks (printed figures, not tests; see "Benchmarks" in the README). Bounded: ~45 min on
-# 2 cores. ONLINE_N: index size; the 1M-entry IVF,SQ8 index is built once (~5 min) and cached
-# under var/bench/.
+# 2 cores. ONLINE_N: index size; the 1M-entry IVF fast-scan PQ index is built once (~2 min)
+# and cached under var/bench/.
 # NIGHTLY_SIZES: add 5000000 for the 5M-turn point (long: the job prints an estimate first).
 BENCH_STAMP   := $(VENV)/.bench-installed
 NIGHTLY_SIZES ?= 100000 1000000

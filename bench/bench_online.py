@@ -7,7 +7,8 @@ What is real and what is synthetic:
   127.0.0.1, ``service.pipeline`` = normalize → precomputed → encode → global_retrieval →
   personal_retrieval → rerank → trigger), the zero-shot DPR query tower on ONNX Runtime
   (``offline.dpr.train.export_zero_shot``; its int8 graph when the artifact kept it), the FAISS
-  index written by :func:`offline.index.write_index_dir` (HNSW above ``dpr.flat_max_entries``),
+  index written by :func:`offline.index.write_index_dir` (the job's kind for ``--n``: HNSW
+  above ``dpr.flat_max_entries``, the ``dpr.ivf_kind`` inverted file above ``dpr.ivf_min_entries``),
   an embedded Redis holding a version published by :func:`offline.publish.publish_pairs` with
   precomputed pairs and personal histories whose vectors come from the real passage tower.
 - **Synthetic:** the catalog: distinct texts ``"<verb> <object> in <place>"`` from word lists,
