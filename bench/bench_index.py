@@ -112,6 +112,13 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * PAGE / 2**20
 
 
+def subspace_basis(rng: np.random.Generator, rank: int, dim: int) -> np.ndarray:
+    """``(rank, dim)`` float32 random basis of a ``rank``-dimensional subspace (the first draw
+    from ``rng``), scaled by ``1 / sqrt(rank)``; shared by :func:`unit_rows` and
+    :func:`make_queries`, so queries perturb within the data's own subspace."""
+    return rng.standard_normal((rank, dim), dtype=np.float32) / np.sqrt(rank)
+
+
 def unit_rows(
     n: int, dim: int, seed: int, rank: int | None = None, chunk: int = 100_000
 ) -> np.ndarray:
@@ -123,9 +130,7 @@ def unit_rows(
     subspace, closer to real sentence embeddings, whose intrinsic dimension is far below 384.
     """
     rng = np.random.default_rng(seed)
-    basis = None
-    if rank is not None:
-        basis = rng.standard_normal((rank, dim), dtype=np.float32) / np.sqrt(rank)
+    basis = None if rank is None else subspace_basis(rng, rank, dim)
     out = np.empty((n, dim), dtype=np.float32)
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
@@ -153,10 +158,10 @@ def make_queries(
     if rank is None:
         g = rng.standard_normal((n, db.shape[1]), dtype=np.float32) / np.sqrt(db.shape[1])
     else:
-        basis = np.random.default_rng(seed if data_seed is None else data_seed).standard_normal(
-            (rank, db.shape[1]), dtype=np.float32
-        ) / np.sqrt(rank)
-        g = rng.standard_normal((n, rank), dtype=np.float32) @ basis
+        data_rng = np.random.default_rng(seed if data_seed is None else data_seed)
+        g = rng.standard_normal((n, rank), dtype=np.float32) @ subspace_basis(
+            data_rng, rank, db.shape[1]
+        )
         g /= np.linalg.norm(g, axis=1, keepdims=True)
     q = db[src] + noise * g
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32), src
