@@ -697,7 +697,9 @@ def test_client_deadline_shorter_than_the_work(
             while not _budgets_logged(caplog) and time.monotonic() < deadline:
                 time.sleep(0.02)
             (client_budget,) = _budgets_logged(caplog)
-            assert 0.0 < client_budget <= 100.0  # the client's deadline, not the 250 ms cap
+            # the client's 100 ms deadline, not the 250 ms cap; gRPC rounds the grpc-timeout
+            # header up when it encodes it, so the server can see a few ms more (100.6 seen)
+            assert 0.0 < client_budget <= 120.0
 
             # no client deadline: the call completes, over the server's own 250 ms budget
             resp = rewrite(pb.RewriteRequest(utterance="play some dell", user_id="u"))
