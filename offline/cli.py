@@ -217,6 +217,41 @@ def train_detector_cmd(
     )
 
 
+@train_app.command("detector-gate")
+def train_detector_gate_cmd(
+    artifact: Annotated[
+        Path | None,
+        typer.Option(help="detector artifact dir (default: the one rephrase settings name)"),
+    ] = None,
+    work_dir: Annotated[
+        Path, typer.Option(help="labelled data from `qrw train detector` (train.jsonl)")
+    ] = Path("data/detector"),
+    target_recall: Annotated[
+        float | None,
+        typer.Option(help="share of each source's gold rephrases to keep (default from config)"),
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train (or retrain) the LightGBM gate in front of an existing span detector artifact."""
+    from offline.detector.examples import read_examples
+    from offline.detector.gate import train_gate
+    from offline.rephrase import resolve_detector_artifact
+
+    settings = _settings(config)
+    if artifact is not None:
+        settings.rephrase.detector_artifact = artifact
+    path = resolve_detector_artifact(settings.rephrase)
+    recall = settings.rephrase.gate_target_recall if target_recall is None else target_recall
+    if not 0.0 < recall <= 1.0:
+        raise typer.BadParameter(f"--target-recall must be in (0, 1], got {recall}")
+    try:
+        train = read_examples(work_dir / "train.jsonl")
+    except FileNotFoundError as err:
+        raise typer.BadParameter(f"{err}; run `qrw train detector` first") from err
+    report = train_gate(path, train, settings.defects.failure_response_patterns, recall)
+    _print_json({"artifact": str(path), **dataclasses.asdict(report)})
+
+
 @train_app.command("dpr")
 def train_dpr_cmd(
     run: Annotated[

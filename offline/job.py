@@ -373,6 +373,7 @@ def run_nightly(
         "users": len({t.user_id for t in turns}),
         "sessions": core.sessions,
         "rephrase_candidates_scored": core.candidates_scored,
+        "rephrase_candidates_gated": core.candidates_gated,
         "rephrase_links": len(links),
         "rephrase_detector": core.detector_name,
         "rephrase_detector_artifact": core.detector_artifact,

@@ -164,8 +164,10 @@ class BertSpanRephraseDetector:
 
     Builds one :class:`~offline.detector.examples.DetectorExample` per turn with earlier
     session turns within ``max_gap_s`` (newest first, at most ``lookback_turns``), runs the
-    span model batched on ONNX Runtime, and keeps predicted rephrases with span probability
-    >= ``min_detector_score``. Each earlier turn is rephrased at most once (highest score wins).
+    span model batched on ONNX Runtime on the examples the artifact's gate keeps
+    (:mod:`offline.detector.gate`, with ``gate`` on), and keeps predicted rephrases with span
+    probability >= ``min_detector_score``. Each earlier turn is rephrased at most once
+    (highest score wins).
 
     Args:
         settings: ``rephrase`` settings (artifact location, backend, thresholds).
@@ -178,6 +180,7 @@ class BertSpanRephraseDetector:
         del defects
         self.settings = settings
         self._model: Any = None
+        self._gate: Any = None
         self.artifact: Path | None = None
 
     def warm_up(self) -> None:
@@ -206,9 +209,11 @@ class BertSpanRephraseDetector:
             settings.rephrase = self.settings
             config = SpanTrainConfig.for_budget(budget)
             self.artifact = train_detector_pipeline(settings, config=config).artifact
+        from offline.detector.gate import RephraseGate
         from offline.detector.inference import SpanDetector
 
         self._model = SpanDetector.load(self.artifact, backend=self.settings.detector_backend)
+        self._gate = RephraseGate.load(self.artifact) if self.settings.gate else None
 
     def detect(self, turns: Sequence[Turn], sessions: Sequence[Session]) -> RephraseResult:
         from offline.detector.examples import build_examples
@@ -216,6 +221,9 @@ class BertSpanRephraseDetector:
         self.warm_up()
         s = self.settings
         examples = build_examples(turns, sessions, s.lookback_turns, s.max_gap_s)
+        if self._gate is not None and examples:
+            keep = self._gate.keep(examples)
+            examples = [ex for ex, k in zip(examples, keep, strict=True) if k]
         preds = self._model.predict(examples, batch_size=s.batch_size) if examples else []
         res = RephraseResult(candidates_scored=sum(len(ex.context) for ex in examples))
         res.links = select_links(

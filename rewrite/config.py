@@ -74,7 +74,13 @@ class DefectSettings(BaseModel):
 
 
 class RephraseSettings(BaseModel):
-    """Rephrase candidate generation, the BERT span detector and the heuristic baseline."""
+    """Rephrase candidate generation, the BERT span detector and the heuristic baseline.
+
+    ``gate``: examples the detector artifact's gate (``offline/detector/gate.py``, a LightGBM
+    first stage) rules out get "no rephrase" without the span model; no effect for an artifact
+    without a gate. ``gate_target_recall``: at training, the share of each source's gold
+    rephrases the gate's threshold keeps on out-of-fold scores.
+    """
 
     detector: str = "bert_span"
     max_gap_s: float = 45.0
@@ -90,6 +96,8 @@ class RephraseSettings(BaseModel):
     train_budget: Literal["full", "demo", "tiny"] = "full"
     batch_size: int = Field(default=64, ge=1)
     batch_workers: int = Field(default=1, ge=1, le=64)
+    gate: bool = True
+    gate_target_recall: float = Field(default=0.995, gt=0.0, le=1.0)
 
 
 class MarkovSettings(BaseModel):

@@ -78,6 +78,7 @@ def _run_both(logs: Path, tmp_path: Path, s: Settings) -> dict[str, Any]:
     assert local.markov == spark.markov
     assert local.pairs_content_hash == spark.pairs_content_hash
     keys = ("sessions", "rephrase_links", "rephrase_candidates_scored", "chains", "pairs")
+    keys += ("rephrase_candidates_gated",)
     assert {k: local.counts[k] for k in keys} == {k: spark.counts[k] for k in keys}
     assert local.counts["defects"] == spark.counts["defects"]
     assert json.loads((tmp_path / "spark" / "report.json").read_text())["settings"]["engine"] == (
@@ -203,24 +204,37 @@ def test_engines_write_identical_outputs_span_detector(
     chosen per user (cogroup) — same outputs.
 
     ``batch_size`` 16 makes several model batches, so the batch-forming step is exercised
-    (the int8 model's scores depend on batch composition)."""
+    (the int8 model's scores depend on batch composition). The artifact carries a gate that
+    rules out about half the examples: both engines batch only the kept ones."""
+    from test_gate import gated_artifact
+
+    from offline.detector.examples import build_examples
+
     s = _job_settings(settings)
     s.rephrase.detector = "bert_span"
-    s.rephrase.detector_artifact = _detector_artifact(tmp_path_factory, s)
+    turns = to_turns(read_turn_logs([small_sim_logs]).turns)
+    examples = build_examples(
+        turns, sessionize(turns, s.session.gap_s), s.rephrase.lookback_turns, s.rephrase.max_gap_s
+    )
+    s.rephrase.detector_artifact = gated_artifact(
+        _detector_artifact(tmp_path_factory, s), tmp_path / "gated-artifact", examples
+    )
     s.rephrase.batch_size = 16
     s.rephrase.min_detector_score = 0.0  # links from the tiny model too (as in its job test)
     reports = _run_both(small_sim_logs, tmp_path, s)
     counts = reports["spark"].counts
     assert counts["rephrase_detector"] == "bert_span"
-    assert counts["rephrase_candidates_scored"] > 100
+    assert counts["rephrase_candidates_scored"] > 50 and counts["rephrase_candidates_gated"] > 50
     # the raw model outputs too (a tiny CI model may link nothing above its threshold)
     from offline.engine.spark import sessionize_spark, span_predictions
     from offline.engine.stages import examples_table, score_examples
 
-    turns = to_turns(read_turn_logs([small_sim_logs]).turns)
     table = sessionize_table(turns_to_table(turns), s.session.gap_s)
     artifact = str(s.rephrase.detector_artifact)
-    local = score_examples(examples_table(table, s.rephrase), s.rephrase, artifact).to_pylist()
+    local = score_examples(
+        examples_table(table, s.rephrase, artifact), s.rephrase, artifact
+    ).to_pylist()
+    assert any(r["gated"] for r in local) and not all(r["gated"] for r in local)
     frame = sessionize_spark(spark.createDataFrame(turns_to_table(turns)), s.session.gap_s)
     remote = span_predictions(frame, s.rephrase, artifact).toArrow().to_pylist()
     assert len(local) > 50

@@ -243,6 +243,19 @@ def synthetic_examples(n: int, seed: int) -> list[DetectorExample]:
     return out
 
 
+_TINY: dict[str, Path] = {}
+
+
+def tiny_span_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny span detector trained on synthetic examples, once per test session."""
+    if "artifact" not in _TINY:
+        root = tmp_path_factory.mktemp("tiny-detector")
+        train, dev = synthetic_examples(96, seed=1), synthetic_examples(32, seed=2)
+        res = train_span_detector(train, dev, SpanTrainConfig.tiny(), root / "art", progress=False)
+        _TINY["artifact"] = Path(res.artifact)
+    return _TINY["artifact"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     root = tmp_path_factory.mktemp("detector")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from offline.detector.examples import read_examples
+from offline.detector.gate import GateReport, train_gate
 from offline.detector.labels import build_datasets
 from offline.detector.train import SpanTrainConfig, TrainResult, train_span_detector
 from rewrite.config import Settings
@@ -32,6 +33,7 @@ class PipelineResult:
     reused: bool
     data_dir: Path
     counts: dict[str, int]
+    gate: GateReport | None = None
 
 
 def train_detector_pipeline(
@@ -45,7 +47,9 @@ def train_detector_pipeline(
     dstc2_max_calls: int | None = None,
     progress: bool = True,
 ) -> PipelineResult:
-    """Build (or reuse) the labelled datasets, train, and mark the artifact as LATEST.
+    """Build (or reuse) the labelled datasets, train the span model and (with
+    ``rephrase.gate``) its gate (:func:`offline.detector.gate.train_gate`, on the same training
+    examples), and mark the artifact as LATEST.
 
     Args:
         settings: loaded settings (``rephrase`` context size and artifacts folder).
@@ -85,5 +89,13 @@ def train_detector_pipeline(
     res: TrainResult = train_span_detector(
         train, dev, config, out_root=settings.rephrase.artifacts_dir, progress=progress
     )
+    gate = None
+    if settings.rephrase.gate:
+        gate = train_gate(
+            res.artifact,
+            train,
+            settings.defects.failure_response_patterns,
+            settings.rephrase.gate_target_recall,
+        )
     (Path(settings.rephrase.artifacts_dir) / "LATEST").write_text(res.artifact.name + "\n")
-    return PipelineResult(res.artifact, res.reused, work_dir, counts)
+    return PipelineResult(res.artifact, res.reused, work_dir, counts, gate)

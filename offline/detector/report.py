@@ -44,6 +44,7 @@ def run_detector_evaluation(
         HeuristicExampleDetector,
         PairwiseCrossEncoder,
     )
+    from offline.detector.gate import GatedDetector, RephraseGate
     from offline.detector.inference import SpanDetector
     from offline.rephrase import resolve_detector_artifact
 
@@ -63,7 +64,9 @@ def run_detector_evaluation(
             train, dev, progress=progress
         )
     artifact = resolve_detector_artifact(settings.rephrase)
-    detectors["contextual BERT span (ours)"] = SpanDetector.load(
-        artifact, backend=settings.rephrase.detector_backend
-    )
+    span = SpanDetector.load(artifact, backend=settings.rephrase.detector_backend)
+    detectors["contextual BERT span (ours)"] = span
+    gate = RephraseGate.load(artifact)
+    if gate is not None:
+        detectors["BERT span behind its gate (job)"] = GatedDetector(span, gate)
     return evaluate_detectors(detectors, tests)

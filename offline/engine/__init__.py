@@ -47,6 +47,8 @@ class CoreResult:
         sessions: number of sessions.
         links: rephrase links (heuristic: in session order; span detector: by later turn).
         candidates_scored: candidate (earlier, later) pairs the detector scored.
+        candidates_gated: candidate pairs of examples the span detector's gate ruled out
+            before the model (:mod:`offline.detector.gate`; 0 without a gate).
         labels: one defect label per turn, in turn order.
         defect_reasons: reason counts plus ``defect`` / ``success`` totals.
         chains: number of rephrase chains.
@@ -59,6 +61,7 @@ class CoreResult:
     sessions: int
     links: list[RephraseLink]
     candidates_scored: int
+    candidates_gated: int
     labels: list[DefectLabel]
     defect_reasons: Counter[str]
     chains: int
@@ -118,9 +121,8 @@ def collect_result(
         chains, pairs, markov, timings: from the engine's Markov stage.
     """
     t = labelled.take(pc.sort_indices(labelled, sort_keys=[("idx", "ascending")]))
-    cols = t.select(
-        ["idx", "user_id", "session_no", "pos", "rephrases", "rephrase_score", "candidates"]
-    ).to_pydict()
+    names = ["idx", "user_id", "session_no", "pos", "rephrases", "rephrase_score", "candidates"]
+    cols = t.select([*names, "gated"]).to_pydict()
     labels = [
         DefectLabel(bool(d), tuple(r.split(",")) if r else ())
         for d, r in zip(t["defect"].to_pylist(), t["reasons"].to_pylist(), strict=True)
@@ -145,6 +147,7 @@ def collect_result(
         sessions=sum(1 for p in cols["pos"] if p == 0),
         links=[lk for *_, lk in linked],
         candidates_scored=int(sum(cols["candidates"])),
+        candidates_gated=int(sum(cols["gated"])),
         labels=labels,
         defect_reasons=defect_reason_counts(labels),
         chains=chains,

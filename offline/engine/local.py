@@ -47,7 +47,7 @@ def run_local(turns: Sequence[Turn], settings: Settings) -> CoreResult:
         predictions = None
         if artifact is not None:
             predictions = score_examples(
-                examples_table(table, settings.rephrase), settings.rephrase, artifact
+                examples_table(table, settings.rephrase, artifact), settings.rephrase, artifact
             )
         labelled = label_users(table, settings.rephrase, settings.defects, predictions)
     with timed(timings, "chains"):

@@ -7,7 +7,8 @@ Plan (``settings.spark``; README "Engines: local and Spark"):
    session starts, ``row_number`` within the session) — the same rule as
    :func:`~offline.engine.stages.sessionize_table`;
 3. span detector: ``groupBy(user).applyInArrow(examples_table)`` → ``mapInArrow(size_examples)``
-   (token lengths) → global sort by :data:`~offline.engine.stages.BATCH_ORDER` and
+   (token lengths) → the examples the detector's gate keeps: global sort by
+   :data:`~offline.engine.stages.BATCH_ORDER` and
    ``zipWithIndex`` into the model's batches → ``groupBy(batch).applyInArrow(score_examples)``
    (the ONNX model loaded once per executor Python worker,
    :func:`~offline.engine.stages.span_model`; identical batches keep the int8 model's
@@ -243,11 +244,13 @@ def mine_pairs_spark(
 def span_predictions(turns: Any, rephrase: RephraseSettings, artifact: str) -> Any:
     """Span-model predictions for every example of sessionized turns, on Spark.
 
-    ``groupBy(user).applyInArrow(examples_table)`` → ``mapInArrow(size_examples)`` → global sort
-    by :data:`~offline.engine.stages.BATCH_ORDER` and ``zipWithIndex`` into chunks of
-    ``rephrase.batch_size`` → ``groupBy(batch).applyInArrow(score_examples)``: exactly the
-    batches :meth:`SpanDetector.predict` forms over the whole run, so the int8 model's
-    per-batch activation scales, hence the scores, equal the local engine's.
+    ``groupBy(user).applyInArrow(examples_table)`` → ``mapInArrow(size_examples)`` → the
+    examples the gate keeps: global sort by :data:`~offline.engine.stages.BATCH_ORDER` and
+    ``zipWithIndex`` into chunks of ``rephrase.batch_size`` →
+    ``groupBy(batch).applyInArrow(score_examples)``: exactly the batches
+    :meth:`SpanDetector.predict` forms over the local run's kept examples, so the int8 model's
+    per-batch activation scales, hence the scores, equal the local engine's; the examples the
+    gate rules out become ``gated`` rows without a model run.
 
     Args:
         turns: DataFrame of :data:`~offline.engine.stages.SESSIONIZED_SCHEMA` rows.
@@ -260,7 +263,7 @@ def span_predictions(turns: Any, rephrase: RephraseSettings, artifact: str) -> A
     from pyspark.sql.pandas.types import from_arrow_schema
 
     def examples(table: pa.Table) -> pa.Table:
-        return examples_table(table, rephrase)
+        return examples_table(table, rephrase, artifact)
 
     def size(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
@@ -271,11 +274,20 @@ def span_predictions(turns: Any, rephrase: RephraseSettings, artifact: str) -> A
         order = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in BATCH_ORDER])
         return score_examples(table.take(order), rephrase, artifact)
 
-    sized = (
+    every = (
         turns.groupBy("user_id")
         .applyInArrow(examples, from_arrow_schema(EXAMPLES_SCHEMA))
         .mapInArrow(size, from_arrow_schema(SIZED_EXAMPLES_SCHEMA))
         .cache()
+    )
+    sized = every.filter("keep")
+    gated = every.filter("NOT keep").selectExpr(
+        "user_id",
+        "current_idx",
+        "CAST(-1 AS BIGINT) AS earlier_idx",
+        "CAST(0.0 AS DOUBLE) AS score",
+        "CAST(size(context_idx) AS BIGINT) AS n_context",
+        "true AS gated",
     )
     batch_size = rephrase.batch_size
     ranks = (
@@ -285,11 +297,12 @@ def span_predictions(turns: Any, rephrase: RephraseSettings, artifact: str) -> A
         .map(lambda row: (row[0]["current_idx"], row[1] // batch_size))
         .toDF("current_idx long, batch long")
     )
-    return (
+    scored = (
         sized.join(ranks, "current_idx")
         .groupBy("batch")
         .applyInArrow(score, from_arrow_schema(PREDICTIONS_SCHEMA))
     )
+    return scored.unionByName(gated)
 
 
 def run_spark(turns: Sequence[Turn], settings: Settings, spark: Any = None) -> CoreResult:

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from offline.chains import chain_walks
 from offline.defects import DefectRule, label_turns
-from offline.detector.examples import DetectorExample, build_examples
+from offline.detector.examples import NO_REPHRASE, DetectorExample, Prediction, build_examples
 from offline.markov import RephraseChain, solve_component
 from offline.rephrase import HeuristicBaselineDetector, select_links
 from offline.sessionize import Session, Turn
@@ -68,7 +68,8 @@ SESSIONIZED_SCHEMA = TURNS_SCHEMA.append(pa.field("session_no", pa.int64())).app
 
 #: A span-detector example: ``example`` is :meth:`DetectorExample.to_json` as JSON;
 #: ``context_idx`` the global indices of its context turns (newest first); ``session_no`` and
-#: ``pos`` the current turn's session and position (the run's example order).
+#: ``pos`` the current turn's session and position (the run's example order); ``keep`` False
+#: when the detector's gate (:mod:`offline.detector.gate`) rules the example out.
 EXAMPLES_SCHEMA = pa.schema(
     [
         ("user_id", pa.string()),
@@ -77,6 +78,7 @@ EXAMPLES_SCHEMA = pa.schema(
         ("current_idx", pa.int64()),
         ("context_idx", pa.list_(pa.int64())),
         ("example", pa.string()),
+        ("keep", pa.bool_()),
     ]
 )
 
@@ -88,7 +90,8 @@ SIZED_EXAMPLES_SCHEMA = EXAMPLES_SCHEMA.append(pa.field("n_tokens", pa.int64()))
 BATCH_ORDER = ("n_tokens", "user_id", "session_no", "pos")
 
 #: One span-model prediction: ``earlier_idx`` the predicted rephrased turn (-1: none),
-#: ``score`` its span probability, ``n_context`` the candidate pairs the example scored.
+#: ``score`` its span probability, ``n_context`` the example's candidate pairs (context turns);
+#: ``gated``: the gate ruled the example out, the span model did not score it (-1, score 0).
 PREDICTIONS_SCHEMA = pa.schema(
     [
         ("user_id", pa.string()),
@@ -96,12 +99,14 @@ PREDICTIONS_SCHEMA = pa.schema(
         ("earlier_idx", pa.int64()),
         ("score", pa.float64()),
         ("n_context", pa.int64()),
+        ("gated", pa.bool_()),
     ]
 )
 
 #: :func:`label_users` output, one row per turn: ``rephrases`` the global idx of the turn this
 #: one rephrases (-1: none) with ``rephrase_score``; ``candidates`` the candidate pairs the
-#: detector scored for the group (on the group's first row, 0 elsewhere); the turn's defect
+#: detector scored for the group and ``gated`` those the gate ruled out before the span model
+#: (both on the group's first row, 0 elsewhere); the turn's defect
 #: label; ``chain`` the utterances of the chain starting at this turn (null: no chain starts
 #: here) and ``chain_success`` its absorbing outcome.
 LABELLED_SCHEMA = pa.schema(
@@ -113,6 +118,7 @@ LABELLED_SCHEMA = pa.schema(
         ("rephrases", pa.int64()),
         ("rephrase_score", pa.float64()),
         ("candidates", pa.int64()),
+        ("gated", pa.int64()),
         ("defect", pa.bool_()),
         ("reasons", pa.string()),
         ("chain", pa.list_(pa.string())),
@@ -223,12 +229,16 @@ def _turns_and_sessions(table: pa.Table) -> tuple[list[Turn], list[Session], np.
     return turns, sessions, table["idx"].to_numpy()
 
 
-def examples_table(table: pa.Table, rephrase: RephraseSettings) -> pa.Table:
+def examples_table(
+    table: pa.Table, rephrase: RephraseSettings, artifact: str | Path | None = None
+) -> pa.Table:
     """The span detector's examples for whole users' sessionized turns.
 
     Args:
         table: :data:`SESSIONIZED_SCHEMA` rows covering whole users.
-        rephrase: ``lookback_turns`` (context size) and ``max_gap_s``.
+        rephrase: ``lookback_turns`` (context size), ``max_gap_s`` and ``gate``.
+        artifact: the detector artifact; with ``rephrase.gate`` on and a gate in it
+            (:func:`span_gate`), ``keep`` is the gate's answer, else True everywhere.
 
     Returns:
         :data:`EXAMPLES_SCHEMA` rows, one per turn with context
@@ -236,6 +246,8 @@ def examples_table(table: pa.Table, rephrase: RephraseSettings) -> pa.Table:
     """
     turns, sessions, gidx = _turns_and_sessions(table)
     examples = build_examples(turns, sessions, rephrase.lookback_turns, rephrase.max_gap_s)
+    gate = span_gate(artifact, rephrase) if artifact is not None else None
+    keep = gate.keep(examples) if gate is not None else np.ones(len(examples), dtype=bool)
     where = {i: (int(s.session_id.rsplit("#", 1)[1]), p) for s in sessions
              for p, i in enumerate(s.turns)}  # fmt: skip
     return pa.Table.from_pydict(
@@ -246,6 +258,7 @@ def examples_table(table: pa.Table, rephrase: RephraseSettings) -> pa.Table:
             "current_idx": [int(gidx[ex.current_idx]) for ex in examples],
             "context_idx": [[int(gidx[i]) for i in ex.context_idx] for ex in examples],
             "example": [json.dumps(ex.to_json(), ensure_ascii=False) for ex in examples],
+            "keep": pa.array(keep, pa.bool_()),
         },
         schema=EXAMPLES_SCHEMA,
     )
@@ -276,19 +289,49 @@ def span_model(artifact: str | Path, rephrase: RephraseSettings) -> Any:
         return _MODELS[key]
 
 
+_GATES: dict[str, Any] = {}
+
+
+def span_gate(artifact: str | Path, rephrase: RephraseSettings) -> Any:
+    """The detector artifact's gate (:class:`offline.detector.gate.RephraseGate`), loaded once
+    per process; ``None`` when ``rephrase.gate`` is off or the artifact has no gate.
+
+    Raises:
+        ValueError: the artifact's gate does not match this code's features.
+    """
+    if not rephrase.gate:
+        return None
+    from offline.detector.gate import RephraseGate
+
+    key = str(artifact)
+    with _MODELS_LOCK:
+        if key not in _GATES:
+            _GATES[key] = RephraseGate.load(Path(artifact))
+            if _GATES[key] is None:
+                log.info("detector artifact %s has no gate; every example goes to the model", key)
+        return _GATES[key]
+
+
 def size_examples(examples: pa.Table, rephrase: RephraseSettings, artifact: str | Path) -> pa.Table:
     """Add ``n_tokens`` (:data:`SIZED_EXAMPLES_SCHEMA`): each example rendered by the span
-    model's renderer, the length the model batches by.
+    model's renderer, the length the model batches by (0 for examples the gate ruled out: they
+    are never batched).
 
     Why: the default ``onnx-int8`` model quantizes activations dynamically, with one scale per
     batch tensor, so a score depends on which examples share its batch. The Spark engine
     therefore forms exactly the batches :meth:`SpanDetector.predict` forms over the whole run
     (rank by :data:`BATCH_ORDER`, chunks of ``batch_size``) and scores each batch as one group.
     """
-    exs = [DetectorExample.from_json(json.loads(e)) for e in examples["example"].to_pylist()]
+    keep = examples["keep"].to_pylist()
+    exs = [
+        DetectorExample.from_json(json.loads(e))
+        for e, k in zip(examples["example"].to_pylist(), keep, strict=True)
+        if k
+    ]
     model = span_model(artifact, rephrase)
-    lengths = [len(r.input_ids) for r in model.renderer.render_many(exs)] if exs else []
-    return examples.append_column("n_tokens", pa.array(lengths, pa.int64()))
+    lengths = iter([len(r.input_ids) for r in model.renderer.render_many(exs)] if exs else [])
+    sized = [next(lengths) if k else 0 for k in keep]
+    return examples.append_column("n_tokens", pa.array(sized, pa.int64()))
 
 
 def score_examples(
@@ -298,9 +341,9 @@ def score_examples(
 
     Args:
         examples: :data:`EXAMPLES_SCHEMA` rows in the run's example order (or one batch of
-            :data:`BATCH_ORDER`); the model sorts them by token length and runs batches of
-            ``rephrase.batch_size``, and with the int8 model a score depends on its batch
-            (see :func:`size_examples`).
+            :data:`BATCH_ORDER`); the model sorts the rows to ``keep`` by token length and
+            runs batches of ``rephrase.batch_size``, and with the int8 model a score depends
+            on its batch (see :func:`size_examples`); the other rows come back ``gated``.
         rephrase: ``batch_size`` and ``detector_backend``.
         artifact: the detector artifact directory (resolved on the driver).
 
@@ -308,10 +351,11 @@ def score_examples(
         :data:`PREDICTIONS_SCHEMA` rows in input order.
     """
     rows = examples.to_pylist()
-    exs = [DetectorExample.from_json(json.loads(r["example"])) for r in rows]
-    preds = (
+    exs = [DetectorExample.from_json(json.loads(r["example"])) for r in rows if r["keep"]]
+    scored = iter(
         span_model(artifact, rephrase).predict(exs, batch_size=rephrase.batch_size) if exs else []
     )
+    preds = [next(scored) if r["keep"] else Prediction(NO_REPHRASE, 0.0) for r in rows]
     return pa.Table.from_pydict(
         {
             "user_id": [r["user_id"] for r in rows],
@@ -322,6 +366,7 @@ def score_examples(
             ],
             "score": [float(p.score) for p in preds],
             "n_context": [len(r["context_idx"]) for r in rows],
+            "gated": [not r["keep"] for r in rows],
         },
         schema=PREDICTIONS_SCHEMA,
     )
@@ -354,10 +399,11 @@ def label_users(
     local = {int(g): i for i, g in enumerate(gidx)}
     if predictions is None:
         detected = HeuristicBaselineDetector(rephrase, defects).detect(turns, sessions)
-        links, candidates = detected.links, detected.candidates_scored
+        links, candidates, gated = detected.links, detected.candidates_scored, 0
     else:
         p = predictions.to_pydict()
-        candidates = int(sum(p["n_context"]))
+        candidates = sum(n for n, g in zip(p["n_context"], p["gated"], strict=True) if not g)
+        gated = sum(n for n, g in zip(p["n_context"], p["gated"], strict=True) if g)
         links = select_links(
             (score, local[earlier], local[later])
             for later, earlier, score in zip(
@@ -392,6 +438,7 @@ def label_users(
             "rephrases": rephrases,
             "rephrase_score": scores,
             "candidates": [candidates if i == 0 else 0 for i in range(n)],
+            "gated": [gated if i == 0 else 0 for i in range(n)],
             "defect": [lab.defect for lab in labels],
             "reasons": [",".join(lab.reasons) for lab in labels],
             "chain": chain,
