@@ -213,6 +213,7 @@ def train_detector_cmd(
             "best_dev_pair_f1": meta.get("best_dev_pair_f1"),
             "train_seconds": meta.get("train_seconds"),
             "onnx_agreement": meta.get("onnx_agreement"),
+            "gate": dataclasses.asdict(res.gate) if res.gate is not None else None,
         }
     )
 
