@@ -227,13 +227,12 @@ def test_engines_write_identical_outputs_span_detector(
     assert counts["rephrase_candidates_scored"] > 50 and counts["rephrase_candidates_gated"] > 50
     # the raw model outputs too (a tiny CI model may link nothing above its threshold)
     from offline.engine.spark import sessionize_spark, span_predictions
-    from offline.engine.stages import examples_table, score_examples
+    from offline.engine.stages import examples_table, gate_examples, score_examples
 
     table = sessionize_table(turns_to_table(turns), s.session.gap_s)
     artifact = str(s.rephrase.detector_artifact)
-    local = score_examples(
-        examples_table(table, s.rephrase, artifact), s.rephrase, artifact
-    ).to_pylist()
+    gated = gate_examples(examples_table(table, s.rephrase), s.rephrase, artifact)
+    local = score_examples(gated, s.rephrase, artifact).to_pylist()
     assert any(r["gated"] for r in local) and not all(r["gated"] for r in local)
     frame = sessionize_spark(spark.createDataFrame(turns_to_table(turns)), s.session.gap_s)
     remote = span_predictions(frame, s.rephrase, artifact).toArrow().to_pylist()

@@ -11,9 +11,11 @@ from offline.engine import CoreResult, collect_result, prepare_detector, timed
 from offline.engine.stages import (
     chains_of,
     examples_table,
+    gate_examples,
     label_users,
     score_examples,
     sessionize_table,
+    span_gate,
     span_model,
     turns_to_table,
 )
@@ -41,13 +43,15 @@ def run_local(turns: Sequence[Turn], settings: Settings) -> CoreResult:
         _, artifact = detector
         if artifact is not None:
             span_model(artifact, settings.rephrase)
+            span_gate(artifact, settings.rephrase)
     with timed(timings, "sessionize"):
         table = sessionize_table(turns_to_table(turns), settings.session.gap_s)
     with timed(timings, "rephrase"):
         predictions = None
         if artifact is not None:
+            examples = examples_table(table, settings.rephrase)
             predictions = score_examples(
-                examples_table(table, settings.rephrase, artifact), settings.rephrase, artifact
+                gate_examples(examples, settings.rephrase, artifact), settings.rephrase, artifact
             )
         labelled = label_users(table, settings.rephrase, settings.defects, predictions)
     with timed(timings, "chains"):

@@ -6,7 +6,8 @@ Plan (``settings.spark``; README "Engines: local and Spark"):
 2. sessionization with window functions (``lag`` of the timestamp per user, a running sum of
    session starts, ``row_number`` within the session) — the same rule as
    :func:`~offline.engine.stages.sessionize_table`;
-3. span detector: ``groupBy(user).applyInArrow(examples_table)`` → ``mapInArrow(size_examples)``
+3. span detector: ``groupBy(user).applyInArrow(examples_table)`` →
+   ``mapInArrow(gate_examples, size_examples)``
    (token lengths) → the examples the detector's gate keeps: global sort by
    :data:`~offline.engine.stages.BATCH_ORDER` and
    ``zipWithIndex`` into the model's batches → ``groupBy(batch).applyInArrow(score_examples)``
@@ -45,6 +46,7 @@ from offline.engine.stages import (
     PREDICTIONS_SCHEMA,
     SIZED_EXAMPLES_SCHEMA,
     examples_table,
+    gate_examples,
     label_users,
     score_examples,
     size_examples,
@@ -244,7 +246,8 @@ def mine_pairs_spark(
 def span_predictions(turns: Any, rephrase: RephraseSettings, artifact: str) -> Any:
     """Span-model predictions for every example of sessionized turns, on Spark.
 
-    ``groupBy(user).applyInArrow(examples_table)`` → ``mapInArrow(size_examples)`` → the
+    ``groupBy(user).applyInArrow(examples_table)`` → ``mapInArrow(gate_examples,
+    size_examples)`` → the
     examples the gate keeps: global sort by :data:`~offline.engine.stages.BATCH_ORDER` and
     ``zipWithIndex`` into chunks of ``rephrase.batch_size`` →
     ``groupBy(batch).applyInArrow(score_examples)``: exactly the batches
@@ -263,11 +266,11 @@ def span_predictions(turns: Any, rephrase: RephraseSettings, artifact: str) -> A
     from pyspark.sql.pandas.types import from_arrow_schema
 
     def examples(table: pa.Table) -> pa.Table:
-        return examples_table(table, rephrase, artifact)
+        return examples_table(table, rephrase)
 
     def size(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
-            table = pa.Table.from_batches([batch])
+            table = gate_examples(pa.Table.from_batches([batch]), rephrase, artifact)
             yield from size_examples(table, rephrase, artifact).to_batches()
 
     def score(table: pa.Table) -> pa.Table:

@@ -7,6 +7,7 @@ one batch (``mapInArrow``) without conversion:
 - :func:`sessionize_table` — session number and position per turn (vectorised: sort, diff,
   cumulative sums; the Spark engine does the same with window functions);
 - :func:`examples_table` — the span detector's examples of whole users' sessions;
+- :func:`gate_examples` — the detector gate's keep/skip decision per example;
 - :func:`score_examples` — span-model predictions for a batch of examples (the ONNX model is
   loaded once per process, :func:`span_model`);
 - :func:`label_users` — rephrase links, defect labels and rephrase chains of whole users
@@ -229,25 +230,20 @@ def _turns_and_sessions(table: pa.Table) -> tuple[list[Turn], list[Session], np.
     return turns, sessions, table["idx"].to_numpy()
 
 
-def examples_table(
-    table: pa.Table, rephrase: RephraseSettings, artifact: str | Path | None = None
-) -> pa.Table:
+def examples_table(table: pa.Table, rephrase: RephraseSettings) -> pa.Table:
     """The span detector's examples for whole users' sessionized turns.
 
     Args:
         table: :data:`SESSIONIZED_SCHEMA` rows covering whole users.
-        rephrase: ``lookback_turns`` (context size), ``max_gap_s`` and ``gate``.
-        artifact: the detector artifact; with ``rephrase.gate`` on and a gate in it
-            (:func:`span_gate`), ``keep`` is the gate's answer, else True everywhere.
+        rephrase: ``lookback_turns`` (context size) and ``max_gap_s``.
 
     Returns:
         :data:`EXAMPLES_SCHEMA` rows, one per turn with context
-        (:func:`offline.detector.examples.build_examples`).
+        (:func:`offline.detector.examples.build_examples`), ``keep`` True (see
+        :func:`gate_examples`).
     """
     turns, sessions, gidx = _turns_and_sessions(table)
     examples = build_examples(turns, sessions, rephrase.lookback_turns, rephrase.max_gap_s)
-    gate = span_gate(artifact, rephrase) if artifact is not None else None
-    keep = gate.keep(examples) if gate is not None else np.ones(len(examples), dtype=bool)
     where = {i: (int(s.session_id.rsplit("#", 1)[1]), p) for s in sessions
              for p, i in enumerate(s.turns)}  # fmt: skip
     return pa.Table.from_pydict(
@@ -258,10 +254,25 @@ def examples_table(
             "current_idx": [int(gidx[ex.current_idx]) for ex in examples],
             "context_idx": [[int(gidx[i]) for i in ex.context_idx] for ex in examples],
             "example": [json.dumps(ex.to_json(), ensure_ascii=False) for ex in examples],
-            "keep": pa.array(keep, pa.bool_()),
+            "keep": pa.array(np.ones(len(examples), dtype=bool), pa.bool_()),
         },
         schema=EXAMPLES_SCHEMA,
     )
+
+
+def gate_examples(examples: pa.Table, rephrase: RephraseSettings, artifact: str | Path) -> pa.Table:
+    """Set ``keep`` to the detector gate's answer (:func:`span_gate`) for a batch of
+    :data:`EXAMPLES_SCHEMA` rows; unchanged when the gate is off or the artifact has none.
+
+    Any grouping of the rows gives the same answer (one example at a time), so the Spark
+    engine calls it per ``mapInArrow`` batch and the local engine once.
+    """
+    gate = span_gate(artifact, rephrase)
+    if gate is None or examples.num_rows == 0:
+        return examples
+    exs = [DetectorExample.from_json(json.loads(e)) for e in examples["example"].to_pylist()]
+    keep = pa.array(gate.keep(exs), pa.bool_())
+    return examples.set_column(examples.schema.get_field_index("keep"), "keep", keep)
 
 
 _MODELS: dict[tuple[str, str, int], Any] = {}
