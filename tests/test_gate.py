@@ -169,7 +169,7 @@ def test_job_skips_what_the_gate_rules_out(
     """With a gate in the artifact the job's span model scores only the kept examples (their
     links are the model's own decisions on them) and reports the gated candidate pairs; with
     ``rephrase.gate`` off it scores every pair."""
-    from test_span_detector import tiny_span_artifact
+    from test_span_detector import tiny_span_artifact, write_synthetic_logs
 
     from offline.detector.examples import build_examples
     from offline.detector.inference import SpanDetector
@@ -177,19 +177,7 @@ def test_job_skips_what_the_gate_rules_out(
     from offline.schema import read_turn_logs
     from offline.sessionize import sessionize, to_turns
 
-    logs = tmp_path / "day-01.jsonl"
-    rows = []
-    for k, ex in enumerate(synthetic_examples(40, seed=5)):
-        turns = [*reversed(ex.context), ContextFeature(ex.example_id, ex.current, 0, False, OKAY)]
-        t = 1000.0 * k
-        for j, c in enumerate(turns):
-            t += 1.0 if j == 0 else turns[j - 1].gap_s
-            ts = f"2026-01-05T{int(t // 3600):02d}:{int(t % 3600 // 60):02d}:{t % 60:06.3f}Z"
-            rows.append(
-                {"turn_id": c.turn_id, "user_id": ex.user_id, "timestamp": ts}
-                | {"utterance": c.text, "response": c.response, "barge_in": c.barge_in}
-            )
-    logs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logs = write_synthetic_logs(tmp_path / "day-01.jsonl", synthetic_examples(40, seed=5))
     s = settings.model_copy(deep=True)
     turns = to_turns(read_turn_logs([logs]).turns)
     sessions = sessionize(turns, s.session.gap_s)

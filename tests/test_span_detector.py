@@ -243,6 +243,24 @@ def synthetic_examples(n: int, seed: int) -> list[DetectorExample]:
     return out
 
 
+def write_synthetic_logs(path: Path, examples: list[DetectorExample]) -> Path:
+    """Turn logs replaying each example as one session: its context turns oldest first at
+    their gaps, then the current turn; sessions 1,000 s apart. Returns ``path``."""
+    rows = []
+    for k, ex in enumerate(examples):
+        turns = [*reversed(ex.context), ContextFeature(ex.example_id, ex.current, 0, False, OKAY)]
+        t = 1000.0 * k
+        for j, c in enumerate(turns):
+            t += 1.0 if j == 0 else turns[j - 1].gap_s
+            ts = f"2026-01-05T{int(t // 3600):02d}:{int(t % 3600 // 60):02d}:{t % 60:06.3f}Z"
+            row = {"turn_id": c.turn_id, "user_id": ex.user_id, "timestamp": ts}
+            rows.append(
+                {**row, "utterance": c.text, "response": c.response, "barge_in": c.barge_in}
+            )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 _TINY: dict[str, Path] = {}
 
 
@@ -353,19 +371,7 @@ def test_nightly_job_runs_the_span_detector(
     from offline.sessionize import sessionize, to_turns
 
     res, _ = tiny_run
-    logs = tmp_path / "day-01.jsonl"
-    rows = []
-    for k, ex in enumerate(synthetic_examples(12, seed=5)):
-        turns = [*reversed(ex.context), ContextFeature(ex.example_id, ex.current, 0, False, OKAY)]
-        t = 1000.0 * k
-        for j, c in enumerate(turns):
-            t += 1.0 if j == 0 else turns[j - 1].gap_s
-            ts = f"2026-01-05T{int(t // 3600):02d}:{int(t % 3600 // 60):02d}:{t % 60:06.3f}Z"
-            row = {"turn_id": c.turn_id, "user_id": ex.user_id, "timestamp": ts}
-            rows.append(
-                {**row, "utterance": c.text, "response": c.response, "barge_in": c.barge_in}
-            )
-    logs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logs = write_synthetic_logs(tmp_path / "day-01.jsonl", synthetic_examples(12, seed=5))
     s = settings.model_copy(deep=True)
     s.rephrase.detector = "bert_span"
     s.rephrase.detector_artifact = res.artifact
