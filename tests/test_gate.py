@@ -250,22 +250,3 @@ def test_train_gate_writes_both_files(tmp_path: Path) -> None:
     report = train_gate(tmp_path, _labelled(200, 2, "sim"), PATTERNS, 0.99)
     assert (tmp_path / GATE_MODEL).exists() and (tmp_path / GATE_META).exists()
     assert report.target_recall == 0.99 and report.oof["sim"]["recall"] >= 0.99
-
-
-def test_span_gate_warns_when_the_context_outgrows_its_slots(
-    trained: tuple, tmp_path: Path, settings: Settings, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The job's gate loader: off -> None; a context longer than the gate's slots is logged."""
-    from offline.engine.stages import span_gate
-
-    gate, report, _ = trained
-    gate.save(tmp_path, report)
-    s = settings.model_copy(deep=True)
-    s.rephrase.gate = False
-    assert span_gate(tmp_path, s.rephrase) is None
-    s.rephrase.gate = True
-    s.rephrase.lookback_turns = 5
-    with caplog.at_level("WARNING", logger="offline.engine.stages"):
-        loaded = span_gate(tmp_path, s.rephrase)
-    assert loaded is not None and loaded.threshold == gate.threshold
-    assert any("context slots" in r.getMessage() for r in caplog.records)

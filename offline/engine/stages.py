@@ -312,7 +312,7 @@ def span_gate(artifact: str | Path, rephrase: RephraseSettings) -> Any:
     """
     if not rephrase.gate:
         return None
-    from offline.detector.gate import SLOTS, RephraseGate
+    from offline.detector.gate import RephraseGate
 
     key = str(artifact)
     with _MODELS_LOCK:
@@ -320,13 +320,6 @@ def span_gate(artifact: str | Path, rephrase: RephraseSettings) -> Any:
             _GATES[key] = RephraseGate.load(Path(artifact))
             if _GATES[key] is None:
                 log.info("detector artifact %s has no gate; every example goes to the model", key)
-            elif rephrase.lookback_turns > SLOTS:
-                log.warning(
-                    "rephrase.lookback_turns %d > the gate's %d context slots: the gate does "
-                    "not see the older turns (set rephrase.gate: false to score every example)",
-                    rephrase.lookback_turns,
-                    SLOTS,
-                )
         return _GATES[key]
 
 
