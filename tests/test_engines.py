@@ -179,14 +179,9 @@ def _detector_artifact(tmp_path_factory: pytest.TempPathFactory, s: Settings) ->
     try:
         return resolve_detector_artifact(s.rephrase)
     except DetectorModelMissingError:
-        from test_span_detector import synthetic_examples
+        from test_span_detector import tiny_span_artifact
 
-        from offline.detector.train import SpanTrainConfig, train_span_detector
-
-        root = tmp_path_factory.mktemp("detector")
-        train, dev = synthetic_examples(96, seed=1), synthetic_examples(32, seed=2)
-        res = train_span_detector(train, dev, SpanTrainConfig.tiny(), root / "art", progress=False)
-        return Path(res.artifact)
+        return tiny_span_artifact(tmp_path_factory)
 
 
 @pytest.mark.slow

@@ -261,25 +261,29 @@ def write_synthetic_logs(path: Path, examples: list[DetectorExample]) -> Path:
     return path
 
 
-_TINY: dict[str, Path] = {}
+_TINY: dict[str, TrainResult] = {}
+
+
+def tiny_span_result(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """A tiny span detector trained on synthetic examples (train: 96, seed 1; dev: 32, seed 2),
+    once per test session; tests only read its artifact."""
+    if "result" not in _TINY:
+        root = tmp_path_factory.mktemp("tiny-detector")
+        train, dev = synthetic_examples(96, seed=1), synthetic_examples(32, seed=2)
+        _TINY["result"] = train_span_detector(
+            train, dev, SpanTrainConfig.tiny(), root / "art", progress=False
+        )
+    return _TINY["result"]
 
 
 def tiny_span_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny span detector trained on synthetic examples, once per test session."""
-    if "artifact" not in _TINY:
-        root = tmp_path_factory.mktemp("tiny-detector")
-        train, dev = synthetic_examples(96, seed=1), synthetic_examples(32, seed=2)
-        res = train_span_detector(train, dev, SpanTrainConfig.tiny(), root / "art", progress=False)
-        _TINY["artifact"] = Path(res.artifact)
-    return _TINY["artifact"]
+    """The artifact folder of :func:`tiny_span_result`."""
+    return Path(tiny_span_result(tmp_path_factory).artifact)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    root = tmp_path_factory.mktemp("detector")
-    train, dev = synthetic_examples(96, seed=1), synthetic_examples(32, seed=2)
-    res = train_span_detector(train, dev, SpanTrainConfig.tiny(), root / "art", progress=False)
-    return res, dev
+    return tiny_span_result(tmp_path_factory), synthetic_examples(32, seed=2)
 
 
 @pytest.mark.slow
