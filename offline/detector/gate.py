@@ -310,14 +310,12 @@ class GatedDetector:
         self.detector = detector
         self.gate = gate
         self.name = name
-        self.last_skipped = 0
 
     def predict(self, examples: Sequence[DetectorExample]) -> list[Prediction]:
-        """One prediction per example, same order; sets :attr:`last_skipped`."""
+        """One prediction per example, same order."""
         keep = self.gate.keep(examples)
         kept = [ex for ex, k in zip(examples, keep, strict=True) if k]
         scored = iter(self.detector.predict(kept) if kept else [])
-        self.last_skipped = len(examples) - len(kept)
         return [next(scored) if k else Prediction(NO_REPHRASE, 0.0) for k in keep]
 
 
