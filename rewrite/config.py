@@ -123,6 +123,11 @@ class SparkSettings(BaseModel):
         max_cc_iterations: bound on the min-label-propagation rounds of the connected
             components step (a round moves a label one edge, so a component needs about its
             diameter in rounds); not converging within the bound raises ``RuntimeError``.
+        driver_cc_max_edges: a rephrase graph with at most this many distinct edges is
+            collected and its connected components found on the driver
+            (``scipy.sparse.csgraph``, one Spark job instead of ~2 per propagation round);
+            above it, distributed min-label propagation. ``0``: always distributed. The
+            Markov solves stay distributed either way.
         conf: further ``spark.*`` settings passed to the session builder verbatim.
     """
 
@@ -131,6 +136,7 @@ class SparkSettings(BaseModel):
     shuffle_partitions: int = Field(default=4, ge=1)
     driver_memory: str = "2g"
     max_cc_iterations: int = Field(default=64, ge=1)
+    driver_cc_max_edges: int = Field(default=2_000_000, ge=0)
     conf: dict[str, str] = Field(default_factory=dict)
 
 

@@ -10,6 +10,7 @@ detector scored through ``mapInArrow``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from pathlib import Path
@@ -136,11 +137,40 @@ def test_engine_is_a_setting_with_env_override(monkeypatch: pytest.MonkeyPatch) 
     assert s.spark.master == "local[2]"
 
 
+def test_component_labels_name_each_component_by_its_smallest_vertex() -> None:
+    """scipy's components, each labelled by its smallest name in binary (UTF-8 byte) order,
+    the order Spark's ``min`` uses on strings; duplicate and reversed edges change nothing."""
+    import pyarrow as pa
+
+    from offline.engine.stages import component_labels
+
+    edges = pa.table(
+        {
+            "a": ["play jazz", "zürich", "b", "x", "y", "b", "wilkerson"],
+            "b": ["play jas", "zurich", "a", "y", "x", "c", "wilmington"],
+        }
+    )
+    got = component_labels(edges).to_pylist()
+    assert [r["v"] for r in got] == sorted(r["v"] for r in got)  # sorted, one row per vertex
+    labels = {r["v"]: r["c"] for r in got}
+    assert labels == {
+        "a": "a", "b": "a", "c": "a", "x": "x", "y": "x",
+        "play jas": "play jas", "play jazz": "play jas",
+        "zurich": "zurich", "zürich": "zurich",  # "u" (0x75) < "ü" (0xc3 0xbc)
+        "wilkerson": "wilkerson", "wilmington": "wilkerson",
+    }  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.integration
-def test_spark_connected_components_and_cap_match_local(spark: Any) -> None:
-    """Label propagation finds scipy's components; the cap skips the same component."""
-    from offline.engine.spark import mine_pairs_spark
+@pytest.mark.parametrize("driver_cc_max_edges", [0, 1_000], ids=["propagation", "driver"])
+def test_spark_connected_components_and_cap_match_local(
+    spark: Any, driver_cc_max_edges: int
+) -> None:
+    """Label propagation (``driver_cc_max_edges`` 0) and the driver's scipy components find
+    the local engine's components; the cap skips the same component."""
+    from offline.engine.spark import connected_components, mine_pairs_spark
+    from offline.engine.stages import component_labels
 
     chains = _component_chains()
     rows = [
@@ -152,11 +182,26 @@ def test_spark_connected_components_and_cap_match_local(spark: Any) -> None:
                                      "chain array<string>, chain_success boolean")  # fmt: skip
     s = _job_settings(load_settings())
     s.markov.max_component_states = 5  # the 6-state path is skipped, (x, y) solved
+    s.spark.driver_cc_max_edges = driver_cc_max_edges
     want_pairs, want = mine_pairs(chains, s.markov, s.privacy.min_users_global)
     got_pairs, got, info = mine_pairs_spark(df, s)
     assert got == want and got_pairs == want_pairs
     assert got.components_skipped_giant == 1 and got.components_solved == 1
-    assert info["cc_rounds"] <= 5  # path of 6 states: pointer jumping beats diameter + 1
+    if driver_cc_max_edges:
+        assert info["cc_method"] == "driver" and info["cc_rounds"] == 0
+    else:
+        assert info["cc_method"] == "label_propagation"
+        assert info["cc_rounds"] <= 5  # path of 6 states: pointer jumping beats diameter + 1
+        # both methods give the same labels
+        edges = spark.createDataFrame(
+            [(a, b) for c in chains for a, b in itertools.pairwise(c.utterances) if a != b],
+            "a string, b string",
+        )
+        spread, _ = connected_components(edges, 64)
+        pairs_of = lambda rows: sorted((r["v"], r["c"]) for r in rows)  # noqa: E731
+        assert pairs_of(spread.toArrow().to_pylist()) == pairs_of(
+            component_labels(edges.toArrow()).to_pylist()
+        )
 
 
 @pytest.mark.slow
@@ -165,7 +210,9 @@ def test_spark_connected_components_and_cap_match_local(spark: Any) -> None:
 def test_engines_write_identical_outputs_heuristic(
     spark: Any, sim_logs: Path, tmp_path: Path, settings: Settings
 ) -> None:
-    reports = _run_both(sim_logs, tmp_path, _job_settings(settings))
+    s = _job_settings(settings)
+    s.spark.driver_cc_max_edges = 0  # distributed label propagation end to end here
+    reports = _run_both(sim_logs, tmp_path, s)
     pairs = read_pairs(tmp_path / "spark" / "pairs.parquet")
     assert len(pairs) >= 3 and reports["spark"].markov["components"] > 10
     assert reports["local"].counts["rephrase_links"] > 100

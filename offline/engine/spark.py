@@ -16,8 +16,10 @@ Plan (``settings.spark``; README "Engines: local and Spark"):
    per-batch activation scales, hence the scores, identical to the local engine's) →
    ``cogroup`` with the turns per user → ``applyInArrow(label_users)``; heuristic baseline:
    ``groupBy(user).applyInArrow(label_users)``;
-4. Markov: states and rephrase edges by explode / distinct; connected components by iterative
-   min-label propagation over DataFrame joins and group-bys (:func:`connected_components`);
+4. Markov: states and rephrase edges by explode / distinct; connected components on the
+   driver for a graph of at most ``spark.driver_cc_max_edges`` edges
+   (:func:`~offline.engine.stages.component_labels`), else by iterative min-label propagation
+   over DataFrame joins and group-bys (:func:`connected_components`), same labels either way;
    component sizes by group-by; components over ``markov.max_component_states`` skipped and
    counted; every other component solved by ``groupBy(component).applyInArrow(
    solve_component_table)``. Only the pairs and one summary row per component reach the
@@ -31,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -45,6 +48,7 @@ from offline.engine.stages import (
     LABELLED_SCHEMA,
     PREDICTIONS_SCHEMA,
     SIZED_EXAMPLES_SCHEMA,
+    component_labels,
     examples_table,
     gate_examples,
     label_users,
@@ -172,7 +176,11 @@ def mine_pairs_spark(
         settings: ``markov`` thresholds and cap, ``privacy.min_users_global``, ``spark``.
 
     Returns:
-        (pairs sorted by source, stats, ``{"cc_rounds": ...}``).
+        (pairs sorted by source, stats, ``{"cc_rounds", "cc_method", "cc_s"}`` (seconds of the
+        connected components step)): components
+        found on the driver (``"driver"``, 0 rounds) when the graph has at most
+        ``spark.driver_cc_max_edges`` edges (:func:`~offline.engine.stages.component_labels`),
+        else by :func:`connected_components` (``"label_propagation"``).
     """
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
@@ -196,8 +204,16 @@ def mine_pairs_spark(
     )
     stats.rephrase_edges = edges.count()
     if stats.rephrase_edges == 0:
-        return [], stats, {"cc_rounds": 0}
-    labels, rounds = connected_components(edges, settings.spark.max_cc_iterations)
+        return [], stats, {"cc_rounds": 0, "cc_method": "none", "cc_s": 0.0}
+    t0 = time.perf_counter()
+    if stats.rephrase_edges <= settings.spark.driver_cc_max_edges:
+        # a small graph: one collect beats ~2 Spark jobs per propagation round
+        labels = chains.sparkSession.createDataFrame(component_labels(edges.toArrow()))
+        rounds, method = 0, "driver"
+    else:
+        labels, rounds = connected_components(edges, settings.spark.max_cc_iterations)
+        method = "label_propagation"
+    cc_s = round(time.perf_counter() - t0, 4)
     sizes = labels.groupBy("c").agg(F.count("*").alias("size")).cache()
     summary = sizes.agg(
         F.count("*").alias("n"),
@@ -240,7 +256,7 @@ def mine_pairs_spark(
     chains.unpersist()
     edges.unpersist()
     sizes.unpersist()
-    return pairs, stats, {"cc_rounds": rounds}
+    return pairs, stats, {"cc_rounds": rounds, "cc_method": method, "cc_s": cc_s}
 
 
 def span_predictions(turns: Any, rephrase: RephraseSettings, artifact: str) -> Any:
@@ -362,13 +378,15 @@ def run_spark(turns: Sequence[Turn], settings: Settings, spark: Any = None) -> C
             "user_id", "session_no", "pos", "chain", "chain_success"
         )
         pairs, stats, info = mine_pairs_spark(chains, settings)
+    timings["markov_components"] = info["cc_s"]
     labelled.unpersist()
     df.unpersist()
     log.info(
-        "spark engine: %d turns, %d chains, %d pairs, connected components in %d rounds",
+        "spark engine: %d turns, %d chains, %d pairs, connected components by %s (%d rounds)",
         len(turns),
         stats.chains,
         len(pairs),
+        info["cc_method"],
         info["cc_rounds"],
     )
     return collect_result(per_turn, detector, stats.chains, pairs, stats, timings)

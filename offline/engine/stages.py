@@ -12,6 +12,8 @@ one batch (``mapInArrow``) without conversion:
   loaded once per process, :func:`span_model`);
 - :func:`label_users` — rephrase links, defect labels and rephrase chains of whole users
   (one row per turn, :data:`LABELLED_SCHEMA`);
+- :func:`component_labels` — connected components of a (small enough) rephrase graph, labelled
+  the way the Spark engine's distributed label propagation labels them;
 - :func:`solve_component_table` — the Markov solve of one connected component's chains.
 
 Turn ``idx`` values are the run's global turn indices in every table; a function working on a
@@ -30,6 +32,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 
 from offline.chains import chain_walks
 from offline.defects import DefectRule, label_turns
@@ -472,6 +476,41 @@ def chains_of(table: pa.Table) -> list[RephraseChain]:
         RephraseChain(tuple(u), bool(ok), user)
         for user, u, ok in zip(t["user_id"], t["chain"], t["chain_success"], strict=True)
     ]
+
+
+#: A vertex and its component's label (the component's smallest vertex name).
+COMPONENT_LABELS_SCHEMA = pa.schema([("v", pa.string()), ("c", pa.string())])
+
+
+def component_labels(edges: pa.Table) -> pa.Table:
+    """Connected components of an undirected graph, labelled by their smallest vertex name.
+
+    The vertices are sorted (Arrow's binary string order, which is Spark's ``min`` order on
+    strings), edges become index pairs, and ``scipy.sparse.csgraph.connected_components``
+    (``directed=False``) finds the components; each vertex gets the smallest name of its
+    component -- the fixed point of :func:`offline.engine.spark.connected_components`, so
+    either method gives the same labels.
+
+    Args:
+        edges: string columns ``a`` and ``b`` (direction ignored; duplicates allowed).
+
+    Returns:
+        :data:`COMPONENT_LABELS_SCHEMA` rows, one per vertex on an edge, sorted by ``v``.
+    """
+    a, b = edges.column("a"), edges.column("b")
+    vertices = pc.unique(pa.chunked_array(a.chunks + b.chunks, type=pa.string()))
+    vertices = vertices.take(pc.sort_indices(vertices))
+    n = len(vertices)
+    rows = pc.index_in(a, value_set=vertices).to_numpy(zero_copy_only=False)
+    cols = pc.index_in(b, value_set=vertices).to_numpy(zero_copy_only=False)
+    graph = sp.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n)).tocsr()
+    n_comp, labels = connected_components(graph, directed=False)
+    smallest = np.full(n_comp, n, dtype=np.int64)
+    np.minimum.at(smallest, labels, np.arange(n, dtype=np.int64))
+    return pa.table(
+        {"v": vertices, "c": vertices.take(pa.array(smallest[labels]))},
+        schema=COMPONENT_LABELS_SCHEMA,
+    )
 
 
 def solve_component_table(table: pa.Table, markov: MarkovSettings, min_users: int) -> pa.Table:
