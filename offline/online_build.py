@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from offline.dpr.ids import zero_shot_dir
 from rewrite.config import Settings
-from rewrite.encoder import DprModelMissingError, PassageEncoder, resolve_dpr_artifact
+from rewrite.encoder import DPR_META, DprModelMissingError, PassageEncoder, resolve_dpr_artifact
 from rewrite.retrieval import CATALOG_FILE, INDEX_FILE, INDEX_META, IndexInfo
 
 log = logging.getLogger(__name__)
@@ -96,14 +97,16 @@ def load_passage_encoder(settings: Settings) -> tuple[PassageEncoder, str]:
     except DprModelMissingError:
         if d.artifact is not None:
             raise
-        from offline.dpr.train import export_zero_shot
-
         log.warning(
             "no fine-tuned DPR encoder under %s (run `qrw train dpr`); the job indexes the "
             "catalog with the zero-shot MiniLM encoder",
             d.artifacts_dir,
         )
-        path = export_zero_shot(Path(d.artifacts_dir)).artifact
+        path = zero_shot_dir(Path(d.artifacts_dir))
+        if not (path / DPR_META).exists():  # export once; torch is imported only then
+            from offline.dpr.train import export_zero_shot
+
+            path = export_zero_shot(Path(d.artifacts_dir)).artifact
         kind = "zero-shot"
     enc = PassageEncoder.load(path, threads=2)
     kind = "zero-shot" if enc.meta.get("zero_shot") else str(enc.meta.get("variant", kind))

@@ -508,3 +508,26 @@ def test_layer_distillation_exports_a_shallow_onnx_tower(dpr_dir: Path, tmp_path
     assert vecs.shape == (5, 384)
     with pytest.raises(ValueError, match="layers"):
         DistillConfig(layers=0)
+
+
+def test_job_finds_the_zero_shot_tower_without_importing_torch(dpr_dir: Path) -> None:
+    """``zero_shot_dir`` names the folder ``export_zero_shot`` wrote, and the job's passage
+    encoder comes from it without torch or transformers (~3 s of imports per night)."""
+    import subprocess
+    import sys
+
+    from offline.dpr.ids import zero_shot_dir
+    from offline.dpr.train import DprTrainConfig, export_zero_shot
+
+    assert export_zero_shot(dpr_dir).artifact == zero_shot_dir(dpr_dir)
+    assert zero_shot_dir(dpr_dir, 16) != zero_shot_dir(dpr_dir)
+    assert DprTrainConfig().max_length == 32
+    code = (
+        "import sys; from offline.online_build import load_passage_encoder; "
+        "from rewrite.config import load_settings; s = load_settings(); "
+        f"s.dpr.artifacts_dir = {str(dpr_dir)!r}; enc, kind = load_passage_encoder(s); "
+        "print(kind, enc.encode(['play jazz']).shape, 'torch' in sys.modules, "
+        "'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["zero-shot", "(1,", "384)", "False", "False"]

@@ -27,7 +27,6 @@ The folder is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -52,6 +51,7 @@ from transformers import BertModel
 from transformers.utils import logging as hf_logging
 
 from offline.dpr.data import DprDataset, DprPair, dev_groups
+from offline.dpr.ids import BASE_MODEL, MAX_LENGTH, code_version, content_hash
 from offline.trainutil import (
     linear_warmup_decay,
     minilm_path,
@@ -76,10 +76,6 @@ from rewrite.retrieval import sha256_file
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "dpr-v1"
-"""Bump when model, loss or export semantics change (the source hash also changes)."""
-
-BASE_MODEL = "all-MiniLM-L6-v2"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -156,7 +152,7 @@ class DprTrainConfig:
     eval_every: int = 50
     patience: int = 3
     max_dev_queries: int = 2000
-    max_length: int = 32
+    max_length: int = MAX_LENGTH
     dev_share: float = 0.15
     min_pair_similarity: float = 0.0
     threads: int = 2
@@ -505,27 +501,6 @@ def drop_int8(tmp: Path, record: dict[str, Any], reason: str) -> None:
 # --------------------------------------------------------------------------------------------
 # hashing and artifacts
 # --------------------------------------------------------------------------------------------
-
-
-def code_version() -> str:
-    """:data:`CODE_VERSION` plus a short hash of this module and :mod:`rewrite.encoder`."""
-    h = hashlib.sha256(Path(__file__).read_bytes())
-    h.update((Path(__file__).resolve().parents[2] / "rewrite" / "encoder.py").read_bytes())
-    return f"{CODE_VERSION}+{h.hexdigest()[:12]}"
-
-
-def content_hash(config: DprTrainConfig, data: DprDataset | None) -> str:
-    """16 hex digits of SHA-256 over code version, base model, config and data (None = the
-    zero-shot artifact, which depends on the base model and ``max_length`` only)."""
-    h = hashlib.sha256()
-    h.update(code_version().encode())
-    h.update(f"{BASE_MODEL}=={minilm_version()}".encode())
-    if data is None:
-        h.update(f"zero-shot max_length={config.max_length}".encode())
-    else:
-        h.update(json.dumps(config.to_dict(), sort_keys=True).encode())
-        h.update(data.fingerprint().encode())
-    return h.hexdigest()[:16]
 
 
 def write_latest(out_root: Path, artifact: Path) -> None:
