@@ -87,6 +87,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # allow `python bench/bench_online.py` without install
     sys.path.insert(0, str(ROOT))
 
+from bench._artifacts import zero_shot_artifact  # noqa: E402
 from bench._machine import describe  # noqa: E402
 from bench.bench_server_mode import ECHO_METHOD, echo_handler, summary  # noqa: E402
 from rewrite._pb.queryrewrite.v1 import rewrite_pb2  # noqa: E402
@@ -304,27 +305,6 @@ def build_index(n: int, seed: int, encoder_id: str, settings: Settings, threads:
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     faiss_s = float(info.params.get("build_seconds", float("nan")))
     return IndexBuild(out, info, cached, total_s, faiss_s, size / 2**20)
-
-
-def zero_shot_artifact(artifacts_dir: Path, timeout_s: float = 900.0) -> Path:
-    """The zero-shot DPR artifact (exported once; in a child process so this one stays
-    torch-free)."""
-    code = (
-        "import sys; from pathlib import Path; from offline.dpr.train import export_zero_shot; "
-        "print(export_zero_shot(Path(sys.argv[1])).artifact)"
-    )
-    res = subprocess.run(
-        [sys.executable, "-c", code, str(artifacts_dir)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-    if res.returncode != 0:
-        raise RuntimeError(f"export_zero_shot failed:\n{res.stderr[-2000:]}")
-    return Path(res.stdout.strip().splitlines()[-1]).resolve()
 
 
 def synthetic_ranker(trees: int, seed: int) -> Path:
