@@ -181,6 +181,13 @@ def train_detector_cmd(
         int | None,
         typer.Option(help="keep the first N of MiniLM's 6 layers (faster detector; default 6)"),
     ] = None,
+    distill_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="a trained detector artifact to distil from: the student (--layers N) starts "
+            "from its first N layers and learns its span distributions as well as the labels"
+        ),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train the contextual BERT span rephrase detector; point artifacts/detector/LATEST at it."""
@@ -196,6 +203,12 @@ def train_detector_cmd(
         train_config = dataclasses.replace(train_config, seed=seed)
     if layers is not None:
         train_config = dataclasses.replace(train_config, layers=layers)
+    if distill_from is not None:
+        if not (distill_from / "detector.json").is_file():
+            raise typer.BadParameter(f"no detector artifact at {distill_from} (detector.json)")
+        if layers is None:
+            raise typer.BadParameter("--distill-from needs --layers N (the student's depth)")
+        train_config = dataclasses.replace(train_config, teacher=str(distill_from))
     res = train_detector_pipeline(
         settings,
         data_root=data_root,

@@ -547,3 +547,74 @@ def test_concurrent_batches_give_the_same_predictions(tiny_run: Run) -> None:
         (p.label, p.score, p.exact_span) for p in want
     ]
     assert len(two.last_stats.batch_ms) == -(-len(dev) // 4)
+
+
+def test_span_distillation_loss_compares_allowed_positions_only() -> None:
+    import torch
+
+    from offline.detector.span_model import span_distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    start, end = torch.randn(3, 9, generator=g), torch.randn(3, 9, generator=g)
+    allowed = torch.zeros(3, 9, dtype=torch.bool)
+    allowed[:, 0] = True
+    allowed[:, 4:8] = True
+    same = span_distillation_loss(start, end, start.clone(), end.clone(), allowed)
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+    # changing a disallowed position (the current utterance, padding) changes nothing
+    other = start.clone()
+    other[:, 2] += 100.0
+    assert float(span_distillation_loss(start, end, other, end, allowed)) == pytest.approx(
+        0.0, abs=1e-6
+    )
+    other[:, 5] += 3.0  # an allowed one does, for every temperature
+    for temperature in (1.0, 2.0, 4.0):
+        assert float(span_distillation_loss(start, end, other, end, allowed, temperature)) > 0.01
+    with pytest.raises(ValueError, match="temperature"):
+        span_distillation_loss(start, end, start, end, allowed, 0.0)
+
+
+@pytest.mark.slow
+def test_distilled_student_starts_from_its_teacher(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``teacher``: the student is the teacher's bottom layers (with lr 0 exactly its weights),
+    the artifact records the teacher, the content hash names the teacher by content, and a
+    teacher that renders differently is refused."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from offline.detector.inference import SpanDetector
+
+    teacher = tiny_span_artifact(tmp_path_factory)
+    train, dev = synthetic_examples(96, seed=1), synthetic_examples(32, seed=2)
+    config = dataclasses.replace(
+        SpanTrainConfig.tiny(), layers=2, teacher=str(teacher), lr=0.0, max_steps=4
+    )
+    res = train_span_detector(train, dev, config, tmp_path / "art", progress=False)
+    assert json.loads((res.artifact / "config.json").read_text())["num_hidden_layers"] == 2
+    assert res.metrics["teacher"]["content_hash"] == teacher.name
+    assert res.metrics["teacher"]["layers"] == 6
+    got = load_file(str(res.artifact / "model.safetensors"))
+    want = load_file(str(teacher / "model.safetensors"))
+    kept = [
+        k for k in want if ".layer.2." not in k and not any(f".layer.{i}." in k for i in (3, 4, 5))
+    ]
+    assert sorted(got) == sorted(kept)
+    for name in kept:  # embeddings (the added tokens too), bottom layers, heads
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert res.metrics["history"][-1]["train_loss"] > 0
+    SpanDetector.load(res.artifact, backend="onnx").predict(dev[:4])  # exports and loads
+    # the teacher's content names it, not its path
+    moved = tmp_path / "elsewhere" / teacher.name
+    shutil.copytree(teacher, moved)
+    assert content_hash(train, dev, config) == content_hash(
+        train, dev, dataclasses.replace(config, teacher=str(moved))
+    )
+    assert content_hash(train, dev, config) != content_hash(
+        train, dev, dataclasses.replace(config, teacher=None)
+    )
+    bad = dataclasses.replace(config, render=RenderConfig(max_response_tokens=3), lr=1e-4)
+    with pytest.raises(ValueError, match="renders examples differently"):
+        train_span_detector(train, dev, bad, tmp_path / "bad", progress=False)

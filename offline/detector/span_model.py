@@ -68,8 +68,8 @@ __all__ = [
     "CACHE_SIZE", "CLS_POSITION", "GAP_TOKENS", "MODEL_INPUTS", "MODEL_OUTPUTS",
     "N_GAP_BUCKETS", "SPECIAL_TOKENS", "DecodedSpan", "FastWordpiece", "RenderConfig",
     "Rendered", "Renderer", "SpanRephraseModel", "decode", "decode_spans", "encode_batch",
-    "load_span_model", "load_tokenizer", "pad_batch", "short_response", "span_loss",
-    "tokens_of_span", "truncate_layers",
+    "load_span_model", "load_tokenizer", "pad_batch", "short_response",
+    "span_distillation_loss", "span_loss", "tokens_of_span", "truncate_layers",
 ]  # fmt: skip
 
 
@@ -188,3 +188,46 @@ def span_loss(
     start = start.masked_fill(~allowed, neg)
     end = end.masked_fill(~allowed, neg)
     return ce(start, gold[:, 0]) + ce(end, gold[:, 1])
+
+
+def span_distillation_loss(
+    start: torch.Tensor,
+    end: torch.Tensor,
+    teacher_start: torch.Tensor,
+    teacher_end: torch.Tensor,
+    allowed: torch.Tensor,
+    temperature: float = 2.0,
+) -> torch.Tensor:
+    """Knowledge distillation of the span distributions (Hinton, Vinyals & Dean, "Distilling
+    the Knowledge in a Neural Network", 2015; per start/end distribution as in DistilBERT's
+    SQuAD fine-tuning, Sanh et al. 2019): ``T² · (KL(p_T ‖ p_S)`` of the start positions
+    ``+`` the same for the end positions), each a softmax at temperature ``T`` over the allowed
+    positions only, averaged over the batch. ``T²`` keeps the gradient scale comparable to
+    :func:`span_loss` (Hinton et al., section 2).
+
+    Args:
+        start, end: ``(batch, seq) float32`` student logits.
+        teacher_start, teacher_end: ``(batch, seq) float32`` teacher logits (no gradient).
+        allowed: ``(batch, seq) bool`` positions a span may use.
+        temperature: softmax temperature ``T`` (> 0).
+
+    Returns:
+        Scalar loss tensor (nats); 0 when the student's logits equal the teacher's on the
+        allowed positions.
+
+    Raises:
+        ValueError: ``temperature`` <= 0.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    kl = nn.functional.kl_div
+    log_softmax = nn.functional.log_softmax
+    total = start.new_zeros(())
+    for student, teacher in ((start, teacher_start), (end, teacher_end)):
+        # -1e4 / T still underflows to probability 0 and keeps (target - input) finite
+        s = student.masked_fill(~allowed, -1e4) / temperature
+        t = teacher.masked_fill(~allowed, -1e4) / temperature
+        total = total + kl(
+            log_softmax(s, dim=-1), log_softmax(t, dim=-1), reduction="batchmean", log_target=True
+        )
+    return total * temperature**2

@@ -61,6 +61,7 @@ from offline.detector.span_model import (
     load_span_model,
     load_tokenizer,
     pad_batch,
+    span_distillation_loss,
     span_loss,
     truncate_layers,
 )
@@ -121,6 +122,14 @@ class SpanTrainConfig:
         render: :class:`~offline.detector.span_model.RenderConfig`.
         layers: keep only the first ``layers`` transformer layers of all-MiniLM-L6-v2 (a
             shallower, faster detector: inference cost is linear in layers); None = all 6.
+        teacher: a trained detector artifact to distil from (a path), or None. The student
+            starts from the teacher's own fine-tuned weights (its first ``layers`` layers,
+            heads and added token embeddings) instead of the base MiniLM, and its loss is
+            ``(1 - distill_weight) · span_loss + distill_weight ·``
+            :func:`~offline.detector.span_model.span_distillation_loss` against the teacher's
+            logits on the same batch. The teacher's rendering config must equal ``render``.
+        distill_weight: weight of the distillation term (0..1).
+        distill_temperature: softmax temperature of the distillation term.
     """
 
     seed: int = 13
@@ -140,6 +149,9 @@ class SpanTrainConfig:
     max_train_seconds: float | None = None
     render: RenderConfig = field(default_factory=RenderConfig)
     layers: int | None = None
+    teacher: str | None = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
 
     @staticmethod
     def tiny() -> SpanTrainConfig:
@@ -216,11 +228,15 @@ def content_hash(
     dev: Sequence[DetectorExample],
     config: SpanTrainConfig,
 ) -> str:
-    """16-hex-digit SHA-256 over code version, base model, config, train and dev examples."""
+    """16-hex-digit SHA-256 over code version, base model, config (a teacher by its own
+    content hash), train and dev examples."""
     h = hashlib.sha256()
     h.update(code_version().encode())
     h.update(f"{BASE_MODEL}=={minilm_version()}".encode())
-    h.update(json.dumps(config.to_dict(), sort_keys=True).encode())
+    cfg = config.to_dict()
+    if config.teacher is not None:  # the teacher's identity, not where it lies
+        cfg["teacher"] = read_meta(Path(config.teacher))["content_hash"]
+    h.update(json.dumps(cfg, sort_keys=True).encode())
     for name, rows in (("train", train), ("dev", dev)):
         h.update(f"\n{name}:{len(rows)}\n".encode())
         for ex in rows:
@@ -448,8 +464,21 @@ def train_span_detector(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     seed_everything(config.seed)
     torch.set_num_threads(config.threads)
-    tok = load_tokenizer(minilm_path())
-    model = load_span_model(minilm_path(), vocab_size=len(tok))
+    teacher: SpanRephraseModel | None = None
+    teacher_meta: dict[str, Any] | None = None
+    if config.teacher is not None:
+        teacher_meta = read_meta(Path(config.teacher))
+        if RenderConfig.from_dict(teacher_meta["render"]) != config.render:
+            raise ValueError(
+                f"teacher {config.teacher} renders examples differently "
+                f"({teacher_meta['render']} vs {config.render.to_dict()}); distil with its config"
+            )
+        tok = load_tokenizer(Path(config.teacher))
+        teacher = load_span_model(Path(config.teacher))  # eval mode, never updated
+        model = load_span_model(Path(config.teacher))  # the student starts as the teacher
+    else:
+        tok = load_tokenizer(minilm_path())
+        model = load_span_model(minilm_path(), vocab_size=len(tok))
     if config.layers is not None:
         truncate_layers(model, config.layers)
     renderer = Renderer(tok, config.render)
@@ -501,6 +530,11 @@ def train_span_detector(
         t = _tensors(pad_batch(chunk, renderer.pad))
         s, e = _forward(model, t)
         loss = span_loss(s, e, t["allowed"], t["gold"])
+        if teacher is not None:
+            with torch.no_grad():
+                ts_, te_ = _forward(teacher, t)
+            kd = span_distillation_loss(s, e, ts_, te_, t["allowed"], config.distill_temperature)
+            loss = (1.0 - config.distill_weight) * loss + config.distill_weight * kd
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         opt.step()
@@ -576,6 +610,13 @@ def train_span_detector(
         "base_model": {"name": BASE_MODEL, "wheel_version": minilm_version()},
         "render": config.render.to_dict(),
         "config": config.to_dict(),
+        "teacher": None
+        if teacher_meta is None
+        else {
+            "content_hash": teacher_meta["content_hash"],
+            "layers": teacher_meta["config"].get("layers") or 6,
+            "best_dev_pair_f1": teacher_meta.get("best_dev_pair_f1"),
+        },
         "data": {
             "train_examples": len(train),
             "train_positives": sum(ex.label >= 0 for ex in train),
