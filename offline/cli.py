@@ -167,7 +167,7 @@ def train_detector_cmd(
         Path | None, typer.Option(help="folder with slurp/ and dstc2/ (default data_root)")
     ] = None,
     budget: Annotated[
-        str, typer.Option(help="full (~15 min on 2 cores) | demo (~4 min) | tiny")
+        str, typer.Option(help="full (~15 min on 2 cores, student included) | demo (~7 min) | tiny")
     ] = "full",
     work_dir: Annotated[Path, typer.Option(help="labelled training data goes here")] = Path(
         "data/detector"
@@ -181,6 +181,13 @@ def train_detector_cmd(
         int | None,
         typer.Option(help="keep the first N of MiniLM's 6 layers (faster detector; default 6)"),
     ] = None,
+    student_layers: Annotated[
+        int | None,
+        typer.Option(
+            help="then distil a student of N layers from the model and point LATEST at it "
+            "(0: none; default rephrase.distill_layers, 3)"
+        ),
+    ] = None,
     distill_from: Annotated[
         Path | None,
         typer.Option(
@@ -190,7 +197,8 @@ def train_detector_cmd(
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Train the contextual BERT span rephrase detector; point artifacts/detector/LATEST at it."""
+    """Train the contextual BERT span rephrase detector (6 layers, then a distilled student);
+    point artifacts/detector/LATEST at the one the job serves."""
     from offline.detector.pipeline import train_detector_pipeline
     from offline.detector.train import SpanTrainConfig
 
@@ -216,11 +224,13 @@ def train_detector_cmd(
         config=train_config,
         sim_users=sim_users,
         dstc2_max_calls=dstc2_max_calls,
+        student_layers=student_layers,
     )
     meta = json.loads((res.artifact / "detector.json").read_text())
     _print_json(
         {
             "artifact": str(res.artifact),
+            "teacher": str(res.teacher) if res.teacher else None,
             "reused": res.reused,
             "counts": res.counts,
             "best_dev_pair_f1": meta.get("best_dev_pair_f1"),

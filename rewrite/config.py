@@ -79,7 +79,10 @@ class RephraseSettings(BaseModel):
     ``gate``: examples the detector artifact's gate (``offline/detector/gate.py``, a LightGBM
     first stage) rules out get "no rephrase" without the span model; no effect for an artifact
     without a gate. ``gate_target_recall``: at training, the share of each source's gold
-    rephrases the gate's threshold keeps on out-of-fold scores.
+    rephrases the gate's threshold keeps on out-of-fold scores. ``distill_layers``: training
+    (``qrw train detector``, ``on_missing_model: train``) fine-tunes the 6-layer model, then
+    distils a student of this many layers from it and points ``LATEST`` at the student
+    (``0``: no student, ``LATEST`` names the 6-layer model).
     """
 
     detector: str = "bert_span"
@@ -98,6 +101,7 @@ class RephraseSettings(BaseModel):
     batch_workers: int = Field(default=1, ge=1, le=64)
     gate: bool = True
     gate_target_recall: float = Field(default=0.995, gt=0.0, le=1.0)
+    distill_layers: int = Field(default=3, ge=0, le=6)
 
 
 class MarkovSettings(BaseModel):

@@ -430,7 +430,8 @@ def test_job_trains_a_detector_when_missing_and_allowed(
     tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``on_missing_model: train``: the job builds the labelled data (sim + DSTC2), trains (tiny
-    budget here), points LATEST at the artifact and uses it."""
+    budget here) the 6-layer model and the 3-layer student distilled from it
+    (``rephrase.distill_layers``), points LATEST at the student and uses it."""
     from offline.job import run_nightly
 
     monkeypatch.chdir(tmp_path)  # data/detector goes under tmp_path
@@ -451,6 +452,13 @@ def test_job_trains_a_detector_when_missing_and_allowed(
     report = run_nightly([logs], tmp_path / "run", s)
     latest = (tmp_path / "models" / "LATEST").read_text().strip()
     assert report.counts["rephrase_detector_artifact"] == str(tmp_path / "models" / latest)
+    student = json.loads((tmp_path / "models" / latest / "detector.json").read_text())
+    assert student["config"]["layers"] == s.rephrase.distill_layers == 3
+    teacher = tmp_path / "models" / student["teacher"]["content_hash"]
+    assert json.loads((teacher / "config.json").read_text())["num_hidden_layers"] == 6
+    assert (teacher / "gate.json").is_file() and (
+        tmp_path / "models" / latest / "gate.json"
+    ).is_file()
     stats = json.loads((tmp_path / "data" / "detector" / "stats.json").read_text())
     assert stats["files"]["train"]["dstc2"]["examples"] > 0
     assert stats["files"]["train"]["sim"]["examples"] > 0

@@ -1,5 +1,6 @@
 """``qrw train detector``: build labelled training data without human labels, train the span
-detector, point ``<artifacts_dir>/LATEST`` at it.
+detector (the 6-layer model, then by default a 3-layer student distilled from it), point
+``<artifacts_dir>/LATEST`` at it.
 
 Training data (:func:`offline.detector.labels.build_datasets`): simulated sessions from SLURP
 under a training seed distinct from the demo's, labelled from the simulator's truth
@@ -13,10 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from offline.detector.examples import read_examples
+from offline.detector.examples import DetectorExample, read_examples
 from offline.detector.gate import GateReport, train_gate
 from offline.detector.labels import build_datasets
 from offline.detector.train import SpanTrainConfig, TrainResult, train_span_detector
@@ -27,13 +28,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PipelineResult:
-    """The trained artifact and the data it was trained on."""
+    """The trained artifact (``LATEST``: the distilled student when there is one) and the data
+    it was trained on; ``teacher``: the model it was distilled from, or None."""
 
     artifact: Path
     reused: bool
     data_dir: Path
     counts: dict[str, int]
     gate: GateReport | None = None
+    teacher: Path | None = None
 
 
 def train_detector_pipeline(
@@ -46,10 +49,12 @@ def train_detector_pipeline(
     sim_seed: int = 1001,
     dstc2_max_calls: int | None = None,
     progress: bool = True,
+    student_layers: int | None = None,
 ) -> PipelineResult:
-    """Build (or reuse) the labelled datasets, train the span model and (with
-    ``rephrase.gate``) its gate (:func:`offline.detector.gate.train_gate`, on the same training
-    examples), and mark the artifact as LATEST.
+    """Build (or reuse) the labelled datasets, train the span model (and a distilled student,
+    ``student_layers``) and, with ``rephrase.gate``, each one's gate
+    (:func:`offline.detector.gate.train_gate`, on the same training examples), and mark the
+    served artifact as LATEST.
 
     Args:
         settings: loaded settings (``rephrase`` context size and artifacts folder).
@@ -59,6 +64,11 @@ def train_detector_pipeline(
         config: training config (default :class:`SpanTrainConfig`).
         sim_users, sim_days, sim_seed: the training simulation (seed distinct from the demo's).
         dstc2_max_calls: first N calls of each DSTC2 file only (fast runs); ``None``: all.
+        student_layers: after training ``config``'s model, distil a student of this many
+            layers from it (:class:`~offline.detector.train.SpanTrainConfig` ``teacher``; same
+            budget) and point ``LATEST`` at the student; ``None``: ``rephrase.distill_layers``;
+            0: no student. Ignored when ``config`` already sets ``layers`` or ``teacher`` (a
+            model asked for explicitly is the one trained).
 
     Raises:
         FileNotFoundError: the SLURP corpus or a DSTC2 file is missing.
@@ -86,16 +96,29 @@ def train_detector_pipeline(
         "train_positives": sum(ex.label >= 0 for ex in train),
         "dev_positives": sum(ex.label >= 0 for ex in dev),
     }
-    res: TrainResult = train_span_detector(
-        train, dev, config, out_root=settings.rephrase.artifacts_dir, progress=progress
+    config = config or SpanTrainConfig()
+    student_layers = settings.rephrase.distill_layers if student_layers is None else student_layers
+    distil = bool(student_layers) and config.layers is None and config.teacher is None
+    out_root = Path(settings.rephrase.artifacts_dir)
+    res: TrainResult = train_span_detector(train, dev, config, out_root, progress=progress)
+    gate = _gate(res.artifact, train, settings)
+    teacher = None
+    if distil:
+        teacher = res.artifact
+        log.info("distilling a %d-layer student from %s", student_layers, teacher)
+        student = replace(config, layers=student_layers, teacher=str(teacher))
+        res = train_span_detector(train, dev, student, out_root, progress=progress)
+        gate = _gate(res.artifact, train, settings)
+    (out_root / "LATEST").write_text(res.artifact.name + "\n")
+    return PipelineResult(res.artifact, res.reused, work_dir, counts, gate, teacher)
+
+
+def _gate(artifact: Path, train: list[DetectorExample], settings: Settings) -> GateReport | None:
+    if not settings.rephrase.gate:
+        return None
+    return train_gate(
+        artifact,
+        train,
+        settings.defects.failure_response_patterns,
+        settings.rephrase.gate_target_recall,
     )
-    gate = None
-    if settings.rephrase.gate:
-        gate = train_gate(
-            res.artifact,
-            train,
-            settings.defects.failure_response_patterns,
-            settings.rephrase.gate_target_recall,
-        )
-    (Path(settings.rephrase.artifacts_dir) / "LATEST").write_text(res.artifact.name + "\n")
-    return PipelineResult(res.artifact, res.reused, work_dir, counts, gate)
