@@ -598,7 +598,12 @@ def test_distilled_student_starts_from_its_teacher(
     teacher = tiny_span_artifact(tmp_path_factory)
     train, dev = synthetic_examples(96, seed=1), synthetic_examples(32, seed=2)
     config = dataclasses.replace(
-        SpanTrainConfig.tiny(), layers=2, teacher=str(teacher), lr=0.0, max_steps=4
+        SpanTrainConfig.tiny(),
+        layers=2,
+        teacher=str(teacher),
+        distill_weight=0.5,  # the teacher's forward pass and the KL term run too
+        lr=0.0,
+        max_steps=4,
     )
     res = train_span_detector(train, dev, config, tmp_path / "art", progress=False)
     assert json.loads((res.artifact / "config.json").read_text())["num_hidden_layers"] == 2
@@ -626,3 +631,9 @@ def test_distilled_student_starts_from_its_teacher(
     bad = dataclasses.replace(config, render=RenderConfig(max_response_tokens=3), lr=1e-4)
     with pytest.raises(ValueError, match="renders examples differently"):
         train_span_detector(train, dev, bad, tmp_path / "bad", progress=False)
+
+
+def test_distillation_settings_are_checked() -> None:
+    for bad in ({"distill_weight": -0.1}, {"distill_weight": 1.5}, {"distill_temperature": 0.0}):
+        with pytest.raises(ValueError, match="distill_"):
+            SpanTrainConfig(**bad)  # type: ignore[arg-type]

@@ -128,7 +128,8 @@ class SpanTrainConfig:
             ``(1 - distill_weight) · span_loss + distill_weight ·``
             :func:`~offline.detector.span_model.span_distillation_loss` against the teacher's
             logits on the same batch. The teacher's rendering config must equal ``render``.
-        distill_weight: weight of the distillation term (0..1).
+        distill_weight: weight of the distillation term (0..1; 0: the student only starts
+            from the teacher's weights and learns from the labels, no teacher forward pass).
         distill_temperature: softmax temperature of the distillation term.
     """
 
@@ -150,8 +151,14 @@ class SpanTrainConfig:
     render: RenderConfig = field(default_factory=RenderConfig)
     layers: int | None = None
     teacher: str | None = None
-    distill_weight: float = 0.5
+    distill_weight: float = 0.0
     distill_temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
 
     @staticmethod
     def tiny() -> SpanTrainConfig:
@@ -474,8 +481,9 @@ def train_span_detector(
                 f"({teacher_meta['render']} vs {config.render.to_dict()}); distil with its config"
             )
         tok = load_tokenizer(Path(config.teacher))
-        teacher = load_span_model(Path(config.teacher))  # eval mode, never updated
         model = load_span_model(Path(config.teacher))  # the student starts as the teacher
+        if config.distill_weight > 0:
+            teacher = load_span_model(Path(config.teacher))  # eval mode, never updated
     else:
         tok = load_tokenizer(minilm_path())
         model = load_span_model(minilm_path(), vocab_size=len(tok))
