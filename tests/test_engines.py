@@ -161,6 +161,41 @@ def test_component_labels_name_each_component_by_its_smallest_vertex() -> None:
     }  # fmt: skip
 
 
+def test_solve_components_table_equals_one_solve_per_component() -> None:
+    """Several components in one (shuffled) table: the same rows as one
+    ``solve_component_table`` call per component, in component order."""
+    import random
+
+    import pyarrow as pa
+
+    from offline.engine.stages import (
+        CHAINS_SCHEMA,
+        COMPONENT_PAIRS_SCHEMA,
+        solve_component_table,
+        solve_components_table,
+    )
+
+    chains = _component_chains()
+    comp = {"a": "a", "b": "a", "c": "a", "d": "a", "e": "a", "x": "x", "solo": "solo"}
+    rows = [
+        {"user_id": ch.user_id, "session_no": 0, "pos": i, "chain": list(ch.utterances),
+         "chain_success": ch.success, "c": comp[ch.utterances[0]]}
+        for i, ch in enumerate(chains)
+    ]  # fmt: skip
+    random.Random(3).shuffle(rows)
+    schema = CHAINS_SCHEMA.append(pa.field("c", pa.string()))
+    table = pa.Table.from_pylist(rows, schema=schema)
+    markov = load_settings().markov
+    got = solve_components_table(table, markov, 2)
+    want = [
+        solve_component_table(table.filter(pa.compute.equal(table["c"], c)), markov, 2)
+        for c in ("a", "solo", "x")
+    ]
+    assert got.to_pylist() == pa.concat_tables(want).to_pylist()
+    assert sum(r["source"] is None for r in got.to_pylist()) == 3  # one summary per component
+    assert solve_components_table(table.slice(0, 0), markov, 2).schema == COMPONENT_PAIRS_SCHEMA
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("driver_cc_max_edges", [0, 1_000], ids=["propagation", "driver"])

@@ -6,24 +6,25 @@ Plan (``settings.spark``; README "Engines: local and Spark"):
 2. sessionization with window functions (``lag`` of the timestamp per user, a running sum of
    session starts, ``row_number`` within the session) — the same rule as
    :func:`~offline.engine.stages.sessionize_table`;
-3. span detector: ``groupBy(user).applyInArrow(examples_table)`` →
-   ``mapInArrow(gate_examples, size_examples)``
-   (token lengths) → the examples the detector's gate keeps: global sort by
-   :data:`~offline.engine.stages.BATCH_ORDER` and
-   ``zipWithIndex`` into the model's batches → ``groupBy(batch).applyInArrow(score_examples)``
-   (the ONNX model loaded once per executor Python worker,
-   :func:`~offline.engine.stages.span_model`; identical batches keep the int8 model's
-   per-batch activation scales, hence the scores, identical to the local engine's) →
-   ``cogroup`` with the turns per user → ``applyInArrow(label_users)``; heuristic baseline:
-   ``groupBy(user).applyInArrow(label_users)``;
+3. span detector: ``repartition(user)`` and ``mapInArrow`` over whole partitions
+   (:func:`whole_partition`; every user's turns in one partition): ``examples_table`` →
+   ``gate_examples`` → ``size_examples`` (token lengths) → the examples the detector's gate
+   keeps: global sort by :data:`~offline.engine.stages.BATCH_ORDER` and ``zipWithIndex``
+   into the model's batches → ``groupBy(batch).applyInArrow(score_examples)`` (the ONNX model
+   loaded once per executor Python worker, :func:`~offline.engine.stages.span_model`;
+   identical batches keep the int8 model's per-batch activation scales, hence the scores,
+   identical to the local engine's) → the predictions joined to their current turns →
+   ``repartition(user)`` → ``mapInArrow(label_users)`` per partition; heuristic baseline:
+   the same last step without predictions;
 4. Markov: states and rephrase edges by explode / distinct; connected components on the
    driver for a graph of at most ``spark.driver_cc_max_edges`` edges
    (:func:`~offline.engine.stages.component_labels`), else by iterative min-label propagation
    over DataFrame joins and group-bys (:func:`connected_components`), same labels either way;
-   component sizes by group-by; components over ``markov.max_component_states`` skipped and
-   counted; every other component solved by ``groupBy(component).applyInArrow(
-   solve_component_table)``. Only the pairs and one summary row per component reach the
-   driver; the per-turn labels are collected for the driver's later stages.
+   component sizes by group-by (on the driver, for the driver's components); components
+   over ``markov.max_component_states`` skipped and counted; every other component solved
+   by ``repartition(component)`` → ``mapInArrow(solve_components_table)``. Only the pairs and one
+   summary row per component reach the driver; the per-turn labels are collected for the
+   driver's later stages.
 
 Requires ``pyspark`` (``pip install -e '.[spark]'``) and Java 17.
 """
@@ -44,9 +45,9 @@ from offline.engine import CoreResult, collect_result, prepare_detector, timed
 from offline.engine.stages import (
     BATCH_ORDER,
     COMPONENT_PAIRS_SCHEMA,
-    EXAMPLES_SCHEMA,
     LABELLED_SCHEMA,
     PREDICTIONS_SCHEMA,
+    SESSIONIZED_SCHEMA,
     SIZED_EXAMPLES_SCHEMA,
     component_labels,
     examples_table,
@@ -54,7 +55,7 @@ from offline.engine.stages import (
     label_users,
     score_examples,
     size_examples,
-    solve_component_table,
+    solve_components_table,
     turns_to_table,
 )
 from offline.markov import MarkovStats, RewritePair
@@ -88,6 +89,18 @@ def spark_session(cfg: SparkSettings) -> Any:
     for key, value in cfg.conf.items():
         builder = builder.config(key, value)
     return builder.getOrCreate()
+
+
+def whole_partition(batches: Iterator[pa.RecordBatch]) -> pa.Table | None:
+    """One ``mapInArrow`` partition as a single table (None when empty).
+
+    After ``repartition("user_id")`` every user's rows lie in one partition, so the stage
+    functions, which take whole users, run once per partition rather than once per user:
+    ``groupBy(user).applyInArrow`` called Python ~12k times at 100k turns (one call per user
+    of ~8 turns), most of the Spark engine's fixed cost.
+    """
+    parts = [b for b in batches if b.num_rows]
+    return pa.Table.from_batches(parts) if parts else None
 
 
 def sessionize_spark(df: Any, gap_s: float) -> Any:
@@ -206,35 +219,46 @@ def mine_pairs_spark(
     if stats.rephrase_edges == 0:
         return [], stats, {"cc_rounds": 0, "cc_method": "none", "cc_s": 0.0}
     t0 = time.perf_counter()
+    cap = markov.max_component_states
+    sizes = None
     if stats.rephrase_edges <= settings.spark.driver_cc_max_edges:
-        # a small graph: one collect beats ~2 Spark jobs per propagation round
-        labels = chains.sparkSession.createDataFrame(component_labels(edges.toArrow()))
+        # a small graph: one collect beats ~2 Spark jobs per propagation round, and the
+        # component sizes and the cap are then known on the driver too
+        table = component_labels(edges.toArrow())
+        size_of = table.group_by("c").aggregate([("v", "count")])
+        size_list = size_of["v_count"].to_pylist()
+        stats.components, stats.largest_component = len(size_list), max(size_list)
+        giant = [int(n) for n in size_list if n > cap]
+        solvable = size_of.filter(pc.less_equal(size_of["v_count"], cap))["c"]
+        table = table.filter(pc.is_in(table["c"], value_set=solvable.combine_chunks()))
+        labels = chains.sparkSession.createDataFrame(table)
         rounds, method = 0, "driver"
+        cc_s = round(time.perf_counter() - t0, 4)
     else:
         labels, rounds = connected_components(edges, settings.spark.max_cc_iterations)
         method = "label_propagation"
-    cc_s = round(time.perf_counter() - t0, 4)
-    sizes = labels.groupBy("c").agg(F.count("*").alias("size")).cache()
-    summary = sizes.agg(
-        F.count("*").alias("n"),
-        F.max("size").alias("largest"),
-    ).first()
-    stats.components = int(summary["n"])
-    stats.largest_component = int(summary["largest"])
-    too_big = sizes.where(F.col("size") > markov.max_component_states)
-    giant = [int(r["size"]) for r in too_big.collect()]
+        cc_s = round(time.perf_counter() - t0, 4)
+        sizes = labels.groupBy("c").agg(F.count("*").alias("size")).cache()
+        summary = sizes.agg(F.count("*").alias("n"), F.max("size").alias("largest")).first()
+        stats.components = int(summary["n"])
+        stats.largest_component = int(summary["largest"])
+        giant = [int(r["size"]) for r in sizes.where(F.col("size") > cap).collect()]
+        labels = labels.join(sizes.where(F.col("size") <= cap), "c").select("v", "c")
     for size in giant:
         log.warning("skipping giant component with %d states", size)
     stats.components_skipped_giant = len(giant)
     stats.states_skipped_giant = sum(giant)
+    # chains keyed by the component of their first state; giant components' chains drop out
     keyed = chains.join(
         labels.withColumnRenamed("v", "first"), F.element_at("chain", 1) == F.col("first")
-    ).join(sizes.where(F.col("size") <= markov.max_component_states), "c")
+    )
 
-    def solve(table: pa.Table) -> pa.Table:
-        return solve_component_table(table, markov, min_users)
+    def solve(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        table = whole_partition(batches)
+        if table is not None:
+            yield from solve_components_table(table, markov, min_users).to_batches()
 
-    out = keyed.groupBy("c").applyInArrow(solve, from_arrow_schema(COMPONENT_PAIRS_SCHEMA))
+    out = keyed.repartition("c").mapInArrow(solve, from_arrow_schema(COMPONENT_PAIRS_SCHEMA))
     rows = out.toArrow().to_pylist()
     pairs = [
         RewritePair(
@@ -255,17 +279,18 @@ def mine_pairs_spark(
     stats.pairs = len(pairs)
     chains.unpersist()
     edges.unpersist()
-    sizes.unpersist()
+    if sizes is not None:
+        sizes.unpersist()
     return pairs, stats, {"cc_rounds": rounds, "cc_method": method, "cc_s": cc_s}
 
 
 def span_predictions(turns: Any, rephrase: RephraseSettings, artifact: str) -> Any:
     """Span-model predictions for every example of sessionized turns, on Spark.
 
-    ``groupBy(user).applyInArrow(examples_table)`` → ``mapInArrow(gate_examples,
-    size_examples)`` → the
-    examples the gate keeps: global sort by :data:`~offline.engine.stages.BATCH_ORDER` and
-    ``zipWithIndex`` into chunks of ``rephrase.batch_size`` →
+    ``repartition(user)`` → ``mapInArrow`` over whole partitions (:func:`whole_partition`):
+    ``examples_table`` → ``gate_examples`` → ``size_examples`` → the examples the gate keeps:
+    global sort by :data:`~offline.engine.stages.BATCH_ORDER` and ``zipWithIndex`` into
+    chunks of ``rephrase.batch_size`` →
     ``groupBy(batch).applyInArrow(score_examples)``: exactly the batches
     :meth:`SpanDetector.predict` forms over the local run's kept examples, so the int8 model's
     per-batch activation scales, hence the scores, equal the local engine's; the examples the
@@ -281,22 +306,19 @@ def span_predictions(turns: Any, rephrase: RephraseSettings, artifact: str) -> A
     """
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    def examples(table: pa.Table) -> pa.Table:
-        return examples_table(table, rephrase)
-
-    def size(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            table = gate_examples(pa.Table.from_batches([batch]), rephrase, artifact)
-            yield from size_examples(table, rephrase, artifact).to_batches()
+    def examples(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        table = whole_partition(batches)
+        if table is not None:
+            gated = gate_examples(examples_table(table, rephrase), rephrase, artifact)
+            yield from size_examples(gated, rephrase, artifact).to_batches()
 
     def score(table: pa.Table) -> pa.Table:
         order = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in BATCH_ORDER])
         return score_examples(table.take(order), rephrase, artifact)
 
     every = (
-        turns.groupBy("user_id")
-        .applyInArrow(examples, from_arrow_schema(EXAMPLES_SCHEMA))
-        .mapInArrow(size, from_arrow_schema(SIZED_EXAMPLES_SCHEMA))
+        turns.repartition("user_id")
+        .mapInArrow(examples, from_arrow_schema(SIZED_EXAMPLES_SCHEMA))
         .cache()
     )
     sized = every.filter("keep")
@@ -354,24 +376,31 @@ def run_spark(turns: Sequence[Turn], settings: Settings, spark: Any = None) -> C
         df.count()
     labelled_type = from_arrow_schema(LABELLED_SCHEMA)
     with timed(timings, "rephrase"):
-        by_user = df.groupBy("user_id")
-        # closures with Arrow type hints: pyspark infers the UDF kind from them
+        turn_columns = list(SESSIONIZED_SCHEMA.names)
         if artifact is None:
-
-            def label(table: pa.Table) -> pa.Table:
-                return label_users(table, rephrase, defects)
-
-            labelled = by_user.applyInArrow(label, labelled_type)
-        else:
-
-            def label_with(table: pa.Table, predictions: pa.Table) -> pa.Table:
-                return label_users(table, rephrase, defects, predictions)
-
-            predictions = span_predictions(df, rephrase, str(artifact))
-            labelled = by_user.cogroup(predictions.groupBy("user_id")).applyInArrow(
-                label_with, labelled_type
+            joined, with_predictions = df, False
+        else:  # each turn carries the prediction of the example it is the current turn of
+            predictions = span_predictions(df, rephrase, str(artifact)).select(
+                *(F.col(c).alias(f"p_{c}") for c in PREDICTIONS_SCHEMA.names if c != "user_id")
             )
-        labelled = labelled.cache()
+            joined = df.join(predictions, df.idx == predictions.p_current_idx, "left")
+            with_predictions = True
+
+        def label(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            table = whole_partition(batches)
+            if table is None:
+                return
+            preds = None
+            if with_predictions:
+                rows = table.filter(pc.is_valid(table["p_current_idx"]))
+                preds = pa.table(
+                    [rows["user_id"], *(rows[f"p_{c}"] for c in PREDICTIONS_SCHEMA.names[1:])],
+                    schema=PREDICTIONS_SCHEMA,
+                )
+            turns_t = table.select(turn_columns)
+            yield from label_users(turns_t, rephrase, defects, preds).to_batches()
+
+        labelled = joined.repartition("user_id").mapInArrow(label, labelled_type).cache()
         per_turn = labelled.drop("chain", "chain_success").toArrow()
     with timed(timings, "markov"):
         chains = labelled.where(F.col("chain").isNotNull()).select(
