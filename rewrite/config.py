@@ -121,7 +121,10 @@ class SparkSettings(BaseModel):
             ``k8s://...``); ignored when a SparkSession already exists (``spark-submit``
             sets it).
         app_name: application name shown by the cluster manager.
-        shuffle_partitions: ``spark.sql.shuffle.partitions`` (partitions of every group-by).
+        shuffle_partitions: ``spark.sql.shuffle.partitions`` (partitions of every group-by
+            and repartition). The per-user stages run once per partition in one Python
+            worker, so a partition holds about ``turns / shuffle_partitions`` turns in memory:
+            raise it with the data (on a cluster, to several times the executor cores).
         driver_memory: ``spark.driver.memory`` (only effective when this process starts the
             JVM, i.e. not under ``spark-submit``).
         max_cc_iterations: bound on the min-label-propagation rounds of the connected
