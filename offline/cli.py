@@ -184,20 +184,20 @@ def train_detector_cmd(
     student_layers: Annotated[
         int | None,
         typer.Option(
-            help="then distil a student of N layers from the model and point LATEST at it "
-            "(0: none; default rephrase.distill_layers, 3)"
+            help="then train a student of N layers started from the model's bottom layers and "
+            "point LATEST at it (0: none; default rephrase.distill_layers, 3)"
         ),
     ] = None,
     distill_from: Annotated[
         Path | None,
         typer.Option(
-            help="a trained detector artifact to distil from: the student (--layers N) starts "
-            "from its first N layers and learns its span distributions as well as the labels"
+            help="a trained detector artifact to start from: the student (--layers N) keeps "
+            "its first N layers, heads and token embeddings and is fine-tuned on the labels"
         ),
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Train the contextual BERT span rephrase detector (6 layers, then a distilled student);
+    """Train the contextual BERT span rephrase detector (6 layers, then a 3-layer student);
     point artifacts/detector/LATEST at the one the job serves."""
     from offline.detector.pipeline import train_detector_pipeline
     from offline.detector.train import SpanTrainConfig

@@ -81,7 +81,8 @@ class RephraseSettings(BaseModel):
     without a gate. ``gate_target_recall``: at training, the share of each source's gold
     rephrases the gate's threshold keeps on out-of-fold scores. ``distill_layers``: training
     (``qrw train detector``, ``on_missing_model: train``) fine-tunes the 6-layer model, then
-    distils a student of this many layers from it and points ``LATEST`` at the student
+    a student of this many layers started from its bottom layers, and points ``LATEST`` at
+    the student
     (``0``: no student, ``LATEST`` names the 6-layer model).
     """
 

@@ -456,9 +456,10 @@ def test_job_trains_a_detector_when_missing_and_allowed(
     assert student["config"]["layers"] == s.rephrase.distill_layers == 3
     teacher = tmp_path / "models" / student["teacher"]["content_hash"]
     assert json.loads((teacher / "config.json").read_text())["num_hidden_layers"] == 6
-    assert (teacher / "gate.json").is_file() and (
-        tmp_path / "models" / latest / "gate.json"
-    ).is_file()
+    student_dir = tmp_path / "models" / latest
+    assert (teacher / "gate.json").is_file() and (student_dir / "gate.json").is_file()
+    # one gate, trained once: the student's is the teacher's
+    assert (teacher / "gate.txt").read_bytes() == (student_dir / "gate.txt").read_bytes()
     stats = json.loads((tmp_path / "data" / "detector" / "stats.json").read_text())
     assert stats["files"]["train"]["dstc2"]["examples"] > 0
     assert stats["files"]["train"]["sim"]["examples"] > 0

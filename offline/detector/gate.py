@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 import zlib
 from collections.abc import Sequence
@@ -317,6 +318,19 @@ class GatedDetector:
         kept = [ex for ex, k in zip(examples, keep, strict=True) if k]
         scored = iter(self.detector.predict(kept) if kept else [])
         return [next(scored) if k else Prediction(NO_REPHRASE, 0.0) for k in keep]
+
+
+def copy_gate(source: Path, artifact: Path) -> None:
+    """Copy ``gate.txt`` and ``gate.json`` from one detector artifact folder into another.
+
+    The gate's features and training read the examples only, never the span model, so a
+    teacher's gate serves its student as it is (``qrw train detector`` trains it once).
+
+    Raises:
+        FileNotFoundError: ``source`` has no gate.
+    """
+    for name in (GATE_MODEL, GATE_META):
+        shutil.copyfile(Path(source) / name, Path(artifact) / name)
 
 
 def train_gate(

@@ -1,5 +1,5 @@
 """``qrw train detector``: build labelled training data without human labels, train the span
-detector (the 6-layer model, then by default a 3-layer student distilled from it), point
+detector (the 6-layer model, then by default a 3-layer student started from it), point
 ``<artifacts_dir>/LATEST`` at it.
 
 Training data (:func:`offline.detector.labels.build_datasets`): simulated sessions from SLURP
@@ -17,8 +17,8 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from offline.detector.examples import DetectorExample, read_examples
-from offline.detector.gate import GateReport, train_gate
+from offline.detector.examples import read_examples
+from offline.detector.gate import GateReport, copy_gate, train_gate
 from offline.detector.labels import build_datasets
 from offline.detector.train import SpanTrainConfig, TrainResult, train_span_detector
 from rewrite.config import Settings
@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PipelineResult:
-    """The trained artifact (``LATEST``: the distilled student when there is one) and the data
-    it was trained on; ``teacher``: the model it was distilled from, or None."""
+    """The trained artifact (``LATEST``: the student when there is one) and the data it was
+    trained on; ``teacher``: the model the student started from, or None."""
 
     artifact: Path
     reused: bool
@@ -51,10 +51,10 @@ def train_detector_pipeline(
     progress: bool = True,
     student_layers: int | None = None,
 ) -> PipelineResult:
-    """Build (or reuse) the labelled datasets, train the span model (and a distilled student,
-    ``student_layers``) and, with ``rephrase.gate``, each one's gate
-    (:func:`offline.detector.gate.train_gate`, on the same training examples), and mark the
-    served artifact as LATEST.
+    """Build (or reuse) the labelled datasets, train the span model (and a student,
+    ``student_layers``) and, with ``rephrase.gate``, its gate
+    (:func:`offline.detector.gate.train_gate`, on the same training examples; copied into the
+    student's folder), and mark the served artifact as LATEST.
 
     Args:
         settings: loaded settings (``rephrase`` context size and artifacts folder).
@@ -64,7 +64,7 @@ def train_detector_pipeline(
         config: training config (default :class:`SpanTrainConfig`).
         sim_users, sim_days, sim_seed: the training simulation (seed distinct from the demo's).
         dstc2_max_calls: first N calls of each DSTC2 file only (fast runs); ``None``: all.
-        student_layers: after training ``config``'s model, distil a student of this many
+        student_layers: after training ``config``'s model, train a student of this many
             layers from it (:class:`~offline.detector.train.SpanTrainConfig` ``teacher``; same
             budget) and point ``LATEST`` at the student; ``None``: ``rephrase.distill_layers``;
             0: no student. Ignored when ``config`` already sets ``layers`` or ``teacher`` (a
@@ -101,24 +101,21 @@ def train_detector_pipeline(
     distil = bool(student_layers) and config.layers is None and config.teacher is None
     out_root = Path(settings.rephrase.artifacts_dir)
     res: TrainResult = train_span_detector(train, dev, config, out_root, progress=progress)
-    gate = _gate(res.artifact, train, settings)
+    gate = None
+    if settings.rephrase.gate:
+        gate = train_gate(
+            res.artifact,
+            train,
+            settings.defects.failure_response_patterns,
+            settings.rephrase.gate_target_recall,
+        )
     teacher = None
     if distil:
         teacher = res.artifact
-        log.info("distilling a %d-layer student from %s", student_layers, teacher)
+        log.info("training a %d-layer student of %s", student_layers, teacher)
         student = replace(config, layers=student_layers, teacher=str(teacher))
         res = train_span_detector(train, dev, student, out_root, progress=progress)
-        gate = _gate(res.artifact, train, settings)
+        if gate is not None:  # the gate never reads the span model: the teacher's serves
+            copy_gate(teacher, res.artifact)
     (out_root / "LATEST").write_text(res.artifact.name + "\n")
     return PipelineResult(res.artifact, res.reused, work_dir, counts, gate, teacher)
-
-
-def _gate(artifact: Path, train: list[DetectorExample], settings: Settings) -> GateReport | None:
-    if not settings.rephrase.gate:
-        return None
-    return train_gate(
-        artifact,
-        train,
-        settings.defects.failure_response_patterns,
-        settings.rephrase.gate_target_recall,
-    )
