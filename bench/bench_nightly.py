@@ -78,7 +78,9 @@ def prepare_zero_shot() -> None:
     """Without a fine-tuned DPR artifact the job indexes the catalog with the zero-shot
     MiniLM tower, which it exports once per code version (~6 s, torch imported). Export it
     here, untimed (a no-op when it exists), so a run measures the job in its steady state."""
-    root = ROOT / os.environ.get("QRW_DPR__ARTIFACTS_DIR", "artifacts/dpr")
+    from rewrite.config import load_settings
+
+    root = ROOT / load_settings().dpr.artifacts_dir  # as the job's children resolve it
     log(f"zero-shot DPR tower (the index stage's fallback): {zero_shot_artifact(root)}")
 
 
