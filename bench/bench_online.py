@@ -525,7 +525,7 @@ def instrument(srv: RewriteServer, clock: StageClock) -> None:
     snap.index.index.search = clock.wrap("global.faiss_search", snap.index.index.search)
     personal = layer.personal._client
     personal.hgetall = clock.wrap("personal.redis_hgetall", personal.hgetall)
-    online.feature_matrix = clock.wrap("rerank.features", online.feature_matrix)  # type: ignore[attr-defined]
+    online.feature_matrices = clock.wrap("rerank.features", online.feature_matrices)  # type: ignore[attr-defined]
     layer.ranker.score_matrix = clock.wrap("rerank.score", layer.ranker.score_matrix)
 
 
@@ -552,6 +552,10 @@ def stats_handler(get_server: Callable[[], RewriteServer], clock: StageClock) ->
             out["nprobe"] = snap.index.nprobe
         if layer is not None and layer.ranker is not None:
             out["ranker"] = layer.ranker.name
+        out["batches"] = [
+            REGISTRY.get_sample_value(f"qrw_online_batch_size_{part}") or 0.0
+            for part in ("count", "sum")
+        ]
         out["personal_cache"] = {
             result: REGISTRY.get_sample_value("qrw_personal_cache_total", {"result": result})
             for result in ("hit", "miss")
@@ -654,6 +658,7 @@ class Row:
     client_cpu_s: float  # this process's CPU over the timed calls
     reasons: Counter[str] = field(default_factory=Counter)
     server_ms: list[float] = field(default_factory=list)
+    batches: tuple[float, float] = (0.0, 0.0)  # online micro-batches run, requests in them
 
 
 async def drive(
@@ -732,13 +737,16 @@ class Client:
         if rpc == "echo":
             call, payloads = self.echo, [r.SerializeToString() for r in reqs]
         await drive(call, payloads[:WARMUP], conc)
+        b0 = (await self.stats()).get("batches", [0.0, 0.0])
         s0, c0 = proc_cpu_s(self.pid), own_cpu_s()
         lat, wall, resp = await drive(call, payloads[WARMUP:], conc)
         cpu = (proc_cpu_s(self.pid) - s0, own_cpu_s() - c0)
+        b1 = (await self.stats()).get("batches", [0.0, 0.0])
         if rpc == "echo":
             return Row(rpc, conc, lat, wall, *cpu)
         reasons = Counter(r.source if r.rewritten else r.reason for r in resp)
-        return Row(rpc, conc, lat, wall, *cpu, reasons, [r.latency_ms for r in resp])
+        batches = (b1[0] - b0[0], b1[1] - b0[1])
+        return Row(rpc, conc, lat, wall, *cpu, reasons, [r.latency_ms for r in resp], batches)
 
 
 async def measure(
@@ -939,6 +947,9 @@ def report(
             srv = [x for r in sel for x in r.server_ms]
             reasons: Counter[str] = sum((r.reasons for r in sel), Counter())
             top = ", ".join(f"{k} {v}" for k, v in reasons.most_common(3))
+            n_batches = sum(r.batches[0] for r in sel)
+            if rpc == "online" and n_batches:
+                top += f"; mean batch {sum(r.batches[1] for r in sel) / n_batches:.1f}"
             sp50 = f"{statistics.median(srv):.3f}" if srv else "-"
             rest = [
                 1e3 * t - m for r in sel for t, m in zip(r.latencies, r.server_ms, strict=False)

@@ -67,7 +67,7 @@ from rewrite.rerank import (
     HeuristicRanker,
     LightgbmTreeScorer,
     OnnxTreeScorer,
-    feature_matrix,
+    feature_matrices,
     trigger_features,
 )
 from rewrite.retrieval import (
@@ -511,14 +511,14 @@ class GroupMatrix:
 
 
 def group_matrix(groups: Sequence[RankGroup]) -> GroupMatrix:
-    """Stack :func:`rewrite.rerank.feature_matrix` of each group."""
-    xs = [feature_matrix(g.query, g.candidates, g.now_s, g.context, g.device_type) for g in groups]
+    """The groups' features stacked (:func:`rewrite.rerank.feature_matrices`, the service's
+    batched featurisation) with their labels."""
+    x, offsets = feature_matrices(
+        [(g.query, g.candidates, g.context, g.device_type) for g in groups]
+    )
     ys = [g.labels() for g in groups]
-    sizes = [len(g.candidates) for g in groups]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    x = np.vstack(xs) if xs else np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
     y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.float32)
-    return GroupMatrix(x.astype(np.float32), y.astype(np.float32), offsets)
+    return GroupMatrix(x, y.astype(np.float32), offsets)
 
 
 @dataclass(frozen=True)
@@ -1316,7 +1316,7 @@ class RunRetriever:
         (epoch s) defaults to the latest personal ``last_seen`` of the run."""
         from rewrite.online import history_ages, merge_personal
 
-        q = self.query_encoder.encode([query])
+        q = self.query_encoder.encode_cached([query])
         cands = self.index.search(q, self.top_k)[0]
         hist = self.history.get(user)
         if hist is None:

@@ -197,6 +197,9 @@ class ServiceSettings(BaseModel):
     most of their time outside the GIL, so two requests' online work overlaps on two cores;
     validation, normalization and the precomputed lookup stay on the event loop. 0 = every
     stage inline on the event loop (one request's online work at a time).
+    ``online_max_batch``: requests that queued while the workers were busy run together, up to
+    this many per micro-batch (one encoder call, FAISS search and ranker call;
+    :class:`rewrite.batching.OnlineBatcher`); 1 = one request per worker call.
 
     ``pair_cache_size``: entries of the in-process cache of precomputed-pair answers per
     ``(version, normalized utterance)`` (:class:`rewrite.store.PairStore`; 0 = off).
@@ -223,6 +226,7 @@ class ServiceSettings(BaseModel):
     drain_quiet_s: float = Field(default=0.2, ge=0.0)
     max_pending_calls: int = Field(default=2000, ge=1)
     online_threads: int = Field(default=2, ge=0)
+    online_max_batch: int = Field(default=32, ge=1)
 
 
 class SimulatorSettings(BaseModel):

@@ -23,6 +23,7 @@ reranker and a precision-oriented trigger.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -39,7 +40,7 @@ from rewrite.config import Settings
 from rewrite.encoder import QueryEncoder
 from rewrite.personal import PersonalStore
 from rewrite.pipeline import Resources, RewriteState, register_stage
-from rewrite.rerank import FEATURE_NAMES, CandidateRanker, feature_matrix, load_ranker, trigger
+from rewrite.rerank import FEATURE_NAMES, CandidateRanker, feature_matrices, load_ranker, trigger
 from rewrite.retrieval import GlobalIndex, RetrievedCandidate
 from rewrite.store import StoreUnavailableError
 from rewrite.types import Candidate
@@ -293,37 +294,58 @@ class EncodeStage(_OnlineStage):
 
     Sets ``state.online`` (the snapshot) and ``state.query_vector`` ((dim,) float32,
     L2-normalised); passes through with ``reason="online_unavailable"`` when no online index
-    is published.
+    is published. A micro-batch (:meth:`run_batch`) is answered by one snapshot and one
+    encoder call for the utterances not in the query-vector cache
+    (:meth:`rewrite.encoder.QueryEncoder.encode_cached`).
     """
 
     name = "encode"
 
     def run(self, state: RewriteState) -> RewriteState:
-        if not state.layers & _ONLINE_LAYERS:
-            state.reason, state.done = "arm_without_online_layers", True
-            return state
+        self.run_batch([state])
+        return state
+
+    def run_batch(self, states: Sequence[RewriteState]) -> None:
+        todo = []
+        for state in states:
+            if state.layers & _ONLINE_LAYERS:
+                todo.append(state)
+            else:
+                state.reason, state.done = "arm_without_online_layers", True
+        if not todo:
+            return
         snap = _online(self._resources).snapshot()
         if snap is None:
-            state.reason, state.done = "online_unavailable", True
-            return state
-        state.online = snap
-        state.query_vector = snap.encoder.encode([state.normalized])[0]
-        return state
+            for state in todo:
+                state.reason, state.done = "online_unavailable", True
+            return
+        vecs = snap.encoder.encode_cached([state.normalized for state in todo])
+        for state, vec in zip(todo, vecs, strict=True):
+            state.online, state.query_vector = snap, vec
 
 
 class GlobalRetrievalStage(_OnlineStage):
-    """Top ``dpr.top_k`` catalog entries by inner product from the snapshot's FAISS index."""
+    """Top ``dpr.top_k`` catalog entries by inner product from the snapshot's FAISS index
+    (a micro-batch: one ``search`` call with ``(b, dim)`` queries per snapshot)."""
 
     name = "global_retrieval"
 
     def run(self, state: RewriteState) -> RewriteState:
-        snap = state.online
-        assert isinstance(snap, OnlineSnapshot) and state.query_vector is not None
-        if "global" not in state.layers:
-            return state
-        k = self._resources.settings.dpr.top_k
-        state.retrieved = list(snap.index.search(state.query_vector[None, :], k)[0])
+        self.run_batch([state])
         return state
+
+    def run_batch(self, states: Sequence[RewriteState]) -> None:
+        k = self._resources.settings.dpr.top_k
+        by_snapshot: dict[int, list[RewriteState]] = {}
+        for state in states:
+            assert isinstance(state.online, OnlineSnapshot) and state.query_vector is not None
+            if "global" in state.layers:
+                by_snapshot.setdefault(id(state.online), []).append(state)
+        for group in by_snapshot.values():
+            queries = np.stack([state.query_vector for state in group])  # type: ignore[misc]
+            found = group[0].online.index.search(queries, k)
+            for state, cands in zip(group, found, strict=True):
+                state.retrieved = list(cands)
 
 
 class PersonalRetrievalStage(_OnlineStage):
@@ -369,32 +391,54 @@ class PersonalRetrievalStage(_OnlineStage):
 class RerankStage(_OnlineStage):
     """Orders ``state.retrieved`` with the ranker (LightGBM lambdarank, or the heuristic one).
 
-    Sets ``state.scores`` ((n,) float64, best first); with ``explain`` every candidate is
-    returned with its features and score.
+    Sets ``state.scores`` ((n,) float64, best first) and ``state.decision_score``; with
+    ``explain`` every candidate is returned with its features and score. A micro-batch
+    (:meth:`run_batch`) is featurised in one pass (:func:`rewrite.rerank.feature_matrices`)
+    and scored with one ranker call and one trigger-model call.
     """
 
     name = "rerank"
 
     def run(self, state: RewriteState) -> RewriteState:
+        self.run_batch([state])
+        return state
+
+    def run_batch(self, states: Sequence[RewriteState]) -> None:
         ranker = _online(self._resources).ranker
         assert ranker is not None
-        cands = state.retrieved
-        if not cands:
-            state.scores = np.zeros(0)
-            return state
-        now = time.time()
-        x = feature_matrix(state.normalized, cands, now, state.request.context, state.device_type)
+        todo = [state for state in states if state.retrieved]
+        if not todo:
+            for state in states:
+                state.scores = np.zeros(0)
+            return
+        x, offsets = feature_matrices(
+            [(s.normalized, s.retrieved, s.request.context, s.device_type) for s in todo]
+        )
         scores = ranker.score_matrix(x)
-        order = np.argsort(-scores, kind="stable")
-        state.retrieved = [cands[i] for i in order.tolist()]
-        state.scores = scores[order]
-        state.decision_score = ranker.decision_score(x[order[0]], state.scores)
-        if state.request.explain:
-            for rank, i in enumerate(order.tolist()):
-                c = cands[i]
-                feats = {n: float(v) for n, v in zip(FEATURE_NAMES, x[i].tolist(), strict=True)}
-                state.candidates.append(Candidate(c.text, c.layer, float(scores[rank]), feats))
-        return state
+        orders = [
+            np.argsort(-scores[lo:hi], kind="stable") + lo
+            for lo, hi in itertools.pairwise(offsets.tolist())
+        ]
+        decisions = ranker.decision_scores(
+            x[[order[0] for order in orders]], [scores[order] for order in orders]
+        )
+        for state in states:  # assigned only now: a failure above leaves the states as they were
+            if not state.retrieved:
+                state.scores = np.zeros(0)
+        for state, order, lo, decision in zip(
+            todo, orders, offsets[:-1].tolist(), decisions.tolist(), strict=True
+        ):
+            cands = state.retrieved
+            state.retrieved = [cands[i - lo] for i in order.tolist()]
+            state.scores = scores[order]
+            state.decision_score = float(decision)
+            if state.request.explain:
+                for rank, i in enumerate(order.tolist()):
+                    feats = {n: float(v) for n, v in zip(FEATURE_NAMES, x[i].tolist(), strict=True)}
+                    c = cands[i - lo]
+                    state.candidates.append(
+                        Candidate(c.text, c.layer, float(state.scores[rank]), feats)
+                    )
 
 
 class TriggerStage(_OnlineStage):

@@ -54,6 +54,8 @@ class RewriteState:
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n,) ranker scores
     decision_score: float = 0.0  # what the trigger compares with the threshold (ranker)
     user_success_count: int = 0  # the user's successful uses of the query itself
+    # a stage raised on this request (Rewriter.complete_batch); complete() re-raises it
+    error: BaseException | None = None
 
 
 class Stage(Protocol):
@@ -64,6 +66,11 @@ class Stage(Protocol):
     that releases the GIL (ONNX Runtime, FAISS, a Redis socket) and is
     safe to call from several threads at once. The first offloadable stage and every stage
     after it run on a worker thread (see :meth:`rewrite.rewriter.Rewriter.prepare`).
+
+    An offloadable stage may also define ``run_batch(states) -> None``: the same work for a
+    micro-batch of requests at once (one encoder call, one FAISS search, one ranker call; see
+    :meth:`rewrite.rewriter.Rewriter.complete_batch`), mutating each state as ``run`` would.
+    Without it the batch runs ``run`` per request.
     """
 
     name: str

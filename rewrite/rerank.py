@@ -139,6 +139,82 @@ def _context_utterances(context: Sequence[ContextTurn]) -> list[str]:
     return [u for u in (normalize_utterance(t.utterance) for t in context) if u]
 
 
+#: One request's reranking input for :func:`feature_matrices`: ``(query, candidates, context,
+#: device_type)``, as :func:`feature_matrix` takes them.
+FeatureRequest = tuple[str, Sequence[RetrievedCandidate], Sequence[ContextTurn], str]
+
+
+def feature_matrices(requests: Sequence[FeatureRequest]) -> tuple[np.ndarray, np.ndarray]:
+    """Features of the candidates of several requests in one vectorised pass: one rapidfuzz
+    ``cpdist`` call per string measure over every (query, candidate) pair of the batch (the
+    per-call overhead dominates at ~10-20 candidates a request), plus one ``cdist`` per
+    request that has context turns.
+
+    Args:
+        requests: per request ``(query, cands, context, device_type)``: the normalized query
+            (:func:`rewrite.normalize.normalize_utterance`), its retrieved candidates (texts
+            normalized), earlier turns of the session (normalized here), the normalized device
+            type (:func:`rewrite.normalize.normalize_device_type`, ``""`` unknown).
+
+    Returns:
+        ``(x, offsets)``: ``x`` ``(sum of len(cands), len(FEATURE_NAMES))`` float32, columns
+        in :data:`FEATURE_NAMES` order, all finite, request ``j``'s rows at
+        ``x[offsets[j]:offsets[j + 1]]``; ``offsets`` ``(len(requests) + 1,)`` int64.
+    """
+    sizes = [len(cands) for _q, cands, _c, _d in requests]
+    offsets = np.zeros(len(requests) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    n = int(offsets[-1])
+    x = np.zeros((n, N_FEATURES), dtype=np.float32)
+    if n == 0:
+        return x, offsets
+    cands = [c for _q, cs, _c, _d in requests for c in cs]
+    texts = [c.text for c in cands]
+    queries = [q for q, cs, _c, _d in requests for _ in cs]  # the query of every pair
+    x[:, _COL["token_set_ratio"]] = process.cpdist(queries, texts, scorer=fuzz.token_set_ratio)
+    x[:, _COL["partial_ratio"]] = process.cpdist(queries, texts, scorer=fuzz.partial_ratio)
+    x[:, _COL["ratio"]] = process.cpdist(queries, texts, scorer=fuzz.ratio)
+    x[:, [_COL["token_set_ratio"], _COL["partial_ratio"], _COL["ratio"]]] /= 100.0
+    x[:, _COL["jaro_winkler"]] = process.cpdist(
+        queries, texts, scorer=JaroWinkler.normalized_similarity
+    )
+    qkeys = {q: phonetic_key(q) for q, _cs, _c, _d in requests}
+    pair_qkeys = [qkeys[q] for q in queries]
+    ckeys = [phonetic_key(t) for t in texts]
+    x[:, _COL["phonetic_ratio"]] = process.cpdist(pair_qkeys, ckeys, scorer=fuzz.ratio) / 100.0
+    x[:, _COL["phonetic_equal"]] = [k == qk for k, qk in zip(ckeys, pair_qkeys, strict=True)]
+    x[:, _COL["dense_cosine"]] = [c.dense_score for c in cands]
+    x[:, _COL["log_frequency"]] = np.log1p([max(c.frequency, 0) for c in cands])
+    x[:, _COL["success_rate"]] = [c.success_rate for c in cands]
+    x[:, _COL["log_n_users"]] = np.log1p([max(c.n_users, 0) for c in cands])
+    x[:, _COL["log_personal_count"]] = np.log1p([max(c.personal_count, 0) for c in cands])
+    x[:, _COL["has_personal"]] = [c.personal_count > 0 for c in cands]
+    x[:, _COL["personal_log_age_s"]] = [
+        math.log1p(c.personal_age_s) if c.personal_age_s >= 0 else -1.0 for c in cands
+    ]
+    x[:, _COL["is_personal"]] = [c.layer == "personal" for c in cands]
+    n_words = {q: len(q.split()) for q in qkeys}
+    x[:, _COL["len_diff_words"]] = np.clip(
+        [len(t.split()) - n_words[q] for t, q in zip(texts, queries, strict=True)],
+        -MAX_LEN_DIFF_WORDS,
+        MAX_LEN_DIFF_WORDS,
+    )
+    x[:, _COL["identical_to_query"]] = [t == q for t, q in zip(texts, queries, strict=True)]
+    x[:, [_COL["device_share"], _COL["device_success_rate"]]] = [
+        _device_features(c, device_type) for (_q, cs, _c, device_type) in requests for c in cs
+    ]
+    for j, (query, _cs, context, _d) in enumerate(requests):
+        lo, hi = int(offsets[j]), int(offsets[j + 1])
+        ctx = _context_utterances(context) if context and hi > lo else []
+        if ctx:
+            x[lo:hi, _COL["query_in_context"]] = float(query in ctx)
+            sims = process.cdist(texts[lo:hi], ctx, scorer=fuzz.token_set_ratio)
+            x[lo:hi, _COL["context_max_ratio"]] = sims.max(axis=1) / 100.0
+    # Defensive: metadata from storage could hold NaN/inf; the model needs finite inputs.
+    np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return x, offsets
+
+
 def feature_matrix(
     query: str,
     cands: Sequence[RetrievedCandidate],
@@ -146,8 +222,7 @@ def feature_matrix(
     context: Sequence[ContextTurn] = (),
     device_type: str = "",
 ) -> np.ndarray:
-    """Features of all candidates of one request, vectorised (one rapidfuzz ``cdist`` call per
-    string measure).
+    """Features of all candidates of one request (:func:`feature_matrices` of one request).
 
     Args:
         query: the normalized query (:func:`rewrite.normalize.normalize_utterance`).
@@ -163,49 +238,7 @@ def feature_matrix(
         all finite.
     """
     del now_s  # recency is precomputed per candidate (personal_age_s)
-    n = len(cands)
-    x = np.zeros((n, N_FEATURES), dtype=np.float32)
-    if n == 0:
-        return x
-    texts = [c.text for c in cands]
-    q = [query]
-    x[:, _COL["token_set_ratio"]] = process.cdist(q, texts, scorer=fuzz.token_set_ratio)[0]
-    x[:, _COL["partial_ratio"]] = process.cdist(q, texts, scorer=fuzz.partial_ratio)[0]
-    x[:, _COL["ratio"]] = process.cdist(q, texts, scorer=fuzz.ratio)[0]
-    x[:, [_COL["token_set_ratio"], _COL["partial_ratio"], _COL["ratio"]]] /= 100.0
-    x[:, _COL["jaro_winkler"]] = process.cdist(q, texts, scorer=JaroWinkler.normalized_similarity)[
-        0
-    ]
-    qkey = phonetic_key(query)
-    ckeys = [phonetic_key(t) for t in texts]
-    x[:, _COL["phonetic_ratio"]] = process.cdist([qkey], ckeys, scorer=fuzz.ratio)[0] / 100.0
-    x[:, _COL["phonetic_equal"]] = [k == qkey for k in ckeys]
-    x[:, _COL["dense_cosine"]] = [c.dense_score for c in cands]
-    x[:, _COL["log_frequency"]] = np.log1p([max(c.frequency, 0) for c in cands])
-    x[:, _COL["success_rate"]] = [c.success_rate for c in cands]
-    x[:, _COL["log_n_users"]] = np.log1p([max(c.n_users, 0) for c in cands])
-    x[:, _COL["log_personal_count"]] = np.log1p([max(c.personal_count, 0) for c in cands])
-    x[:, _COL["has_personal"]] = [c.personal_count > 0 for c in cands]
-    x[:, _COL["personal_log_age_s"]] = [
-        math.log1p(c.personal_age_s) if c.personal_age_s >= 0 else -1.0 for c in cands
-    ]
-    x[:, _COL["is_personal"]] = [c.layer == "personal" for c in cands]
-    nq = len(query.split())
-    x[:, _COL["len_diff_words"]] = np.clip(
-        [len(t.split()) - nq for t in texts], -MAX_LEN_DIFF_WORDS, MAX_LEN_DIFF_WORDS
-    )
-    ctx = _context_utterances(context)
-    if ctx:
-        x[:, _COL["query_in_context"]] = float(query in ctx)
-        sims = process.cdist(texts, ctx, scorer=fuzz.token_set_ratio)
-        x[:, _COL["context_max_ratio"]] = sims.max(axis=1) / 100.0
-    x[:, _COL["identical_to_query"]] = [t == query for t in texts]
-    x[:, [_COL["device_share"], _COL["device_success_rate"]]] = [
-        _device_features(c, device_type) for c in cands
-    ]
-    # Defensive: metadata from storage could hold NaN/inf; the model needs finite inputs.
-    np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    return x
+    return feature_matrices([(query, cands, context, device_type)])[0]
 
 
 def candidate_features(
@@ -244,6 +277,12 @@ class CandidateRanker(Protocol):
     def decision_score(self, x_top: np.ndarray, sorted_scores: np.ndarray) -> float:
         """What the trigger compares with ``trigger_threshold`` (``x_top`` ``(F,)``,
         ``sorted_scores`` ``(n,)`` best first)."""
+
+    def decision_scores(
+        self, x_tops: np.ndarray, sorted_scores: Sequence[np.ndarray]
+    ) -> np.ndarray:
+        """:meth:`decision_score` of several requests at once (``x_tops`` ``(b, F)``, one
+        ``sorted_scores`` array per request) → ``(b,)`` float64."""
 
     def confidence(self, score: float) -> float:
         """A decision score mapped to [0, 1] (response ``confidence``)."""
@@ -291,10 +330,19 @@ class _FeatureRanker:
         return self.score_matrix(feature_matrix(query, cands, now_s, context, device_type))
 
     def decision_score(self, x_top: np.ndarray, sorted_scores: np.ndarray) -> float:
-        """The number :func:`trigger` compares with ``trigger_threshold``: here the top
-        ranker score (:class:`Ranker` with a trigger model overrides it)."""
-        del x_top
-        return float(sorted_scores[0])
+        """The number :func:`trigger` compares with ``trigger_threshold`` for one request
+        (:meth:`decision_scores` of one)."""
+        return float(self.decision_scores(np.asarray(x_top)[None, :], [sorted_scores])[0])
+
+    def decision_scores(
+        self, x_tops: np.ndarray, sorted_scores: Sequence[np.ndarray]
+    ) -> np.ndarray:
+        """The numbers :func:`trigger` compares with ``trigger_threshold``, one per request:
+        here each request's top ranker score (:class:`Ranker` with a trigger model overrides
+        it). ``x_tops`` ``(b, F)``; ``sorted_scores``: ``b`` arrays, best first → ``(b,)``
+        float64."""
+        del x_tops
+        return np.asarray([float(s[0]) for s in sorted_scores], dtype=np.float64)
 
 
 class TreeScorer(Protocol):
@@ -522,15 +570,21 @@ class Ranker(_FeatureRanker):
             return np.zeros(0, dtype=np.float64)
         return self.scorer.predict(x if self._cols is None else x[:, self._cols])
 
-    def decision_score(self, x_top: np.ndarray, sorted_scores: np.ndarray) -> float:
-        """The trigger model's probability that the top candidate is correct, or the top
-        ranker score when the artifact has no trigger model."""
+    def decision_scores(
+        self, x_tops: np.ndarray, sorted_scores: Sequence[np.ndarray]
+    ) -> np.ndarray:
+        """Per request, the trigger model's probability that the top candidate is correct
+        (one model call for the batch), or the top ranker score when the artifact has no
+        trigger model. ``x_tops`` ``(b, F)``; ``sorted_scores``: ``b`` arrays, best first →
+        ``(b,)`` float64."""
         if self.trigger_scorer is None:
-            return float(sorted_scores[0])
-        feats = trigger_features(x_top, sorted_scores)
+            return super().decision_scores(x_tops, sorted_scores)
+        feats = np.concatenate(
+            [trigger_features(x, s) for x, s in zip(x_tops, sorted_scores, strict=True)]
+        )
         if self._trigger_cols is not None:
             feats = feats[:, self._trigger_cols]
-        return float(self.trigger_scorer.predict(feats)[0])
+        return np.asarray(self.trigger_scorer.predict(feats), dtype=np.float64)
 
     def confidence(self, score: float) -> float:
         """The trigger model's probability (``score`` is one), else the Platt-calibrated

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import rewrite.online  # noqa: F401  (registers the online stages)
 from rewrite import metrics
@@ -25,6 +26,28 @@ log = logging.getLogger(__name__)
 
 def _has_bad_control_chars(text: str) -> bool:
     return any((ord(c) < 32 and c not in "\t\n\r") or c == "\x7f" for c in text)
+
+
+def _run_stage(stage: Stage, states: list[RewriteState]) -> None:
+    """One stage over a batch (``run_batch`` when the stage has it and there are several
+    requests); requests the stage raises on get ``error`` and ``done`` (see
+    :meth:`Rewriter.complete_batch`)."""
+    run_batch = getattr(stage, "run_batch", None)
+    if run_batch is not None and len(states) > 1:
+        try:
+            run_batch(states)
+            return
+        except Exception:
+            log.exception(
+                "stage %s failed on a batch of %d requests; running them one by one",
+                stage.name,
+                len(states),
+            )
+    for state in states:
+        try:
+            stage.run(state)
+        except Exception as err:
+            state.error, state.done = err, True
 
 
 class Rewriter:
@@ -161,28 +184,54 @@ class Rewriter:
         return state
 
     def complete(self, state: RewriteState) -> RewriteState:
-        """Run the stages :meth:`prepare` left (none when ``state.done``). Thread-safe: the
-        offloadable stages may run on several threads at once.
+        """Run the stages :meth:`prepare` left for one request (:meth:`complete_batch` of one).
 
-        Before each stage it checks whether to go on: when ``state.abandoned`` is set (the
-        server's call was cancelled: client deadline, disconnect, shutdown) the request ends
-        with ``reason="abandoned"``, and when ``time.perf_counter()`` is past
+        Raises:
+            Exception: whatever a stage raised on this request.
+        """
+        self.complete_batch([state])
+        if state.error is not None:
+            raise state.error
+        return state
+
+    def complete_batch(self, states: Sequence[RewriteState]) -> list[RewriteState]:
+        """Run the stages :meth:`prepare` left (none for a state already ``done``) on a
+        micro-batch of requests, stage by stage: a stage with ``run_batch`` serves all of
+        them in one call (one encoder call, one FAISS search, one ranker call), any other
+        stage runs per request. Thread-safe: several batches may run on several threads.
+
+        Before each stage it checks, per request, whether to go on: when ``state.abandoned``
+        is set (the server's call was cancelled: client deadline, disconnect, shutdown) the
+        request ends with ``reason="abandoned"``, and when ``time.perf_counter()`` is past
         ``state.deadline_s`` (the call's budget) with ``reason="over_budget"`` — a
         pass-through, counted in ``qrw_pass_through_total``; a running stage is not
         interrupted. So a request nobody waits for stops costing CPU after its current stage.
+
+        Never raises for one request's sake: when a stage raises on a batch, its requests are
+        run through that stage one by one, and a request on which it raises again is finished
+        with ``state.error`` set (:meth:`complete` re-raises it; the server answers that call
+        with an internal-error pass-through) while the others go on.
+
+        Returns:
+            ``states`` as a list (the same objects, mutated).
         """
-        if not state.done:
-            for stage in self.stages[self.offload_from :]:
+        active = [s for s in states if not s.done]
+        for stage in self.stages[self.offload_from :]:
+            if not active:
+                break
+            now = time.perf_counter()
+            ready: list[RewriteState] = []
+            for state in active:
                 if state.abandoned:
                     state.reason, state.done = "abandoned", True
-                    break
-                if time.perf_counter() > state.deadline_s:
+                elif now > state.deadline_s:
                     state.reason, state.done = "over_budget", True
-                    break
-                state = stage.run(state)
-                if state.done:
-                    break
-        return state
+                else:
+                    ready.append(state)
+            if ready:
+                _run_stage(stage, ready)
+            active = [s for s in ready if not s.done]
+        return list(states)
 
     def finish(self, state: RewriteState) -> RewriteResult:
         """The :class:`RewriteResult` of a completed request; counts it in the metrics

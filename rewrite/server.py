@@ -35,12 +35,15 @@ What this module adds to the Rewriter:
 
 Server mode: ``grpc.aio``. Validation, normalization and the precomputed lookup
 (:meth:`Rewriter.prepare`) run inline on the event loop (no thread hop); a request that
-needs the online stages (encode → trigger, :meth:`Rewriter.complete`) continues on one of
-``service.online_threads`` worker threads, because those stages spend most of their time in
-ONNX Runtime, FAISS, a Redis socket and LightGBM, which release the GIL, so two requests'
-online work overlaps on two cores (``bench/bench_online.py`` measures it; 0 threads = all
-inline). Up to :data:`MAX_CONCURRENT_RPCS` calls may then wait for a worker inside their
-handlers. The inline choice for the precomputed path was made by measurement with
+needs the online stages (encode → trigger) continues on one of ``service.online_threads``
+worker threads, because those stages spend most of their time in ONNX Runtime, FAISS, a Redis
+socket and the ranker, which release the GIL, so two batches' online work overlaps on two
+cores (``bench/bench_online.py`` measures it; 0 threads = all inline). Requests that arrive
+while both workers are busy queue in a :class:`rewrite.batching.OnlineBatcher` and run
+together as one micro-batch (:meth:`Rewriter.complete_batch`, at most
+``service.online_max_batch``) when a worker frees up; a request that finds a free worker runs
+at once, alone. Up to :data:`MAX_CONCURRENT_RPCS` calls may then wait inside their handlers.
+The inline choice for the precomputed path was made by measurement with
 ``bench/bench_server_mode.py`` (3,000 Rewrite calls per row, half precomputed hits and half
 misses, against an embedded Redis; server in its own process, a grpc.aio load client in
 another, 127.0.0.1; 2-core machine, grpcio 1.85.1; medians of 5 interleaved rounds; the echo
@@ -101,6 +104,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rewrite import metrics
 from rewrite._pb.queryrewrite.v1 import rewrite_pb2
+from rewrite.batching import OnlineBatcher
 from rewrite.config import Settings
 from rewrite.rewriter import Rewriter
 from rewrite.types import (
@@ -277,23 +281,23 @@ class QueryRewriteServicer:
     Args:
         rewriter: a warmed-up Rewriter; the servicer neither warms nor closes it. Its
             :meth:`~Rewriter.prepare` and :meth:`~Rewriter.finish` run inline on the event
-            loop; :meth:`~Rewriter.complete` (the online stages) runs on ``online_pool`` when
+            loop; the online stages run in micro-batches on ``online``'s worker threads when
             given, else inline too.
         request_deadline_s: server-side budget per call, seconds; the client's deadline wins
             when it is earlier (see the module docstring).
-        online_pool: worker threads for the online stages (``service.online_threads``); the
-            caller shuts it down.
+        online: the micro-batcher of the online stages over the worker threads
+            (``service.online_threads``, ``service.online_max_batch``); None = inline.
     """
 
     def __init__(
         self,
         rewriter: Rewriter,
         request_deadline_s: float,
-        online_pool: concurrent.futures.ThreadPoolExecutor | None = None,
+        online: OnlineBatcher | None = None,
     ) -> None:
         self.rewriter = rewriter
         self.request_deadline_s = request_deadline_s
-        self.online_pool = online_pool
+        self.online = online
         #: ``time.monotonic()`` when the last Rewrite call reached its handler (drain uses it)
         self.last_call_at = -1e18
 
@@ -323,18 +327,12 @@ class QueryRewriteServicer:
             try:
                 state = self.rewriter.prepare(request_from_proto(request))
                 state.deadline_s = time.perf_counter() + budget_s - (time.monotonic() - started)
-                if state.done or self.online_pool is None:
+                if state.done or self.online is None:
                     state = self.rewriter.complete(state)
                 else:
-                    try:
-                        state = await asyncio.get_running_loop().run_in_executor(
-                            self.online_pool, self.rewriter.complete, state
-                        )
-                    except asyncio.CancelledError:
-                        # the call was cancelled (client deadline, disconnect, shutdown):
-                        # the worker stops before its next stage (Rewriter.complete)
-                        state.abandoned = True
-                        raise
+                    # a cancelled call (client deadline, disconnect, shutdown) is marked
+                    # abandoned: its batch drops it before the next stage
+                    state = await self.online.complete(state)
                 return result_to_proto(self.rewriter.finish(state))
             except InvalidRequestError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_message(str(e)))
@@ -497,7 +495,15 @@ class RewriteServer:
             self._online_pool = concurrent.futures.ThreadPoolExecutor(
                 svc.online_threads, thread_name_prefix="qrw-online"
             )
-        servicer = QueryRewriteServicer(self._rewriter, svc.request_deadline_s, self._online_pool)
+        batcher = None
+        if self._online_pool is not None:
+            batcher = OnlineBatcher(
+                self._rewriter.complete_batch,
+                self._online_pool,
+                workers=svc.online_threads,
+                max_batch=svc.online_max_batch,
+            )
+        servicer = QueryRewriteServicer(self._rewriter, svc.request_deadline_s, batcher)
         server.add_generic_rpc_handlers((rewrite_handler(servicer), *self._extra_handlers))
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -273,14 +273,23 @@ def test_zero_shot_artifact_is_base_minilm(zero_shot_artifact: Path) -> None:
     ref = MiniLMEmbedder(max_length=32).encode(texts)  # the sentence-transformers recipe
     assert np.sum(ref * q, axis=1).min() > 0.999
     assert qe.encoder_id == pe.encoder_id == zero_shot_artifact.name
-    # single-text calls go through the LRU cache and agree with batched ones
-    one = qe.encode([texts[0]])
+    # encode_cached goes through the LRU cache and agrees with uncached batched calls
+    one = qe.encode_cached([texts[0]])
     assert one.shape == (1, 384)
     np.testing.assert_allclose(one[0], q[0], atol=1e-5)
     one[0, 0] = 42.0  # the caller gets a copy; the cache is not modified
-    assert qe.encode([texts[0]])[0, 0] != 42.0
-    assert qe.cache_info().hits >= 1
-    assert qe.encode([]).shape == (0, 384)
+    assert qe.encode_cached([texts[0]])[0, 0] != 42.0
+    assert qe.cache_info()[:2] == (1, 1)  # (hits, misses)
+    # a batch: cached texts are served from the cache, the rest encoded together (a repeated
+    # text once), every row in input order
+    batch = [texts[2], texts[0], texts[2], texts[1]]
+    got = qe.encode_cached(batch)
+    np.testing.assert_allclose(got, q[[2, 0, 2, 1]], atol=1e-5)
+    info = qe.cache_info()
+    assert (info.hits, info.misses, info.currsize) == (2, 3, 3)
+    np.testing.assert_allclose(qe.encode_cached(texts), q, atol=1e-5)
+    assert qe.cache_info()[:2] == (5, 4)
+    assert qe.encode([]).shape == (0, 384) and qe.encode_cached([]).shape == (0, 384)
 
 
 @pytest.mark.slow

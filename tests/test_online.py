@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -296,3 +297,106 @@ def test_corrupt_index_of_a_new_version_is_refused_and_the_old_one_kept(
         assert res.rewritten and res.model_version == good  # still the complete old snapshot
     finally:
         rewriter.close()
+
+
+def _answer(res: Any) -> tuple[Any, ...]:
+    """What a caller sees of a result (latency aside), scores rounded for float noise."""
+    cands = tuple((c.text, c.source, round(c.score, 5)) for c in res.candidates)
+    return (res.rewrite, res.rewritten, res.source, res.reason, res.arm, round(res.confidence, 5),
+            res.model_version, cands)  # fmt: skip
+
+
+def test_a_micro_batch_answers_exactly_as_requests_one_by_one(
+    online_settings: Settings, tmp_path: Path
+) -> None:
+    """``Rewriter.complete_batch`` (one encoder call, one FAISS search, one feature pass and
+    one ranker call for the batch) gives every request the answer it gets alone — across
+    users with and without a history, arms, context turns, device types and explain; a stage
+    that raises on one request fails only that one; and over gRPC with one worker thread,
+    concurrent calls are batched and answered as sequential ones."""
+    from rewrite import batching
+    from rewrite.client import RewriteClient
+    from rewrite.online import RerankStage
+    from rewrite.pipeline import register_stage
+    from rewrite.server import RewriteServer
+    from rewrite.types import ContextTurn
+
+    s = online_settings
+    logs = _wilkerson_logs(tmp_path / "day-01.jsonl")
+    report = run_nightly([logs], tmp_path / "run", s, publish=True)
+    assert report.publish is not None
+    wilkerson = "what's the weather in wilkerson"
+    ctx = (ContextTurn("what's the weather in wilmington", seconds_ago=20.0),)
+    requests = [
+        RewriteRequest(wilkerson, user_id="alice", explain=True),
+        RewriteRequest(wilkerson, user_id="bob", explain=True),
+        RewriteRequest(wilkerson, user_id="bob", arm="global", explain=True),
+        RewriteRequest(wilkerson, user_id="bob", arm="precomputed"),
+        RewriteRequest(wilkerson, user_id="carol", arm="control"),
+        RewriteRequest(
+            "Whats the weather in Wilkerson?",
+            user_id="dave",
+            context=ctx,
+            device_type="speaker",
+            explain=True,
+        ),
+        RewriteRequest("what's the weather in wilkesboro", user_id="bob", explain=True),
+        RewriteRequest("set a timer for ten minutes", user_id="alice", explain=True),
+        RewriteRequest("play some jazz", user_id="carol"),
+        RewriteRequest(wilkerson, user_id="erin", explain=True),  # a repeat: the query cache
+    ]
+    rewriter = Rewriter(s)
+    rewriter.warm_up()
+    try:
+        alone = [_answer(rewriter.rewrite(r)) for r in requests]
+        assert alone[0][:3] == ("what's the weather in wilmington", True, "global")
+        assert alone[1][:3] == ("what's the weather in wilkesboro", True, "personal")
+        states = [rewriter.prepare(r) for r in requests]
+        assert sum(not st.done for st in states) >= 7  # most of them reach the online stages
+        batched = [_answer(rewriter.finish(st)) for st in rewriter.complete_batch(states)]
+        assert batched == alone
+    finally:
+        rewriter.close()
+
+    class RerankFailingOnTimers(RerankStage):
+        def run_batch(self, states: Any) -> None:
+            if any("timer" in st.normalized for st in states):
+                raise RuntimeError("boom")
+            super().run_batch(states)
+
+    register_stage("rerank_failing_on_timers", RerankFailingOnTimers)
+    s2 = s.model_copy(deep=True)
+    s2.service.pipeline = [n if n != "rerank" else "rerank_failing_on_timers" for n in ONLINE]
+    rewriter = Rewriter(s2)
+    rewriter.warm_up()
+    try:
+        states = rewriter.complete_batch([rewriter.prepare(r) for r in requests])
+        failed = [i for i, st in enumerate(states) if st.error is not None]
+        assert failed == [7] and isinstance(states[7].error, RuntimeError)
+        assert [_answer(rewriter.finish(st)) for i, st in enumerate(states) if i != 7] == [
+            a for i, a in enumerate(alone) if i != 7
+        ]
+        with pytest.raises(RuntimeError, match="boom"):
+            rewriter.rewrite(requests[7])
+    finally:
+        rewriter.close()
+
+    s3 = s.model_copy(deep=True)
+    s3.service.online_threads = 1  # one batch in flight: concurrent calls must queue
+    batches_before = batching.BATCH_SIZE.collect()[0].samples
+    count0 = next(x.value for x in batches_before if x.name.endswith("_count"))
+    sum0 = next(x.value for x in batches_before if x.name.endswith("_sum"))
+    many = [requests[i % len(requests)] for i in range(60)]
+    with RewriteServer(s3, host="127.0.0.1", port=0) as srv:
+        import concurrent.futures
+
+        with RewriteClient(srv.target, timeout_s=10.0) as rc:
+            sequential = [_answer(rc.rewrite(r)) for r in requests]
+            with concurrent.futures.ThreadPoolExecutor(12) as pool:
+                parallel = list(pool.map(lambda r: _answer(rc.rewrite(r)), many))
+    assert sequential == alone
+    assert parallel == [alone[i % len(requests)] for i in range(60)]
+    samples = batching.BATCH_SIZE.collect()[0].samples
+    n_batches = next(x.value for x in samples if x.name.endswith("_count")) - count0
+    n_batched = next(x.value for x in samples if x.name.endswith("_sum")) - sum0
+    assert n_batched > n_batches  # some micro-batch held more than one request

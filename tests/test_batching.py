@@ -1,0 +1,104 @@
+"""The online micro-batcher (:class:`rewrite.batching.OnlineBatcher`) on a real thread pool and
+event loop, with a recording ``complete_batch`` in place of the Rewriter (the Rewriter's own
+batch path is tested end to end in ``test_online.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from rewrite.batching import OnlineBatcher
+from rewrite.pipeline import RewriteState
+from rewrite.types import RewriteRequest
+
+
+def _state(utterance: str) -> RewriteState:
+    return RewriteState(request=RewriteRequest(utterance, user_id="u"))
+
+
+class Recorder:
+    """``complete_batch`` that records each batch's utterances; the first batch waits for
+    ``release`` (so later requests queue); utterances in ``fail`` get ``state.error``; a batch
+    holding ``"crash"`` raises."""
+
+    def __init__(self, fail: Sequence[str] = ()) -> None:
+        self.batches: list[list[str]] = []
+        self.release = threading.Event()
+        self.fail = set(fail)
+
+    def __call__(self, states: Sequence[RewriteState]) -> list[RewriteState]:
+        self.batches.append([s.request.utterance for s in states])
+        if len(self.batches) == 1:
+            assert self.release.wait(5.0)
+        if any(s.request.utterance == "crash" for s in states):
+            raise OSError("worker crashed")
+        for s in states:
+            if s.request.utterance in self.fail:
+                s.error, s.done = ValueError(s.request.utterance), True
+            else:
+                s.reason, s.done = "done", True
+        return list(states)
+
+
+async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def test_a_lone_request_runs_at_once_and_queued_ones_share_the_next_batches() -> None:
+    rec = Recorder(fail=["d"])
+
+    async def main() -> list[object]:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            batcher = OnlineBatcher(rec, pool, workers=1, max_batch=2)
+            states = {u: _state(u) for u in "abcde"}
+            first = asyncio.ensure_future(batcher.complete(states["a"]))
+            await _until(lambda: rec.batches == [["a"]])  # started alone, without waiting
+            rest = [asyncio.ensure_future(batcher.complete(states[u])) for u in "bcde"]
+            await _until(lambda: batcher.queued == 4)
+            rest[1].cancel()  # "c" gives up while queued: never run, marked abandoned
+            await asyncio.sleep(0)
+            assert states["c"].abandoned
+            rec.release.set()
+            return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    a, b, c, d, e = asyncio.run(main())
+    # max_batch 2: b and d together (c dropped before it cost anything), then e
+    assert rec.batches == [["a"], ["b", "d"], ["e"]]
+    assert isinstance(a, RewriteState) and a.reason == "done"
+    assert isinstance(b, RewriteState) and isinstance(e, RewriteState)
+    assert isinstance(c, asyncio.CancelledError)
+    assert isinstance(d, ValueError)  # only the request the stage failed on sees the error
+
+
+def test_two_workers_run_two_batches_at_once_and_a_crashed_batch_fails_only_its_calls() -> None:
+    rec = Recorder()
+
+    async def main() -> list[object]:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            batcher = OnlineBatcher(rec, pool, workers=2, max_batch=8)
+            first = asyncio.ensure_future(batcher.complete(_state("a")))
+            await _until(lambda: len(rec.batches) == 1)
+            crash = asyncio.ensure_future(batcher.complete(_state("crash")))
+            await _until(lambda: len(rec.batches) == 2)  # the second worker took it at once
+            late = [asyncio.ensure_future(batcher.complete(_state(u))) for u in "xy"]
+            await asyncio.sleep(0.05)
+            rec.release.set()
+            return await asyncio.gather(first, crash, *late, return_exceptions=True)
+
+    a, crash, x, y = asyncio.run(main())
+    assert rec.batches[:2] == [["a"], ["crash"]]
+    assert sorted(u for batch in rec.batches[2:] for u in batch) == ["x", "y"]
+    assert isinstance(crash, OSError)
+    assert all(isinstance(r, RewriteState) and r.reason == "done" for r in (a, x, y))
+
+
+def test_batcher_refuses_a_size_below_one() -> None:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, pytest.raises(ValueError):
+        OnlineBatcher(Recorder(), pool, workers=1, max_batch=0)
