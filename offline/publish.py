@@ -47,6 +47,7 @@ from redis.typing import EncodableT, FieldT
 from offline.catalog import PersonalEntry
 from offline.markov import RewritePair
 from rewrite import keyspace
+from rewrite.store import PairSourceFilter
 
 log = logging.getLogger(__name__)
 
@@ -423,6 +424,9 @@ def publish_pairs(
                 if i % _BATCH == 0:
                     pipe.execute()
                     lock.renew()
+            # the service answers "no pair" from this filter without a lookup per request
+            source_filter = PairSourceFilter.build(sources)
+            pipe.set(keyspace.pair_sources_key(version), source_filter.to_bytes())
             pipe.execute()
             for i, (user, entries) in enumerate(groups, start=1):
                 key = keyspace.personal_version_key(version, user)

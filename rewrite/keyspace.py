@@ -7,6 +7,10 @@ Layout (see DESIGN.md):
 - ``qrw:{version}:meta`` → hash: ``created_at``, ``n_pairs``, ``content_hash``, ``complete``.
 - ``qrw:{version}:pair:{normalized utterance}`` → hash: ``rewrite``, ``confidence``
   (absorption probability), ``support``, ``n_users``.
+- ``qrw:{version}:pair-sources`` → string: the version's pair sources as a membership filter
+  (sorted unique little-endian uint64 BLAKE2b-64 hashes of the normalized sources, 8 bytes a
+  pair; :class:`rewrite.store.PairSourceFilter`): the service answers "no pair" without a
+  round trip for an utterance whose hash is absent. Versions published before it have none.
 - ``qrw:{version}:meta`` may also hold ``n_personal_users``, ``personal_dim``, ``index_dir``
   and ``encoder_id`` (the global FAISS index and passage encoder of the version).
 - ``qrw:{version}:personal:{pseudo_user}`` → hash: ``texts``, ``counts``, ``last_seen`` (JSON
@@ -41,6 +45,11 @@ def meta_key(version: str) -> str:
 def pair_key(version: str, normalized_utterance: str) -> str:
     """Hash with the precomputed rewrite of one normalized utterance in one version."""
     return f"{PREFIX}:{version}:pair:{normalized_utterance}"
+
+
+def pair_sources_key(version: str) -> str:
+    """String with the version's pair-source filter (:class:`rewrite.store.PairSourceFilter`)."""
+    return f"{PREFIX}:{version}:pair-sources"
 
 
 def version_pattern(version: str) -> str:

@@ -16,6 +16,8 @@ PAIR_CACHE = Counter(
 )
 PAIR_CACHE_HIT = PAIR_CACHE.labels("hit")  # bound once: the lookup is on every request
 PAIR_CACHE_MISS = PAIR_CACHE.labels("miss")
+#: lookups answered "no pair" by the version's pair-source filter (before the cache)
+PAIR_FILTERED = PAIR_CACHE.labels("filtered")
 PERSONAL_CACHE = Counter(
     "qrw_personal_cache_total",
     "Personal-history reads by in-process cache result",

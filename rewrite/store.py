@@ -1,9 +1,11 @@
 """Read side of the Redis pair store used by the online service.
 
-Lookups are one ``HGETALL`` per request, or none when the answer (a pair or "no pair") for
-the same normalized utterance in the same published version is in the in-process LRU cache
+Lookups are one ``HGETALL`` per request, or none when the utterance is not among the version's
+pair sources (:class:`PairSourceFilter`, read once per version: most traffic has no pair, and
+every online request first asks for one) or when the answer (a pair or "no pair") for the
+same normalized utterance in the same published version is in the in-process LRU cache
 (``service.pair_cache_size`` entries, cachetools): a published version never changes, so
-the cache needs no invalidation; a new active version (publish, rollback) is simply another
+neither needs invalidation; a new active version (publish, rollback) is simply another
 key. The active version id is cached for ``version_cache_s`` seconds. Any Redis failure
 raises :class:`StoreUnavailableError`, which the Rewriter turns into a pass-through; after a
 failure the store backs off for ``retry_after_s`` seconds so an outage costs no latency, then
@@ -13,15 +15,19 @@ Library: redis-py.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import redis
 from cachetools import LRUCache
 from redis.backoff import NoBackoff
+from redis.client import NEVER_DECODE
 from redis.retry import Retry
 
 from rewrite import keyspace, metrics
@@ -129,6 +135,73 @@ class RedisReader:
 
 
 _NOT_CACHED = object()
+#: Bytes per ``GETRANGE`` when a pair-source filter is read (each well inside the socket
+#: timeout; 1M pairs = 8 MB = 4 reads).
+_FILTER_CHUNK = 2 * 2**20
+#: Versions whose filters are kept (the active one and the one before a flip or rollback).
+_FILTERS_KEPT = 2
+
+
+class PairSourceFilter:
+    """Which normalized utterances are pair sources of one published version: a sorted array
+    of their 64-bit BLAKE2b hashes (``hashlib``), 8 bytes a pair, tested with a binary search
+    (numpy ``searchsorted``, ~2 us).
+
+    No false negatives; a false positive (a hash collision, odds ~n / 2**64) only costs the
+    Redis lookup the filter saves. Stored by the publisher under
+    :func:`rewrite.keyspace.pair_sources_key` (:meth:`to_bytes`).
+
+    Args:
+        hashes: ``(n,)`` uint64, sorted ascending, unique.
+
+    Raises:
+        ValueError: not a sorted, unique 1-d uint64 array.
+    """
+
+    def __init__(self, hashes: np.ndarray) -> None:
+        if hashes.dtype != np.uint64 or hashes.ndim != 1:
+            raise ValueError(
+                f"a pair-source filter is (n,) uint64, got {hashes.dtype} {hashes.shape}"
+            )
+        if len(hashes) > 1 and not bool(np.all(hashes[1:] > hashes[:-1])):
+            raise ValueError("a pair-source filter must be sorted and unique")
+        self.hashes = hashes
+
+    @staticmethod
+    def hash(normalized: str) -> int:
+        """64-bit BLAKE2b of the UTF-8 text (stable across processes, unlike ``hash()``)."""
+        digest = hashlib.blake2b(normalized.encode("utf-8"), digest_size=8).digest()
+        return int.from_bytes(digest, "little")
+
+    @classmethod
+    def build(cls, sources: Iterable[str]) -> PairSourceFilter:
+        """The filter of these normalized sources."""
+        return cls(np.unique(np.fromiter((cls.hash(s) for s in sources), dtype=np.uint64)))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> PairSourceFilter:
+        """Parse :meth:`to_bytes` (little-endian uint64).
+
+        Raises:
+            ValueError: a length that is not a multiple of 8, or unsorted hashes.
+        """
+        if len(raw) % 8:
+            raise ValueError(f"pair-source filter of {len(raw)} bytes (not a multiple of 8)")
+        return cls(np.frombuffer(raw, dtype="<u8").astype(np.uint64))
+
+    def to_bytes(self) -> bytes:
+        """Little-endian uint64 bytes, 8 per source."""
+        return self.hashes.astype("<u8").tobytes()
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def __contains__(self, normalized: object) -> bool:
+        if not isinstance(normalized, str):
+            return False
+        h = np.uint64(self.hash(normalized))
+        i = int(np.searchsorted(self.hashes, h))
+        return i < len(self.hashes) and self.hashes[i] == h
 
 
 class PairStore(RedisReader):
@@ -143,6 +216,10 @@ class PairStore(RedisReader):
             utterance in the same immutable version would only add a round trip. While Redis
             is marked down (the back-off), the cache is not consulted either: an outage is a
             pass-through, as without the cache.
+
+    Before the cache, each version's :class:`PairSourceFilter` (read at the version's first
+    lookup; none for versions published without one) answers "no pair" for utterances that
+    are no pair's source, without Redis and without filling the cache with misses.
     """
 
     role = "pairs"
@@ -153,6 +230,45 @@ class PairStore(RedisReader):
             LRUCache(maxsize=pair_cache_size) if pair_cache_size > 0 else None
         )
         self._cache_lock = threading.Lock()
+        self._filters: dict[str, PairSourceFilter | None] = {}
+
+    def source_filter(self, version: str) -> PairSourceFilter | None:
+        """The version's pair-source filter (read from Redis once, in chunks of
+        ``GETRANGE``), or None when the version has none or it does not parse (logged).
+
+        Raises:
+            StoreUnavailableError: Redis failed (nothing is remembered: read again next time).
+        """
+        known = self._filters.get(version, _NOT_CACHED)
+        if known is not _NOT_CACHED:
+            return known if isinstance(known, PairSourceFilter) else None
+        key = keyspace.pair_sources_key(version)
+        try:
+            size = int(self._client.strlen(key))
+            empty = size == 0 and bool(self._client.exists(key))  # a version without pairs
+            parts = [
+                self._client.execute_command(
+                    "GETRANGE", key, start, min(start + _FILTER_CHUNK, size) - 1,
+                    **{NEVER_DECODE: True},
+                )
+                for start in range(0, size, _FILTER_CHUNK)
+            ]  # fmt: skip
+        except (redis.RedisError, OSError) as e:
+            raise self._fail(e) from e
+        found: PairSourceFilter | None = None
+        raw = b"".join(parts)
+        if len(raw) != size:  # rewritten while read: cannot happen to a published version
+            log.error("pair-source filter of %s changed while read; not used", version)
+        elif raw or empty:
+            try:
+                found = PairSourceFilter.from_bytes(raw)
+            except ValueError as err:
+                log.error("pair-source filter of %s not used: %s", version, err)
+        with self._cache_lock:
+            while len(self._filters) >= _FILTERS_KEPT:
+                self._filters.pop(next(iter(self._filters)))
+            self._filters[version] = found
+        return found
 
     def lookup(self, normalized: str) -> PairHit | None:
         """The precomputed rewrite for a normalized utterance in the active version.
@@ -167,6 +283,10 @@ class PairStore(RedisReader):
         if version is None:
             return None
         self._guard()
+        sources = self.source_filter(version)
+        if sources is not None and normalized not in sources:
+            metrics.PAIR_FILTERED.inc()
+            return None
         key = (version, normalized)
         if self._cache is not None:
             with self._cache_lock:

@@ -140,15 +140,15 @@ def test_pair_cache_answers_without_redis_and_follows_the_active_version(
     for _ in range(5):
         hit = store.lookup("utt 3")
         assert hit is not None and (hit.rewrite, hit.version) == ("fix 3 a", v1)
-        assert store.lookup("never seen") is None
-    assert _hgetall_calls(client) - before == 2  # one per (version, utterance)
+        assert store.lookup("never seen") is None  # no source: the filter answers
+    assert _hgetall_calls(client) - before == 1  # one per (version, source)
     v2 = publish_pairs(client, _pairs("b")).version
     hit = store.lookup("utt 3")
     assert hit is not None and (hit.rewrite, hit.version) == ("fix 3 b", v2)
     rollback(client)
     hit = store.lookup("utt 3")
     assert hit is not None and (hit.rewrite, hit.version) == ("fix 3 a", v1)
-    assert _hgetall_calls(client) - before == 3  # v1's answer came back from the cache
+    assert _hgetall_calls(client) - before == 2  # v1's answer came back from the cache
     # bounded: the least recently used answers are evicted
     for i in range(200):
         store.lookup(f"utt {i}")
@@ -163,3 +163,53 @@ def test_pair_cache_answers_without_redis_and_follows_the_active_version(
         down.lookup("utt 3")
     store.close()
     down.close()
+
+
+def test_pair_source_filter_answers_misses_without_redis(
+    redis_url: str, clean_redis: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Publish stores the version's pair sources as a filter (sorted 64-bit hashes); the
+    service reads it once per version (in GETRANGE chunks) and answers "no pair" for any
+    other utterance without a lookup; pairs are still found. A version without the filter
+    (an older publisher) or with a corrupt one is served by lookups as before; a version
+    without pairs answers every lookup from its empty filter."""
+    import rewrite.store as store_mod
+    from rewrite.store import PairSourceFilter
+
+    monkeypatch.setattr(store_mod, "_FILTER_CHUNK", 64)  # 400 sources = 3,200 bytes = 50 reads
+    client = connect(redis_url)
+    v1 = publish_pairs(client, _pairs("a")).version
+    raw = client.execute_command("GET", keyspace.pair_sources_key(v1), NEVER_DECODE=True)
+    assert raw == PairSourceFilter.build(p.source for p in _pairs("a")).to_bytes()
+    filt = PairSourceFilter.from_bytes(raw)
+    assert len(filt) == N_KEYS and all(f"utt {i}" in filt for i in range(N_KEYS))
+    assert not any(f"utt {i}" in filt for i in range(N_KEYS, 2 * N_KEYS))
+    store = PairStore(redis_url, version_cache_s=0.0)
+    before = _hgetall_calls(client)
+    assert all(store.lookup(f"other {i}") is None for i in range(300))
+    hit = store.lookup("utt 5")
+    assert hit is not None and hit.rewrite == "fix 5 a"
+    assert _hgetall_calls(client) - before == 1  # only the source was looked up
+    assert store.source_filter(v1) is not None and len(store.source_filter(v1) or ()) == N_KEYS
+    # a version published without the filter, or with a corrupt one: lookups as before
+    for damage in ("delete", "corrupt"):
+        v = publish_pairs(client, _pairs(damage)).version
+        key = keyspace.pair_sources_key(v)
+        if damage == "delete":
+            client.delete(key)
+        else:
+            client.set(key, b"\x01" * 7)
+        reader = PairStore(redis_url, version_cache_s=0.0)
+        before = _hgetall_calls(client)
+        assert reader.lookup("other") is None
+        hit = reader.lookup("utt 9")
+        assert hit is not None and hit.rewrite == f"fix 9 {damage}"
+        assert reader.source_filter(v) is None and _hgetall_calls(client) - before == 2
+        reader.close()
+    # no pairs at all: an empty filter
+    publish_pairs(client, [])
+    empty = PairStore(redis_url, version_cache_s=0.0)
+    before = _hgetall_calls(client)
+    assert empty.lookup("utt 9") is None and _hgetall_calls(client) == before
+    store.close()
+    empty.close()
