@@ -775,14 +775,19 @@ async def measure(
                         stats = await client.stats()
             log(f"round {rnd + 1}/{args.rounds} done")
         if args.profile > 0:
-            stats["profile"] = await profile(client, pid, args.profile, args.native)
+            stats["profile"] = await profile(
+                client, pid, args.profile, args.native, args.profile_concurrency, args.gil
+            )
         mem["end"] = proc_memory_mb(pid)
     return rows, stats, mem
 
 
-async def profile(client: Client, pid: int, seconds: float, native: bool) -> dict[str, Any]:
-    """Sample the service with py-spy (raw stacks) during ``seconds`` of concurrency-1 online
-    load; returns ``{category: share}`` and the raw file's path."""
+async def profile(
+    client: Client, pid: int, seconds: float, native: bool, concurrency: int = 1, gil: bool = False
+) -> dict[str, Any]:
+    """Sample the service with py-spy (raw stacks) during ``seconds`` of online load at
+    ``concurrency`` (``gil``: only the thread holding the GIL); returns ``{category: share}``
+    and the raw file's path."""
     exe = Path(sys.executable).with_name("py-spy")
     if not exe.exists():
         return {"error": f"py-spy not installed ({exe}); .venv/bin/pip install py-spy"}
@@ -791,7 +796,8 @@ async def profile(client: Client, pid: int, seconds: float, native: bool) -> dic
         [str(exe), "record", "--pid", str(pid), "--rate", "200" if native else "500",
          "--format", "raw",
          "--output", str(out), "--duration", str(int(seconds) + 30),
-         *(["--native"] if native else ["--nonblocking"])],
+         *(["--native"] if native else ["--nonblocking"]),
+         *(["--gil"] if gil else [])],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -800,7 +806,7 @@ async def profile(client: Client, pid: int, seconds: float, native: bool) -> dic
         await asyncio.sleep(1.0)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            await drive(client.rewrite, client.take_online(200), 1)
+            await drive(client.rewrite, client.take_online(200 * concurrency), concurrency)
     finally:
         spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
         try:
@@ -995,7 +1001,11 @@ def report(
                     )
     prof = stats.get("profile")
     if prof:
-        print(f"\npy-spy samples of the service, online conc 1 ({prof.get('file', '')}):")
+        what = "GIL holder" if args.gil else "service"
+        print(
+            f"\npy-spy samples of the {what}, online conc {args.profile_concurrency} "
+            f"({prof.get('file', '')}):"
+        )
         if "error" in prof:
             print(f"  {prof['error']}")
         for name, share in sorted(prof.get("shares", {}).items(), key=lambda t: -t[1]):
@@ -1130,6 +1140,14 @@ def main() -> None:
     ap.add_argument("--load-timeout", type=float, default=300.0, help="service start bound (s)")
     ap.add_argument("--profile", type=float, default=0.0, help="py-spy seconds (0 = off)")
     ap.add_argument("--native", action="store_true", help="py-spy --native (C/C++ frames)")
+    ap.add_argument(
+        "--profile-concurrency", type=int, default=1, help="in-flight calls while py-spy samples"
+    )
+    ap.add_argument(
+        "--gil",
+        action="store_true",
+        help="py-spy --gil: sample only the thread holding the GIL (what caps one process)",
+    )
     ap.add_argument("--build-only", action="store_true", help="build the caches and exit")
     ap.add_argument(
         "--dpr",

@@ -217,7 +217,7 @@ class PairStore(RedisReader):
             is marked down (the back-off), the cache is not consulted either: an outage is a
             pass-through, as without the cache.
 
-    Before the cache, each version's :class:`PairSourceFilter` (read at the version's first
+    After the cache, each version's :class:`PairSourceFilter` (read at the version's first
     lookup; none for versions published without one) answers "no pair" for utterances that
     are no pair's source, without Redis and without filling the cache with misses.
     """
@@ -283,10 +283,6 @@ class PairStore(RedisReader):
         if version is None:
             return None
         self._guard()
-        sources = self.source_filter(version)
-        if sources is not None and normalized not in sources:
-            metrics.PAIR_FILTERED.inc()
-            return None
         key = (version, normalized)
         if self._cache is not None:
             with self._cache_lock:
@@ -294,6 +290,11 @@ class PairStore(RedisReader):
             if cached is not _NOT_CACHED:
                 metrics.PAIR_CACHE_HIT.inc()
                 return cached if isinstance(cached, PairHit) else None
+        sources = self.source_filter(version)
+        if sources is not None and normalized not in sources:
+            metrics.PAIR_FILTERED.inc()  # not cached: the filter answers as fast
+            return None
+        if self._cache is not None:
             metrics.PAIR_CACHE_MISS.inc()
         try:
             h = self._client.hgetall(keyspace.pair_key(version, normalized))
