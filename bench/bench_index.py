@@ -53,9 +53,10 @@ subspace, an easier task than today's ``--data lowrank``). Chosen defaults:
 ``flat_max_entries`` 10,000 (flat p50 <= 0.3 ms; at 20k the vectors no longer fit in cache),
 ``hnsw_m`` 32, ``hnsw_ef_search`` 64.
 
-Inverted files (the job's kinds above ``dpr.ivf_min_entries``, nlist = 4 sqrt(n)), 1M
-vectors, k=10, 1 thread, 1,000 queries; AVX2-only EPYC, 2026-12-06 (``--m '' --flat-sizes ''
---nprobe 16,32,64 --queries 1000``). Memory = serialized index size::
+Inverted files (the job's kinds above ``dpr.ivf_min_entries``; nlist = 4 sqrt(n) = 4,000 at
+1M until 2026-12-06), 1M vectors, k=10, 1 thread, 1,000 queries; AVX2-only EPYC, 2026-12-06
+(``--m '' --flat-sizes '' --nprobe 16,32,64 --queries 1000``). Memory = serialized index
+size::
 
     random          kind            build  memory   nprobe 16       32             64
                                                     p50 ms / recall@1
@@ -68,7 +69,24 @@ vectors, k=10, 1 thread, 1,000 queries; AVX2-only EPYC, 2026-12-06 (``--m '' --f
 recall@10.) ``ivf_pq_refine`` scans 4-bit PQ codes with SIMD and re-scores the best
 ``k_factor * k`` with 6-bit vectors, so its cost grows slowly with nprobe, where ``ivf_sq8``
 decodes every vector of every probed list. Hence ``dpr.ivf_kind`` ``ivf_pq_refine`` and
-``dpr.ivf_nprobe`` 64 (more recall than ``ivf_sq8`` at 32 in about half the time). Earlier,
+``dpr.ivf_nprobe`` 64 (more recall than ``ivf_sq8`` at 32 in about half the time).
+
+Then the list count (``--ivf-kinds ivf_pq_refine --nlist 4000,1000 --nprobe 24,40,64
+--k-factors 8 --queries 1000``, with and without ``--data lowrank``; AVX-512 Xeon,
+2026-12-06)::
+
+    p50 ms / recall@1        nprobe 24        40               64               build
+    random   nlist 4,000     0.36 / 0.719     0.41 / 0.809     0.48 / 0.878     36 s
+             nlist 1,000     0.30 / 0.845     0.40 / 0.906     0.54 / 0.949      8 s
+    lowrank  nlist 4,000     0.36 / 0.668     0.40 / 0.765     0.47 / 0.828     34 s
+             nlist 1,000     0.31 / 0.794     0.41 / 0.887     0.53 / 0.931      8 s
+
+With fast-scan lists the flat coarse quantizer is not cheap: 4,000 centroids x 384 floats
+(6 MB) are read per query, 0.22 of a 0.46 ms search. sqrt(n) lists scan more codes per probe
+but rank 4x fewer centroids, so at equal time they find more (0.906 against 0.809 at 0.40 ms)
+and at nprobe 40 beat the former default (4,000 lists, nprobe 64) on recall and time alike;
+the build is 4x faster. Hence ``offline.index.ivf_nlist`` = sqrt(n) and ``dpr.ivf_nprobe``
+40 (memory 330 instead of 337 MB). Earlier,
 on an AVX-512 machine (2026-11-23), ``ivf_sq8`` against HNSW at 1M random vectors: a quarter
 of the memory, a 13x faster build, half the latency at nprobe 32 and more than twice the
 recall@1, hence ``ivf_min_entries`` 200,000.
@@ -85,6 +103,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import logging
 import os
 import sys
@@ -307,10 +326,10 @@ def ivf_rows(db: np.ndarray, queries: np.ndarray, gt: np.ndarray, args: Any) -> 
     import faiss
 
     rows = []
-    for kind in args.ivf_kinds:
+    for kind, nlist in itertools.product(args.ivf_kinds, args.nlist or [None]):
         faiss.omp_set_num_threads(args.build_threads)
         t = time.perf_counter()
-        index = make_faiss_index(db, kind, nprobe=args.nprobe[0])
+        index = make_faiss_index(db, kind, nprobe=args.nprobe[0], nlist=nlist)
         build_s = time.perf_counter() - t
         mem = faiss.serialize_index(index).nbytes / 2**20
         ivf = faiss.extract_index_ivf(index)
@@ -507,6 +526,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--ef-construction", type=int, default=EF_CONSTRUCTION)
     p.add_argument(
         "--nprobe", type=_ints, default=[8, 16, 32, 64], help="IVF nprobe values ('' = skip)"
+    )
+    p.add_argument(
+        "--nlist", type=_ints, default=[], help="IVF list counts ('' = the job's sqrt(n))"
     )
     p.add_argument(
         "--ivf-kinds",

@@ -282,7 +282,7 @@ def build_index(n: int, seed: int, encoder_id: str, settings: Settings, threads:
     dpr = settings.dpr
     kind = choose_kind(n, dpr.flat_max_entries, dpr.ivf_min_entries, dpr.ivf_kind)
     params = f"{kind}-{dpr.hnsw_m}-{EF_CONSTRUCTION}" if kind == "hnsw" else kind
-    key = hashlib.sha256(f"{params}-device_types-rg64k".encode()).hexdigest()[:8]
+    key = hashlib.sha256(f"{params}-device_types-rg64k-nlist-sqrt".encode()).hexdigest()[:8]
     out = CACHE / "online-index" / f"n{n}-s{seed}-{key}"
     sidecar = out / "bench.json"
     if (out / INDEX_META).exists() and sidecar.exists():

@@ -98,7 +98,7 @@ def test_choose_kind_by_size() -> None:
     assert choose_kind(201, 100, ivf_min_entries=200, ivf_kind="ivf_sq8") == "ivf_sq8"
     with pytest.raises(ValueError, match="ivf_kind"):
         choose_kind(201, 100, ivf_min_entries=200, ivf_kind="ivf_flat")
-    assert ivf_nlist(1_000_000) == 4000 and ivf_nlist(3000) == 75 and ivf_nlist(10) == 1
+    assert ivf_nlist(1_000_000) == 1000 and ivf_nlist(3000) == 54 and ivf_nlist(10) == 1
     assert pq_subquantizers(384) == 96 and pq_subquantizers(32) == 8 and pq_subquantizers(6) == 3
     assert pq_subquantizers(7) == 7
 
@@ -115,10 +115,10 @@ def test_ivf_index_builds_loads_and_finds_neighbours(tmp_path: Path, kind: str) 
     n = 3000
     directory, vecs = build(tmp_path / "a", n, flat_max=100, ivf_min=1000, ivf_kind=kind)
     info = json.loads((directory / INDEX_META).read_text())
-    assert info["kind"] == kind and info["params"]["nlist"] == 75
-    assert info["params"]["nprobe"] == 64
+    assert info["kind"] == kind and info["params"]["nlist"] == 54
+    assert info["params"]["nprobe"] == 40
     index = GlobalIndex.load(directory, expected_encoder_id=ENCODER)
-    assert index.nprobe == 64
+    assert index.nprobe == 40
     ivf = faiss.extract_index_ivf(index.index)
     if kind == "ivf_pq_refine":
         assert type(index.index) is faiss.IndexRefine and info["params"]["refine_k_factor"] == 8
@@ -128,7 +128,7 @@ def test_ivf_index_builds_loads_and_finds_neighbours(tmp_path: Path, kind: str) 
         tuned = GlobalIndex.load(directory, nprobe=5, refine_k_factor=2)
         assert tuned.nprobe == 5 and tuned.index.k_factor == 2
     else:
-        assert type(index.index) is faiss.IndexIVFScalarQuantizer and ivf.nprobe == 64
+        assert type(index.index) is faiss.IndexIVFScalarQuantizer and ivf.nprobe == 40
         assert "refine_k_factor" not in info["params"]
         assert GlobalIndex.load(directory, nprobe=5).nprobe == 5
     rows = list(range(0, n, 97))
@@ -156,8 +156,8 @@ def test_ivf_refine_rescores_the_fast_scan_candidates(tmp_path: Path) -> None:
             np.mean([len(set(f) & set(e[:k])) / k for f, e in zip(found, exact, strict=True)])
         )
 
-    refined = GlobalIndex.load(directory, nprobe=75)
-    coarse = GlobalIndex.load(directory, nprobe=75, refine_k_factor=1)
+    refined = GlobalIndex.load(directory, nprobe=54)  # every list
+    coarse = GlobalIndex.load(directory, nprobe=54, refine_k_factor=1)
     assert overlap(refined, 1) >= 0.97 and overlap(refined, 1) > overlap(coarse, 1)
     assert overlap(refined, 10) > overlap(coarse, 10) + 0.2
     one_list = GlobalIndex.load(directory, nprobe=1)  # nprobe reaches the wrapped IVF
