@@ -276,12 +276,16 @@ def _wilkerson_rows() -> list[str]:
 
 
 def _version_content(redis_url: str, version: str) -> dict[str, dict[str, bytes]]:
-    """Every hash of a version (pairs, personal histories, meta) as raw bytes; the meta's
-    ``created_at`` and ``run_dir`` (when and where a run happened) left out."""
+    """Every key of a version (pair and personal-history hashes, meta, the pair-source filter
+    string as field ``""``) as raw bytes; the meta's ``created_at`` and ``run_dir`` (when and
+    where a run happened) left out."""
     raw = redis.Redis.from_url(redis_url)  # bytes: vectors compared exactly
     out: dict[str, dict[str, bytes]] = {}
     try:
         for key in raw.scan_iter(match=keyspace.version_pattern(version), count=1000):
+            if raw.type(key) == b"string":
+                out[key.decode()] = {"": bytes(raw.get(key) or b"")}
+                continue
             fields = {k.decode(): v for k, v in raw.hgetall(key).items()}
             if key.decode() == keyspace.meta_key(version):
                 fields.pop("created_at", None)
@@ -319,6 +323,7 @@ def test_rerunning_the_job_publishes_identical_content(
     version = first.publish["version"]
     assert first.publish["n_pairs"] >= 1 and first.publish["n_personal_users"] >= 7
     content = _version_content(redis_url, version)
+    assert content[keyspace.pair_sources_key(version)][""]  # the pair-source filter too
     assert sum(":pair:" in k for k in content) == first.publish["n_pairs"]
     assert sum(":personal:" in k for k in content) == first.publish["n_personal_users"]
     assert all("vectors" in v for k, v in content.items() if ":personal:" in k)
