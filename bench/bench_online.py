@@ -43,8 +43,11 @@ time and size; then PASS/MISS against the issues' targets (precomputed-hit QPS >
 echo QPS at every level; online p99 <= 6 ms and QPS >= 1,000; RSS <= 1 GB) and, with
 ``--json FILE``, the medians, ratios and checks as JSON. ``--profile S`` also samples the
 server with py-spy (``.venv/bin/pip install py-spy``; not a project dependency) for S
-seconds of concurrency-1 online load and prints where the samples fall (``--native`` adds C
-frames but pauses the process per sample, which inflates I/O waits).
+seconds of online load (``--profile-concurrency``, default 1) and prints where the samples
+fall (``--native`` adds C frames but pauses the process per sample, which inflates I/O waits;
+``--gil`` samples only the thread holding the GIL: what caps one process's throughput). Online
+rows also print the mean size of the online stages' micro-batches
+(``qrw_online_batch_size``, :mod:`rewrite.batching`).
 
 The index (and the synthetic ranker) are cached under git-ignored ``var/bench/``, keyed by n and
 seed (and the HNSW parameters): the first 1M run builds HNSW (minutes), later runs load it.
