@@ -81,6 +81,7 @@ class OnlineBatcher:
 
         Raises:
             Exception: what a stage raised on this request (``state.error``).
+            RuntimeError: the worker pool was shut down (the server is stopping).
             asyncio.CancelledError: the call was cancelled; ``state.abandoned`` is then set,
                 so its batch skips it from the next stage on (a queued one never runs).
         """
@@ -103,11 +104,16 @@ class OnlineBatcher:
                     batch.append(item)
             if not batch:
                 continue
+            try:
+                done = loop.run_in_executor(
+                    self._pool, self._complete_batch, [state for state, _ in batch]
+                )
+            except RuntimeError as err:  # the pool was shut down (server stopping)
+                for _state, future in batch:
+                    future.set_exception(err)
+                continue
             self._running += 1
             BATCH_SIZE.observe(len(batch))
-            done = loop.run_in_executor(
-                self._pool, self._complete_batch, [state for state, _ in batch]
-            )
             done.add_done_callback(functools.partial(self._finished, loop, batch))
 
     def _finished(

@@ -102,3 +102,26 @@ def test_two_workers_run_two_batches_at_once_and_a_crashed_batch_fails_only_its_
 def test_batcher_refuses_a_size_below_one() -> None:
     with concurrent.futures.ThreadPoolExecutor(1) as pool, pytest.raises(ValueError):
         OnlineBatcher(Recorder(), pool, workers=1, max_batch=0)
+
+
+def test_requests_queued_when_the_pool_shuts_down_fail_instead_of_hanging() -> None:
+    """A server stopping shuts the worker pool down while a batch runs; what queued behind it
+    gets an error when that batch finishes (the next batch cannot be scheduled), not a hang."""
+    rec = Recorder()
+
+    async def main() -> list[object]:
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        batcher = OnlineBatcher(rec, pool, workers=1, max_batch=4)
+        first = asyncio.ensure_future(batcher.complete(_state("a")))
+        await _until(lambda: rec.batches == [["a"]])
+        queued = asyncio.ensure_future(batcher.complete(_state("b")))
+        await _until(lambda: batcher.queued == 1)
+        pool.shutdown(wait=False)
+        rec.release.set()
+        return await asyncio.wait_for(
+            asyncio.gather(first, queued, return_exceptions=True), timeout=5.0
+        )
+
+    first, queued = asyncio.run(main())
+    assert isinstance(first, RewriteState) and first.reason == "done"
+    assert isinstance(queued, RuntimeError) and rec.batches == [["a"]]
