@@ -23,6 +23,7 @@ reranker and a precision-oriented trigger.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -248,6 +249,7 @@ def merge_personal(
             domain=g.domain if g else "",
             intent=g.intent if g else "",
             device_types=g.device_types if g else (),
+            catalog_row=g.catalog_row if g else -1,
         )
     return list(by_text.values())
 
@@ -343,7 +345,8 @@ class GlobalRetrievalStage(_OnlineStage):
                 by_snapshot.setdefault(id(state.online), []).append(state)
         for group in by_snapshot.values():
             queries = np.stack([state.query_vector for state in group])  # type: ignore[misc]
-            found = group[0].online.index.search(queries, k)
+            # device-type counts stay in the index: the ranker reads them from there
+            found = group[0].online.index.search(queries, k, device_types=False)
             for state, cands in zip(group, found, strict=True):
                 state.retrieved = list(cands)
 
@@ -383,7 +386,7 @@ class PersonalRetrievalStage(_OnlineStage):
             history_ages(hist.last_seen, time.time()),
             hist.vectors @ state.query_vector,
             self._resources.settings.rerank.personal_top_k,
-            snap.index.lookup,
+            functools.partial(snap.index.lookup, device_types=False),
         )
         return state
 
@@ -412,7 +415,8 @@ class RerankStage(_OnlineStage):
                 state.scores = np.zeros(0)
             return
         x, offsets = feature_matrices(
-            [(s.normalized, s.retrieved, s.request.context, s.device_type) for s in todo]
+            [(s.normalized, s.retrieved, s.request.context, s.device_type) for s in todo],
+            [s.online.index if isinstance(s.online, OnlineSnapshot) else None for s in todo],
         )
         scores = ranker.score_matrix(x)
         orders = [

@@ -144,7 +144,22 @@ def _context_utterances(context: Sequence[ContextTurn]) -> list[str]:
 FeatureRequest = tuple[str, Sequence[RetrievedCandidate], Sequence[ContextTurn], str]
 
 
-def feature_matrices(requests: Sequence[FeatureRequest]) -> tuple[np.ndarray, np.ndarray]:
+class DeviceTypeCatalog(Protocol):
+    """Where candidates with a ``catalog_row`` keep their device-type counts
+    (:class:`rewrite.retrieval.GlobalIndex`)."""
+
+    def device_features(
+        self, rows: np.ndarray, success_rates: np.ndarray, device_types: Sequence[str]
+    ) -> np.ndarray:
+        """``(n, 2)`` float64 ``(device_share, device_success_rate)`` of catalog rows, each
+        for the device type of its request."""
+        ...
+
+
+def feature_matrices(
+    requests: Sequence[FeatureRequest],
+    catalogs: Sequence[DeviceTypeCatalog | None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Features of the candidates of several requests in one vectorised pass: one rapidfuzz
     ``cpdist`` call per string measure over every (query, candidate) pair of the batch (the
     per-call overhead dominates at ~10-20 candidates a request), plus one ``cdist`` per
@@ -155,6 +170,10 @@ def feature_matrices(requests: Sequence[FeatureRequest]) -> tuple[np.ndarray, np
             (:func:`rewrite.normalize.normalize_utterance`), its retrieved candidates (texts
             normalized), earlier turns of the session (normalized here), the normalized device
             type (:func:`rewrite.normalize.normalize_device_type`, ``""`` unknown).
+        catalogs: per request, the index its candidates came from: a candidate with a
+            ``catalog_row`` and no ``device_types`` tuple gets its device-type features from
+            there (:meth:`rewrite.retrieval.GlobalIndex.device_features`, the same values);
+            None = every candidate's own ``device_types``.
 
     Returns:
         ``(x, offsets)``: ``x`` ``(sum of len(cands), len(FEATURE_NAMES))`` float32, columns
@@ -200,9 +219,25 @@ def feature_matrices(requests: Sequence[FeatureRequest]) -> tuple[np.ndarray, np
         MAX_LEN_DIFF_WORDS,
     )
     x[:, _COL["identical_to_query"]] = [t == q for t, q in zip(texts, queries, strict=True)]
-    x[:, [_COL["device_share"], _COL["device_success_rate"]]] = [
-        _device_features(c, device_type) for (_q, cs, _c, device_type) in requests for c in cs
-    ]
+    device_cols = np.asarray([_COL["device_share"], _COL["device_success_rate"]])
+    # candidates whose device-type counts stay in an index: one call per index for the batch
+    by_catalog: dict[int, tuple[DeviceTypeCatalog, list[int], list[str]]] = {}
+    for j, (_q, cs, _c, device_type) in enumerate(requests):
+        lo = int(offsets[j])
+        catalog = catalogs[j] if catalogs is not None else None
+        for i, c in enumerate(cs):
+            if catalog is not None and c.catalog_row >= 0 and not c.device_types:
+                entry = by_catalog.setdefault(id(catalog), (catalog, [], []))
+                entry[1].append(lo + i)
+                entry[2].append(device_type)
+            else:
+                x[lo + i, device_cols] = _device_features(c, device_type)
+    for catalog, at, device_types in by_catalog.values():
+        x[np.ix_(np.asarray(at), device_cols)] = catalog.device_features(
+            np.asarray([cands[i].catalog_row for i in at]),
+            np.asarray([cands[i].success_rate for i in at]),
+            device_types,
+        )
     for j, (query, _cs, context, _d) in enumerate(requests):
         lo, hi = int(offsets[j]), int(offsets[j + 1])
         ctx = _context_utterances(context) if context and hi > lo else []

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,7 +124,11 @@ class RetrievedCandidate:
         domain: NLU domain, if logged.
         intent: NLU intent, if logged.
         device_types: the catalog's per-device-type turns and successes of the text (empty
-            when the logs named no device types or the text is not in the catalog).
+            when the logs named no device types or the text is not in the catalog — or when
+            the service's :meth:`GlobalIndex.search` / :meth:`GlobalIndex.lookup` left them
+            in the index, ``device_types=False``: then ``catalog_row`` says where).
+        catalog_row: the candidate's row (= FAISS id) in the index that returned it; -1 when
+            it did not come from a :class:`GlobalIndex`. Not part of equality.
     """
 
     text: str  # normalized catalog/personal utterance
@@ -138,6 +142,7 @@ class RetrievedCandidate:
     domain: str = ""
     intent: str = ""
     device_types: tuple[DeviceTypeStat, ...] = ()
+    catalog_row: int = field(default=-1, compare=False)
 
 
 class IndexMismatchError(ValueError):
@@ -381,13 +386,15 @@ class GlobalIndex:
         """Whether ``text`` (normalized) is a catalog entry (a dict lookup, no object built)."""
         return isinstance(text, str) and self._id_of(text) is not None
 
-    def lookup(self, text: str) -> RetrievedCandidate | None:
+    def lookup(self, text: str, device_types: bool = True) -> RetrievedCandidate | None:
         """Catalog metadata of an exact (normalized) text as a ``layer="global"`` candidate with
-        ``dense_score`` 0.0 (no query involved), or None when the text is not in the catalog."""
+        ``dense_score`` 0.0 (no query involved), or None when the text is not in the catalog.
+        ``device_types=False``: leave the device-type counts in the index (see
+        :meth:`search`)."""
         i = self._id_of(text)
-        return None if i is None else self._candidate(i, 0.0)
+        return None if i is None else self._candidate(i, 0.0, device_types)
 
-    def _candidate(self, i: int, score: float) -> RetrievedCandidate:
+    def _candidate(self, i: int, score: float, device_types: bool = True) -> RetrievedCandidate:
         return RetrievedCandidate(
             text=self._text[i].as_py(),
             layer="global",
@@ -397,8 +404,60 @@ class GlobalIndex:
             n_users=int(self._n_users[i]),
             domain=self._domain[i].as_py(),
             intent=self._intent[i].as_py(),
-            device_types=self.device_types(i),
+            device_types=self.device_types(i) if device_types else (),
+            catalog_row=i,
         )
+
+    def device_features(
+        self, rows: np.ndarray, success_rates: np.ndarray, device_types: Sequence[str]
+    ) -> np.ndarray:
+        """The ranker's ``(device_share, device_success_rate)`` of catalog rows, from the
+        index's device-type arrays (no per-candidate objects; the same values
+        :func:`rewrite.rerank.feature_matrices` computes from ``device_types`` tuples, given
+        that a row lists each device type once, as the catalog writes it).
+
+        Args:
+            rows: ``(n,)`` int catalog rows (FAISS ids).
+            success_rates: ``(n,)`` the rows' overall success rates (the smoothing prior).
+            device_types: ``n`` normalized device types of the requests the rows answer;
+                ``""`` unknown.
+
+        Returns:
+            ``(n, 2)`` float64: share of the row's turns on its device type (0 when none),
+            and its success rate there smoothed towards the overall rate with
+            :data:`rewrite.rerank.DEVICE_PRIOR_TURNS` pseudo-turns; ``(-1, overall rate)``
+            for rows without device types or with an unknown device type.
+        """
+        from rewrite.rerank import DEVICE_PRIOR_TURNS
+
+        rows = np.asarray(rows, dtype=np.int64)
+        rates = np.asarray(success_rates, dtype=np.float64)
+        out = np.empty((len(rows), 2), dtype=np.float64)
+        out[:, 0], out[:, 1] = -1.0, rates
+        off = self._dt_off
+        if off is None or not len(rows):
+            return out
+        known = np.asarray([bool(d) for d in device_types])
+        starts, ends = off[rows].astype(np.int64), off[rows + 1].astype(np.int64)
+        counts = ends - starts
+        has = (counts > 0) & known
+        if not has.any():
+            return out
+        code_of = {t: c for c, t in enumerate(self._dt_vocab)}
+        codes = np.asarray([code_of.get(d, -1) for d in device_types], dtype=np.int64)
+        # positions of every (row, device type) entry of the rows, grouped by row
+        seg = np.repeat(np.arange(len(rows)), counts)
+        pos = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        turns = self._dt_turns[pos].astype(np.float64)  # clipped >= 0 at load
+        total = np.bincount(seg, weights=turns, minlength=len(rows))
+        mine = self._dt_code[pos] == codes[seg]
+        mine_turns = np.bincount(seg, weights=np.where(mine, turns, 0.0), minlength=len(rows))
+        oks = np.minimum(self._dt_ok[pos].astype(np.float64), turns)
+        mine_ok = np.bincount(seg, weights=np.where(mine, oks, 0.0), minlength=len(rows))
+        share = np.divide(mine_turns, total, out=np.zeros(len(rows)), where=total > 0)
+        rate = (mine_ok + DEVICE_PRIOR_TURNS * rates) / (mine_turns + DEVICE_PRIOR_TURNS)
+        out[has, 0], out[has, 1] = share[has], rate[has]
+        return out
 
     def text(self, i: int) -> str:
         """Catalog text of FAISS id ``i``."""
@@ -533,13 +592,19 @@ class GlobalIndex:
 
         return int(faiss.extract_index_ivf(self.index).nprobe)
 
-    def search(self, query_vecs: np.ndarray, k: int) -> list[list[RetrievedCandidate]]:
+    def search(
+        self, query_vecs: np.ndarray, k: int, device_types: bool = True
+    ) -> list[list[RetrievedCandidate]]:
         """Top-``k`` catalog entries per query by inner product (= cosine).
 
         Args:
             query_vecs: ``(n, dim)`` float32, L2-normalised query vectors (a ``(dim,)`` vector
                 is taken as one query).
             k: results per query (fewer when the catalog is smaller).
+            device_types: fill each candidate's ``device_types`` tuple; False leaves them in
+                the index (``catalog_row`` points there) for :meth:`device_features` — the
+                online service's choice: building the tuples was ~13 % of the time its
+                worker threads held the GIL under load.
 
         Returns:
             Per query, candidates best first, ``layer="global"``, catalog metadata filled.
@@ -559,5 +624,11 @@ class GlobalIndex:
         scores, ids = self.index.search(np.ascontiguousarray(x), min(k, self.info.n))
         out: list[list[RetrievedCandidate]] = []
         for row_s, row_i in zip(scores.tolist(), ids.tolist(), strict=True):
-            out.append([self._candidate(i, s) for s, i in zip(row_s, row_i, strict=True) if i >= 0])
+            out.append(
+                [
+                    self._candidate(i, s, device_types)
+                    for s, i in zip(row_s, row_i, strict=True)
+                    if i >= 0
+                ]
+            )
         return out

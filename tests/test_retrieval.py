@@ -3,6 +3,7 @@ checks that refuse a corrupt or mismatched index."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -236,6 +237,34 @@ def test_device_types_reach_the_candidates_and_cost_nothing_when_absent(
         assert hit is not None and hit.device_types == want
     top = index.search(vecs[:4], k=1)
     assert [c[0].device_types for c in top] == [index.device_types(i) for i in range(4)]
+    # the service's way: tuples left in the index, the ranker's device features read from its
+    # arrays — exactly the values the tuples give (train/serve parity), for every row kind and
+    # device type (known, another, unseen, unknown), alone and in a batch of requests
+    from rewrite.rerank import FEATURE_NAMES, feature_matrices
+
+    full = index.search(vecs, k=8)
+    lean = index.search(vecs, k=8, device_types=False)
+    assert all(c.device_types == () for res in lean for c in res)
+    assert [[c.catalog_row for c in res] for res in lean] == [
+        [int(c.text.split()[1]) for c in res] for res in full
+    ]
+    assert [[dataclasses.replace(c, device_types=()) for c in res] for res in full] == lean
+    looked = index.lookup("utterance 100", device_types=False)
+    assert looked is not None and looked.device_types == () and looked.catalog_row == 100
+    cols = [FEATURE_NAMES.index("device_share"), FEATURE_NAMES.index("device_success_rate")]
+    for device_type in ("speaker", "tv", "car", "display", ""):
+        reqs_full = [("utterance", res, (), device_type) for res in full]
+        reqs_lean = [("utterance", res, (), device_type) for res in lean]
+        want, _ = feature_matrices(reqs_full)
+        got, _ = feature_matrices(reqs_lean, [index] * len(reqs_lean))
+        np.testing.assert_array_equal(got, want)
+        assert device_type == "" or (want[:, cols[0]] > 0).any() or device_type == "display"
+    kinds = ("speaker", "tv", "car", "display", "")  # one batch, a device type per request
+    want, _ = feature_matrices([("u", res, (), kinds[j % 5]) for j, res in enumerate(full)])
+    got, _ = feature_matrices(
+        [("u", res, (), kinds[j % 5]) for j, res in enumerate(lean)], [index] * len(lean)
+    )
+    np.testing.assert_array_equal(got, want)
     # without device types (all empty): nothing stored, candidates carry none
     write_index_dir(vecs, catalog_table(n), tmp_path / "b", ENCODER, DprSettings(), version="v1")
     plain = GlobalIndex.load(tmp_path / "b")
