@@ -291,7 +291,19 @@ class _OnlineStage:
         _online(self._resources).warm_up()
 
 
-class EncodeStage(_OnlineStage):
+class _BatchedOnlineStage(_OnlineStage):
+    """An online stage whose work is written once, for a micro-batch (``run_batch``); one
+    request is a batch of one."""
+
+    def run(self, state: RewriteState) -> RewriteState:
+        self.run_batch([state])
+        return state
+
+    def run_batch(self, states: Sequence[RewriteState]) -> None:
+        raise NotImplementedError
+
+
+class EncodeStage(_BatchedOnlineStage):
     """Query vector of the normalized utterance (DPR query tower, ONNX Runtime).
 
     Sets ``state.online`` (the snapshot) and ``state.query_vector`` ((dim,) float32,
@@ -302,10 +314,6 @@ class EncodeStage(_OnlineStage):
     """
 
     name = "encode"
-
-    def run(self, state: RewriteState) -> RewriteState:
-        self.run_batch([state])
-        return state
 
     def run_batch(self, states: Sequence[RewriteState]) -> None:
         todo = []
@@ -326,15 +334,11 @@ class EncodeStage(_OnlineStage):
             state.online, state.query_vector = snap, vec
 
 
-class GlobalRetrievalStage(_OnlineStage):
+class GlobalRetrievalStage(_BatchedOnlineStage):
     """Top ``dpr.top_k`` catalog entries by inner product from the snapshot's FAISS index
     (a micro-batch: one ``search`` call with ``(b, dim)`` queries per snapshot)."""
 
     name = "global_retrieval"
-
-    def run(self, state: RewriteState) -> RewriteState:
-        self.run_batch([state])
-        return state
 
     def run_batch(self, states: Sequence[RewriteState]) -> None:
         k = self._resources.settings.dpr.top_k
@@ -391,7 +395,7 @@ class PersonalRetrievalStage(_OnlineStage):
         return state
 
 
-class RerankStage(_OnlineStage):
+class RerankStage(_BatchedOnlineStage):
     """Orders ``state.retrieved`` with the ranker (LightGBM lambdarank, or the heuristic one).
 
     Sets ``state.scores`` ((n,) float64, best first) and ``state.decision_score``; with
@@ -402,17 +406,14 @@ class RerankStage(_OnlineStage):
 
     name = "rerank"
 
-    def run(self, state: RewriteState) -> RewriteState:
-        self.run_batch([state])
-        return state
-
     def run_batch(self, states: Sequence[RewriteState]) -> None:
         ranker = _online(self._resources).ranker
         assert ranker is not None
         todo = [state for state in states if state.retrieved]
-        if not todo:
-            for state in states:
+        for state in states:
+            if not state.retrieved:
                 state.scores = np.zeros(0)
+        if not todo:
             return
         x, offsets = feature_matrices(
             [(s.normalized, s.retrieved, s.request.context, s.device_type) for s in todo],
@@ -426,9 +427,7 @@ class RerankStage(_OnlineStage):
         decisions = ranker.decision_scores(
             x[[order[0] for order in orders]], [scores[order] for order in orders]
         )
-        for state in states:  # assigned only now: a failure above leaves the states as they were
-            if not state.retrieved:
-                state.scores = np.zeros(0)
+        # assigned only now: a failure above leaves the states with candidates as they were
         for state, order, lo, decision in zip(
             todo, orders, offsets[:-1].tolist(), decisions.tolist(), strict=True
         ):

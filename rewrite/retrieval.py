@@ -302,6 +302,7 @@ class GlobalIndex:
         """
         self._dt_off: np.ndarray | None = None
         self._dt_vocab: list[str] = []
+        self._dt_code_of: dict[str, int] = {}  # device type -> its code (``_dt_vocab`` index)
         code_of: dict[str, int] = {}
         lengths: list[np.ndarray] = []
         codes: list[np.ndarray] = []
@@ -326,6 +327,7 @@ class GlobalIndex:
         if not codes:
             return
         self._dt_vocab = list(code_of)
+        self._dt_code_of = code_of
         code_type = np.uint8 if len(self._dt_vocab) <= 256 else np.int32
         self._dt_code = np.concatenate(codes).astype(code_type)
         self._dt_turns = np.concatenate(turns)
@@ -443,7 +445,7 @@ class GlobalIndex:
         has = (counts > 0) & known
         if not has.any():
             return out
-        code_of = {t: c for c, t in enumerate(self._dt_vocab)}
+        code_of = self._dt_code_of
         codes = np.asarray([code_of.get(d, -1) for d in device_types], dtype=np.int64)
         # positions of every (row, device type) entry of the rows, grouped by row
         seg = np.repeat(np.arange(len(rows)), counts)
