@@ -198,7 +198,7 @@ class ServiceSettings(BaseModel):
     validation, normalization and the precomputed lookup stay on the event loop. 0 = every
     stage inline on the event loop (one request's online work at a time).
     ``online_max_batch``: requests that queued while the workers were busy run together, up to
-    this many per micro-batch (one encoder call, FAISS search and ranker call;
+    this many per micro-batch (one FAISS search, feature pass and ranker call;
     :class:`rewrite.batching.OnlineBatcher`); 1 = one request per worker call.
 
     ``pair_cache_size``: entries of the in-process cache of precomputed-pair answers per

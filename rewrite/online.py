@@ -308,8 +308,8 @@ class EncodeStage(_BatchedOnlineStage):
 
     Sets ``state.online`` (the snapshot) and ``state.query_vector`` ((dim,) float32,
     L2-normalised); passes through with ``reason="online_unavailable"`` when no online index
-    is published. A micro-batch (:meth:`run_batch`) is answered by one snapshot and one
-    encoder call for the utterances not in the query-vector cache
+    is published. A micro-batch (:meth:`run_batch`) is answered by one snapshot and one pass
+    through the query-vector cache; the utterances not in it are encoded one per call
     (:meth:`rewrite.encoder.QueryEncoder.encode_cached`).
     """
 

@@ -68,7 +68,7 @@ class Stage(Protocol):
     after it run on a worker thread (see :meth:`rewrite.rewriter.Rewriter.prepare`).
 
     An offloadable stage may also define ``run_batch(states) -> None``: the same work for a
-    micro-batch of requests at once (one encoder call, one FAISS search, one ranker call; see
+    micro-batch of requests at once (one FAISS search, one ranker call; see
     :meth:`rewrite.rewriter.Rewriter.complete_batch`), mutating each state as ``run`` would.
     Without it the batch runs ``run`` per request.
     """

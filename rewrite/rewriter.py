@@ -197,7 +197,7 @@ class Rewriter:
     def complete_batch(self, states: Sequence[RewriteState]) -> list[RewriteState]:
         """Run the stages :meth:`prepare` left (none for a state already ``done``) on a
         micro-batch of requests, stage by stage: a stage with ``run_batch`` serves all of
-        them in one call (one encoder call, one FAISS search, one ranker call), any other
+        them in one call (one FAISS search, one feature pass, one ranker call), any other
         stage runs per request. Thread-safe: several batches may run on several threads.
 
         Before each stage it checks, per request, whether to go on: when ``state.abandoned``
