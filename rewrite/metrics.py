@@ -16,7 +16,7 @@ PAIR_CACHE = Counter(
 )
 PAIR_CACHE_HIT = PAIR_CACHE.labels("hit")  # bound once: the lookup is on every request
 PAIR_CACHE_MISS = PAIR_CACHE.labels("miss")
-#: lookups answered "no pair" by the version's pair-source filter (before the cache)
+#: lookups answered "no pair" by the version's pair-source filter (after an answer-cache miss)
 PAIR_FILTERED = PAIR_CACHE.labels("filtered")
 PERSONAL_CACHE = Counter(
     "qrw_personal_cache_total",
