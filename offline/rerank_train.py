@@ -422,9 +422,11 @@ class FuzzyCatalogRetriever:
             device_types=e.device_types,
         )
 
-    def _lookup(self, text: str) -> RetrievedCandidate | None:
-        idx = self._row_of.get(text)
-        return None if idx is None else self._global(idx)
+    def _lookup(self, texts: Sequence[str]) -> list[RetrievedCandidate | None]:
+        """Catalog candidates of ``texts`` (None outside the catalog), as
+        :meth:`rewrite.retrieval.GlobalIndex.lookup_many`."""
+        rows = [self._row_of.get(t) for t in texts]
+        return [None if idx is None else self._global(idx) for idx in rows]
 
 
 def read_catalog(path: Path) -> list[CatalogEntry]:
@@ -1334,7 +1336,7 @@ class RunRetriever:
                 counts, last_seen, vecs = counts[keep], last_seen[keep], vecs[keep]
         ages = history_ages(last_seen, now_s or self.now_s)
         return merge_personal(
-            cands, texts, counts, ages, vecs @ q[0], self.personal_top_k, self.index.lookup
+            cands, texts, counts, ages, vecs @ q[0], self.personal_top_k, self.index.lookup_many
         )
 
 

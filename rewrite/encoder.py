@@ -181,19 +181,46 @@ class StaticEmbeddingBag:
         """Rows of the table (= the tokenizer's vocabulary size)."""
         return int(self.table.shape[0])
 
+    #: A row's vector depends on its own tokens only, bit for bit (no padding or batch
+    #: effects), so :meth:`_OnnxTower.encode_cached` may encode a micro-batch in one call.
+    batch_invariant = True
+
     def run(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """``[(batch, dim) float32]``: per row, the mean of ``table[input_ids]`` over the
-        positions where ``attention_mask`` is 1 (``output_names`` is ignored: one output).
+        positions where ``attention_mask`` is 1 (``output_names`` is ignored: one output);
+        :meth:`embed` of the unmasked ids, so padding changes nothing.
 
         Raises:
             IndexError: an id outside the vocabulary.
         """
         ids = np.asarray(feeds["input_ids"])
-        mask = np.asarray(feeds["attention_mask"], dtype=np.float32)
-        rows = self.table[ids].astype(np.float32)  # (batch, seq, dim)
-        summed = np.einsum("bs,bsd->bd", mask, rows)
-        counts = np.maximum(mask.sum(axis=1, keepdims=True), 1.0)
-        return [summed / counts]
+        mask = np.asarray(feeds["attention_mask"]) != 0
+        return [self.embed(ids[mask], mask.sum(axis=1))]
+
+    def embed(self, flat_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Mean vectors of token-id sequences given back to back.
+
+        Args:
+            flat_ids: ``(sum(lengths),)`` int token ids, the sequences concatenated.
+            lengths: ``(batch,)`` tokens per sequence (0 gives a zero vector).
+
+        Returns:
+            ``(batch, dim)`` float32, not normalised. Each row is summed in token order on
+            its own (``np.add.reduceat`` over float32 rows), so it does not depend on the
+            other rows of the batch.
+
+        Raises:
+            IndexError: an id outside the vocabulary.
+        """
+        lengths = np.asarray(lengths, dtype=np.int64)
+        out = np.zeros((len(lengths), self.table.shape[1]), dtype=np.float32)
+        rows = self.table[np.asarray(flat_ids, dtype=np.int64)].astype(np.float32)
+        nonempty = lengths > 0
+        if nonempty.any():
+            starts = (np.cumsum(lengths) - lengths)[nonempty]
+            out[nonempty] = np.add.reduceat(rows, starts, axis=0)
+            out[nonempty] /= lengths[nonempty, None].astype(np.float32)
+        return out
 
 
 def load_fast_tokenizer(artifact_dir: Path, max_length: int) -> Any:
@@ -292,10 +319,15 @@ class _OnnxTower:
             encs = [self.tokenizer.encode(texts[0])]
         else:
             encs = self.tokenizer.encode_batch(list(texts))
-        ids = np.asarray([e.ids for e in encs], dtype=np.int64)
-        mask = np.asarray([e.attention_mask for e in encs], dtype=np.int64)
-        (out,) = self.session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})
-        vecs = np.asarray(out, dtype=np.float32)
+        if isinstance(self.session, StaticEmbeddingBag):  # no padded (batch, seq) arrays
+            lengths = [sum(e.attention_mask) for e in encs]
+            flat = [i for e, n in zip(encs, lengths, strict=True) for i in e.ids[:n]]
+            vecs = self.session.embed(np.asarray(flat, dtype=np.int64), np.asarray(lengths))
+        else:
+            ids = np.asarray([e.ids for e in encs], dtype=np.int64)
+            mask = np.asarray([e.attention_mask for e in encs], dtype=np.int64)
+            (out,) = self.session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})
+            vecs = np.asarray(out, dtype=np.float32)
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)
         return vecs / np.maximum(norms, 1e-12)
 
@@ -327,7 +359,9 @@ class _OnnxTower:
         with others: the int8 towers quantize activations dynamically, with one scale per
         input tensor, so a text's vector would depend on which other requests shared its
         micro-batch (measured: heuristic ranker scores moved by 0.004). One text per call
-        keeps every answer independent of concurrent traffic.
+        keeps every answer independent of concurrent traffic. A static tower
+        (:class:`StaticEmbeddingBag`, ``batch_invariant``) gives each text the same vector
+        alone or in a batch, so its missing texts are encoded in one call.
 
         Returns:
             ``(len(texts), dim)`` float32, L2-normalised rows (a new array; the cache keeps
@@ -344,9 +378,15 @@ class _OnnxTower:
                     out[i] = vec
             self._hits += len(texts) - sum(len(v) for v in missing.values())
             self._misses += len(missing)
-        for text, rows in missing.items():
-            vec = self._run([text])[0]
+        if not missing:
+            return out
+        if getattr(self.session, "batch_invariant", False):
+            vecs = list(self._run(list(missing)))
+        else:
+            vecs = [self._run([text])[0] for text in missing]
+        for (text, rows), vec in zip(missing.items(), vecs, strict=True):
             if self._cache is not None:
+                vec = vec.copy()  # a row of its own, not a view that keeps the batch alive
                 vec.setflags(write=False)
                 with self._cache_lock:
                     self._cache[text] = vec

@@ -65,14 +65,21 @@ def normalize_device_type(device_type: str | None) -> str:
 
 
 @lru_cache(maxsize=200_000)
+def _word_key(word: str) -> str:
+    """Metaphone code of one word (jellyfish), the word itself when it has none."""
+    return jellyfish.metaphone(word) or word
+
+
 def phonetic_key(normalized: str) -> str:
     """Space-joined Metaphone codes of the words of a normalized utterance (jellyfish).
 
-    A word without a code (e.g. digits) stands for itself. Cached (LRU, 200k entries):
-    catalog texts and frequent utterances repeat.
+    A word without a code (e.g. digits) stands for itself. The code of each word is cached
+    (LRU, 200k words): words repeat far more than utterances, so a new utterance — a retrieved
+    catalog entry the service has not seen — costs a split, cached lookups and a join
+    (~1 us for five words instead of ~3 us).
 
     Example:
         >>> phonetic_key("weather in wilkerson")
         'W0R IN WLKRSN'
     """
-    return " ".join(jellyfish.metaphone(w) or w for w in normalized.split())
+    return " ".join([_word_key(w) for w in normalized.split()])

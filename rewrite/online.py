@@ -213,7 +213,7 @@ def merge_personal(
     ages_s: np.ndarray,
     scores: np.ndarray,
     k: int,
-    lookup: Callable[[str], RetrievedCandidate | None],
+    lookup: Callable[[Sequence[str]], Sequence[RetrievedCandidate | None]],
 ) -> list[RetrievedCandidate]:
     """Merge the user's top-``k`` history entries into the global candidates, by text.
 
@@ -225,7 +225,9 @@ def merge_personal(
         scores: ``(n,)`` scores of the history entries against the query (dense, or any
             similarity; only their order matters here).
         k: personal candidates kept (highest scores).
-        lookup: catalog metadata of a text (:meth:`rewrite.retrieval.GlobalIndex.lookup`).
+        lookup: catalog metadata of texts, None for a text outside the catalog (one call
+            for all the history entries the global layer did not return;
+            :meth:`rewrite.retrieval.GlobalIndex.lookup_many`).
 
     Returns:
         Global candidates with the personal ones merged in: an utterance found by both layers
@@ -233,9 +235,12 @@ def merge_personal(
         entry the global layer did not return gets its catalog metadata from ``lookup``.
     """
     by_text = {c.text: c for c in global_cands}
-    for i in np.argsort(-np.asarray(scores), kind="stable")[: max(k, 0)].tolist():
+    top = np.argsort(-np.asarray(scores), kind="stable")[: max(k, 0)].tolist()
+    unseen = [texts[i] for i in top if texts[i] not in by_text]
+    looked_up = dict(zip(unseen, lookup(unseen), strict=True)) if unseen else {}
+    for i in top:
         text = texts[i]
-        g = by_text.get(text) or lookup(text)
+        g = by_text.get(text) or looked_up.get(text)
         age = float(ages_s[i])
         by_text[text] = RetrievedCandidate(
             text=text,
@@ -390,7 +395,7 @@ class PersonalRetrievalStage(_OnlineStage):
             history_ages(hist.last_seen, time.time()),
             hist.vectors @ state.query_vector,
             self._resources.settings.rerank.personal_top_k,
-            functools.partial(snap.index.lookup, device_types=False),
+            functools.partial(snap.index.lookup_many, device_types=False),
         )
         return state
 

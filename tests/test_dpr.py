@@ -419,6 +419,11 @@ def test_static_embedding_bag_is_the_masked_mean(tmp_path: Path) -> None:
     assert out.dtype == np.float32 and out.shape == (2, 8)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
     assert bag.vocab_size == 50 and not bag.table.flags.writeable
+    # each row on its own: the same bits alone, padded, or next to other rows
+    (alone,) = bag.run(["embedding"], {"input_ids": ids[1:, :2], "attention_mask": mask[1:, :2]})
+    assert np.array_equal(alone[0], out[1])
+    flat = bag.embed(np.array([3, 4, 1, 5, 7]), np.array([2, 0, 3]))
+    assert np.array_equal(flat[[0, 2]], out[[1, 0]]) and not flat[1].any()
     with pytest.raises(IndexError):
         bag.run(["embedding"], {"input_ids": np.array([[50]]), "attention_mask": np.ones((1, 1))})
     with pytest.raises(ValueError, match="NaN"):
@@ -473,6 +478,12 @@ def test_static_query_tower_distillation(static_dpr_dir: Path, dpr_dir: Path) ->
     mean = table[ids].astype(np.float32).mean(axis=0)
     np.testing.assert_allclose(vecs[0], mean / np.linalg.norm(mean), atol=1e-6)
     np.testing.assert_allclose(enc.encode([texts[1]])[0], vecs[1], atol=1e-6)
+    # batch-invariant bit for bit: a micro-batch through the cache (one call for all missing
+    # texts) gives every text the vector it gets alone, whatever it is padded with
+    alone = np.stack([QueryEncoder.load(art, cache_size=0).encode([t])[0] for t in texts])
+    batched = QueryEncoder.load(art).encode_cached([texts[2], texts[0], texts[1], texts[0]])
+    assert np.array_equal(batched, alone[[2, 0, 1, 0]])
+    assert np.array_equal(enc.encode(texts), alone)
     teacher_vecs = QueryEncoder.load(teacher, quantized=False).encode(distill_texts()[:200])
     cos = np.sum(enc.encode(distill_texts()[:200]) * teacher_vecs, axis=1)
     assert cos.mean() > 0.85, cos.mean()

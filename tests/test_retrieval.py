@@ -20,6 +20,7 @@ from offline.index import (
     pq_subquantizers,
     write_index_dir,
 )
+from rewrite import retrieval
 from rewrite.config import DprSettings
 from rewrite.retrieval import (
     CATALOG_FILE,
@@ -31,6 +32,7 @@ from rewrite.retrieval import (
     IndexCorruptError,
     IndexMismatchError,
     RetrievedCandidate,
+    StringColumn,
     sha256_file,
 )
 
@@ -202,6 +204,43 @@ def test_catalog_membership_by_hash_finds_every_entry(tmp_path: Path) -> None:
     for other in ("utterance", "Utterance 1", "utterance 500", "", None, 3):
         assert other not in index
     assert index.lookup("utterance 5000") is None
+
+
+def test_lookup_many_equals_one_lookup_per_text_and_walks_hash_collisions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lookup_many`` (one hash search and one metadata gather for all texts) answers as
+    :meth:`GlobalIndex.lookup` text by text, in order, None outside the catalog; a text whose
+    hash is shared with other rows is still found by walking them."""
+    directory, _ = build(tmp_path, 300, flat_max=1000)
+    index = GlobalIndex.load(directory)
+    texts = ["utterance 7", "nope", "utterance 299", "utterance 7", "", "utterance 0"]
+    many = index.lookup_many(texts)
+    assert many == [index.lookup(t) for t in texts]
+    assert [c is None for c in many] == [False, True, False, False, True, False]
+    assert many[0] is not None and many[0].catalog_row == 7 and many[0].frequency == 17
+    assert index.lookup_many([]) == []
+    # force collisions: every row gets the same hash, so each search lands on the first
+    # row of the run and has to walk to its own text
+    index._hash_sorted = np.zeros_like(index._hash_sorted)
+    monkeypatch.setattr(retrieval, "_text_hash", lambda _text: 0)
+    found = index.lookup_many(["utterance 250", "utterance 3", "missing"])
+    assert [c.catalog_row if c else None for c in found] == [250, 3, None]
+
+
+def test_string_column_reads_sliced_and_large_string_arrays() -> None:
+    """``StringColumn`` honours an array's offset (a slice) and 64-bit offsets, and refuses
+    nulls (they must be filled first)."""
+    words = ["zero", "", "zwei", "tr\u00e8s", "quatre"]
+    for typ in (pa.string(), pa.large_string()):
+        arr = pa.array(words, type=typ).slice(1)
+        col = StringColumn(arr)
+        assert len(col) == 4 and [col[i] for i in range(4)] == words[1:]
+        assert col.take(np.array([3, 0, 2])) == ["quatre", "", "tr\u00e8s"]
+        assert col.slice_pylist(2, 10) == words[3:]
+    assert len(StringColumn(pa.array([], type=pa.string()))) == 0
+    with pytest.raises(ValueError, match="null"):
+        StringColumn(pa.array(["a", None]))
 
 
 def test_device_types_reach_the_candidates_and_cost_nothing_when_absent(
