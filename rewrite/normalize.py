@@ -30,7 +30,8 @@ def normalize_utterance(text: str) -> str:
         "what's the weather in boston"
     """
     t = unicodedata.normalize("NFKC", text).translate(_APOSTROPHES).casefold()
-    t = "".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in t)
+    if not t.isprintable():  # printable = no control/format/unassigned (category C) chars
+        t = "".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in t)
     t = _NON_WORD.sub(" ", t).replace("_", " ")
     t = t.replace(" '", " ").replace("' ", " ")
     return _SPACES.sub(" ", t).strip(" '")

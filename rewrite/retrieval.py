@@ -406,14 +406,22 @@ class GlobalIndex:
         )
 
     def _id_of(self, text: str) -> int | None:
-        """Catalog row of ``text``, or None (:meth:`_ids_of` of one text)."""
-        i = int(self._ids_of([text])[0])
-        return None if i < 0 else i
+        """Catalog row of ``text`` (binary search over the sorted hashes, then a text
+        comparison of the rows with that hash), or None."""
+        h = _text_hash(text)
+        pos = int(np.searchsorted(self._hash_sorted, h))
+        while pos < len(self._hash_sorted) and self._hash_sorted[pos] == h:
+            i = int(self._hash_order[pos])
+            if self._text[i] == text:
+                return i
+            pos += 1
+        return None
 
     def _ids_of(self, texts: Sequence[str]) -> np.ndarray:
         """Catalog rows of ``texts``: ``(n,)`` int64, -1 where a text is not in the catalog.
-        One binary search over the sorted 64-bit text hashes for all texts, then a text
-        comparison of each hash hit (a hash shared by several rows is walked one by one)."""
+        One binary search over the sorted 64-bit text hashes for all texts and one text
+        comparison each; a text whose first hash hit is another text (a shared hash) is
+        looked up on its own (:meth:`_id_of` walks the rows with that hash)."""
         n = len(texts)
         out = np.full(n, -1, dtype=np.int64)
         size = len(self._hash_sorted)
@@ -422,23 +430,13 @@ class GlobalIndex:
         hashes = np.fromiter((_text_hash(t) for t in texts), dtype=np.int64, count=n)
         pos = np.minimum(np.searchsorted(self._hash_sorted, hashes), size - 1)
         hit = np.flatnonzero(self._hash_sorted[pos] == hashes)
-        if not len(hit):
-            return out
         rows = self._hash_order[pos[hit]]
-        for j, row, text, p in zip(
-            hit.tolist(), rows.tolist(), self._text.take(rows), pos[hit].tolist(), strict=True
-        ):
+        for j, row, text in zip(hit.tolist(), rows.tolist(), self._text.take(rows), strict=True):
             if text == texts[j]:
                 out[j] = row
-                continue
-            h = hashes[j]  # another text with the same hash: try its neighbours
-            p += 1
-            while p < size and self._hash_sorted[p] == h:
-                i = int(self._hash_order[p])
-                if self._text[i] == texts[j]:
-                    out[j] = i
-                    break
-                p += 1
+            else:
+                found = self._id_of(texts[j])
+                out[j] = -1 if found is None else found
         return out
 
     @property
