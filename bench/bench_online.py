@@ -524,11 +524,7 @@ def instrument(srv: RewriteServer, clock: StageClock) -> None:
     snap = layer.snapshot() if layer is not None else None
     if layer is None or snap is None:
         return
-    tower = snap.encoder.session  # the static tower's table mean is timed as its "run"
-    if hasattr(tower, "embed"):
-        tower.embed = clock.wrap("encode.onnx_run", tower.embed)
-    else:
-        tower.run = clock.wrap("encode.onnx_run", tower.run)
+    snap.encoder.session.run = clock.wrap("encode.onnx_run", snap.encoder.session.run)
     snap.index.index.search = clock.wrap("global.faiss_search", snap.index.index.search)
     personal = layer.personal._client
     personal.hgetall = clock.wrap("personal.redis_hgetall", personal.hgetall)

@@ -187,40 +187,22 @@ class StaticEmbeddingBag:
 
     def run(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """``[(batch, dim) float32]``: per row, the mean of ``table[input_ids]`` over the
-        positions where ``attention_mask`` is 1 (``output_names`` is ignored: one output);
-        :meth:`embed` of the unmasked ids, so padding changes nothing.
+        positions where ``attention_mask`` is 1 (``output_names`` is ignored: one output).
+
+        The masked rows are zeroed and summed along the sequence axis, which numpy does in
+        token order for each row on its own (the reduced axis is not the contiguous one), and
+        adding a zeroed padding row leaves a sum unchanged, so a row gets the same bits alone
+        or padded in any batch (``batch_invariant``).
 
         Raises:
             IndexError: an id outside the vocabulary.
         """
         ids = np.asarray(feeds["input_ids"])
         mask = np.asarray(feeds["attention_mask"]) != 0
-        return [self.embed(ids[mask], mask.sum(axis=1))]
-
-    def embed(self, flat_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """Mean vectors of token-id sequences given back to back.
-
-        Args:
-            flat_ids: ``(sum(lengths),)`` int token ids, the sequences concatenated.
-            lengths: ``(batch,)`` tokens per sequence (0 gives a zero vector).
-
-        Returns:
-            ``(batch, dim)`` float32, not normalised. Each row is summed in token order on
-            its own (``np.add.reduceat`` over float32 rows), so it does not depend on the
-            other rows of the batch.
-
-        Raises:
-            IndexError: an id outside the vocabulary.
-        """
-        lengths = np.asarray(lengths, dtype=np.int64)
-        out = np.zeros((len(lengths), self.table.shape[1]), dtype=np.float32)
-        rows = self.table[np.asarray(flat_ids, dtype=np.int64)].astype(np.float32)
-        nonempty = lengths > 0
-        if nonempty.any():
-            starts = (np.cumsum(lengths) - lengths)[nonempty]
-            out[nonempty] = np.add.reduceat(rows, starts, axis=0)
-            out[nonempty] /= lengths[nonempty, None].astype(np.float32)
-        return out
+        rows = self.table[ids].astype(np.float32)  # (batch, seq, dim)
+        rows *= mask[:, :, None]
+        counts = np.maximum(mask.sum(axis=1, keepdims=True), 1).astype(np.float32)
+        return [rows.sum(axis=1) / counts]
 
 
 def load_fast_tokenizer(artifact_dir: Path, max_length: int) -> Any:
@@ -319,15 +301,10 @@ class _OnnxTower:
             encs = [self.tokenizer.encode(texts[0])]
         else:
             encs = self.tokenizer.encode_batch(list(texts))
-        if isinstance(self.session, StaticEmbeddingBag):  # no padded (batch, seq) arrays
-            lengths = [sum(e.attention_mask) for e in encs]
-            flat = [i for e, n in zip(encs, lengths, strict=True) for i in e.ids[:n]]
-            vecs = self.session.embed(np.asarray(flat, dtype=np.int64), np.asarray(lengths))
-        else:
-            ids = np.asarray([e.ids for e in encs], dtype=np.int64)
-            mask = np.asarray([e.attention_mask for e in encs], dtype=np.int64)
-            (out,) = self.session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})
-            vecs = np.asarray(out, dtype=np.float32)
+        ids = np.asarray([e.ids for e in encs], dtype=np.int64)
+        mask = np.asarray([e.attention_mask for e in encs], dtype=np.int64)
+        (out,) = self.session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})
+        vecs = np.asarray(out, dtype=np.float32)
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)
         return vecs / np.maximum(norms, 1e-12)
 
@@ -361,7 +338,7 @@ class _OnnxTower:
         micro-batch (measured: heuristic ranker scores moved by 0.004). One text per call
         keeps every answer independent of concurrent traffic. A static tower
         (:class:`StaticEmbeddingBag`, ``batch_invariant``) gives each text the same vector
-        alone or in a batch, so its missing texts are encoded in one call.
+        alone or padded in a batch, so its missing texts are encoded in one call.
 
         Returns:
             ``(len(texts), dim)`` float32, L2-normalised rows (a new array; the cache keeps
