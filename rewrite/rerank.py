@@ -116,8 +116,8 @@ TRIGGER_FEATURE_NAMES: tuple[str, ...] = (
 MAX_MARGIN = 10.0
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
 MAX_LEN_DIFF_WORDS = 20.0
-_RATIO_SLICE = slice(_COL["token_set_ratio"], _COL["ratio"] + 1)  # the three fuzz.* / 100
-_DEVICE_COLS = np.asarray([_COL["device_share"], _COL["device_success_rate"]])
+#: The three rapidfuzz ``fuzz`` columns (adjacent), scaled from [0, 100] to [0, 1] in place.
+_RATIO_SLICE = slice(_COL["token_set_ratio"], _COL["ratio"] + 1)
 #: Pseudo-turns at the overall success rate added to a device type's own turns
 #: (``device_success_rate``): one or two turns on a device type say little.
 DEVICE_PRIOR_TURNS = 2.0
@@ -158,47 +158,6 @@ class DeviceTypeCatalog(Protocol):
         ...
 
 
-def _device_columns(
-    x: np.ndarray,
-    requests: Sequence[FeatureRequest],
-    catalogs: Sequence[DeviceTypeCatalog | None] | None,
-    cands: Sequence[RetrievedCandidate],
-    offsets: np.ndarray,
-    rows: np.ndarray,
-    rates: np.ndarray,
-    has_tuple: np.ndarray,
-) -> None:
-    """Fill ``device_share`` / ``device_success_rate`` of ``x`` (``(n, F)``, in place): from
-    the request's catalog (one :meth:`DeviceTypeCatalog.device_features` call per catalog)
-    for candidates with a ``catalog_row`` and no ``device_types`` tuple, else from the tuple
-    (:func:`_device_features`). ``rows`` / ``rates`` / ``has_tuple``: ``(n,)`` each
-    candidate's ``catalog_row``, ``success_rate`` (float64) and whether it carries a tuple."""
-    n_req = len(requests)
-    req_of = np.repeat(np.arange(n_req), np.diff(offsets))  # request of each candidate
-    device_types = [d for _q, _cs, _c, d in requests]
-    from_index = np.zeros(len(cands), dtype=bool)
-    if catalogs is not None:
-        has_catalog = np.asarray([c is not None for c in catalogs], dtype=bool)
-        from_index = has_catalog[req_of] & (rows >= 0) & ~has_tuple
-        groups: dict[int, list[int]] = {}
-        for j, catalog in enumerate(catalogs):
-            if catalog is not None:
-                groups.setdefault(id(catalog), []).append(j)
-        for members in groups.values():
-            catalog = catalogs[members[0]]
-            assert catalog is not None
-            at = np.flatnonzero(from_index & np.isin(req_of, members))
-            if not len(at):
-                continue
-            x[at[:, None], _DEVICE_COLS] = catalog.device_features(
-                rows[at].astype(np.int64),
-                rates[at],
-                [device_types[j] for j in req_of[at].tolist()],
-            )
-    for i in np.flatnonzero(~from_index).tolist():
-        x[i, _DEVICE_COLS] = _device_features(cands[i], device_types[int(req_of[i])])
-
-
 def feature_matrices(
     requests: Sequence[FeatureRequest],
     catalogs: Sequence[DeviceTypeCatalog | None] | None = None,
@@ -225,7 +184,7 @@ def feature_matrices(
     """
     sizes = [len(cands) for _q, cands, _c, _d in requests]
     offsets = np.zeros(len(requests) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum(np.asarray(sizes, dtype=np.int64))
+    np.cumsum(sizes, out=offsets[1:])
     n = int(offsets[-1])
     x = np.zeros((n, N_FEATURES), dtype=np.float32)
     if n == 0:
@@ -240,47 +199,47 @@ def feature_matrices(
     x[:, _COL["jaro_winkler"]] = process.cpdist(
         queries, texts, scorer=JaroWinkler.normalized_similarity
     )
-    qkeys = {q: (phonetic_key(q), len(q.split())) for q, _cs, _c, _d in requests}
-    pair_qkeys = [qkeys[q][0] for q in queries]
+    qkeys = {q: phonetic_key(q) for q, _cs, _c, _d in requests}
+    pair_qkeys = [qkeys[q] for q in queries]
     ckeys = [phonetic_key(t) for t in texts]
     x[:, _COL["phonetic_ratio"]] = process.cpdist(pair_qkeys, ckeys, scorer=fuzz.ratio) / 100.0
-    # every candidate's numbers in one conversion: (n, 12) float64
-    meta = np.array(
-        [
-            (
-                c.dense_score,
-                c.frequency,
-                c.success_rate,
-                c.n_users,
-                c.personal_count,
-                c.personal_age_s,
-                c.layer == "personal",
-                len(c.text.split()) - qkeys[q][1],
-                c.text == q,
-                k == qk,
-                c.catalog_row,
-                bool(c.device_types),
-            )
-            for c, q, k, qk in zip(cands, queries, ckeys, pair_qkeys, strict=True)
-        ],
-        dtype=np.float64,
+    x[:, _COL["phonetic_equal"]] = [k == qk for k, qk in zip(ckeys, pair_qkeys, strict=True)]
+    x[:, _COL["dense_cosine"]] = [c.dense_score for c in cands]
+    x[:, _COL["log_frequency"]] = np.log1p([max(c.frequency, 0) for c in cands])
+    x[:, _COL["success_rate"]] = [c.success_rate for c in cands]
+    x[:, _COL["log_n_users"]] = np.log1p([max(c.n_users, 0) for c in cands])
+    x[:, _COL["log_personal_count"]] = np.log1p([max(c.personal_count, 0) for c in cands])
+    x[:, _COL["has_personal"]] = [c.personal_count > 0 for c in cands]
+    x[:, _COL["personal_log_age_s"]] = [
+        math.log1p(c.personal_age_s) if c.personal_age_s >= 0 else -1.0 for c in cands
+    ]
+    x[:, _COL["is_personal"]] = [c.layer == "personal" for c in cands]
+    n_words = {q: len(q.split()) for q in qkeys}
+    x[:, _COL["len_diff_words"]] = np.clip(
+        [len(t.split()) - n_words[q] for t, q in zip(texts, queries, strict=True)],
+        -MAX_LEN_DIFF_WORDS,
+        MAX_LEN_DIFF_WORDS,
     )
-    x[:, _COL["dense_cosine"]] = meta[:, 0]
-    x[:, _COL["log_frequency"]] = np.log1p(np.maximum(meta[:, 1], 0.0))
-    x[:, _COL["success_rate"]] = meta[:, 2]
-    x[:, _COL["log_n_users"]] = np.log1p(np.maximum(meta[:, 3], 0.0))
-    x[:, _COL["log_personal_count"]] = np.log1p(np.maximum(meta[:, 4], 0.0))
-    x[:, _COL["has_personal"]] = meta[:, 4] > 0
-    age = meta[:, 5]
-    known_age = age >= 0  # NaN is unknown too
-    x[:, _COL["personal_log_age_s"]] = np.where(
-        known_age, np.log1p(np.where(known_age, age, 0.0)), -1.0
-    )
-    x[:, _COL["is_personal"]] = meta[:, 6]
-    x[:, _COL["len_diff_words"]] = np.clip(meta[:, 7], -MAX_LEN_DIFF_WORDS, MAX_LEN_DIFF_WORDS)
-    x[:, _COL["identical_to_query"]] = meta[:, 8]
-    x[:, _COL["phonetic_equal"]] = meta[:, 9]
-    _device_columns(x, requests, catalogs, cands, offsets, meta[:, 10], meta[:, 2], meta[:, 11] > 0)
+    x[:, _COL["identical_to_query"]] = [t == q for t, q in zip(texts, queries, strict=True)]
+    device_cols = np.asarray([_COL["device_share"], _COL["device_success_rate"]])
+    # candidates whose device-type counts stay in an index: one call per index for the batch
+    by_catalog: dict[int, tuple[DeviceTypeCatalog, list[int], list[str]]] = {}
+    for j, (_q, cs, _c, device_type) in enumerate(requests):
+        lo = int(offsets[j])
+        catalog = catalogs[j] if catalogs is not None else None
+        for i, c in enumerate(cs):
+            if catalog is not None and c.catalog_row >= 0 and not c.device_types:
+                entry = by_catalog.setdefault(id(catalog), (catalog, [], []))
+                entry[1].append(lo + i)
+                entry[2].append(device_type)
+            else:
+                x[lo + i, device_cols] = _device_features(c, device_type)
+    for catalog, at, device_types in by_catalog.values():
+        x[np.ix_(np.asarray(at), device_cols)] = catalog.device_features(
+            np.asarray([cands[i].catalog_row for i in at]),
+            np.asarray([cands[i].success_rate for i in at]),
+            device_types,
+        )
     for j, (query, _cs, context, _d) in enumerate(requests):
         lo, hi = int(offsets[j]), int(offsets[j + 1])
         ctx = _context_utterances(context) if context and hi > lo else []
