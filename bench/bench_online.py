@@ -33,7 +33,11 @@ Measured per round (``--rounds``, medians printed): for each concurrency in ``--
 (default 1 2 4 8; ``make bench`` sweeps 1 2 4 8 16 32 64) ``--requests`` calls each of the echo
 RPC (same bytes as an online request), the online path and the precomputed-hit path, from one
 grpc.aio channel in this process (a closed loop: ``concurrency`` coroutines, each sending its
-next call when the last one returned, so the load is bounded by the concurrency).
+next call when the last one returned, so the load is bounded by the concurrency). The three
+rows of a level are interleaved (since 2026-12-06): after 200 warm-up calls of each, they run
+in ``--blocks`` (5) alternating blocks, the order rotating, so the ratios to echo compare calls
+made in the same seconds — on this shared VM the echo RPC's own QPS moved 4,600-7,800 between
+runs of one day, which made a ratio of rows measured a minute apart noisy.
 Client-side p50/p99 (ms) and QPS; ratios to echo; CPU ms per call of the service and of
 this client (``/proc``; the machine is shared, so CPU time is the steadier figure); wall and
 thread-CPU time per stage and a few inner calls (wrappers installed in the server process:
@@ -698,6 +702,7 @@ class Client:
         self.work = work
         self.pid = pid
         self._next = 0
+        self._next_pre = 0
 
     async def rewrite(self, req: rewrite_pb2.RewriteRequest) -> rewrite_pb2.RewriteResponse:
         return await self._rewrite(req, timeout=5)
@@ -728,21 +733,31 @@ class Client:
                 raise RuntimeError(f"online layer not loaded after {timeout_s:.0f} s: {r}")
             await asyncio.sleep(0.5)
 
-    async def row(self, rpc: str, conc: int, n: int) -> Row:
-        """Warm-up then ``n`` timed calls of ``rpc`` (echo | online | precomputed)."""
+    def payloads(self, rpc: str, n: int) -> tuple[Callable[[Any], Any], list[Any]]:
+        """The call and ``n`` payloads of ``rpc`` (echo | online | precomputed): online
+        requests never sent before, precomputed hits cycling through the pairs, echo payloads
+        the bytes of online requests."""
         if rpc == "precomputed":
             pre = self.work.precomputed
-            reqs = [pre[i % len(pre)] for i in range(n + WARMUP)]
+            reqs = [pre[(self._next_pre + i) % len(pre)] for i in range(n)]
+            self._next_pre += n
         else:
-            reqs = self.take_online(n + WARMUP)
-        call: Callable[[Any], Any] = self.rewrite
-        payloads: list[Any] = list(reqs)
+            reqs = self.take_online(n)
         if rpc == "echo":
-            call, payloads = self.echo, [r.SerializeToString() for r in reqs]
-        await drive(call, payloads[:WARMUP], conc)
+            return self.echo, [r.SerializeToString() for r in reqs]
+        return self.rewrite, list(reqs)
+
+    async def warm(self, rpc: str, conc: int) -> None:
+        """:data:`WARMUP` untimed calls of ``rpc`` at ``conc``."""
+        call, payloads = self.payloads(rpc, WARMUP)
+        await drive(call, payloads, conc)
+
+    async def row(self, rpc: str, conc: int, n: int) -> Row:
+        """``n`` timed calls of ``rpc`` (echo | online | precomputed), no warm-up."""
+        call, payloads = self.payloads(rpc, n)
         b0 = (await self.stats()).get("batches", [0.0, 0.0])
         s0, c0 = proc_cpu_s(self.pid), own_cpu_s()
-        lat, wall, resp = await drive(call, payloads[WARMUP:], conc)
+        lat, wall, resp = await drive(call, payloads, conc)
         cpu = (proc_cpu_s(self.pid) - s0, own_cpu_s() - c0)
         b1 = (await self.stats()).get("batches", [0.0, 0.0])
         if rpc == "echo":
@@ -750,6 +765,57 @@ class Client:
         reasons = Counter(r.source if r.rewritten else r.reason for r in resp)
         batches = (b1[0] - b0[0], b1[1] - b0[1])
         return Row(rpc, conc, lat, wall, *cpu, reasons, [r.latency_ms for r in resp], batches)
+
+
+def merge_rows(parts: Sequence[Row]) -> Row:
+    """One row from the blocks of one rpc at one concurrency: latencies and server times
+    pooled, wall and CPU times and outcome counts summed (QPS = calls / summed wall)."""
+    first = parts[0]
+    reasons: Counter[str] = Counter()
+    for p in parts:
+        reasons.update(p.reasons)
+    return Row(
+        first.rpc,
+        first.conc,
+        [x for p in parts for x in p.latencies],
+        sum(p.wall_s for p in parts),
+        sum(p.server_cpu_s for p in parts),
+        sum(p.client_cpu_s for p in parts),
+        reasons,
+        [x for p in parts for x in p.server_ms],
+        (sum(p.batches[0] for p in parts), sum(p.batches[1] for p in parts)),
+    )
+
+
+RPCS = ("echo", "online", "precomputed")
+
+
+async def level(client: Client, conc: int, n: int, blocks: int, timed_online: bool) -> list[Row]:
+    """The three rows of one concurrency level, interleaved: after a warm-up of each rpc,
+    ``blocks`` rounds of ``n / blocks`` calls of each, the order rotating every block, so a
+    drift of the machine's speed (a shared VM's neighbours, clock changes) falls on echo,
+    online and precomputed alike and the ratios to echo compare calls made in the same
+    seconds. ``timed_online``: the server's stage timers run during the online blocks only
+    (the concurrency-1 stage table)."""
+    for rpc in RPCS:
+        await client.warm(rpc, conc)
+    sizes = [n // blocks + (1 if b < n % blocks else 0) for b in range(blocks)]
+    parts: dict[str, list[Row]] = {rpc: [] for rpc in RPCS}
+    if timed_online:
+        await client.stats("reset")
+        await client.stats("off")
+    for b, size in enumerate(sizes):
+        if not size:
+            continue
+        for rpc in RPCS[b % 3 :] + RPCS[: b % 3]:
+            if timed_online and rpc == "online":
+                await client.stats("on")
+            parts[rpc].append(await client.row(rpc, conc, size))
+            if timed_online and rpc == "online":
+                await client.stats("off")
+    if timed_online:
+        await client.stats("on")
+    return [merge_rows(parts[rpc]) for rpc in RPCS]
 
 
 async def measure(
@@ -770,12 +836,9 @@ async def measure(
         log(f"online layer answering ({first.reason or first.source}); RSS {mem['after_load']}")
         for rnd in range(args.rounds):
             for conc in args.concurrency:
-                for rpc in ("echo", "online", "precomputed"):
-                    if rpc == "online" and conc == 1:
-                        await client.stats("reset")
-                    rows.append(await client.row(rpc, conc, args.requests))
-                    if rpc == "online" and conc == 1 and rnd == args.rounds - 1:
-                        stats = await client.stats()
+                rows += await level(client, conc, args.requests, args.blocks, conc == 1)
+                if conc == 1 and rnd == args.rounds - 1:
+                    stats = await client.stats()
             log(f"round {rnd + 1}/{args.rounds} done")
         if args.profile > 0:
             stats["profile"] = await profile(
@@ -1136,6 +1199,13 @@ def main() -> None:
         help="in-flight calls per level (`make bench`: 1 2 4 8 16 32 64)",
     )
     ap.add_argument("--rounds", type=int, default=3, help="repeat all rows, report medians")
+    ap.add_argument(
+        "--blocks",
+        type=int,
+        default=5,
+        help="interleaved blocks per level: echo, online and precomputed calls alternate in "
+        "this many blocks (order rotating), so the ratios compare calls of the same seconds",
+    )
     ap.add_argument("--users", type=int, default=100, help="users with a personal history")
     ap.add_argument("--ranker", default="synthetic", help="synthetic | heuristic | ARTIFACT_DIR")
     ap.add_argument("--ranker-trees", type=int, default=500, help="trees of --ranker synthetic")
@@ -1180,6 +1250,8 @@ def main() -> None:
         return
     if 1 not in args.concurrency:
         ap.error("--concurrency must include 1 (the latency targets)")
+    if not 1 <= args.blocks <= args.requests:
+        ap.error("--blocks must be in 1..--requests")
 
     start = time.perf_counter()
     load_start = os.getloadavg()[0]
