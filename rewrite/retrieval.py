@@ -126,15 +126,14 @@ class StringColumn:
     def __init__(self, array: pa.Array) -> None:
         if array.null_count:
             raise ValueError("StringColumn needs an array without nulls")
-        width = 8 if pa.types.is_large_string(array.type) else 4
+        offset_type = np.int64 if pa.types.is_large_string(array.type) else np.int32
         n = len(array)
-        buffers = array.buffers()
+        _validity, offsets, data = array.buffers()
         self._array = array  # keeps the buffers alive
-        self._off: np.ndarray = np.frombuffer(
-            buffers[1], dtype=np.int64 if width == 8 else np.int32, count=n + 1,
-            offset=array.offset * width,
-        ) if n else np.zeros(1, dtype=np.int32)  # fmt: skip
-        data = buffers[2]
+        self._off: np.ndarray = np.zeros(1, dtype=offset_type)
+        if n:  # the array may be a slice: its offsets start at array.offset
+            skip = array.offset * np.dtype(offset_type).itemsize
+            self._off = np.frombuffer(offsets, dtype=offset_type, count=n + 1, offset=skip)
         self._data = memoryview(data) if data is not None and data.size else memoryview(b"")
 
     def __len__(self) -> int:
@@ -318,8 +317,9 @@ class GlobalIndex:
         self.info = info
         self.directory = directory
         # The catalog stays columnar (about 60 bytes per entry at 1M entries instead of
-        # ~450 bytes as Python lists and a text -> id dict): strings as Arrow arrays, numbers
-        # as numpy arrays, and membership by a sorted array of 64-bit text hashes.
+        # ~450 bytes as Python lists and a text -> id dict): strings in Arrow buffers read
+        # through StringColumn, numbers as numpy arrays, and membership by a sorted array of
+        # 64-bit text hashes.
         filled = {c: pc.fill_null(catalog.column(c), _CATALOG_EMPTY[c]) for c in CATALOG_COLUMNS}
         self._text = StringColumn(filled["text"].combine_chunks())
         self._domain = StringColumn(filled["domain"].combine_chunks())
