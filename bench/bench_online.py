@@ -804,9 +804,7 @@ async def level(client: Client, conc: int, n: int, blocks: int, timed_online: bo
     if timed_online:
         await client.stats("reset")
         await client.stats("off")
-    for b, size in enumerate(sizes):
-        if not size:
-            continue
+    for b, size in enumerate(sizes):  # every size >= 1: --blocks <= --requests
         for rpc in RPCS[b % 3 :] + RPCS[: b % 3]:
             if timed_online and rpc == "online":
                 await client.stats("on")

@@ -4,7 +4,8 @@ Requests that need the online stages (encode → trigger) queue in an :class:`On
 whenever one of its ``workers`` threads is free it takes everything queued (at most
 ``max_batch`` requests) and runs :meth:`rewrite.rewriter.Rewriter.complete_batch` on it, so
 the requests that arrived while the workers were busy share one FAISS search, one feature
-pass and one ranker call (query vectors are still encoded one text per call, see
+pass and one ranker call (a transformer query tower still encodes one text per call, a
+static one the batch's uncached texts in one call, see
 :meth:`rewrite.encoder.QueryEncoder.encode_cached`). There is no timer: a request that finds a free
 worker starts at once as a batch of one, so at low load nothing waits for company (the
 dynamic batching of TensorFlow Serving and Triton's dynamic batcher, without their max-delay

@@ -314,7 +314,8 @@ class EncodeStage(_BatchedOnlineStage):
     Sets ``state.online`` (the snapshot) and ``state.query_vector`` ((dim,) float32,
     L2-normalised); passes through with ``reason="online_unavailable"`` when no online index
     is published. A micro-batch (:meth:`run_batch`) is answered by one snapshot and one pass
-    through the query-vector cache; the utterances not in it are encoded one per call
+    through the query-vector cache; the utterances not in it are encoded one per call by a
+    transformer tower, all in one call by a static one
     (:meth:`rewrite.encoder.QueryEncoder.encode_cached`).
     """
 

@@ -466,7 +466,8 @@ class GlobalIndex:
         ``dense_score`` 0.0 (no query involved), or None when the text is not in the catalog.
         ``device_types=False``: leave the device-type counts in the index (see
         :meth:`search`)."""
-        return self.lookup_many([text], device_types)[0]
+        i = self._id_of(text)  # one text: the scalar hash search (cheaper than _ids_of)
+        return None if i is None else self._candidates(np.asarray([i]), [0.0], device_types)[0]
 
     def lookup_many(
         self, texts: Sequence[str], device_types: bool = True
