@@ -5,9 +5,10 @@
 ``privacy.forget_file`` (durable; the embedded Redis keeps no snapshot) and the Redis set
 ``qrw:forgotten`` — then deletes the user's personal hash from every version still in Redis
 (``qrw:*:personal:{pseudonym}``, plus the unversioned ``qrw:personal:{pseudonym}`` of the first
-design sketch). It holds the publish lock meanwhile, so a publish cannot write the user's
-history into a new version between the scan and the flip; :func:`offline.publish.publish_pairs`
-itself skips personal histories of pseudonyms on the set.
+design sketch) and the pseudonym's hash from those versions' filters of users with a history
+(``qrw:{version}:personal-users``). It holds the publish lock meanwhile, so a publish cannot
+write the user's history into a new version between the scan and the flip;
+:func:`offline.publish.publish_pairs` itself skips personal histories of pseudonyms on the set.
 
 The nightly job (:func:`read_forgotten`) drops every turn of a forgotten user before
 sessionization, so the next version holds no personal entry for them and no pair or catalog
@@ -26,6 +27,7 @@ import redis
 from offline.publish import PublishError
 from rewrite import keyspace
 from rewrite.privacy import pseudonymize
+from rewrite.store import read_membership_filter
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,30 @@ def _append_forget_file(path: Path, pseudonym: str) -> None:
         fh.write(pseudonym + "\n")
 
 
+def _versions_of(keys: list[str], pseudonym: str) -> list[str]:
+    """The versions of a user's versioned personal keys, sorted."""
+    prefix = f"{keyspace.PREFIX}:"
+    legacy = keyspace.personal_key(pseudonym)
+    return sorted({k[len(prefix) :].split(":", 1)[0] for k in keys if k != legacy})
+
+
+def _drop_from_user_filter(client: redis.Redis, version: str, pseudonym: str) -> None:
+    """Rewrite ``version``'s filter of users with a personal history without ``pseudonym``
+    (:func:`rewrite.keyspace.personal_users_key`; nothing when the version has none).
+
+    A service that read the filter before keeps its copy: it then asks Redis for the deleted
+    hash and finds no history, as before filters existed. One being read while it is replaced
+    sees its length change and is not used (logged; reads go to Redis).
+
+    Raises:
+        redis.RedisError, OSError: Redis failed.
+    """
+    key = keyspace.personal_users_key(version)
+    found = read_membership_filter(client, key)
+    if found is not None:
+        client.set(key, found.without(pseudonym).to_bytes())
+
+
 def forget_user(
     client: redis.Redis,
     user_id: str,
@@ -134,15 +160,14 @@ def forget_user(
             if client.exists(legacy):
                 keys.append(legacy)
             deleted = int(client.delete(*keys)) if keys else 0
+            for version in _versions_of(keys, pseudonym):
+                _drop_from_user_filter(client, version, pseudonym)
         finally:
             if client.get(keyspace.PUBLISH_LOCK) == token:
                 client.delete(keyspace.PUBLISH_LOCK)
     except (redis.RedisError, OSError) as e:
         raise PublishError(f"forget-user failed: {e}") from e
-    prefix = f"{keyspace.PREFIX}:"
-    versions = sorted(
-        {k[len(prefix) :].split(":", 1)[0] for k in keys if k != keyspace.personal_key(pseudonym)}
-    )
+    versions = _versions_of(keys, pseudonym)
     log.info(
         "forgot user %s: %d personal hash(es) deleted in %d version(s)",
         pseudonym,

@@ -11,7 +11,9 @@ Protocol (see :mod:`rewrite.keyspace`):
    (idempotent) and a crashed publish is finished by re-running it;
    — the rewrite pairs and, when given, each user's personal history
    (``qrw:{version}:personal:{pseudo_user}``, optionally with float16 passage vectors),
-   skipping users on the forget set ``qrw:forgotten`` (``qrw forget-user``);
+   skipping users on the forget set ``qrw:forgotten`` (``qrw forget-user``), and the two
+   membership filters the service reads once per version instead of asking Redis per
+   request: the pair sources and the pseudonyms with a personal history;
 3. write ``meta`` with ``complete=1``;
 4. in one ``MULTI/EXEC`` transaction, only while this publish still holds the lock (``WATCH``
    on it): ``SET qrw:active``, push the id on ``qrw:versions``;
@@ -47,7 +49,7 @@ from redis.typing import EncodableT, FieldT
 from offline.catalog import PersonalEntry
 from offline.markov import RewritePair
 from rewrite import keyspace
-from rewrite.store import PairSourceFilter
+from rewrite.store import MembershipFilter
 
 log = logging.getLogger(__name__)
 
@@ -425,8 +427,11 @@ def publish_pairs(
                     pipe.execute()
                     lock.renew()
             # the service answers "no pair" from this filter without a lookup per request
-            source_filter = PairSourceFilter.build(sources)
+            source_filter = MembershipFilter.build(sources)
             pipe.set(keyspace.pair_sources_key(version), source_filter.to_bytes())
+            # and "no history" from this one (empty for a version without personal histories)
+            users_filter = MembershipFilter.build(user for user, _ in groups)
+            pipe.set(keyspace.personal_users_key(version), users_filter.to_bytes())
             pipe.execute()
             for i, (user, entries) in enumerate(groups, start=1):
                 key = keyspace.personal_version_key(version, user)

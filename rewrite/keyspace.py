@@ -9,8 +9,12 @@ Layout (see DESIGN.md):
   (absorption probability), ``support``, ``n_users``.
 - ``qrw:{version}:pair-sources`` → string: the version's pair sources as a membership filter
   (sorted unique little-endian uint64 BLAKE2b-64 hashes of the normalized sources, 8 bytes a
-  pair; :class:`rewrite.store.PairSourceFilter`): the service answers "no pair" without a
+  pair; :class:`rewrite.store.MembershipFilter`): the service answers "no pair" without a
   round trip for an utterance whose hash is absent. Versions published before it have none.
+- ``qrw:{version}:personal-users`` → string: the pseudonyms with a personal hash in the
+  version, as the same kind of filter: the service answers "no history" without a round trip
+  for a user whose pseudonym's hash is absent (new and anonymous users, most of the online
+  traffic of a large assistant). ``qrw forget-user`` removes the user's hash from it.
 - ``qrw:{version}:meta`` may also hold ``n_personal_users``, ``personal_dim``, ``index_dir``
   and ``encoder_id`` (the global FAISS index and passage encoder of the version).
 - ``qrw:{version}:personal:{pseudo_user}`` → hash: ``texts``, ``counts``, ``last_seen`` (JSON
@@ -48,8 +52,14 @@ def pair_key(version: str, normalized_utterance: str) -> str:
 
 
 def pair_sources_key(version: str) -> str:
-    """String with the version's pair-source filter (:class:`rewrite.store.PairSourceFilter`)."""
+    """String with the version's pair-source filter (:class:`rewrite.store.MembershipFilter`)."""
     return f"{PREFIX}:{version}:pair-sources"
+
+
+def personal_users_key(version: str) -> str:
+    """String with the version's filter of pseudonyms that have a personal history
+    (:class:`rewrite.store.MembershipFilter`)."""
+    return f"{PREFIX}:{version}:personal-users"
 
 
 def version_pattern(version: str) -> str:

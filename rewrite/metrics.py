@@ -25,6 +25,8 @@ PERSONAL_CACHE = Counter(
 )
 PERSONAL_CACHE_HIT = PERSONAL_CACHE.labels("hit")
 PERSONAL_CACHE_MISS = PERSONAL_CACHE.labels("miss")
+#: reads answered "no history" by the version's user filter (after a cache miss)
+PERSONAL_FILTERED = PERSONAL_CACHE.labels("filtered")
 LATENCY = Histogram(
     "qrw_rewrite_latency_seconds",
     "Time inside the Rewriter per request",

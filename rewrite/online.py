@@ -361,44 +361,57 @@ class GlobalRetrievalStage(_BatchedOnlineStage):
                 state.retrieved = list(cands)
 
 
-class PersonalRetrievalStage(_OnlineStage):
+class PersonalRetrievalStage(_BatchedOnlineStage):
     """The user's own successful history (same version), scored exactly, merged with global.
 
-    Reads one hash (:class:`rewrite.personal.PersonalStore`), scores its float16 vectors
-    against the query vector (``(n, dim) @ (dim,)``), keeps the top ``rerank.personal_top_k``,
-    and merges by text: an utterance found by both layers becomes one candidate with
-    ``layer="personal"`` and the global metadata kept. Also records how often the query itself
-    succeeded for this user (``state.user_success_count``; the trigger never rewrites those).
-    A Redis failure passes the request through (``reason="store_unavailable"``).
+    Reads the users' hashes (:meth:`rewrite.personal.PersonalStore.histories`: a micro-batch
+    in at most one Redis round trip, none for users the cache or the version's user filter
+    answers), scores each history's float16 vectors against its query vector
+    (``(n, dim) @ (dim,)``), keeps the top ``rerank.personal_top_k``, and merges by text: an
+    utterance found by both layers becomes one candidate with ``layer="personal"`` and the
+    global metadata kept. Also records how often the query itself succeeded for this user
+    (``state.user_success_count``; the trigger never rewrites those). A Redis failure passes
+    the requests that needed it through (``reason="store_unavailable"``).
     """
 
     name = "personal_retrieval"
 
-    def run(self, state: RewriteState) -> RewriteState:
+    def run_batch(self, states: Sequence[RewriteState]) -> None:
         layer = _online(self._resources)
-        snap = state.online
-        assert isinstance(snap, OnlineSnapshot) and layer.personal is not None
-        if "personal" not in state.layers:
-            return state
-        try:
-            hist = layer.personal.history(state.request.user_id, version=snap.version)
-        except StoreUnavailableError:
-            metrics.STORE_ERRORS.inc()
-            state.reason, state.done = "store_unavailable", True
-            return state
-        state.user_success_count = hist.count_of(state.normalized)
-        if not len(hist) or hist.vectors is None or state.query_vector is None:
-            return state
-        state.retrieved = merge_personal(
-            state.retrieved,
-            hist.texts,
-            hist.counts,
-            history_ages(hist.last_seen, time.time()),
-            hist.vectors @ state.query_vector,
-            self._resources.settings.rerank.personal_top_k,
-            functools.partial(snap.index.lookup_many, device_types=False),
-        )
-        return state
+        assert layer.personal is not None
+        by_snapshot: dict[int, list[RewriteState]] = {}
+        for state in states:
+            assert isinstance(state.online, OnlineSnapshot)
+            if "personal" in state.layers:
+                by_snapshot.setdefault(id(state.online), []).append(state)
+        top_k = self._resources.settings.rerank.personal_top_k
+        now = time.time()
+        for group in by_snapshot.values():
+            snap = group[0].online
+            assert isinstance(snap, OnlineSnapshot)
+            try:
+                hists = layer.personal.histories(
+                    [state.request.user_id for state in group], version=snap.version
+                )
+            except StoreUnavailableError:
+                metrics.STORE_ERRORS.inc(len(group))
+                for state in group:
+                    state.reason, state.done = "store_unavailable", True
+                continue
+            lookup = functools.partial(snap.index.lookup_many, device_types=False)
+            for state, hist in zip(group, hists, strict=True):
+                state.user_success_count = hist.count_of(state.normalized)
+                if not len(hist) or hist.vectors is None or state.query_vector is None:
+                    continue
+                state.retrieved = merge_personal(
+                    state.retrieved,
+                    hist.texts,
+                    hist.counts,
+                    history_ages(hist.last_seen, now),
+                    hist.vectors @ state.query_vector,
+                    top_k,
+                    lookup,
+                )
 
 
 class RerankStage(_BatchedOnlineStage):

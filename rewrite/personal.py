@@ -2,9 +2,12 @@
 
 The nightly job publishes ``qrw:{version}:personal:{pseudo_user}`` hashes
 (:func:`rewrite.keyspace.personal_version_key`); :class:`PersonalStore` fetches the requesting
-user's one with a single ``HGETALL``. It receives the raw user id from the request and
-pseudonymizes it itself (:func:`rewrite.privacy.pseudonymize`), so a caller can only ever read
-the history of the user it names — there is no lookup by pseudonym.
+user's one with a single ``HGETALL`` — or a micro-batch's users with one pipelined round trip
+— unless the version's filter of users with a history
+(:func:`rewrite.keyspace.personal_users_key`, read once per version) says the user has none.
+It receives the raw user id from the request and pseudonymizes it itself
+(:func:`rewrite.privacy.pseudonymize`), so a caller can only ever read the history of the user
+it names — there is no lookup by pseudonym.
 
 Failure handling is the same as :class:`rewrite.store.PairStore`: short socket timeouts, no
 retries, any Redis failure raises :class:`~rewrite.store.StoreUnavailableError` (the pipeline
@@ -27,7 +30,7 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +41,7 @@ from rewrite import keyspace, metrics
 from rewrite.config import Settings
 from rewrite.privacy import pseudonymize, user_key_from_settings
 from rewrite.redis_server import resolve_redis_url
-from rewrite.store import RedisReader, StoreUnavailableError
+from rewrite.store import MembershipFilter, RedisReader, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -166,51 +169,104 @@ class PersonalStore(RedisReader):
         """The pseudonymous key of a raw user id under this store's key."""
         return pseudonymize(user_id, self._user_key)
 
+    def user_filter(self, version: str) -> MembershipFilter | None:
+        """The version's filter of pseudonyms with a personal history
+        (:func:`rewrite.keyspace.personal_users_key`, read once per version), or None when the
+        version was published without one (every user is then read from Redis).
+
+        Raises:
+            StoreUnavailableError: Redis failed.
+        """
+        return self._version_filter(version, keyspace.personal_users_key(version))
+
     def history(self, user_id: str, version: str | None = None) -> PersonalHistory:
-        """The personal history of the requesting user.
+        """The personal history of the requesting user (:meth:`histories` of one user).
+
+        Raises:
+            StoreUnavailableError: Redis failed, or is marked down (backing off).
+        """
+        return self.histories([user_id], version)[0]
+
+    def histories(
+        self, user_ids: Sequence[str], version: str | None = None
+    ) -> list[PersonalHistory]:
+        """The personal histories of several requesting users (a micro-batch of requests), in
+        the order given, with at most one Redis round trip: the in-process cache answers the
+        users read recently, the version's user filter (:meth:`user_filter`) answers "no
+        history" for pseudonyms that have none, and the rest are read with one pipelined
+        ``HGETALL`` per user (redis-py ``pipeline(transaction=False)``).
 
         Args:
-            user_id: the raw user id from the request (pseudonymized here).
+            user_ids: raw user ids from the requests (pseudonymized here); repeats allowed.
             version: read this published version (pass the one the pair store / global index
                 answered from so layers never mix); None = the active version.
 
         Returns:
-            :class:`PersonalHistory` (shared with the cache: do not modify its arrays); empty
-            when the user has no history, ``user_id`` is empty, nothing is published, or the
-            stored hash is malformed (logged).
+            One :class:`PersonalHistory` per user id (shared with the cache: do not modify its
+            arrays); empty when the user has no history, the id is empty, nothing is
+            published, or the stored hash is malformed (logged).
 
         Raises:
             StoreUnavailableError: Redis failed, or is marked down (backing off).
         """
         if version is None:
             version = self.active_version()
-        if not user_id or version is None:
-            return PersonalHistory.empty(version=version or "")
-        user = self.pseudonym(user_id)
-        self._guard()
-        key = (version, user)
-        if self._cache is not None:
+        out: list[PersonalHistory | None] = [None] * len(user_ids)
+        if version is None:
+            return [PersonalHistory.empty(version="")] * len(user_ids)
+        users = [self.pseudonym(u) if u else "" for u in user_ids]
+        if any(users):
+            self._guard()
+        todo: dict[str, list[int]] = {}
+        for i, user in enumerate(users):
+            if not user:
+                out[i] = PersonalHistory.empty(version=version)
+            else:
+                todo.setdefault(user, []).append(i)
+        if todo and self._cache is not None:
             with self._cache_lock:
-                cached = self._cache.get(key)
-            if cached is not None:
-                metrics.PERSONAL_CACHE_HIT.inc()
-                return cached
-            metrics.PERSONAL_CACHE_MISS.inc()
-        try:
-            raw = self._client.hgetall(keyspace.personal_version_key(version, user))
-        except (redis.RedisError, OSError) as e:
-            raise self._fail(e) from e
-        hist = PersonalHistory.empty(user, version)
-        if raw:
+                cached = {user: self._cache.get((version, user)) for user in todo}
+            for user, hist in cached.items():
+                if hist is not None:
+                    metrics.PERSONAL_CACHE_HIT.inc(len(todo[user]))
+                    for i in todo.pop(user):
+                        out[i] = hist
+        if todo:
+            members = self.user_filter(version)
+            if members is not None:
+                for user in [u for u in todo if u not in members]:
+                    metrics.PERSONAL_FILTERED.inc(len(todo[user]))
+                    hist = PersonalHistory.empty(user, version)
+                    for i in todo.pop(user):
+                        out[i] = hist
+        if todo:
+            if self._cache is not None:
+                metrics.PERSONAL_CACHE_MISS.inc(sum(len(v) for v in todo.values()))
             try:
-                hist = _decode(raw, user, version)
-            except (KeyError, ValueError, TypeError) as e:
-                log.warning("malformed personal history %s in %s: %s", user, version, e)
-        if self._cache is not None:
-            # a history larger than the whole cache is not kept (cachetools: ValueError)
-            with self._cache_lock, contextlib.suppress(ValueError):
-                self._cache[key] = hist
-        return hist
+                if len(todo) == 1:
+                    (user,) = todo
+                    raws = [self._client.hgetall(keyspace.personal_version_key(version, user))]
+                else:
+                    pipe = self._client.pipeline(transaction=False)
+                    for user in todo:
+                        pipe.hgetall(keyspace.personal_version_key(version, user))
+                    raws = pipe.execute()
+            except (redis.RedisError, OSError) as e:
+                raise self._fail(e) from e
+            for (user, rows), raw in zip(todo.items(), raws, strict=True):
+                hist = PersonalHistory.empty(user, version)
+                if raw:
+                    try:
+                        hist = _decode(raw, user, version)
+                    except (KeyError, ValueError, TypeError) as e:
+                        log.warning("malformed personal history %s in %s: %s", user, version, e)
+                if self._cache is not None:
+                    # a history larger than the whole cache is not kept (cachetools: ValueError)
+                    with self._cache_lock, contextlib.suppress(ValueError):
+                        self._cache[(version, user)] = hist
+                for i in rows:
+                    out[i] = hist
+        return [h if h is not None else PersonalHistory.empty(version=version) for h in out]
 
     def cache_clear(self) -> None:
         """Drop every cached history (tests; a forget applied by hand)."""

@@ -1,7 +1,7 @@
 """Read side of the Redis pair store used by the online service.
 
 Lookups are one ``HGETALL`` per request, or none when the utterance is not among the version's
-pair sources (:class:`PairSourceFilter`, read once per version: most traffic has no pair, and
+pair sources (:class:`MembershipFilter`, read once per version: most traffic has no pair, and
 every online request first asks for one) or when the answer (a pair or "no pair") for the
 same normalized utterance in the same published version is in the in-process LRU cache
 (``service.pair_cache_size`` entries, cachetools): a published version never changes, so
@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import redis
@@ -48,6 +48,15 @@ class PairHit:
     support: int
     n_users: int
     version: str
+
+
+_NOT_CACHED = object()
+#: Bytes per ``GETRANGE`` when a membership filter is read (each well inside the socket
+#: timeout; 1M members = 8 MB = 4 reads).
+_FILTER_CHUNK = 2 * 2**20
+#: Versions whose filters are kept per kind (the active one and the one before a flip or
+#: rollback).
+_FILTERS_KEPT = 2
 
 
 class RedisReader:
@@ -92,6 +101,28 @@ class RedisReader:
         self._version_at = -1e18
         self._down_until = 0.0
         self._lock = threading.Lock()
+        self._filters: dict[str, MembershipFilter | None] = {}
+
+    def _version_filter(self, version: str, key: str) -> MembershipFilter | None:
+        """The :class:`MembershipFilter` under ``key`` of a published ``version``, read from
+        Redis once and kept (a published version never changes; the filters of the
+        ``_FILTERS_KEPT`` latest versions read are kept).
+
+        Raises:
+            StoreUnavailableError: Redis failed (nothing is remembered: read again next time).
+        """
+        known = self._filters.get(version, _NOT_CACHED)
+        if known is not _NOT_CACHED:
+            return known if isinstance(known, MembershipFilter) else None
+        try:
+            found = read_membership_filter(self._client, key)
+        except (redis.RedisError, OSError) as e:
+            raise self._fail(e) from e
+        with self._lock:
+            while len(self._filters) >= _FILTERS_KEPT:
+                self._filters.pop(next(iter(self._filters)))
+            self._filters[version] = found
+        return found
 
     @property
     def client(self) -> redis.Redis:
@@ -134,22 +165,15 @@ class RedisReader:
         self._client.close()
 
 
-_NOT_CACHED = object()
-#: Bytes per ``GETRANGE`` when a pair-source filter is read (each well inside the socket
-#: timeout; 1M pairs = 8 MB = 4 reads).
-_FILTER_CHUNK = 2 * 2**20
-#: Versions whose filters are kept (the active one and the one before a flip or rollback).
-_FILTERS_KEPT = 2
-
-
-class PairSourceFilter:
-    """Which normalized utterances are pair sources of one published version: a sorted array
-    of their 64-bit BLAKE2b hashes (``hashlib``), 8 bytes a pair, tested with a binary search
-    (numpy ``searchsorted``, ~2 us).
+class MembershipFilter:
+    """A set of strings of one published version — the pair sources
+    (:func:`rewrite.keyspace.pair_sources_key`), or the pseudonyms with a personal history
+    (:func:`rewrite.keyspace.personal_users_key`) — as a sorted array of their 64-bit BLAKE2b
+    hashes (``hashlib``), 8 bytes a member, tested with a binary search (numpy
+    ``searchsorted``, ~2 us).
 
     No false negatives; a false positive (a hash collision, odds ~n / 2**64) only costs the
-    Redis lookup the filter saves. Stored by the publisher under
-    :func:`rewrite.keyspace.pair_sources_key` (:meth:`to_bytes`).
+    Redis read the filter saves. Written by the publisher (:meth:`to_bytes`).
 
     Args:
         hashes: ``(n,)`` uint64, sorted ascending, unique.
@@ -161,47 +185,87 @@ class PairSourceFilter:
     def __init__(self, hashes: np.ndarray) -> None:
         if hashes.dtype != np.uint64 or hashes.ndim != 1:
             raise ValueError(
-                f"a pair-source filter is (n,) uint64, got {hashes.dtype} {hashes.shape}"
+                f"a membership filter is (n,) uint64, got {hashes.dtype} {hashes.shape}"
             )
         if len(hashes) > 1 and not bool(np.all(hashes[1:] > hashes[:-1])):
-            raise ValueError("a pair-source filter must be sorted and unique")
+            raise ValueError("a membership filter must be sorted and unique")
         self.hashes = hashes
 
     @staticmethod
-    def hash(normalized: str) -> int:
+    def hash(member: str) -> int:
         """64-bit BLAKE2b of the UTF-8 text (stable across processes, unlike ``hash()``)."""
-        digest = hashlib.blake2b(normalized.encode("utf-8"), digest_size=8).digest()
+        digest = hashlib.blake2b(member.encode("utf-8"), digest_size=8).digest()
         return int.from_bytes(digest, "little")
 
     @classmethod
-    def build(cls, sources: Iterable[str]) -> PairSourceFilter:
-        """The filter of these normalized sources."""
-        return cls(np.unique(np.fromiter((cls.hash(s) for s in sources), dtype=np.uint64)))
+    def build(cls, members: Iterable[str]) -> Self:
+        """The filter of these strings (duplicates allowed)."""
+        return cls(np.unique(np.fromiter((cls.hash(s) for s in members), dtype=np.uint64)))
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> PairSourceFilter:
+    def from_bytes(cls, raw: bytes) -> Self:
         """Parse :meth:`to_bytes` (little-endian uint64).
 
         Raises:
             ValueError: a length that is not a multiple of 8, or unsorted hashes.
         """
         if len(raw) % 8:
-            raise ValueError(f"pair-source filter of {len(raw)} bytes (not a multiple of 8)")
+            raise ValueError(f"membership filter of {len(raw)} bytes (not a multiple of 8)")
         return cls(np.frombuffer(raw, dtype="<u8").astype(np.uint64))
 
     def to_bytes(self) -> bytes:
-        """Little-endian uint64 bytes, 8 per source."""
+        """Little-endian uint64 bytes, 8 per member."""
         return self.hashes.astype("<u8").tobytes()
+
+    def without(self, member: str) -> Self:
+        """A copy without ``member`` (unchanged when it is not in the filter)."""
+        return type(self)(self.hashes[self.hashes != np.uint64(self.hash(member))])
 
     def __len__(self) -> int:
         return len(self.hashes)
 
-    def __contains__(self, normalized: object) -> bool:
-        if not isinstance(normalized, str):
+    def __contains__(self, member: object) -> bool:
+        if not isinstance(member, str):
             return False
-        h = np.uint64(self.hash(normalized))
+        h = np.uint64(self.hash(member))
         i = int(np.searchsorted(self.hashes, h))
         return i < len(self.hashes) and self.hashes[i] == h
+
+
+#: The pair-source filter's name before it also served personal histories.
+PairSourceFilter = MembershipFilter
+
+
+def read_membership_filter(client: redis.Redis, key: str) -> MembershipFilter | None:
+    """Read a :class:`MembershipFilter` string in chunks of ``GETRANGE`` (a large filter never
+    blocks Redis, nor waits past the socket timeout, in one reply).
+
+    Returns:
+        The filter; None when the key does not exist (a version published without one), or
+        when the string does not parse or changed while read (logged) — the caller then reads
+        Redis for every request, as without a filter.
+
+    Raises:
+        redis.RedisError, OSError: Redis failed.
+    """
+    size = int(client.strlen(key))
+    if size == 0:
+        return MembershipFilter(np.zeros(0, dtype=np.uint64)) if client.exists(key) else None
+    parts = [
+        client.execute_command(
+            "GETRANGE", key, start, min(start + _FILTER_CHUNK, size) - 1, **{NEVER_DECODE: True}
+        )
+        for start in range(0, size, _FILTER_CHUNK)
+    ]
+    raw = b"".join(parts)
+    if len(raw) != size:  # rewritten while read (qrw forget-user)
+        log.error("membership filter %s changed while read; not used", key)
+        return None
+    try:
+        return MembershipFilter.from_bytes(raw)
+    except ValueError as err:
+        log.error("membership filter %s not used: %s", key, err)
+        return None
 
 
 class PairStore(RedisReader):
@@ -230,45 +294,15 @@ class PairStore(RedisReader):
             LRUCache(maxsize=pair_cache_size) if pair_cache_size > 0 else None
         )
         self._cache_lock = threading.Lock()
-        self._filters: dict[str, PairSourceFilter | None] = {}
 
-    def source_filter(self, version: str) -> PairSourceFilter | None:
-        """The version's pair-source filter (read from Redis once, in chunks of
-        ``GETRANGE``), or None when the version has none or it does not parse (logged).
+    def source_filter(self, version: str) -> MembershipFilter | None:
+        """The version's pair-source filter (read from Redis once per version), or None when
+        the version has none or it does not parse (logged).
 
         Raises:
             StoreUnavailableError: Redis failed (nothing is remembered: read again next time).
         """
-        known = self._filters.get(version, _NOT_CACHED)
-        if known is not _NOT_CACHED:
-            return known if isinstance(known, PairSourceFilter) else None
-        key = keyspace.pair_sources_key(version)
-        try:
-            size = int(self._client.strlen(key))
-            empty = size == 0 and bool(self._client.exists(key))  # a version without pairs
-            parts = [
-                self._client.execute_command(
-                    "GETRANGE", key, start, min(start + _FILTER_CHUNK, size) - 1,
-                    **{NEVER_DECODE: True},
-                )
-                for start in range(0, size, _FILTER_CHUNK)
-            ]  # fmt: skip
-        except (redis.RedisError, OSError) as e:
-            raise self._fail(e) from e
-        found: PairSourceFilter | None = None
-        raw = b"".join(parts)
-        if len(raw) != size:  # rewritten while read: cannot happen to a published version
-            log.error("pair-source filter of %s changed while read; not used", version)
-        elif raw or empty:
-            try:
-                found = PairSourceFilter.from_bytes(raw)
-            except ValueError as err:
-                log.error("pair-source filter of %s not used: %s", version, err)
-        with self._cache_lock:
-            while len(self._filters) >= _FILTERS_KEPT:
-                self._filters.pop(next(iter(self._filters)))
-            self._filters[version] = found
-        return found
+        return self._version_filter(version, keyspace.pair_sources_key(version))
 
     def lookup(self, normalized: str) -> PairHit | None:
         """The precomputed rewrite for a normalized utterance in the active version.

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from redisstats import command_calls
 
 from offline.catalog import PersonalEntry
 from offline.job import run_nightly
@@ -23,7 +24,7 @@ from rewrite import keyspace, privacy
 from rewrite.config import DEV_USER_KEY, Settings, load_settings
 from rewrite.personal import PersonalStore
 from rewrite.privacy import pseudonymize, user_key_from_settings
-from rewrite.store import StoreUnavailableError
+from rewrite.store import MembershipFilter, StoreUnavailableError
 
 KEY = b"personal-test-key"
 DIM = 8
@@ -246,9 +247,12 @@ def test_cache_serves_repeat_reads_until_expiry_and_forget_reaches_the_service(
     assert first.texts[0] == "what's the weather in wilkerson"
     assert first.vectors is not None and not first.vectors.flags.writeable  # shared: read-only
     assert store.history("alice") is first  # second read: from the cache
-    assert store.history("mallory") is store.history("mallory")  # "no history" is cached too
-    assert metrics.PERSONAL_CACHE_HIT._value.get() - hits == 2
-    assert metrics.PERSONAL_CACHE_MISS._value.get() - misses == 2
+    # "no history" of a user the version's filter does not list: no Redis read, no cache entry
+    filtered = metrics.PERSONAL_FILTERED._value.get()
+    assert len(store.history("mallory")) == 0 and len(store.history("mallory")) == 0
+    assert metrics.PERSONAL_FILTERED._value.get() - filtered == 2
+    assert metrics.PERSONAL_CACHE_HIT._value.get() - hits == 1
+    assert metrics.PERSONAL_CACHE_MISS._value.get() - misses == 1
     assert store.history("bob").texts == ("what's the weather in wilkinson",)  # per user
     # a forgotten user's history disappears from Redis at once and from the cache on expiry
     forget_user(clean_redis, "alice", KEY, None)
@@ -262,6 +266,75 @@ def test_cache_serves_repeat_reads_until_expiry_and_forget_reaches_the_service(
     store._fail(ConnectionError("simulated outage"))
     with pytest.raises(StoreUnavailableError, match="backing off"):
         store.history("bob", version=res.version)
+
+
+def test_user_filter_and_batched_reads_spare_redis_round_trips(
+    redis_url: str, clean_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Publish stores the pseudonyms with a history as a filter; a micro-batch of users is
+    answered with one HGETALL per distinct listed user (pipelined), none for users the filter
+    does not list; a version without the filter, or with a corrupt one, is read user by user
+    as before; a pairs-only version answers everybody from its empty filter; a Redis failure
+    during the batch is a StoreUnavailableError."""
+    import rewrite.store as store_mod
+
+    monkeypatch.setattr(store_mod, "_FILTER_CHUNK", 16)  # 2 users = 16 bytes: 1 read
+    client = connect(redis_url)
+    v = publish_pairs(client, PAIRS, personal=ALICE + BOB, encode=_encode).version
+    raw = client.execute_command("GET", keyspace.personal_users_key(v), NEVER_DECODE=True)
+    members = MembershipFilter.from_bytes(raw)
+    assert len(members) == 2 and pseudonymize("alice", KEY) in members
+    assert pseudonymize("bob", KEY) in members and pseudonymize("mallory", KEY) not in members
+    store = _store(redis_url)
+    users = ["mallory", "alice", "", "eve", "alice", "bob", "mallory"]
+    before = command_calls(client, "hgetall")
+    hists = store.histories(users)
+    assert command_calls(client, "hgetall") - before == 2  # alice and bob, once each
+    assert [len(h) for h in hists] == [0, 3, 0, 0, 3, 1, 0]
+    assert hists[1] is hists[4] and hists[5].texts == ("what's the weather in wilkinson",)
+    assert all(h.version == v for h in hists)
+    assert hists[0].user == pseudonymize("mallory", KEY) and hists[2].user == ""
+    # one round trip for the batch: the two reads went out in one pipeline
+    calls: list[int] = []
+    real = redis.client.Pipeline.execute
+
+    def counted(pipe: redis.client.Pipeline, *a: object, **kw: object) -> object:
+        calls.append(len(pipe.command_stack))
+        return real(pipe, *a, **kw)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", counted)
+    assert [len(h) for h in store.histories(["bob", "alice"])] == [1, 3] and calls == [2]
+    # same answers one user at a time
+    assert [store.history(u).texts for u in users] == [h.texts for h in hists]
+    # a version published without the filter, or with a corrupt one: every user is read
+    for damage in ("delete", "corrupt"):
+        v2 = publish_pairs(client, [], personal=BOB + _history(damage, [("x", 1, 1.0)])).version
+        key = keyspace.personal_users_key(v2)
+        client.delete(key) if damage == "delete" else client.set(key, b"\x01" * 9)
+        reader = _store(redis_url)
+        before = command_calls(client, "hgetall")
+        assert [len(h) for h in reader.histories(["mallory", "bob"])] == [0, 1]
+        assert reader.user_filter(v2) is None and command_calls(client, "hgetall") - before == 2
+        reader.close()
+    # a version without personal histories: an empty filter answers everybody
+    v3 = publish_pairs(client, PAIRS).version
+    before = command_calls(client, "hgetall")
+    assert [len(h) for h in _store(redis_url).histories(["alice", "bob"], version=v3)] == [0, 0]
+    assert command_calls(client, "hgetall") == before
+    # Redis failing in the middle of a batch read
+    down = _store(redis_url)
+    down.histories(["alice"], version=v)  # version and filter read
+
+    def boom(pipe: redis.client.Pipeline, *a: object, **kw: object) -> object:
+        raise redis.ConnectionError("simulated outage")
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", boom)
+    with pytest.raises(StoreUnavailableError):
+        down.histories(["alice", "bob"], version=v)
+    with pytest.raises(StoreUnavailableError, match="backing off"):
+        down.histories(["bob"], version=v)
+    store.close()
+    down.close()
 
 
 @pytest.mark.integration

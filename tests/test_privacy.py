@@ -44,6 +44,7 @@ from rewrite.config import (
 from rewrite.personal import PersonalStore
 from rewrite.privacy import pseudonymize, user_key_from_settings
 from rewrite.server import RewriteServer
+from rewrite.store import MembershipFilter
 from rewrite.types import InvalidRequestError, RewriteRequest
 
 T0 = datetime(2026, 2, 2, 9, 0, tzinfo=UTC)
@@ -220,6 +221,11 @@ def test_forget_user_removes_personal_layer_and_future_contributions(
     assert s.privacy.forget_file is not None
     assert s.privacy.forget_file.read_text() == pseudo + "\n"
     assert not list(clean_redis.scan_iter(match=keyspace.personal_pattern(pseudo)))
+    # and from both versions' filters of users with a history (u1 still listed)
+    for v in (v1, v2):
+        raw = clean_redis.execute_command("GET", keyspace.personal_users_key(v), NEVER_DECODE=True)
+        members = MembershipFilter.from_bytes(raw)
+        assert pseudo not in members and pseudonymize("u1", KEY) in members
     again = CliRunner().invoke(app, ["forget-user", ALICE])
     assert again.exit_code == 0 and json.loads(again.output)["already_listed"]
     assert json.loads(again.output)["deleted_keys"] == 0

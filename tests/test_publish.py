@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import redis
+from redisstats import command_calls
 
 from offline.markov import RewritePair
 from offline.publish import PublishError, connect, publish_pairs, rollback
@@ -123,8 +124,7 @@ def test_unreachable_redis_is_a_clear_error(tmp_path: object) -> None:
 
 
 def _hgetall_calls(client: redis.Redis) -> int:
-    stats = client.info("commandstats")
-    return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+    return command_calls(client, "hgetall")
 
 
 def test_pair_cache_answers_without_redis_and_follows_the_active_version(
