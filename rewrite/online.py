@@ -158,6 +158,7 @@ class OnlineLayer:
                 ef_search=self.settings.dpr.hnsw_ef_search,
                 nprobe=self.settings.dpr.ivf_nprobe,
                 refine_k_factor=self.settings.dpr.ivf_refine_k_factor,
+                mmap=self.settings.dpr.index_mmap,
             )
         except Exception as err:  # refuse anything that fails to load; keep serving the old one
             INDEX_ERRORS.inc()

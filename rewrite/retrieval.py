@@ -577,6 +577,7 @@ class GlobalIndex:
         threads: int | None = 1,
         verify: bool = True,
         refine_k_factor: int | None = None,
+        mmap: bool = False,
     ) -> GlobalIndex:
         """Load and check an index folder.
 
@@ -590,6 +591,10 @@ class GlobalIndex:
             verify: check SHA-256 of both files (reads them once more; ~1 s per GB).
             refine_k_factor: ``ivf_pq_refine``: PQ candidates re-scored per result, as a
                 multiple of k (default: the value recorded at build).
+            mmap: map the index file's flat codes instead of reading them into memory
+                (FAISS ``IO_FLAG_MMAP_IFC``: the flat and HNSW vectors, the refine codes of
+                ``ivf_pq_refine``; inverted lists are read as before). The file must then not
+                change while the index is in use (index folders never are rewritten).
 
         Raises:
             FileNotFoundError: a file is missing.
@@ -614,7 +619,8 @@ class GlobalIndex:
         if threads is not None:
             faiss.omp_set_num_threads(int(threads))
         try:
-            index: Any = faiss.read_index(str(directory / INDEX_FILE))
+            flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
+            index: Any = faiss.read_index(str(directory / INDEX_FILE), flags)
         except RuntimeError as err:
             raise IndexCorruptError(f"cannot read {directory / INDEX_FILE}: {err}") from err
         try:

@@ -355,6 +355,34 @@ def test_build_selects_kind_and_search_finds_neighbours(tmp_path: Path, n: int, 
         index.search(np.zeros((1, DIM + 1), dtype=np.float32), k=3)
 
 
+@pytest.mark.parametrize(
+    ("n", "flat_max", "ivf_min", "kind"),
+    [(60, 100, 100_000, "flat"), (300, 100, 100_000, "hnsw"),
+     (3000, 100, 1000, "ivf_pq_refine"), (3000, 100, 1000, "ivf_sq8")],
+)  # fmt: skip
+def test_mapped_index_answers_as_the_one_in_memory(
+    tmp_path: Path, n: int, flat_max: int, ivf_min: int, kind: str
+) -> None:
+    """``mmap=True`` (the service's ``dpr.index_mmap``) maps the index file's flat codes
+    instead of copying them: every kind gives the same ids and scores as the in-memory load,
+    and the file shows up in the process's memory maps."""
+    ivf_kind = kind if kind.startswith("ivf") else "ivf_pq_refine"
+    directory, vecs = build(tmp_path, n, flat_max=flat_max, ivf_min=ivf_min, ivf_kind=ivf_kind)
+    queries = near(vecs[::37], seed=3)
+    plain = GlobalIndex.load(directory)
+    path = str((directory / INDEX_FILE).resolve())
+
+    def mapped() -> bool:
+        return path in Path("/proc/self/maps").read_text()
+
+    assert plain.kind == kind and not mapped()
+    mmapped = GlobalIndex.load(directory, mmap=True)
+    want = [[(c.text, c.dense_score) for c in r] for r in plain.search(queries, k=10)]
+    got = [[(c.text, c.dense_score) for c in r] for r in mmapped.search(queries, k=10)]
+    assert got == want and len(want[0]) == 10
+    assert mapped()
+
+
 def test_hnsw_ef_search_from_build_or_load(tmp_path: Path) -> None:
     directory, _ = build(tmp_path, 200, flat_max=10)
     assert GlobalIndex.load(directory).index.hnsw.efSearch == 64
