@@ -207,6 +207,13 @@ class ServiceSettings(BaseModel):
     in-process cache of decoded personal histories per ``(version, user)``
     (:class:`rewrite.personal.PersonalStore`; 0 = off); the expiry bounds how long a running
     service answers from the history of a user removed with ``qrw forget-user``.
+
+    ``index_swap``: how a new version's online index replaces the served one
+    (:meth:`rewrite.online.OnlineLayer._load`): ``overlap`` (default) loads it while the old
+    snapshot keeps answering, so for a moment both are resident (1M entries: ~1.1-1.3 GB);
+    ``release_first`` checks the new folder, drops the old snapshot and then loads, so one
+    index is resident at a time and the online layer passes through for the few seconds of
+    the load (precomputed pairs keep answering) — for a service under a hard memory limit.
     """
 
     host: str = "127.0.0.1"
@@ -227,6 +234,7 @@ class ServiceSettings(BaseModel):
     max_pending_calls: int = Field(default=2000, ge=1)
     online_threads: int = Field(default=2, ge=0)
     online_max_batch: int = Field(default=32, ge=1)
+    index_swap: Literal["overlap", "release_first"] = "overlap"
 
 
 class SimulatorSettings(BaseModel):

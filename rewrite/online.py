@@ -42,7 +42,7 @@ from rewrite.encoder import QueryEncoder
 from rewrite.personal import PersonalStore
 from rewrite.pipeline import Resources, RewriteState, register_stage
 from rewrite.rerank import FEATURE_NAMES, CandidateRanker, feature_matrices, load_ranker, trigger
-from rewrite.retrieval import GlobalIndex, RetrievedCandidate
+from rewrite.retrieval import GlobalIndex, RetrievedCandidate, verify_index_dir
 from rewrite.store import StoreUnavailableError
 from rewrite.types import Candidate
 
@@ -140,34 +140,72 @@ class OnlineLayer:
             self._index_meta[version] = found
         return found
 
+    def _load_index(self, index_dir: Path, encoder_id: str, verify: bool = True) -> GlobalIndex:
+        return GlobalIndex.load(
+            index_dir,
+            expected_encoder_id=encoder_id,
+            ef_search=self.settings.dpr.hnsw_ef_search,
+            nprobe=self.settings.dpr.ivf_nprobe,
+            refine_k_factor=self.settings.dpr.ivf_refine_k_factor,
+            mmap=self.settings.dpr.index_mmap,
+            verify=verify,
+        )
+
     def _load(self, version: str) -> None:
-        """Load ``version``'s index + encoder; on failure keep the current snapshot."""
+        """Load ``version``'s index + encoder; on failure keep the current snapshot.
+
+        ``service.index_swap``: ``overlap`` loads the new index while the current snapshot
+        keeps answering (two indexes resident for a moment); ``release_first`` checks the new
+        folder without loading it (checksums, encoder), then drops the current snapshot (the
+        online layer passes through, ``online_unavailable``, while the new one loads) and loads
+        — one index resident at a time; if that load still fails, the old version's folder is
+        loaded again.
+        """
         with self._lock:
             if version in self._tried:
                 return
             self._tried.add(version)
+        previous: tuple[str, Path, str] | None = None
         try:
             found = self._index_of(version)
             if found is None:
                 return
             index_dir, encoder_id = found
             encoder = self._encoder(encoder_id)
-            index = GlobalIndex.load(
-                Path(index_dir),
-                expected_encoder_id=encoder_id,
-                ef_search=self.settings.dpr.hnsw_ef_search,
-                nprobe=self.settings.dpr.ivf_nprobe,
-                refine_k_factor=self.settings.dpr.ivf_refine_k_factor,
-                mmap=self.settings.dpr.index_mmap,
-            )
+            current = self._snapshot
+            release = self.settings.service.index_swap == "release_first" and current is not None
+            if release and current is not None:
+                verify_index_dir(Path(index_dir), encoder_id)  # refuse before letting go
+                previous = (current.version, current.index.directory, current.encoder.encoder_id)
+                with self._lock:
+                    self._snapshot = None
+                del current  # in-flight requests hold the old snapshot until they finish
+                log.info("released the online snapshot of %s to load %s", previous[0], version)
+            index = self._load_index(Path(index_dir), encoder_id, verify=not release)
         except Exception as err:  # refuse anything that fails to load; keep serving the old one
             INDEX_ERRORS.inc()
             log.error("refusing the online index of version %s: %s", version, err)
+            if previous is not None:
+                self._restore(*previous)
             return
         with self._lock:
             self._snapshot = OnlineSnapshot(version, index, encoder)
         INDEX_LOADS.inc()
         log.info("online layer now serves version %s (%d catalog entries)", version, len(index))
+
+    def _restore(self, version: str, index_dir: Path, encoder_id: str) -> None:
+        """Load a released snapshot again after its successor failed to load
+        (``release_first``); logged and counted when that fails too."""
+        try:
+            index = self._load_index(index_dir, encoder_id)
+        except Exception as err:
+            INDEX_ERRORS.inc()
+            log.error("cannot restore the online index of version %s: %s", version, err)
+            return
+        with self._lock:
+            if self._snapshot is None:
+                self._snapshot = OnlineSnapshot(version, index, self._encoder(encoder_id))
+        log.warning("online layer serves version %s again", version)
 
     def snapshot(self) -> OnlineSnapshot | None:
         """The snapshot to answer with; starts a background load when the active version moved.

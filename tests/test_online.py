@@ -306,6 +306,86 @@ def _answer(res: Any) -> tuple[Any, ...]:
             res.model_version, cands)  # fmt: skip
 
 
+def test_release_first_swap_holds_one_index_and_restores_on_failure(
+    online_settings: Settings,
+    tmp_path: Path,
+    clean_redis: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``service.index_swap: release_first``: the old snapshot is dropped before the new
+    index loads (one index resident; the online layer passes through meanwhile); a corrupt
+    new folder is refused before anything is dropped; a load that fails after the check
+    (e.g. out of memory) brings the old version back."""
+    import shutil
+
+    from rewrite import keyspace
+    from rewrite.online import INDEX_ERRORS, OnlineLayer
+    from rewrite.retrieval import GlobalIndex
+
+    s = online_settings.model_copy(deep=True)
+    s.service.index_swap = "release_first"
+    report = run_nightly([_wilkerson_logs(tmp_path / "d.jsonl")], tmp_path / "run", s, publish=True)
+    assert report.publish is not None
+    good = report.publish["version"]
+    meta = clean_redis.hgetall(keyspace.meta_key(good))
+    served_while_loading: list[str | None] = []
+    real_load = GlobalIndex.load.__func__  # type: ignore[attr-defined]
+
+    def spying_load(cls: type[GlobalIndex], directory: Path, *a: object, **kw: object) -> object:
+        snap = layer._snapshot
+        served_while_loading.append(None if snap is None else snap.version)
+        if Path(directory).name == "fails-to-load":
+            raise MemoryError("simulated: no memory for a second index")
+        return real_load(cls, directory, *a, **kw)
+
+    rewriter = Rewriter(s)
+    rewriter.warm_up()
+    layer = rewriter.resources.online
+    assert isinstance(layer, OnlineLayer)
+    monkeypatch.setattr(GlobalIndex, "load", classmethod(spying_load))
+    query = RewriteRequest("what's the weather in wilkerson", user_id="alice")
+
+    def activate(version: str, index_dir: str) -> None:
+        clean_redis.hset(keyspace.meta_key(version), mapping={**meta, "index_dir": index_dir})
+        clean_redis.set(keyspace.ACTIVE, version)
+        for _ in range(50):  # the pair store caches the active version for up to 1 s
+            layer.snapshot()
+            layer.wait_loaded()
+            if version in layer._tried:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{version} never loaded")
+
+    try:
+        assert layer._snapshot is not None and layer._snapshot.version == good
+        old_index = layer._snapshot.index
+        activate("v-two", meta["index_dir"])  # a new version (same folder)
+        assert served_while_loading == [None]  # the old snapshot was gone during the load
+        assert layer._snapshot is not None and layer._snapshot.version == "v-two"
+        assert layer._snapshot.index is not old_index
+        assert rewriter.rewrite(query).rewritten
+        # a corrupt folder: refused by the checksum before the snapshot is released
+        bad = tmp_path / "corrupt"
+        shutil.copytree(meta["index_dir"], bad)
+        blob = bytearray((bad / "index.faiss").read_bytes())
+        blob[-1] ^= 0xFF
+        (bad / "index.faiss").write_bytes(bytes(blob))
+        errors = INDEX_ERRORS._value.get()
+        activate("v-corrupt", str(bad))
+        assert INDEX_ERRORS._value.get() == errors + 1 and len(served_while_loading) == 1
+        assert layer._snapshot is not None and layer._snapshot.version == "v-two"
+        # a folder that passes the check but fails to load: the old version comes back
+        fails = tmp_path / "fails-to-load"
+        shutil.copytree(meta["index_dir"], fails)
+        activate("v-fails", str(fails))
+        assert INDEX_ERRORS._value.get() == errors + 2
+        assert served_while_loading[1:] == [None, None]  # released, then the restore's load
+        assert layer._snapshot is not None and layer._snapshot.version == "v-two"
+        assert rewriter.rewrite(query).rewritten
+    finally:
+        rewriter.close()
+
+
 def test_a_micro_batch_answers_exactly_as_requests_one_by_one(
     online_settings: Settings, tmp_path: Path
 ) -> None:
