@@ -23,11 +23,14 @@ reranker and a precision-oriented trigger.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import itertools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +64,45 @@ class OnlineSnapshot:
     version: str
     index: GlobalIndex
     encoder: QueryEncoder
+
+
+def _libc() -> Any:
+    """glibc, when the process runs on it (``malloc_trim``); None elsewhere."""
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return lib if lib is not None and hasattr(lib, "malloc_trim") else None
+
+
+_LIBC = _libc()
+
+
+def return_freed_memory() -> None:
+    """Hand memory that a dropped index freed back to the OS: the Arrow memory pool's cached
+    pages (pyarrow ``MemoryPool.release_unused``) and glibc's free lists (``malloc_trim(0)``;
+    skipped on other C libraries). Without it a process keeps the old version's ~300-500 MB
+    (1M entries) as free heap after a swap: measured in process, a dropped 1M-entry index
+    left RSS at 362 MB, 271 after the Arrow pool's release and 163 after ``malloc_trim``
+    (65 before loading; ~10 ms)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _when_dropped(index: GlobalIndex) -> None:
+    """Return the memory of ``index`` (:func:`return_freed_memory`) once it is collected —
+    when the last in-flight request holding its snapshot finishes — on a short-lived thread,
+    so no request waits for the trim."""
+    weakref.finalize(
+        index,
+        lambda: threading.Thread(
+            target=return_freed_memory, name="qrw-return-memory", daemon=True
+        ).start(),
+    )
 
 
 class OnlineLayer:
@@ -177,6 +219,7 @@ class OnlineLayer:
             if release and current is not None:
                 verify_index_dir(Path(index_dir), encoder_id)  # refuse before letting go
                 previous = (current.version, current.index.directory, current.encoder.encoder_id)
+                _when_dropped(current.index)
                 with self._lock:
                     self._snapshot = None
                 del current  # in-flight requests hold the old snapshot until they finish
@@ -189,7 +232,10 @@ class OnlineLayer:
                 self._restore(*previous)
             return
         with self._lock:
-            self._snapshot = OnlineSnapshot(version, index, encoder)
+            old, self._snapshot = self._snapshot, OnlineSnapshot(version, index, encoder)
+        if old is not None:
+            _when_dropped(old.index)
+            del old
         INDEX_LOADS.inc()
         log.info("online layer now serves version %s (%d catalog entries)", version, len(index))
 

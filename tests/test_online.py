@@ -8,6 +8,7 @@ heuristic ranker (no trained ranker there), a real Redis, and a real gRPC server
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -306,6 +307,69 @@ def _answer(res: Any) -> tuple[Any, ...]:
             res.model_version, cands)  # fmt: skip
 
 
+def _activate(layer: Any, client: redis.Redis, meta: dict[str, str], version: str) -> None:
+    """Publish ``meta`` as ``version``, make it active and wait until the online layer has
+    tried to load it."""
+    from rewrite import keyspace
+
+    client.hset(keyspace.meta_key(version), mapping=meta)
+    client.set(keyspace.ACTIVE, version)
+    for _ in range(50):  # the pair store caches the active version for up to 1 s
+        layer.snapshot()
+        layer.wait_loaded()
+        if version in layer._tried:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{version} never loaded")
+
+
+@pytest.mark.parametrize("swap", ["overlap", "release_first"])
+def test_a_swapped_out_index_returns_its_memory(
+    online_settings: Settings,
+    tmp_path: Path,
+    clean_redis: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    swap: str,
+) -> None:
+    """Once the old snapshot of a swap is collected, its freed memory goes back to the OS
+    (``return_freed_memory``, once per dropped index, off the request path); with
+    ``overlap`` the old snapshot answers while the new index loads."""
+    import gc
+
+    import rewrite.online as online
+    from rewrite import keyspace
+    from rewrite.retrieval import GlobalIndex
+
+    s = online_settings.model_copy(deep=True)
+    s.service.index_swap = swap  # type: ignore[assignment]
+    report = run_nightly([_wilkerson_logs(tmp_path / "d.jsonl")], tmp_path / "run", s, publish=True)
+    assert report.publish is not None
+    good = report.publish["version"]
+    meta = clean_redis.hgetall(keyspace.meta_key(good))
+    returned = threading.Event()
+    monkeypatch.setattr(online, "return_freed_memory", returned.set)
+    served_while_loading: list[str | None] = []
+    real_load = GlobalIndex.load.__func__  # type: ignore[attr-defined]
+
+    def spying_load(cls: type[GlobalIndex], *a: object, **kw: object) -> object:
+        snap = layer._snapshot
+        served_while_loading.append(None if snap is None else snap.version)
+        return real_load(cls, *a, **kw)
+
+    rewriter = Rewriter(s)
+    rewriter.warm_up()
+    layer = rewriter.resources.online
+    monkeypatch.setattr(GlobalIndex, "load", classmethod(spying_load))
+    try:
+        _activate(layer, clean_redis, meta, "v-two")
+        assert layer._snapshot is not None and layer._snapshot.version == "v-two"
+        assert served_while_loading == [good if swap == "overlap" else None]
+        gc.collect()
+        assert returned.wait(5.0)
+    finally:
+        rewriter.close()
+
+
 def test_release_first_swap_holds_one_index_and_restores_on_failure(
     online_settings: Settings,
     tmp_path: Path,
@@ -346,15 +410,7 @@ def test_release_first_swap_holds_one_index_and_restores_on_failure(
     query = RewriteRequest("what's the weather in wilkerson", user_id="alice")
 
     def activate(version: str, index_dir: str) -> None:
-        clean_redis.hset(keyspace.meta_key(version), mapping={**meta, "index_dir": index_dir})
-        clean_redis.set(keyspace.ACTIVE, version)
-        for _ in range(50):  # the pair store caches the active version for up to 1 s
-            layer.snapshot()
-            layer.wait_loaded()
-            if version in layer._tried:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"{version} never loaded")
+        _activate(layer, clean_redis, {**meta, "index_dir": index_dir}, version)
 
     try:
         assert layer._snapshot is not None and layer._snapshot.version == good
