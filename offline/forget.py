@@ -109,8 +109,8 @@ def _drop_from_user_filter(client: redis.Redis, version: str, pseudonym: str) ->
     """
     key = keyspace.personal_users_key(version)
     found = read_membership_filter(client, key)
-    if found is not None:
-        client.set(key, found.without(pseudonym).to_bytes())
+    if found is not None:  # KEEPTTL: a superseded version's keys keep their expiry
+        client.set(key, found.without(pseudonym).to_bytes(), keepttl=True)
 
 
 def forget_user(

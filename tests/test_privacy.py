@@ -208,6 +208,7 @@ def test_forget_user_removes_personal_layer_and_future_contributions(
     monkeypatch.setenv("QRW_REDIS__URL", redis_url)
     monkeypatch.setenv("QRW_PRIVACY__USER_KEY", KEY.decode())
     monkeypatch.setenv("QRW_PRIVACY__FORGET_FILE", str(s.privacy.forget_file))
+    clean_redis.expire(keyspace.personal_users_key(v1), 3600)  # as a superseded version's keys
     res = CliRunner().invoke(app, ["forget-user", ALICE])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
@@ -226,6 +227,7 @@ def test_forget_user_removes_personal_layer_and_future_contributions(
         raw = clean_redis.execute_command("GET", keyspace.personal_users_key(v), NEVER_DECODE=True)
         members = MembershipFilter.from_bytes(raw)
         assert pseudo not in members and pseudonymize("u1", KEY) in members
+    assert 0 < clean_redis.ttl(keyspace.personal_users_key(v1)) <= 3600  # expiry kept
     again = CliRunner().invoke(app, ["forget-user", ALICE])
     assert again.exit_code == 0 and json.loads(again.output)["already_listed"]
     assert json.loads(again.output)["deleted_keys"] == 0
