@@ -244,6 +244,13 @@ class RetrievalMetrics:
         found_at_k: share of examples with the target anywhere in the top ``k``.
         seconds: wall time of the system on the whole set (warm-up included), s.
         note: e.g. which artifact was used.
+        distinct: distinct ``(query, target)`` pairs among the examples (0 when the queries
+            were not given).
+        distinct_recall_at_1: recall@1 with each distinct pair counted once (its examples'
+            hits averaged first: the personal layer may rank one query differently per user).
+            Held-out turns repeat — a user who is misheard says the same thing again — so
+            one confusion said nine times moves the per-turn recall@1 by nine examples; this
+            figure counts it once (None when the queries were not given).
     """
 
     system: str
@@ -255,6 +262,8 @@ class RetrievalMetrics:
     found_at_k: float
     seconds: float = 0.0
     note: str = ""
+    distinct: int = 0
+    distinct_recall_at_1: float | None = None
 
 
 def rank_of(
@@ -277,6 +286,7 @@ def retrieval_metrics(
     seconds: float = 0.0,
     note: str = "",
     form: FormFn = match_form,
+    queries: Sequence[str] | None = None,
 ) -> RetrievalMetrics:
     """recall@1, recall@5 and MRR@k of ranked candidate lists against targets.
 
@@ -287,12 +297,16 @@ def retrieval_metrics(
         k: cut-off (lists are truncated to ``k``; recall@5 uses ``min(5, k)``).
         seconds, note: recorded as given.
         form: text equality is equality of this form.
+        queries: per example, the query sent; given, recall@1 is also reported over distinct
+            ``(query, target)`` pairs (``distinct_recall_at_1``).
 
     Raises:
-        ValueError: the two sequences differ in length, or ``k < 1``.
+        ValueError: the sequences differ in length, or ``k < 1``.
     """
     if len(ranked_lists) != len(targets):
         raise ValueError(f"{len(ranked_lists)} ranked lists for {len(targets)} targets")
+    if queries is not None and len(queries) != len(targets):
+        raise ValueError(f"{len(queries)} queries for {len(targets)} targets")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     n = len(targets)
@@ -301,6 +315,13 @@ def retrieval_metrics(
     at5 = sum(1 for r in ranks if r is not None and r <= min(5, k))
     found = sum(1 for r in ranks if r is not None)
     rr = sum(1.0 / r for r in ranks if r is not None)
+    distinct, distinct_at1 = 0, None
+    if queries is not None:
+        hits: dict[tuple[str, str], list[bool]] = defaultdict(list)
+        for q, t, r in zip(queries, targets, ranks, strict=True):
+            hits[(q, form(t))].append(r == 1)
+        distinct = len(hits)
+        distinct_at1 = sum(sum(h) / len(h) for h in hits.values()) / distinct if hits else 0.0
     return RetrievalMetrics(
         system=system,
         n=n,
@@ -311,6 +332,8 @@ def retrieval_metrics(
         found_at_k=found / n if n else 0.0,
         seconds=round(seconds, 2),
         note=note,
+        distinct=distinct,
+        distinct_recall_at_1=distinct_at1,
     )
 
 
@@ -426,7 +449,9 @@ def run_retriever(
     hits = system.search([e.query for e in examples], k) if examples else []
     ranked = [[text for text, _ in row] for row in hits]
     targets = [e.target for e in examples]
-    return retrieval_metrics(system.name, ranked, targets, k, time.perf_counter() - t0, note, form)
+    seconds = time.perf_counter() - t0
+    queries = [e.query for e in examples]
+    return retrieval_metrics(system.name, ranked, targets, k, seconds, note, form, queries)
 
 
 def stack_rankings(
@@ -620,6 +645,7 @@ def evaluate_source(
             time.perf_counter() - t0,
             f"{online.get('encoder_kind', '?')} index + personal + {ranker.name}",
             form,
+            [e.query for e in exs],
         )
     )
     res.stack = {
@@ -761,19 +787,26 @@ def run_online_evaluation(
 
 
 def retrieval_table(res: SourceResult) -> Table:
-    """Rich table: system × recall@1, recall@5, MRR (k = 10)."""
+    """Rich table: system × recall@1 (per turn and per distinct query), recall@5, MRR (k = 10)."""
     table = Table(
         title=f"{res.source}: retrieval on {res.examples} wrong held-out turns "
         f"(catalog {res.catalog_entries} entries; coverage {res.catalog_coverage:.1%} of "
         f"{res.wrong_turns} wrong turns; {res.query_in_catalog} wrong queries are catalog "
         f"entries themselves)"
     )
-    for col in ("system", "recall@1", "recall@5", "MRR", "in top-k", "s", "note"):
+    cols = ("system", "recall@1", "r@1 distinct", "recall@5", "MRR", "in top-k", "s", "note")
+    for col in cols:
         table.add_column(col, justify="left" if col in ("system", "note") else "right")
     for m in res.retrieval:
+        distinct = (
+            "—"
+            if m.distinct_recall_at_1 is None
+            else f"{m.distinct_recall_at_1:.3f} of {m.distinct}"
+        )
         table.add_row(
             m.system,
             f"{m.recall_at_1:.3f}",
+            distinct,
             f"{m.recall_at_5:.3f}",
             f"{m.mrr:.3f}",
             f"{m.found_at_k:.3f}",

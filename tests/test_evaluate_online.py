@@ -71,6 +71,31 @@ def test_retrieval_metrics_exact_values_with_a_miss() -> None:
     assert (empty.n, empty.recall_at_1, empty.mrr) == (0, 0.0, 0.0)
     with pytest.raises(ValueError):
         retrieval_metrics("bad", [["a"]], ["a", "b"])
+    assert m.distinct == 0 and m.distinct_recall_at_1 is None  # no queries given
+
+
+def test_recall_over_distinct_queries_counts_a_repeated_miss_once() -> None:
+    """One misheard utterance said three times (all misses) weighs 3 of 5 per-turn examples
+    but 1 of 3 distinct queries; a query ranked differently per example (the personal layer)
+    counts its average."""
+    queries = ["stars the radio nie"] * 3 + [
+        "brighton lights",
+        "temperature gnu",
+        "temperature gnu",
+    ]
+    targets = ["start the radio now"] * 3 + [
+        "brighten lights",
+        "temperature now",
+        "temperature now",
+    ]
+    ranked = [["put the radio on"]] * 3 + [["brighten lights"]]
+    ranked += [["temperature now"], ["temperature", "temperature now"]]
+    m = retrieval_metrics("toy", ranked, targets, k=10, queries=queries)
+    assert m.recall_at_1 == pytest.approx(2 / 6)
+    assert m.distinct == 3
+    assert m.distinct_recall_at_1 == pytest.approx((0 + 1 + 0.5) / 3)
+    with pytest.raises(ValueError, match="queries"):
+        retrieval_metrics("bad", ranked, targets, queries=queries[:2])
 
 
 def test_rank_of_compares_matching_forms() -> None:
