@@ -333,7 +333,8 @@ def test_a_swapped_out_index_returns_its_memory(
 ) -> None:
     """Once the old snapshot of a swap is collected, its freed memory goes back to the OS
     (``return_freed_memory``, once per dropped index, off the request path); with
-    ``overlap`` the old snapshot answers while the new index loads."""
+    ``overlap`` the old snapshot answers while the new index loads; each version's filter of
+    users with a history is read before its snapshot serves."""
     import gc
 
     import rewrite.online as online
@@ -361,8 +362,11 @@ def test_a_swapped_out_index_returns_its_memory(
     layer = rewriter.resources.online
     monkeypatch.setattr(GlobalIndex, "load", classmethod(spying_load))
     try:
+        # each loaded version's filter of users with a history is read before it serves
+        assert layer.personal._filters.get(good) is not None
         _activate(layer, clean_redis, meta, "v-two")
         assert layer._snapshot is not None and layer._snapshot.version == "v-two"
+        assert "v-two" in layer.personal._filters  # read (none published for it)
         assert served_while_loading == [good if swap == "overlap" else None]
         gc.collect()
         assert returned.wait(5.0)
