@@ -446,11 +446,11 @@ def run_retriever(
     """Warm a baseline up, query it with every example's normalized utterance, score it."""
     t0 = time.perf_counter()
     system.warm_up()
-    hits = system.search([e.query for e in examples], k) if examples else []
+    queries = [e.query for e in examples]
+    hits = system.search(queries, k) if examples else []
     ranked = [[text for text, _ in row] for row in hits]
     targets = [e.target for e in examples]
     seconds = time.perf_counter() - t0
-    queries = [e.query for e in examples]
     return retrieval_metrics(system.name, ranked, targets, k, seconds, note, form, queries)
 
 

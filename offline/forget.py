@@ -160,14 +160,14 @@ def forget_user(
             if client.exists(legacy):
                 keys.append(legacy)
             deleted = int(client.delete(*keys)) if keys else 0
-            for version in _versions_of(keys, pseudonym):
+            versions = _versions_of(keys, pseudonym)
+            for version in versions:
                 _drop_from_user_filter(client, version, pseudonym)
         finally:
             if client.get(keyspace.PUBLISH_LOCK) == token:
                 client.delete(keyspace.PUBLISH_LOCK)
     except (redis.RedisError, OSError) as e:
         raise PublishError(f"forget-user failed: {e}") from e
-    versions = _versions_of(keys, pseudonym)
     log.info(
         "forgot user %s: %d personal hash(es) deleted in %d version(s)",
         pseudonym,

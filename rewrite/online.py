@@ -215,8 +215,9 @@ class OnlineLayer:
             index_dir, encoder_id = found
             encoder = self._encoder(encoder_id)
             current = self._snapshot
-            release = self.settings.service.index_swap == "release_first" and current is not None
-            if release and current is not None:
+            release = False
+            if self.settings.service.index_swap == "release_first" and current is not None:
+                release = True
                 verify_index_dir(Path(index_dir), encoder_id)  # refuse before letting go
                 previous = (current.version, current.index.directory, current.encoder.encoder_id)
                 _when_dropped(current.index)

@@ -177,7 +177,7 @@ class PersonalStore(RedisReader):
         Raises:
             StoreUnavailableError: Redis failed.
         """
-        return self._version_filter(version, keyspace.personal_users_key(version))
+        return self._version_filter(keyspace.personal_users_key(version))
 
     def history(self, user_id: str, version: str | None = None) -> PersonalHistory:
         """The personal history of the requesting user (:meth:`histories` of one user).
@@ -211,17 +211,15 @@ class PersonalStore(RedisReader):
         """
         if version is None:
             version = self.active_version()
-        out: list[PersonalHistory | None] = [None] * len(user_ids)
+        out = [PersonalHistory.empty(version=version or "")] * len(user_ids)  # no id: none
         if version is None:
-            return [PersonalHistory.empty(version="")] * len(user_ids)
+            return out
         users = [self.pseudonym(u) if u else "" for u in user_ids]
         if any(users):
             self._guard()
         todo: dict[str, list[int]] = {}
         for i, user in enumerate(users):
-            if not user:
-                out[i] = PersonalHistory.empty(version=version)
-            else:
+            if user:
                 todo.setdefault(user, []).append(i)
         if todo and self._cache is not None:
             with self._cache_lock:
@@ -266,7 +264,7 @@ class PersonalStore(RedisReader):
                         self._cache[(version, user)] = hist
                 for i in rows:
                     out[i] = hist
-        return [h if h is not None else PersonalHistory.empty(version=version) for h in out]
+        return out
 
     def cache_clear(self) -> None:
         """Drop every cached history (tests; a forget applied by hand)."""

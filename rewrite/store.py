@@ -101,17 +101,17 @@ class RedisReader:
         self._version_at = -1e18
         self._down_until = 0.0
         self._lock = threading.Lock()
-        self._filters: dict[str, MembershipFilter | None] = {}
+        self._filters: dict[str, MembershipFilter | None] = {}  # by Redis key
 
-    def _version_filter(self, version: str, key: str) -> MembershipFilter | None:
-        """The :class:`MembershipFilter` under ``key`` of a published ``version``, read from
-        Redis once and kept (a published version never changes; the filters of the
-        ``_FILTERS_KEPT`` latest versions read are kept).
+    def _version_filter(self, key: str) -> MembershipFilter | None:
+        """The :class:`MembershipFilter` under ``key`` (a key of one published version), read
+        from Redis once and kept (a published version never changes; the ``_FILTERS_KEPT``
+        filters read last are kept).
 
         Raises:
             StoreUnavailableError: Redis failed (nothing is remembered: read again next time).
         """
-        known = self._filters.get(version, _NOT_CACHED)
+        known = self._filters.get(key, _NOT_CACHED)
         if known is not _NOT_CACHED:
             return known if isinstance(known, MembershipFilter) else None
         try:
@@ -121,7 +121,7 @@ class RedisReader:
         with self._lock:
             while len(self._filters) >= _FILTERS_KEPT:
                 self._filters.pop(next(iter(self._filters)))
-            self._filters[version] = found
+            self._filters[key] = found
         return found
 
     @property
@@ -232,10 +232,6 @@ class MembershipFilter:
         return i < len(self.hashes) and self.hashes[i] == h
 
 
-#: The pair-source filter's name before it also served personal histories.
-PairSourceFilter = MembershipFilter
-
-
 def read_membership_filter(client: redis.Redis, key: str) -> MembershipFilter | None:
     """Read a :class:`MembershipFilter` string in chunks of ``GETRANGE`` (a large filter never
     blocks Redis, nor waits past the socket timeout, in one reply).
@@ -281,9 +277,10 @@ class PairStore(RedisReader):
             is marked down (the back-off), the cache is not consulted either: an outage is a
             pass-through, as without the cache.
 
-    After the cache, each version's :class:`PairSourceFilter` (read at the version's first
-    lookup; none for versions published without one) answers "no pair" for utterances that
-    are no pair's source, without Redis and without filling the cache with misses.
+    After the cache, each version's pair-source :class:`MembershipFilter` (read at the
+    version's first lookup; none for versions published without one) answers "no pair" for
+    utterances that are no pair's source, without Redis and without filling the cache with
+    misses.
     """
 
     role = "pairs"
@@ -302,7 +299,7 @@ class PairStore(RedisReader):
         Raises:
             StoreUnavailableError: Redis failed (nothing is remembered: read again next time).
         """
-        return self._version_filter(version, keyspace.pair_sources_key(version))
+        return self._version_filter(keyspace.pair_sources_key(version))
 
     def lookup(self, normalized: str) -> PairHit | None:
         """The precomputed rewrite for a normalized utterance in the active version.

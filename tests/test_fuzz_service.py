@@ -64,7 +64,7 @@ from rewrite.server import (
     request_from_proto,
     result_to_proto,
 )
-from rewrite.store import PairSourceFilter
+from rewrite.store import MembershipFilter
 from rewrite.types import InvalidRequestError, RewriteRequest, RewriteResult
 
 pytestmark = pytest.mark.integration
@@ -173,7 +173,7 @@ def fuzz_env(
         # pairs added by hand: the version's pair-source filter must name them too
         prefix = keyspace.pair_key(version, "")
         sources = [k.removeprefix(prefix) for k in client.scan_iter(match=prefix + "*")]
-        client.set(keyspace.pair_sources_key(version), PairSourceFilter.build(sources).to_bytes())
+        client.set(keyspace.pair_sources_key(version), MembershipFilter.build(sources).to_bytes())
         client.close()
         env = {
             "REDIS_URL": own_redis.url,

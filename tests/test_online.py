@@ -363,10 +363,11 @@ def test_a_swapped_out_index_returns_its_memory(
     monkeypatch.setattr(GlobalIndex, "load", classmethod(spying_load))
     try:
         # each loaded version's filter of users with a history is read before it serves
-        assert layer.personal._filters.get(good) is not None
+        assert layer.personal._filters.get(keyspace.personal_users_key(good)) is not None
         _activate(layer, clean_redis, meta, "v-two")
         assert layer._snapshot is not None and layer._snapshot.version == "v-two"
-        assert "v-two" in layer.personal._filters  # read (none published for it)
+        # read (none published for it)
+        assert keyspace.personal_users_key("v-two") in layer.personal._filters
         assert served_while_loading == [good if swap == "overlap" else None]
         gc.collect()
         assert returned.wait(5.0)

@@ -174,14 +174,14 @@ def test_pair_source_filter_answers_misses_without_redis(
     (an older publisher) or with a corrupt one is served by lookups as before; a version
     without pairs answers every lookup from its empty filter."""
     import rewrite.store as store_mod
-    from rewrite.store import PairSourceFilter
+    from rewrite.store import MembershipFilter
 
     monkeypatch.setattr(store_mod, "_FILTER_CHUNK", 64)  # 400 sources = 3,200 bytes = 50 reads
     client = connect(redis_url)
     v1 = publish_pairs(client, _pairs("a")).version
     raw = client.execute_command("GET", keyspace.pair_sources_key(v1), NEVER_DECODE=True)
-    assert raw == PairSourceFilter.build(p.source for p in _pairs("a")).to_bytes()
-    filt = PairSourceFilter.from_bytes(raw)
+    assert raw == MembershipFilter.build(p.source for p in _pairs("a")).to_bytes()
+    filt = MembershipFilter.from_bytes(raw)
     assert len(filt) == N_KEYS and all(f"utt {i}" in filt for i in range(N_KEYS))
     assert not any(f"utt {i}" in filt for i in range(N_KEYS, 2 * N_KEYS))
     store = PairStore(redis_url, version_cache_s=0.0)
