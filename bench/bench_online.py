@@ -18,8 +18,12 @@ What is real and what is synthetic:
   came from (uniform random vectors are, if anything, the hard case for HNSW). ``index.json``
   names the zero-shot ``encoder_id`` so the service accepts the index; a cached index is
   re-stamped with the current ``encoder_id`` when the artifact's hash moved (the vectors do not
-  depend on it). The ranker: ``--ranker synthetic`` (default) trains a LightGBM lambdarank model
-  on random feature groups with the production parameters and a fixed ``--ranker-trees`` (500 =
+  depend on it). The index carries the lexical channel when ``dpr.lexical.enabled`` (the
+  default; :mod:`rewrite.lexical`: the catalog texts' hashed n-grams and frequency prior
+  appended, 512 dimensions; ``QRW_DPR__LEXICAL__ENABLED=false`` builds and serves a
+  dense-only index of 384), cached under a key of its own. The ranker: ``--ranker
+  synthetic`` (default) trains a LightGBM lambdarank model on random feature groups with
+  the production parameters and a fixed ``--ranker-trees`` (500 =
   ``RankerTrainConfig.num_boost_round``, an upper bound: early stopping keeps fewer), so the
   cost of a real booster is measured before one is trained; ``heuristic`` uses the fallback
   ranker; a path uses that ranker artifact.
@@ -289,6 +293,8 @@ def build_index(n: int, seed: int, encoder_id: str, settings: Settings, threads:
     dpr = settings.dpr
     kind = choose_kind(n, dpr.flat_max_entries, dpr.ivf_min_entries, dpr.ivf_kind)
     params = f"{kind}-{dpr.hnsw_m}-{EF_CONSTRUCTION}" if kind == "hnsw" else kind
+    lexical = dpr.lexical.channel()
+    params += f"-lexical-{json.dumps(lexical.to_params(), sort_keys=True)}" if lexical else ""
     key = hashlib.sha256(f"{params}-device_types-rg64k-nlist-sqrt".encode()).hexdigest()[:8]
     out = CACHE / "online-index" / f"n{n}-s{seed}-{key}"
     sidecar = out / "bench.json"

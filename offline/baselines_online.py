@@ -19,7 +19,9 @@ does, so they are scored with the same recall@k / MRR (:mod:`offline.evaluate_on
 - :class:`DenseRetriever`: a DPR artifact (:mod:`rewrite.encoder`; the zero-shot MiniLM one
   or a fine-tuned one) with an exact FAISS ``IndexFlatIP`` over the catalog passage vectors
   (built with :func:`offline.index.make_faiss_index`), i.e. DPR retrieval without personal
-  layer and reranker.
+  layer and reranker; with ``lexical`` the vectors carry the global index's lexical channel
+  (:mod:`rewrite.lexical`: hashed character n-grams and a log-frequency prior in the same
+  inner product), the retrieval the job's index serves.
 
 All share :class:`CatalogRetriever`: light ``__init__``, heavy ``warm_up()``, and
 ``search(queries, k)`` returning per query up to ``k`` ``(catalog text, score)`` pairs, best
@@ -36,6 +38,8 @@ from typing import Any, Protocol
 
 import numpy as np
 from rapidfuzz import fuzz, process
+
+from rewrite.lexical import LexicalChannel
 
 log = logging.getLogger(__name__)
 
@@ -231,15 +235,35 @@ class DenseRetriever:
         artifact_dir: a DPR artifact folder (:func:`rewrite.encoder.resolve_dpr_artifact`).
         name: row name in reports (e.g. ``"minilm_zero_shot"``, ``"dpr_fine_tuned"``).
         threads: ONNX Runtime intra-op threads.
+        lexical: a lexical channel (:mod:`rewrite.lexical`) appended to both towers' vectors,
+            as the job's global index does; None = dense only.
+        frequencies: catalog ``frequency`` per text of ``catalog`` (the channel's prior);
+            None = 1 each.
+
+    Raises:
+        ValueError: ``frequencies`` and ``catalog`` differ in length.
     """
 
     def __init__(
-        self, catalog: Sequence[str], artifact_dir: Path, name: str = "dpr", threads: int = 1
+        self,
+        catalog: Sequence[str],
+        artifact_dir: Path,
+        name: str = "dpr",
+        threads: int = 1,
+        lexical: LexicalChannel | None = None,
+        frequencies: Sequence[int] | None = None,
     ) -> None:
+        if frequencies is not None and len(frequencies) != len(catalog):
+            raise ValueError(f"{len(frequencies)} frequencies for {len(catalog)} catalog texts")
         self.texts = _unique_texts(catalog)
         self.artifact_dir = Path(artifact_dir)
         self.name = name
         self.threads = threads
+        self.lexical = lexical
+        freq: dict[str, int] = {}
+        for text, f in zip(catalog, frequencies or [1] * len(catalog), strict=True):
+            freq[text] = freq.get(text, 0) + int(f)
+        self._freq = np.array([freq.get(t, 0) for t in self.texts], dtype=np.float64)
         self.encoder_id = ""
         self._query: Any = None
         self._index: Any = None
@@ -253,13 +277,16 @@ class DenseRetriever:
 
         passage = PassageEncoder.load(self.artifact_dir, threads=self.threads)
         vecs = encode_catalog(passage, self.texts, progress=False)
+        if self.lexical is not None:
+            vecs = self.lexical.passage_vectors(vecs, self.texts, self._freq)
         self._index = make_faiss_index(vecs, "flat")
         self._query = QueryEncoder.load(self.artifact_dir, threads=self.threads)
         self.encoder_id = self._query.encoder_id
         log.info("%s: %d catalog texts indexed (%s)", self.name, len(self.texts), self.encoder_id)
 
     def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        """Top-``k`` catalog texts per query by cosine (exact search).
+        """Top-``k`` catalog texts per query by cosine, or with the lexical channel by its
+        hybrid inner product (exact search).
 
         Raises:
             ValueError: ``k < 1``.
@@ -272,6 +299,8 @@ class DenseRetriever:
         if not self.texts:
             return [[] for _ in queries]
         q = np.ascontiguousarray(self._query.encode(list(queries)), dtype=np.float32)
+        if self.lexical is not None:
+            q = self.lexical.query_vectors(q, list(queries))
         scores, ids = self._index.search(q, min(k, len(self.texts)))
         return [
             [(self.texts[i], float(s)) for s, i in zip(rs, ri, strict=True) if i >= 0]

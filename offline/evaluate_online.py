@@ -21,9 +21,10 @@ recall@1, recall@5 (share of examples whose target is in the top 1 / 5) and MRR 
 1/rank of the target, 0 when it is not in the top ``k``) — Manning, Raghavan & Schütze,
 "Introduction to Information Retrieval", ch. 8. Systems: BM25, SymSpell, zero-shot MiniLM +
 FAISS (:mod:`offline.baselines_online`), the fine-tuned DPR artifact (``dpr.artifacts_dir/
-LATEST`` when it is not the zero-shot one), and the full online stack — the published index
-(DPR global layer) + the personal layer + the ranker, run through the real
-:class:`~rewrite.rewriter.Rewriter` with ``explain`` (the reranked candidate list).
+LATEST`` when it is not the zero-shot one) alone (``dpr_fine_tuned``) and with the global
+index's lexical channel (``dpr_lexical``, :mod:`rewrite.lexical`), and the full online
+stack — the published index (DPR global layer) + the personal layer + the ranker, run
+through the real :class:`~rewrite.rewriter.Rewriter` with ``explain`` (the reranked candidate list).
 
 **Trigger metrics** come from replaying *all* held-out turns (correct ones included) through
 the real service pipeline (``normalize → precomputed → encode → global_retrieval →
@@ -81,6 +82,12 @@ DEFAULT_K = 10
 
 FormFn = Callable[[str], str]
 """Maps a text to the form in which two texts are compared for equality."""
+
+
+#: Retrieval rows of ``qrw evaluate online`` besides the full stack: BM25, SymSpell, zero-shot
+#: MiniLM, the fine-tuned DPR towers alone, and the fine-tuned towers with the global index's
+#: lexical channel (:mod:`rewrite.lexical`; only when ``dpr.lexical.enabled``).
+BASELINES = ("bm25", "symspell", "minilm_zero_shot", "dpr_fine_tuned", "dpr_lexical")
 
 
 def match_form(text: str) -> str:
@@ -560,7 +567,7 @@ def evaluate_source(
     run_dir: Path,
     success_fn: SuccessFn | None = None,
     k: int = DEFAULT_K,
-    baselines: Sequence[str] = ("bm25", "symspell", "minilm_zero_shot", "dpr_fine_tuned"),
+    baselines: Sequence[str] = BASELINES,
     form: FormFn = match_form,
 ) -> SourceResult:
     """Run the job on ``mine_logs`` (published to ``settings.redis.url``), then measure
@@ -616,13 +623,21 @@ def evaluate_source(
 
         zs = export_zero_shot(Path(settings.dpr.artifacts_dir)).artifact
         systems.append((DenseRetriever(texts, zs, "minilm_zero_shot", threads), zs.name))
-    ft = _fine_tuned_artifact(settings) if "dpr_fine_tuned" in baselines else None
-    if ft is not None:
+    want_ft = {"dpr_fine_tuned", "dpr_lexical"} & set(baselines)
+    ft = _fine_tuned_artifact(settings) if want_ft else None
+    lexical = settings.dpr.lexical.channel()
+    if ft is not None and "dpr_fine_tuned" in baselines:
         systems.append((DenseRetriever(texts, ft, "dpr_fine_tuned", threads), ft.name))
-    elif "dpr_fine_tuned" in baselines:
+    if ft is not None and "dpr_lexical" in baselines and lexical is not None:
+        freqs = [c.frequency for c in catalog]
+        lex = DenseRetriever(texts, ft, "dpr_lexical", threads, lexical, freqs)
+        note = f"{ft.name} + char {lexical.ngram_min}-{lexical.ngram_max}-grams + prior"
+        systems.append((lex, note))
+    if ft is None and want_ft:
         log.warning(
-            "no fine-tuned DPR artifact under %s: row skipped (`qrw train dpr --run`)",
+            "no fine-tuned DPR artifact under %s: rows %s skipped (`qrw train dpr --run`)",
             settings.dpr.artifacts_dir,
+            sorted(want_ft),
         )
     for system, note in systems:
         res.retrieval.append(run_retriever(system, exs, k, note, form))
@@ -689,7 +704,7 @@ def evaluate_online(
     settings: Settings,
     work_dir: Path,
     k: int = DEFAULT_K,
-    baselines: Sequence[str] = ("bm25", "symspell", "minilm_zero_shot", "dpr_fine_tuned"),
+    baselines: Sequence[str] = BASELINES,
     progress: Callable[[str], None] | None = None,
     joined_spacing: Sequence[str] = ("dstc2",),
 ) -> OnlineEvaluation:

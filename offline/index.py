@@ -26,6 +26,10 @@ folder that :class:`rewrite.retrieval.GlobalIndex` loads:
   0.006-0.009 lower on low-rank ones) in 2.3-2.4x less time at nprobe 32 and 3.1-3.4x at 64,
   in 337 instead of 380 MB. FAISS id i = catalog row i.
   Thresholds and parameters were chosen with ``bench/bench_index.py``.
+  With ``dpr.lexical.enabled`` (default) the indexed vectors carry the lexical channel
+  (:mod:`rewrite.lexical`, :func:`lexical_passage_vectors`): 384 + 128 = 512 dimensions of
+  ``[w * dense, (1 - w) * hashed char n-grams, beta * log-frequency prior]``, its settings in
+  ``index.json`` ``params["lexical"]``; queries get the matching ``[dense, n-grams, 1]``.
 - ``catalog.parquet``: the id sidecar (:data:`rewrite.retrieval.CATALOG_COLUMNS`, in id order;
   duplicate texts dropped, missing metadata filled with defaults);
 - ``index.json`` (:class:`rewrite.retrieval.IndexInfo`), written last, so a folder without it is
@@ -48,6 +52,7 @@ from tqdm.auto import tqdm
 
 from rewrite.config import DprSettings
 from rewrite.encoder import PassageEncoder
+from rewrite.lexical import LexicalChannel
 from rewrite.retrieval import (
     CATALOG_FILE,
     CATALOG_SCHEMA,
@@ -260,6 +265,9 @@ def write_index_dir(
 
     if len(vectors) != catalog.num_rows:
         raise ValueError(f"{len(vectors)} vectors for {catalog.num_rows} catalog rows")
+    lexical = settings.lexical.channel()
+    if lexical is not None and vectors.ndim == 2:
+        vectors = lexical_passage_vectors(lexical, vectors, catalog)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INDEX_META).unlink(missing_ok=True)  # incomplete until index.json is back
@@ -298,6 +306,8 @@ def write_index_dir(
         params.update(nlist=int(faiss.extract_index_ivf(index).nlist), nprobe=settings.ivf_nprobe)
         if kind == "ivf_pq_refine":
             params.update(refine_k_factor=settings.ivf_refine_k_factor)
+    if lexical is not None:
+        params.update(lexical=lexical.to_params())
     info = IndexInfo(
         version=version,
         encoder_id=encoder_id,
@@ -316,6 +326,34 @@ def write_index_dir(
     _replace_into(tmp_meta, out_dir / INDEX_META)
     log.info("index written to %s: %s, n=%d, %.2f s build", out_dir, kind, n, build_s)
     return info
+
+
+def lexical_passage_vectors(
+    lexical: LexicalChannel, vectors: np.ndarray, catalog: pa.Table, chunk: int = 65_536
+) -> np.ndarray:
+    """The index's passage vectors with the lexical channel (:mod:`rewrite.lexical`) appended.
+
+    Args:
+        lexical: the channel.
+        vectors: ``(n, d)`` float32, L2-normalised dense passage vectors (row i = catalog row i).
+        catalog: the n-row catalog (``text``, ``frequency``).
+        chunk: rows hashed per step (bounds the temporary n-gram arrays).
+
+    Returns:
+        ``(n, d + lexical.dims)`` float32 (see :meth:`LexicalChannel.passage_vectors`; the
+        prior is normalised by the whole catalog's largest frequency).
+    """
+    n = len(vectors)
+    texts = pc.fill_null(catalog.column("text"), "")
+    freq = pc.fill_null(catalog.column("frequency"), 0).to_numpy().astype(np.float64)
+    out = np.empty((n, vectors.shape[1] + lexical.dims), dtype=np.float32)
+    top = float(freq.max()) if n else 0.0
+    for s in range(0, n, chunk):
+        rows = slice(s, min(n, s + chunk))
+        out[rows] = lexical.passage_vectors(
+            vectors[rows], texts.slice(s, chunk).to_pylist(), freq[rows], max_frequency=top
+        )
+    return out
 
 
 def encode_catalog(

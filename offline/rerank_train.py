@@ -1319,7 +1319,7 @@ class RunRetriever:
         from rewrite.online import history_ages, merge_personal
 
         q = self.query_encoder.encode_cached([query])
-        cands = self.index.search(q, self.top_k)[0]
+        cands = self.index.search(q, self.top_k, texts=[query])[0]
         hist = self.history.get(user)
         if hist is None:
             return list(cands)

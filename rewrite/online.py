@@ -440,7 +440,8 @@ class EncodeStage(_BatchedOnlineStage):
 
 class GlobalRetrievalStage(_BatchedOnlineStage):
     """Top ``dpr.top_k`` catalog entries by inner product from the snapshot's FAISS index
-    (a micro-batch: one ``search`` call with ``(b, dim)`` queries per snapshot)."""
+    (a micro-batch: one ``search`` call with ``(b, dim)`` queries and their normalized texts
+    per snapshot; the texts feed the index's lexical channel, :mod:`rewrite.lexical`)."""
 
     name = "global_retrieval"
 
@@ -454,7 +455,9 @@ class GlobalRetrievalStage(_BatchedOnlineStage):
         for group in by_snapshot.values():
             queries = np.stack([state.query_vector for state in group])  # type: ignore[misc]
             # device-type counts stay in the index: the ranker reads them from there
-            found = group[0].online.index.search(queries, k, device_types=False)
+            found = group[0].online.index.search(
+                queries, k, device_types=False, texts=[state.normalized for state in group]
+            )
             for state, cands in zip(group, found, strict=True):
                 state.retrieved = list(cands)
 

@@ -38,6 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rewrite.lexical import LexicalChannel
+
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
@@ -211,10 +213,11 @@ class IndexInfo:
     Attributes:
         version: the published version the index belongs to ("" when built outside publish).
         encoder_id: ``encoder_id`` of the passage encoder (DPR artifact content hash).
-        dim: vector size; n: entries (= catalog rows); kind: one of :data:`KINDS`.
+        dim: the indexed vectors' size (the query tower's plus the lexical channel's, if
+            ``params["lexical"]``); n: entries (= catalog rows); kind: one of :data:`KINDS`.
         sha256: hex SHA-256 of ``index.faiss`` and ``catalog.parquet``.
         params: build/search parameters (``hnsw_m``, ``ef_construction``, ``ef_search``;
-            ``nlist``, ``nprobe``).
+            ``nlist``, ``nprobe``; ``lexical``: :meth:`LexicalChannel.to_params`).
         format: :data:`INDEX_FORMAT`.
         built_unix: build time, seconds since the epoch.
     """
@@ -316,6 +319,15 @@ class GlobalIndex:
         self.index = index
         self.info = info
         self.directory = directory
+        try:
+            self.lexical = LexicalChannel.from_params(info.params.get("lexical"))
+        except (TypeError, ValueError) as err:
+            raise IndexCorruptError(f"index at {directory}: bad lexical channel: {err}") from err
+        if self.lexical is not None and info.dim <= self.lexical.dims:
+            raise IndexMismatchError(
+                f"index at {directory}: dimension {info.dim} leaves no room for a "
+                f"{self.lexical.dims}-d lexical channel"
+            )
         # The catalog stays columnar (about 60 bytes per entry at 1M entries instead of
         # ~450 bytes as Python lists and a text -> id dict): strings in Arrow buffers read
         # through StringColumn, numbers as numpy arrays, and membership by a sorted array of
@@ -328,6 +340,7 @@ class GlobalIndex:
         self._n_users = filled["n_users"].to_numpy()
         self._success = filled["success_rate"].to_numpy()
         self._last_seen = filled["last_seen"].to_numpy()
+        self._max_frequency = float(self._frequency.max()) if len(self._frequency) else 0.0
         if device_types is None and DEVICE_TYPES_COLUMN in catalog.column_names:
             device_types = catalog.column(DEVICE_TYPES_COLUMN).chunks
         self._load_device_types(device_types or ())
@@ -441,8 +454,9 @@ class GlobalIndex:
 
     @property
     def dim(self) -> int:
-        """Vector size."""
-        return self.info.dim
+        """Size of the query vectors :meth:`search` takes (the query tower's): the index's
+        dimension less its lexical channel's, if any."""
+        return self.info.dim - (self.lexical.dims if self.lexical is not None else 0)
 
     @property
     def encoder_id(self) -> str:
@@ -699,14 +713,24 @@ class GlobalIndex:
         return int(faiss.extract_index_ivf(self.index).nprobe)
 
     def search(
-        self, query_vecs: np.ndarray, k: int, device_types: bool = True
+        self,
+        query_vecs: np.ndarray,
+        k: int,
+        device_types: bool = True,
+        texts: Sequence[str] | None = None,
     ) -> list[list[RetrievedCandidate]]:
-        """Top-``k`` catalog entries per query by inner product (= cosine).
+        """Top-``k`` catalog entries per query by inner product: the cosine, or with a lexical
+        channel (:mod:`rewrite.lexical`, ``self.lexical``) by ``w * cosine + (1 - w) * n-gram
+        cosine + beta * prior``. Either way each candidate's ``dense_score`` is its dense
+        cosine (with a channel, taken back out of the hybrid score:
+        :meth:`LexicalChannel.dense_cosines`).
 
         Args:
             query_vecs: ``(n, dim)`` float32, L2-normalised query vectors (a ``(dim,)`` vector
                 is taken as one query).
             k: results per query (fewer when the catalog is smaller).
+            texts: the ``n`` normalized query texts; required when the index has a lexical
+                channel (their n-grams are appended to the vectors), ignored otherwise.
             device_types: fill each candidate's ``device_types`` tuple; False leaves them in
                 the index (``catalog_row`` points there) for :meth:`device_features` — the
                 online service's choice: building the tuples was ~13 % of the time its
@@ -716,7 +740,8 @@ class GlobalIndex:
             Per query, candidates best first, ``layer="global"``, catalog metadata filled.
 
         Raises:
-            ValueError: wrong shape or ``k < 1``.
+            ValueError: wrong shape, ``k < 1``, or a lexical channel without one text per
+                query.
         """
         x = np.asarray(query_vecs, dtype=np.float32)
         if x.ndim == 1:
@@ -725,11 +750,32 @@ class GlobalIndex:
             raise ValueError(f"query vectors must be (n, {self.dim}), got {x.shape}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if self.lexical is not None:
+            if texts is None or len(texts) != x.shape[0]:
+                raise ValueError(
+                    f"index at {self.directory} has a lexical channel: search needs one query "
+                    f"text per vector ({x.shape[0]} vectors, "
+                    f"{'no' if texts is None else len(texts)} texts)"
+                )
+            if x.shape[0]:
+                x = self.lexical.query_vectors(x, texts)
         if self.info.n == 0 or x.shape[0] == 0:
             return [[] for _ in range(x.shape[0])]
         scores, ids = self.index.search(np.ascontiguousarray(x), min(k, self.info.n))
         found = ids >= 0  # FAISS pads with -1 when fewer than k entries are reachable
-        flat = self._candidates(ids[found].astype(np.int64), scores[found].tolist(), device_types)
+        rows, hit_scores = ids[found].astype(np.int64), scores[found]
+        if self.lexical is not None and len(rows):
+            # ranked by the hybrid score; each candidate carries its dense cosine, the
+            # scale of the personal layer's scores and of the ranker's `dense_cosine`
+            query_of = np.nonzero(found)[0]
+            hit_scores = self.lexical.dense_cosines(
+                hit_scores,
+                x[query_of, self.dim : -1],
+                self._text.take(rows),
+                self._frequency[rows],
+                self._max_frequency,
+            )
+        flat = self._candidates(rows, hit_scores.tolist(), device_types)
         out: list[list[RetrievedCandidate]] = []
         at = 0
         for n_found in found.sum(axis=1).tolist():

@@ -21,7 +21,7 @@ from offline.index import (
     write_index_dir,
 )
 from rewrite import retrieval
-from rewrite.config import DprSettings
+from rewrite.config import DprSettings, LexicalSettings
 from rewrite.retrieval import (
     CATALOG_FILE,
     DEVICE_TYPES_TYPE,
@@ -38,6 +38,9 @@ from rewrite.retrieval import (
 
 DIM = 32
 ENCODER = "enc-test-0001"
+#: random vectors, no query texts: these tests index without the lexical channel
+#: (tests/test_lexical.py covers it)
+DENSE_ONLY = LexicalSettings(enabled=False)
 
 
 def catalog_table(n: int) -> pa.Table:
@@ -81,6 +84,7 @@ def build(
         hnsw_ef_search=64,
         ivf_min_entries=ivf_min,
         ivf_kind=ivf_kind,  # type: ignore[arg-type]
+        lexical=DENSE_ONLY,
     )
     write_index_dir(vecs, catalog_table(n), tmp, ENCODER, settings, version="v1", **kw)  # type: ignore[arg-type]
     return tmp, vecs
@@ -263,7 +267,8 @@ def test_device_types_reach_the_candidates_and_cost_nothing_when_absent(
     col = table.schema.get_field_index("device_types")
     table = table.set_column(col, "device_types", pa.array(stats, DEVICE_TYPES_TYPE))
     vecs = unit_vectors(n)
-    write_index_dir(vecs, table, tmp_path / "a", ENCODER, DprSettings(), version="v1")
+    dense_only = DprSettings(lexical=DENSE_ONLY)
+    write_index_dir(vecs, table, tmp_path / "a", ENCODER, dense_only, version="v1")
     index = GlobalIndex.load(tmp_path / "a")
     for i in range(n):
         want = (
@@ -305,7 +310,7 @@ def test_device_types_reach_the_candidates_and_cost_nothing_when_absent(
     )
     np.testing.assert_array_equal(got, want)
     # without device types (all empty): nothing stored, candidates carry none
-    write_index_dir(vecs, catalog_table(n), tmp_path / "b", ENCODER, DprSettings(), version="v1")
+    write_index_dir(vecs, catalog_table(n), tmp_path / "b", ENCODER, dense_only, version="v1")
     plain = GlobalIndex.load(tmp_path / "b")
     assert plain._dt_off is None and plain.search(vecs[:1], k=3)[0][0].device_types == ()
 
@@ -439,8 +444,8 @@ def test_empty_catalog_gives_an_empty_flat_index(tmp_path: Path) -> None:
     vecs = np.zeros((0, DIM), dtype=np.float32)
     write_index_dir(vecs, catalog_table(0), tmp_path, ENCODER, settings)
     index = GlobalIndex.load(tmp_path)
-    assert len(index) == 0 and index.kind == "flat"
-    assert index.search(unit_vectors(2), k=3) == [[], []]
+    assert len(index) == 0 and index.kind == "flat" and index.dim == DIM  # lexical channel on
+    assert index.search(unit_vectors(2), k=3, texts=["a", "b"]) == [[], []]
 
 
 def test_normalize_catalog_fills_defaults_and_drops_repeats() -> None:
@@ -499,12 +504,16 @@ def test_build_index_with_the_zero_shot_encoder(
         version="v7",
         progress=False,
     )
-    assert (info.kind, info.n, info.dim, info.version) == ("flat", 5, 384, "v7")
+    # the index carries the lexical channel (default): 384 dense + 127 n-gram + 1 prior
+    assert (info.kind, info.n, info.dim, info.version) == ("flat", 5, 512, "v7")
+    assert info.params["lexical"] == DprSettings().lexical.channel().to_params()  # type: ignore[union-attr]
     assert indexed == texts and vectors.shape == (5, 384)  # what the job keeps for publishing
     np.testing.assert_allclose(vectors, passage.encode(texts), atol=1e-5)
     qe = QueryEncoder.load(art)
     index = GlobalIndex.load(tmp_path / "index", expected_encoder_id=qe.encoder_id)
-    res = index.search(qe.encode(["turn of the lights", "whats the whether in boston"]), k=3)
+    assert index.dim == 384
+    queries = ["turn of the lights", "whats the whether in boston"]
+    res = index.search(qe.encode(queries), k=3, texts=queries)
     assert res[0][0].text == "turn off the lights" and res[0][0].frequency == 5
     assert res[1][0].text == "what's the weather in boston" and res[1][0].domain == "x"
     assert res[0][0].dense_score > res[0][1].dense_score
