@@ -147,32 +147,6 @@ class LexicalChannel:
         top = float(np.log1p(max(float(max_frequency), 0.0)))
         return np.minimum(np.log1p(f) / top, 1.0) if top > 0.0 else np.zeros_like(f)
 
-    def dense_cosines(
-        self,
-        scores: np.ndarray,
-        query_ngrams: np.ndarray,
-        passage_texts: Sequence[str],
-        frequencies: np.ndarray,
-        max_frequency: float,
-    ) -> np.ndarray:
-        """The dense cosines inside hybrid inner products: ``(score - (1 - w) * n-gram
-        cosine - beta * prior) / w``, so a candidate found through the channel carries the
-        same cosine a dense-only search (or the personal layer) would give it.
-
-        Args:
-            scores: ``(m,)`` inner products of query and passage vectors of this channel.
-            query_ngrams: ``(m, hashed_dims)`` the matching queries' n-gram blocks.
-            passage_texts: the ``m`` passages' texts.
-            frequencies: ``(m,)`` their catalog frequencies; ``max_frequency`` as at build.
-
-        Returns:
-            ``(m,)`` float64 (as exact as the index's scores: approximate for quantized kinds).
-        """
-        ngram_cos = np.einsum("ij,ij->i", self.ngram_vectors(passage_texts), query_ngrams)
-        prior = self.prior(frequencies, max_frequency)
-        rest = (1.0 - self.dense_weight) * ngram_cos + self.prior_weight * prior
-        return (np.asarray(scores, dtype=np.float64) - rest) / self.dense_weight
-
     def query_vectors(self, dense: np.ndarray, texts: Sequence[str]) -> np.ndarray:
         """Query side: ``[dense, ngrams, 1]``.
 

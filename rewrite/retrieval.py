@@ -328,6 +328,12 @@ class GlobalIndex:
                 f"index at {directory}: dimension {info.dim} leaves no room for a "
                 f"{self.lexical.dims}-d lexical channel"
             )
+        if self.lexical is not None and info.kind == "ivf_sq8":
+            import faiss
+
+            # search reads hits' stored vectors back (their dense cosines); an inverted file
+            # needs an id -> (list, offset) map for that (8 bytes per entry)
+            faiss.extract_index_ivf(index).make_direct_map()
         # The catalog stays columnar (about 60 bytes per entry at 1M entries instead of
         # ~450 bytes as Python lists and a text -> id dict): strings in Arrow buffers read
         # through StringColumn, numbers as numpy arrays, and membership by a sorted array of
@@ -340,7 +346,6 @@ class GlobalIndex:
         self._n_users = filled["n_users"].to_numpy()
         self._success = filled["success_rate"].to_numpy()
         self._last_seen = filled["last_seen"].to_numpy()
-        self._max_frequency = float(self._frequency.max()) if len(self._frequency) else 0.0
         if device_types is None and DEVICE_TYPES_COLUMN in catalog.column_names:
             device_types = catalog.column(DEVICE_TYPES_COLUMN).chunks
         self._load_device_types(device_types or ())
@@ -722,8 +727,7 @@ class GlobalIndex:
         """Top-``k`` catalog entries per query by inner product: the cosine, or with a lexical
         channel (:mod:`rewrite.lexical`, ``self.lexical``) by ``w * cosine + (1 - w) * n-gram
         cosine + beta * prior``. Either way each candidate's ``dense_score`` is its dense
-        cosine (with a channel, taken back out of the hybrid score:
-        :meth:`LexicalChannel.dense_cosines`).
+        cosine (with a channel, from the dense block of the hit's stored vector).
 
         Args:
             query_vecs: ``(n, dim)`` float32, L2-normalised query vectors (a ``(dim,)`` vector
@@ -765,16 +769,14 @@ class GlobalIndex:
         found = ids >= 0  # FAISS pads with -1 when fewer than k entries are reachable
         rows, hit_scores = ids[found].astype(np.int64), scores[found]
         if self.lexical is not None and len(rows):
-            # ranked by the hybrid score; each candidate carries its dense cosine, the
-            # scale of the personal layer's scores and of the ranker's `dense_cosine`
+            # ranked by the hybrid score; each candidate carries its dense cosine (the scale
+            # of the personal layer's scores and of the ranker's `dense_cosine`): the dense
+            # block of its indexed vector (as the index stores it: exact for flat and HNSW,
+            # the 6- / 8-bit codes for the IVF kinds) against the query's, over w
+            stored = self.index.reconstruct_batch(rows)
             query_of = np.nonzero(found)[0]
-            hit_scores = self.lexical.dense_cosines(
-                hit_scores,
-                x[query_of, self.dim : -1],
-                self._text.take(rows),
-                self._frequency[rows],
-                self._max_frequency,
-            )
+            dense = np.einsum("ij,ij->i", stored[:, : self.dim], x[query_of, : self.dim])
+            hit_scores = dense / self.lexical.dense_weight
         flat = self._candidates(rows, hit_scores.tolist(), device_types)
         out: list[list[RetrievedCandidate]] = []
         at = 0
