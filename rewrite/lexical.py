@@ -113,26 +113,33 @@ class LexicalChannel:
             return np.zeros((0, self.hashed_dims), dtype=np.float32)
         # all texts at once: one byte buffer, n-gram codes built incrementally (the code of
         # an n-gram extends the code of its (n-1)-gram prefix), kept where they fit the row
+        # (a lone text, the service's common case, needs no row bookkeeping)
         raw = [f" {t} ".encode() for t in texts]
-        lens = np.fromiter(map(len, raw), dtype=np.int64, count=n_rows)
         buf = np.frombuffer(b"".join(raw), dtype=np.uint8).astype(np.uint64)
-        row = np.repeat(np.arange(n_rows, dtype=np.int64), lens)
-        room = np.repeat(np.cumsum(lens), lens) - np.arange(len(buf))  # bytes left in the row
-        code = np.zeros(len(buf), dtype=np.uint64)
+        if n_rows > 1:
+            lens = np.fromiter(map(len, raw), dtype=np.int64, count=n_rows)
+            row = np.repeat(np.arange(n_rows, dtype=np.int64), lens)
+            room = np.repeat(np.cumsum(lens), lens) - np.arange(len(buf))  # bytes left in row
+        code = buf
         codes, rows = [], []
         for n in range(1, self.ngram_max + 1):
             m = len(buf) - n + 1
             if m <= 0:
                 break
-            code = code[:m] | (buf[n - 1 : n - 1 + m] << np.uint64(8 * (n - 1)))
+            if n > 1:
+                code = code[:m] | (buf[n - 1 : n - 1 + m] << np.uint64(8 * (n - 1)))
             if n >= self.ngram_min:
-                keep = room[:m] >= n
-                codes.append(code[keep] | np.uint64(n << 56))
-                rows.append(row[:m][keep])
+                if n_rows > 1:
+                    keep = room[:m] >= n
+                    codes.append(code[keep] | np.uint64(n << 56))
+                    rows.append(row[:m][keep] * self.hashed_dims)
+                else:
+                    codes.append(code | np.uint64(n << 56))
         h = np.concatenate(codes) * _GOLDEN  # wraps modulo 2^64
-        bucket = (h >> np.uint64(33)) % np.uint64(self.hashed_dims)
-        sign = 1.0 - 2.0 * ((h >> np.uint64(32)) & np.uint64(1)).astype(np.float64)
-        flat = np.concatenate(rows) * self.hashed_dims + bucket.astype(np.int64)
+        flat = ((h >> np.uint64(33)) % np.uint64(self.hashed_dims)).astype(np.int64)
+        if n_rows > 1:
+            flat += np.concatenate(rows)
+        sign = np.where(h & np.uint64(1 << 32), -1.0, 1.0)
         v = np.bincount(flat, weights=sign, minlength=n_rows * self.hashed_dims)
         v = v.reshape(n_rows, self.hashed_dims)
         norm = np.sqrt(np.einsum("ij,ij->i", v, v))

@@ -62,6 +62,8 @@ def test_ngram_vectors_match_a_direct_count_of_the_hashed_ngrams() -> None:
     got = ch.ngram_vectors(texts)
     for text, row in zip(texts, got, strict=True):
         np.testing.assert_allclose(row, direct(text), rtol=1e-6, atol=1e-7)
+        # a lone text takes the path without row bookkeeping
+        np.testing.assert_allclose(ch.ngram_vectors([text])[0], direct(text), rtol=1e-6, atol=1e-7)
 
 
 def test_ngram_vectors_do_not_depend_on_the_process() -> None:
