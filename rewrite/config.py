@@ -246,34 +246,38 @@ class SimulatorSettings(BaseModel):
     habit_share: float = 0.6
 
 
+_LEXICAL_DEFAULTS = LexicalChannel()
+
+
 class LexicalSettings(BaseModel):
     """The global index's lexical channel (:mod:`rewrite.lexical`): hashed character n-grams
     and a log-frequency prior appended to the passage and query vectors, so one FAISS search
     scores ``dense_weight * cosine + (1 - dense_weight) * n-gram cosine + prior_weight *
     prior``. Written into ``index.json`` by the job; the service reads it from there (changing
-    it here takes effect at the next index build). Measured on fine-tuned towers
-    (2026-12-07, README "Online rewriting"): recall@1 on DSTC2 dev 0.152 -> 0.174 (SymSpell
-    0.162), simulated day 0.970 -> 0.994 (SymSpell 0.991)."""
+    it here takes effect at the next index build). Defaults and ranges are
+    :class:`~rewrite.lexical.LexicalChannel`'s (checked by building one). Measured on
+    fine-tuned towers (2026-12-07, README "Online rewriting"): recall@1 on DSTC2 dev 0.152 ->
+    0.174 (SymSpell 0.162), simulated day 0.970 -> 0.994 (SymSpell 0.991)."""
 
     enabled: bool = True
-    hashed_dims: int = Field(default=127, ge=1)
-    ngram_min: int = Field(default=2, ge=1, le=7)
-    ngram_max: int = Field(default=4, ge=1, le=7)
-    dense_weight: float = Field(default=0.6, gt=0.0, le=1.0)
-    prior_weight: float = Field(default=0.2, ge=0.0)
+    hashed_dims: int = _LEXICAL_DEFAULTS.hashed_dims
+    ngram_min: int = _LEXICAL_DEFAULTS.ngram_min
+    ngram_max: int = _LEXICAL_DEFAULTS.ngram_max
+    dense_weight: float = _LEXICAL_DEFAULTS.dense_weight
+    prior_weight: float = _LEXICAL_DEFAULTS.prior_weight
 
     @model_validator(mode="after")
-    def _ngram_order(self) -> LexicalSettings:
-        if self.ngram_min > self.ngram_max:
-            raise ValueError(f"ngram_min {self.ngram_min} > ngram_max {self.ngram_max}")
+    def _in_range(self) -> LexicalSettings:
+        self._build()  # LexicalChannel's ValueError becomes a ValidationError
         return self
+
+    def _build(self) -> LexicalChannel:
+        return LexicalChannel(**self.model_dump(exclude={"enabled"}))
 
     def channel(self) -> LexicalChannel | None:
         """The :class:`rewrite.lexical.LexicalChannel` these settings describe (None when
         disabled)."""
-        if not self.enabled:
-            return None
-        return LexicalChannel(**self.model_dump(exclude={"enabled"}))
+        return self._build() if self.enabled else None
 
 
 class DprSettings(BaseModel):

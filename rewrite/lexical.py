@@ -23,20 +23,18 @@ live on the passage side, so the query side needs only the n-gram settings (reco
 
 The hashing is ours rather than scikit-learn's ``HashingVectorizer``: that costs ~0.5 ms per
 call for one utterance (input validation, sparse matrices), a quarter of the online budget;
-this one costs ~15-25 µs per text with numpy, and is deterministic across processes and
-platforms (a multiplicative hash of the n-gram's UTF-8 bytes, not Python's seeded ``hash``).
+this one costs ~40 µs for one utterance and 0.10-0.15 ms for a batch of 12 with numpy (2-core
+AVX2 machine, 2026-12-07), and is deterministic across processes and platforms (a
+multiplicative hash of the n-gram's UTF-8 bytes, not Python's seeded ``hash``).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Knuth's multiplicative hash constant (2^64 / phi)
 _MAX_N = 7  # n-gram bytes packed into one uint64 code next to the length tag

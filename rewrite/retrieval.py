@@ -754,17 +754,16 @@ class GlobalIndex:
             raise ValueError(f"query vectors must be (n, {self.dim}), got {x.shape}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        if self.lexical is not None:
-            if texts is None or len(texts) != x.shape[0]:
-                raise ValueError(
-                    f"index at {self.directory} has a lexical channel: search needs one query "
-                    f"text per vector ({x.shape[0]} vectors, "
-                    f"{'no' if texts is None else len(texts)} texts)"
-                )
-            if x.shape[0]:
-                x = self.lexical.query_vectors(x, texts)
+        if self.lexical is not None and (texts is None or len(texts) != x.shape[0]):
+            raise ValueError(
+                f"index at {self.directory} has a lexical channel: search needs one query "
+                f"text per vector ({x.shape[0]} vectors, "
+                f"{'no' if texts is None else len(texts)} texts)"
+            )
         if self.info.n == 0 or x.shape[0] == 0:
             return [[] for _ in range(x.shape[0])]
+        if self.lexical is not None and texts is not None:  # texts: checked above
+            x = self.lexical.query_vectors(x, texts)
         scores, ids = self.index.search(np.ascontiguousarray(x), min(k, self.info.n))
         found = ids >= 0  # FAISS pads with -1 when fewer than k entries are reachable
         rows, hit_scores = ids[found].astype(np.int64), scores[found]
