@@ -443,7 +443,8 @@ def train_ranker_cmd(
             "trigger_threshold": m["trigger_threshold"],
             "threshold_met": m["threshold_met"],
             "best_iteration": m["best_iteration"],
-            "dev": m["metrics"]["dev"],
+            "oof": m["metrics"]["oof"],
+            "cross_fit": {k: v for k, v in m["cross_fit"].items() if k != "mean_oof_ndcg@1"},
             "test": m["metrics"]["test"],
             "train_seconds": m["train_seconds"],
         }

@@ -161,7 +161,7 @@ def train_run_ranker(run: Path, settings: Settings, root: Path, console: Console
         console.print(
             f"   ranker trained on {len(groups)} groups (held-out recall@1 "
             f"{test.get('recall@1', 0.0):.2f}); no threshold reaches precision "
-            f"{res.meta.get('target_precision', 0.9)} on dev, so the online layer stays silent"
+            f"{res.meta.get('target_precision', 0.9)} out of fold, so the online layer stays silent"
         )
     return res.artifact
 

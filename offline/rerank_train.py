@@ -7,17 +7,29 @@ pairs / rephrase links) — with the candidates a :data:`CandidateGenerator` ret
 A group whose rewrite equals the query (the utterance was fine) teaches "don't rewrite": the
 identical candidate is the positive and the trigger never fires on it.
 
-Training: groups split **by user** (no user in two splits; train/dev/test), LightGBM
-``objective=lambdarank``, ``metric=ndcg@1,3``, deterministic (``seed``, ``deterministic=True``,
-``force_row_wise=True``, ``num_threads``), early stopping on dev ndcg@1 (LightGBM: Ke et al.,
-NeurIPS 2017; LambdaMART: Burges, MSR-TR-2010-82).
+Training: the users are split once into **test** users (``test_frac``, held out for the
+report) and the rest, which are **cross-fitted**: dealt into ``cv_folds`` folds by user (no
+user in two folds), a LightGBM ``objective=lambdarank`` model per fold is trained on the other
+folds, and the number of boosting rounds is the fewest whose *mean* held-out ndcg@1 over the
+folds is within one standard error of the best (the one-standard-error rule). Each group's
+**out-of-fold** (OOF) score comes from the model that never saw its user; the served ranker is
+refitted on all non-test users with that many rounds. Deterministic (``seed``,
+``deterministic=True``, ``force_row_wise=True``, ``num_threads``). (LightGBM: Ke et al.,
+NeurIPS 2017; LambdaMART: Burges, MSR-TR-2010-82; out-of-fold stacking: Wolpert, "Stacked
+generalization", Neural Networks 1992.)
 
-Trigger threshold: on dev, the **lowest** score threshold whose precision at trigger is >= the
-target (0.9). Precision at trigger = share of triggered queries whose top candidate is the
-correct rewrite; a query whose correct rewrite is not among its candidates is a wrong trigger if
-it triggers. A query triggers when its top candidate differs from the query and scores >= the
-threshold (:func:`rewrite.rerank.trigger`). A Platt scaling of the top score (Platt, 1999),
-fitted on dev, gives the response confidence.
+Trigger: a LightGBM binary model over the top candidate's features, its ranker score and the
+margin (:data:`rewrite.rerank.TRIGGER_FEATURE_NAMES`), trained on the OOF rows of every
+non-test group, so it learns from ranker scores of queries the ranker had not seen, as at
+serving. Its threshold is the **lowest** whose precision at trigger on the trigger model's own
+out-of-fold probabilities (same folds) is >= the target (0.9). Precision at trigger = share of
+triggered queries whose top candidate is the correct rewrite; a query whose correct rewrite is
+not among its candidates is a wrong trigger if it triggers. A query triggers when its top
+candidate differs from the query and its probability clears the threshold
+(:func:`rewrite.rerank.trigger`). Choosing the threshold on all non-test users instead of a
+15 % dev split is what makes it stable across seeds (README, "Online rewriting"). A Platt
+scaling of the OOF top score (Platt, 1999) gives the response confidence when no trigger
+model could be fitted.
 
 Artifacts: ``<artifacts_dir>/<content-hash>/ranker.txt`` (LightGBM text model),
 ``ranker.json`` and the ONNX export the service runs (``ranker.onnx`` / ``trigger.onnx``,
@@ -25,9 +37,11 @@ Artifacts: ``<artifacts_dir>/<content-hash>/ranker.txt`` (LightGBM text model),
 ``<artifacts_dir>/LATEST`` names the newest. Written under a temporary name and renamed when
 complete.
 
-Figures reported per split (dev, test): recall@1 and MRR of the dense order (retrieval alone),
-the :class:`~rewrite.rerank.HeuristicRanker` and the trained ranker; precision at trigger and
-trigger rate of the ranker at the chosen threshold.
+Figures reported per split — ``train`` (the refitted models on their own training groups),
+``oof`` (out-of-fold over the non-test users: the honest development figure) and ``test``
+(held-out users, refitted models): recall@1 and MRR of the dense order (retrieval alone), the
+:class:`~rewrite.rerank.HeuristicRanker` and the trained ranker; precision at trigger and
+trigger rate at the chosen threshold.
 """
 
 from __future__ import annotations
@@ -483,19 +497,36 @@ def split_by_user(
     """Split groups into ``train``/``dev``/``test`` so that no user is in two splits.
 
     Users are shuffled with ``random.Random(seed)`` (sorted first: deterministic) and cut by
-    count; dev and test get at least one user each when there are >= 3 users.
+    count; dev and test (each when its share is > 0) get at least one user each when there
+    are >= 3 users.
     """
     users = sorted({g.user for g in groups})
     random.Random(seed).shuffle(users)
     n = len(users)
-    n_dev = max(round(n * dev_frac), 1 if n >= 3 else 0)
-    n_test = max(round(n * test_frac), 1 if n >= 3 else 0)
+    n_dev = max(round(n * dev_frac), 1 if n >= 3 and dev_frac > 0 else 0)
+    n_test = max(round(n * test_frac), 1 if n >= 3 and test_frac > 0 else 0)
     part = {u: "dev" for u in users[:n_dev]}
     part.update({u: "test" for u in users[n_dev : n_dev + n_test]})
     out: dict[str, list[RankGroup]] = {"train": [], "dev": [], "test": []}
     for g in groups:
         out[part.get(g.user, "train")].append(g)
     return out
+
+
+def folds_by_user(groups: Sequence[RankGroup], k: int, seed: int) -> np.ndarray:
+    """Cross-fitting folds: ``(G,)`` int64 fold in ``[0, min(k, users))`` of each group, users
+    shuffled with ``random.Random(seed)`` (sorted first: deterministic) and dealt round-robin,
+    so no user is in two folds and the folds' user counts differ by at most one.
+
+    Raises:
+        ValueError: ``k < 2``.
+    """
+    if k < 2:
+        raise ValueError(f"cross-fitting needs at least 2 folds, got {k}")
+    users = sorted({g.user for g in groups})
+    random.Random(seed).shuffle(users)
+    fold_of = {u: i % k for i, u in enumerate(users)}
+    return np.array([fold_of[g.user] for g in groups], dtype=np.int64)
 
 
 @dataclass
@@ -521,6 +552,22 @@ def group_matrix(groups: Sequence[RankGroup]) -> GroupMatrix:
     ys = [g.labels() for g in groups]
     y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.float32)
     return GroupMatrix(x, y.astype(np.float32), offsets)
+
+
+def take_groups(gm: GroupMatrix, idx: np.ndarray) -> GroupMatrix:
+    """The groups ``idx`` ((g,) int, in that order) of ``gm`` as a new :class:`GroupMatrix`."""
+    sizes = gm.sizes()[idx]
+    offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    rows = group_rows(gm, idx)
+    return GroupMatrix(gm.x[rows], gm.y[rows], offsets)
+
+
+def group_rows(gm: GroupMatrix, idx: np.ndarray) -> np.ndarray:
+    """Row indices of ``gm`` owned by the groups ``idx`` ((g,) int), in that order."""
+    if len(idx) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(gm.offsets[g], gm.offsets[g + 1]) for g in idx])
 
 
 @dataclass(frozen=True)
@@ -646,7 +693,14 @@ def fit_platt(scores: np.ndarray, correct: np.ndarray, l2: float = 1e-3) -> dict
 
 @dataclass(frozen=True)
 class RankerTrainConfig:
-    """LightGBM and split settings of ``qrw train ranker``."""
+    """LightGBM, split and cross-fitting settings of ``qrw train ranker``.
+
+    ``num_boost_round`` is the most rounds a fold model trains; the served ranker gets the
+    count the one-standard-error rule picks from the folds' held-out ndcg@1
+    (:func:`cross_fit_ranker`). ``cv_folds``: folds by user over the non-test
+    users (fewer when there are fewer users). ``test_frac``: share of users held out for the
+    report. ``min_oof_triggers``: out-of-fold triggers a threshold must fire on to count.
+    """
 
     num_boost_round: int = 500
     learning_rate: float = 0.05
@@ -654,13 +708,12 @@ class RankerTrainConfig:
     min_data_in_leaf: int = 20
     feature_fraction: float = 1.0
     lambda_l2: float = 1.0
-    early_stopping_rounds: int = 50
     seed: int = 13
     num_threads: int = 2
-    dev_frac: float = 0.15
+    cv_folds: int = 5
     test_frac: float = 0.15
     target_precision: float = 0.9
-    min_dev_triggers: int = 20  # a threshold must trigger on this many dev groups
+    min_oof_triggers: int = 20  # a threshold must trigger on this many out-of-fold groups
 
     def params(self) -> dict[str, Any]:
         """LightGBM parameters (deterministic)."""
@@ -760,18 +813,22 @@ def fit_trigger_model(
     gm: GroupMatrix,
     scores: np.ndarray,
     config: RankerTrainConfig,
-    folds: int = 5,
+    fold: np.ndarray,
     rounds: int = 150,
 ) -> TriggerModel | None:
-    """Train the trigger model on held-out groups (dev): a LightGBM binary classifier of
-    "the top candidate under the ranker is a correct, different rewrite" over
-    :data:`rewrite.rerank.TRIGGER_FEATURE_NAMES`, with the threshold for
-    ``config.target_precision`` chosen on out-of-fold probabilities (``folds`` folds by user,
-    so no user is in both halves), then refitted on all eligible groups.
+    """Train the trigger model: a LightGBM binary classifier of "the top candidate under the
+    ranker is a correct, different rewrite" over :data:`rewrite.rerank.TRIGGER_FEATURE_NAMES`,
+    with the threshold for ``config.target_precision`` chosen on its out-of-fold probabilities
+    (folds ``fold``, by user: no user in both halves), then refitted on all eligible groups.
 
     Lambdarank scores only order candidates within a query; this model turns the top one into
     a probability that is comparable across queries, and it learns from the groups whose query
     needs no rewrite (negatives) which a lambdarank loss never sees.
+
+    Args:
+        groups: the groups; ``gm`` their features, ``scores`` ``(N,)`` their ranker scores
+            (out of fold: from rankers that did not see the group's user).
+        fold: ``(G,)`` int fold of each group (:func:`folds_by_user`).
 
     Returns:
         None when fewer than 10 correct or 10 wrong eligible top candidates exist.
@@ -781,14 +838,11 @@ def fit_trigger_model(
     elig = tc.eligible.copy()
     y = tc.correct.astype(np.float64)
     if int(y[elig].sum()) < 10 or int((1 - y[elig]).sum()) < 10:
-        log.warning("too few eligible dev groups for a trigger model (%d)", int(elig.sum()))
+        log.warning("too few eligible groups for a trigger model (%d)", int(elig.sum()))
         return None
     params = _trigger_params(config)
-    fold = np.array(
-        [int(hashlib.sha256(g.user.encode()).hexdigest()[:8], 16) % folds for g in groups]
-    )
     oof = np.full(len(groups), -np.inf)
-    for f in range(folds):
+    for f in np.unique(fold).tolist():
         tr, te = elig & (fold != f), elig & (fold == f)
         if not te.any() or len(np.unique(y[tr])) < 2:
             continue
@@ -797,7 +851,7 @@ def fit_trigger_model(
     threshold, met = choose_threshold(
         TopChoice(oof, tc.correct, elig & np.isfinite(oof), tc.rank, tc.positive),
         config.target_precision,
-        config.min_dev_triggers,
+        config.min_oof_triggers,
     )
     booster = lgb.train(
         params,
@@ -811,6 +865,83 @@ def fit_trigger_model(
     )
     model_str = booster.model_to_string()
     return TriggerModel(lgb.Booster(model_str=model_str), model_str, threshold, met, oof, params)
+
+
+@dataclass
+class CrossFit:
+    """What :func:`cross_fit_ranker` measured: ``oof`` ``(N,)`` out-of-fold ranker scores of
+    every row, ``rounds`` the boosting rounds chosen (one-standard-error rule), ``curve`` the
+    mean held-out ndcg@1 per round, ``se`` its standard error at the best round, ``fold_best``
+    each fold's own best round (report)."""
+
+    oof: np.ndarray
+    rounds: int
+    curve: list[float]
+    se: float
+    fold_best: list[int]
+
+
+def cross_fit_ranker(gm: GroupMatrix, fold: np.ndarray, config: RankerTrainConfig) -> CrossFit:
+    """One lambdarank model per fold, trained on the other folds for
+    ``config.num_boost_round`` rounds with the held-out fold's ndcg@1 recorded each round.
+    The round count is chosen by the **one-standard-error rule** (Breiman et al., CART, 1984;
+    Hastie et al., ESL 2nd ed. §7.10): the fewest rounds whose mean held-out ndcg@1 is within
+    one standard error (over the folds, at the best round) of the best mean. The curve is flat
+    over hundreds of rounds on a night's groups, and its raw maximum landed anywhere from 57 to
+    365 rounds between seeds (2026-12-07); those rounds then score each held-out fold.
+
+    Args:
+        gm: the groups' features and labels; ``fold`` ``(G,)`` their folds (by user).
+
+    Raises:
+        ValueError: a fold's training groups hold no correct candidate at all.
+    """
+    params = config.params()
+    folds = np.unique(fold).tolist()
+    models: dict[int, lgb.Booster] = {}
+    curves: list[list[float]] = []
+    fold_best: list[int] = []
+    for f in folds:
+        train_gm = take_groups(gm, np.nonzero(fold != f)[0])
+        held_gm = take_groups(gm, np.nonzero(fold == f)[0])
+        train_ds = _dataset(train_gm)
+        if train_ds is None:
+            raise ValueError(f"fold {f}: no training group has its correct rewrite listed")
+        held_ds = _dataset(held_gm, reference=train_ds)
+        evals: dict[str, Any] = {}
+        models[f] = lgb.train(
+            params,
+            train_ds,
+            num_boost_round=config.num_boost_round,
+            valid_sets=[held_ds] if held_ds is not None else [],
+            valid_names=["held_out"] if held_ds is not None else [],
+            callbacks=[lgb.record_evaluation(evals)],
+        )
+        curve = evals.get("held_out", {}).get("ndcg@1")
+        if curve:
+            curves.append(list(curve))
+            fold_best.append(int(np.argmax(curve)) + 1)
+    per_fold = np.asarray(curves)  # (folds with a held-out positive, rounds)
+    mean_curve = per_fold.mean(axis=0) if curves else np.zeros(0)
+    se = 0.0
+    if len(mean_curve):
+        best = int(np.argmax(mean_curve))
+        se = (
+            float(per_fold[:, best].std(ddof=1)) / math.sqrt(len(curves))
+            if len(curves) > 1
+            else 0.0
+        )
+        rounds = int(np.nonzero(mean_curve >= mean_curve[best] - se)[0][0]) + 1
+    else:
+        rounds = config.num_boost_round
+    oof = np.zeros(len(gm.x), dtype=np.float64)
+    for f in folds:
+        rows = group_rows(gm, np.nonzero(fold == f)[0])
+        if len(rows):
+            oof[rows] = models[f].predict(
+                gm.x[rows], num_iteration=rounds, num_threads=config.num_threads
+            )
+    return CrossFit(oof, rounds, [float(v) for v in mean_curve], se, fold_best)
 
 
 def _split_report(
@@ -859,7 +990,9 @@ def train_ranker(
     source: str = "",
     update_latest: bool = True,
 ) -> RankerTrainResult:
-    """Split by user, train the lambdarank model, choose the trigger threshold on dev, save.
+    """Hold out test users, cross-fit the lambdarank model and the trigger model on the rest
+    (module docstring), choose the trigger threshold out of fold, refit both on all non-test
+    users, save.
 
     Args:
         groups: all training groups (:func:`build_groups` / :func:`read_groups`).
@@ -870,32 +1003,25 @@ def train_ranker(
         update_latest: point ``<out_root>/LATEST`` at the new artifact.
 
     Raises:
-        ValueError: no train or no dev group with the correct rewrite among its candidates.
+        ValueError: fewer than 2 non-test users, or no non-test group (or a fold's training
+            groups) with the correct rewrite among its candidates.
     """
     config = config or RankerTrainConfig()
     t0 = time.perf_counter()
-    splits = split_by_user(groups, config.dev_frac, config.test_frac, config.seed)
+    held = split_by_user(groups, 0.0, config.test_frac, config.seed)
+    splits = {"train": held["train"], "test": held["test"]}
+    n_users = len({g.user for g in splits["train"]})
+    if n_users < 2:
+        raise ValueError(f"cross-fitting needs at least 2 users besides the test users ({n_users})")
     mats = {name: group_matrix(gs) for name, gs in splits.items()}
-    train_ds = _dataset(mats["train"])
-    if train_ds is None:
+    fit_gm = mats["train"]
+    full_ds = _dataset(fit_gm)
+    if full_ds is None:
         raise ValueError("no training group has its correct rewrite among the candidates")
-    dev_ds = _dataset(mats["dev"], reference=train_ds)
-    if dev_ds is None:
-        raise ValueError("no dev group has its correct rewrite among the candidates")
-    evals: dict[str, Any] = {}
-    booster = lgb.train(
-        config.params(),
-        train_ds,
-        num_boost_round=config.num_boost_round,
-        valid_sets=[dev_ds],
-        valid_names=["dev"],
-        callbacks=[
-            lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False),
-            lgb.record_evaluation(evals),
-        ],
-    )
-    best_iter = int(booster.best_iteration or booster.current_iteration())
-    model_str = booster.model_to_string(num_iteration=best_iter)
+    fold = folds_by_user(splits["train"], min(config.cv_folds, n_users), config.seed)
+    cf = cross_fit_ranker(fit_gm, fold, config)
+    booster = lgb.train(config.params(), full_ds, num_boost_round=cf.rounds)
+    model_str = booster.model_to_string()
     booster = lgb.Booster(model_str=model_str)  # exactly what is saved
     train_s = time.perf_counter() - t0
 
@@ -905,8 +1031,11 @@ def train_ranker(
         else np.zeros(0)
         for name, m in mats.items()
     }
-    tc_dev = top_choices(splits["dev"], scores["dev"], mats["dev"].offsets)
-    trig = fit_trigger_model(splits["dev"], mats["dev"], scores["dev"], config)
+    scores["oof"] = cf.oof
+    mats["oof"] = fit_gm
+    splits_oof = {**splits, "oof": splits["train"]}
+    tc_oof = top_choices(splits["train"], cf.oof, fit_gm.offsets)
+    trig = fit_trigger_model(splits["train"], fit_gm, cf.oof, config, fold)
     decision: dict[str, np.ndarray | None] = {name: None for name in mats}
     if trig is not None:
         threshold, met = trig.threshold, trig.met
@@ -917,22 +1046,22 @@ def train_ranker(
                 if len(rows)
                 else np.zeros(0)
             )
-        decision["dev"] = trig.oof  # out of fold: the honest dev figure
+        decision["oof"] = trig.oof  # out of fold: the honest development figure
     else:
-        threshold, met = choose_threshold(tc_dev, config.target_precision, config.min_dev_triggers)
+        threshold, met = choose_threshold(tc_oof, config.target_precision, config.min_oof_triggers)
     if not met:
         log.warning(
-            "no dev threshold reaches precision %.2f; the ranker will not trigger",
+            "no out-of-fold threshold reaches precision %.2f; the ranker will not trigger",
             config.target_precision,
         )
-    eligible = tc_dev.eligible & np.isfinite(tc_dev.score)
-    platt = fit_platt(tc_dev.score[eligible], tc_dev.correct[eligible])
+    eligible = tc_oof.eligible & np.isfinite(tc_oof.score)
+    platt = fit_platt(tc_oof.score[eligible], tc_oof.correct[eligible])
     heuristic = HeuristicRanker(heuristic_threshold)
     metrics = {
         name: _split_report(
-            splits[name], mats[name], scores[name], threshold, heuristic, decision[name]
+            splits_oof[name], mats[name], scores[name], threshold, heuristic, decision[name]
         )
-        for name in ("train", "dev", "test")
+        for name in ("train", "oof", "test")
     }
     gain = booster.feature_importance(importance_type="gain")
     model_sha = hashlib.sha256(model_str.encode()).hexdigest()
@@ -947,10 +1076,13 @@ def train_ranker(
             "sha256": trigger_sha,
             "feature_names": list(TRIGGER_FEATURE_NAMES),
             "params": trig.params,
-            "threshold_from": "out-of-fold dev probabilities (5 folds by user)",
+            "threshold_from": (
+                f"out-of-fold probabilities over the non-test users ({len(cf.fold_best)} folds "
+                "by user)"
+            ),
         }
     chash = h.hexdigest()[:16]
-    check_x = np.concatenate([m.x for m in mats.values()])
+    check_x = np.concatenate([mats["train"].x, mats["test"].x])
     ranker_onnx, ranker_diff = export_trees_onnx(model_str, check_x)
     onnx_meta: dict[str, Any] = {
         "ranker_sha256": hashlib.sha256(ranker_onnx).hexdigest(),
@@ -960,7 +1092,7 @@ def train_ranker(
     }
     trigger_onnx: bytes | None = None
     if trig is not None:
-        trig_x = trigger_rows(splits["dev"], mats["dev"], scores["dev"])
+        trig_x = trigger_rows(splits["train"], fit_gm, cf.oof)
         trigger_onnx, trigger_diff = export_trees_onnx(trig.model_str, trig_x)
         onnx_meta["trigger_sha256"] = hashlib.sha256(trigger_onnx).hexdigest()
         onnx_meta["trigger_max_abs_diff"] = trigger_diff
@@ -977,9 +1109,14 @@ def train_ranker(
         "calibration": platt,
         "config": asdict(config),
         "params": config.params(),
-        "best_iteration": best_iter,
-        "dev_ndcg_history": {
-            k: [round(v, 5) for v in vs] for k, vs in evals.get("dev", {}).items()
+        "best_iteration": cf.rounds,
+        "cross_fit": {
+            "folds": len(np.unique(fold)),
+            "users": n_users,
+            "rounds": cf.rounds,
+            "fold_best_rounds": cf.fold_best,
+            "ndcg@1_standard_error": round(cf.se, 5),
+            "mean_oof_ndcg@1": [round(v, 5) for v in cf.curve],
         },
         "feature_importance_gain": {
             n: round(float(g), 3)
@@ -1011,12 +1148,12 @@ def train_ranker(
     if update_latest:
         (Path(out_root) / "LATEST").write_text(chash + "\n")
     log.info(
-        "ranker %s: dev recall@1 %.3f (dense %.3f), threshold %.3f, precision@trigger %s",
+        "ranker %s: out-of-fold recall@1 %.3f (dense %.3f), threshold %.3f, precision@trigger %s",
         chash,
-        metrics["dev"]["ranker"]["recall@1"],
-        metrics["dev"]["dense"]["recall@1"],
+        metrics["oof"]["ranker"]["recall@1"],
+        metrics["oof"]["dense"]["recall@1"],
         threshold,
-        metrics["dev"]["ranker"]["precision_at_trigger"],
+        metrics["oof"]["ranker"]["precision_at_trigger"],
     )
     return RankerTrainResult(out, meta, booster, splits)
 

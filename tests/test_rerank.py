@@ -29,10 +29,14 @@ from offline.rerank_train import (
     RankGroup,
     TopChoice,
     choose_threshold,
+    cross_fit_ranker,
+    folds_by_user,
     group_matrix,
+    group_rows,
     read_groups,
     split_by_user,
     synthetic_task,
+    take_groups,
     top_choices,
     train_ranker,
     trigger_metrics,
@@ -259,6 +263,68 @@ def test_split_by_user_is_disjoint_and_groups_roundtrip(tmp_path: Path) -> None:
     assert back[0] == g0 and back[1:] == groups[1:]
 
 
+def test_folds_by_user_deal_users_round_robin() -> None:
+    groups, _ = synthetic_task(n_users=23, queries_per_user=3, seed=3)
+    fold = folds_by_user(groups, 5, seed=1)
+    assert fold.shape == (len(groups),) and set(fold.tolist()) == set(range(5))
+    folds_of_user: dict[str, set[int]] = {}
+    for g, f in zip(groups, fold.tolist(), strict=True):
+        folds_of_user.setdefault(g.user, set()).add(f)
+    assert all(len(fs) == 1 for fs in folds_of_user.values())  # no user in two folds
+    users_per_fold = np.bincount([next(iter(fs)) for fs in folds_of_user.values()])
+    assert users_per_fold.max() - users_per_fold.min() <= 1  # 23 users: 5, 5, 5, 4, 4
+    assert np.array_equal(fold, folds_by_user(groups, 5, seed=1))
+    assert not np.array_equal(fold, folds_by_user(groups, 5, seed=2))
+    with pytest.raises(ValueError, match="2 folds"):
+        folds_by_user(groups, 1, seed=1)
+
+
+def test_take_groups_keeps_each_groups_rows() -> None:
+    groups, _ = synthetic_task(n_users=4, queries_per_user=2, seed=5)
+    gm = group_matrix(groups)
+    idx = np.array([3, 0, 5])
+    sub = take_groups(gm, idx)
+    assert np.array_equal(sub.sizes(), gm.sizes()[idx])
+    for j, g in enumerate(idx.tolist()):
+        lo, hi = int(gm.offsets[g]), int(gm.offsets[g + 1])
+        np.testing.assert_array_equal(sub.x[sub.offsets[j] : sub.offsets[j + 1]], gm.x[lo:hi])
+        np.testing.assert_array_equal(sub.y[sub.offsets[j] : sub.offsets[j + 1]], gm.y[lo:hi])
+    np.testing.assert_array_equal(group_rows(gm, idx), np.r_[
+        np.arange(gm.offsets[3], gm.offsets[4]), np.arange(gm.offsets[0], gm.offsets[1]),
+        np.arange(gm.offsets[5], gm.offsets[6])])  # fmt: skip
+    assert len(take_groups(gm, np.zeros(0, dtype=np.int64)).x) == 0
+
+
+@pytest.mark.slow
+def test_cross_fit_scores_each_fold_with_a_model_that_never_saw_it() -> None:
+    """Out-of-fold scores of a fold equal those of a model trained on the other folds alone,
+    for the chosen number of rounds, and differ from the in-sample scores of a model that
+    did see the fold."""
+    import lightgbm as lgb
+
+    from offline.rerank_train import _dataset
+
+    groups, _ = synthetic_task(n_users=60, queries_per_user=6, seed=4)
+    gm = group_matrix(groups)
+    fold = folds_by_user(groups, 3, seed=0)
+    config = replace(RankerTrainConfig(), num_boost_round=60, num_threads=1)
+    cf = cross_fit_ranker(gm, fold, config)
+    assert 1 <= cf.rounds <= 60 and len(cf.curve) == 60 and len(cf.fold_best) == 3
+    # one-standard-error rule: the fewest rounds within one SE of the best mean
+    assert cf.se > 0 and cf.curve[cf.rounds - 1] >= max(cf.curve) - cf.se
+    assert all(v < max(cf.curve) - cf.se for v in cf.curve[: cf.rounds - 1])
+    held = np.nonzero(fold == 1)[0]
+    rows = group_rows(gm, held)
+    ds = _dataset(take_groups(gm, np.nonzero(fold != 1)[0]))
+    assert ds is not None
+    alone = lgb.train(config.params(), ds, num_boost_round=cf.rounds)
+    np.testing.assert_allclose(cf.oof[rows], alone.predict(gm.x[rows]), rtol=1e-9, atol=1e-12)
+    full = _dataset(gm)
+    assert full is not None
+    seen = lgb.train(config.params(), full, num_boost_round=cf.rounds).predict(gm.x[rows])
+    assert np.abs(seen - cf.oof[rows]).max() > 1e-3
+
+
 def test_fuzzy_retriever_merges_personal_layer() -> None:
     cat = [CatalogEntry("call tina", 50, 0.9, 10), CatalogEntry("call dina", 5, 0.8, 2)]
     gen = FuzzyCatalogRetriever(cat, {"u1": [PersonalEntry("call dina", 3, 60.0)]}, top_k=5)
@@ -315,7 +381,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> RankerTrainResult:
 @pytest.mark.slow
 def test_trained_ranker_beats_dense_order(trained: RankerTrainResult) -> None:
     m = trained.meta["metrics"]
-    for split in ("dev", "test"):
+    for split in ("oof", "test"):
         ranker, dense, heur = m[split]["ranker"], m[split]["dense"], m[split]["heuristic"]
         assert m[split]["groups"] >= 200
         assert ranker["recall@1"] >= 0.75, (split, ranker)
@@ -336,8 +402,8 @@ def test_trigger_model_precision_on_held_out_users(trained: RankerTrainResult) -
     assert ranker.trigger_scorer is not None and ranker.backend == "onnxruntime"
     assert ranker.trigger_threshold == meta["trigger_threshold"]
     assert 0.0 < ranker.trigger_threshold < 1.0  # a probability now, not a lambdarank score
-    # dev: the threshold was chosen on out-of-fold probabilities for precision >= 0.9
-    assert meta["metrics"]["dev"]["ranker"]["precision_at_trigger"] >= 0.9
+    # the threshold was chosen on out-of-fold probabilities for precision >= 0.9
+    assert meta["metrics"]["oof"]["ranker"]["precision_at_trigger"] >= 0.9
     test = trained.splits["test"]
     decisions = []
     for g in test:  # recompute with the online API: score → sort → decision_score → trigger()
