@@ -753,12 +753,11 @@ def _dataset(gm: GroupMatrix, reference: lgb.Dataset | None = None) -> lgb.Datas
     ]
     if not keep:
         return None
-    rows = np.concatenate([np.arange(gm.offsets[g], gm.offsets[g + 1]) for g in keep])
-    sizes = gm.sizes()[keep]
+    kept = take_groups(gm, np.asarray(keep, dtype=np.int64))
     return lgb.Dataset(
-        gm.x[rows],
-        label=gm.y[rows],
-        group=sizes,
+        kept.x,
+        label=kept.y,
+        group=kept.sizes(),
         feature_name=list(FEATURE_NAMES),
         reference=reference,
         free_raw_data=False,
