@@ -42,14 +42,15 @@ rows of a level are interleaved (since 2026-12-06): after 200 warm-up calls of e
 in ``--blocks`` (5) alternating blocks, the order rotating, so the ratios to echo compare calls
 made in the same seconds — on this shared VM the echo RPC's own QPS moved 4,600-7,800 between
 runs of one day, which made a ratio of rows measured a minute apart noisy.
-Client-side p50/p99 (ms) and QPS; ratios to echo; CPU ms per call of the service and of
-this client (``/proc``; the machine is shared, so CPU time is the steadier figure); wall and
-thread-CPU time per stage and a few inner calls (wrappers installed in the server process:
-about 12 per request, each 2 clock reads of ~0.1 + ~2 us; off while py-spy samples), encoder
-cache hits, service RSS (``/proc/<pid>/status`` VmRSS, VmHWM) after load and at the end, index build
-time and size; then PASS/MISS against the issues' targets (precomputed-hit QPS >= 60 % of the
-echo QPS at every level; online p99 <= 6 ms and QPS >= 1,000; RSS <= 1 GB) and, with
-``--json FILE``, the medians, ratios and checks as JSON. ``--profile S`` also samples the
+Client-side p50/p99 (ms) and QPS; ratios to echo; CPU ms per call of the service and of this
+client (``/proc``; the machine is shared, so CPU time is the steadier figure), the service's
+split by thread group (event loop, online workers, gRPC threads, other: :func:`thread_cpu_s`);
+wall and thread-CPU time per stage and a few inner calls (wrappers installed in the server
+process: about 12 per request, each 2 clock reads of ~0.1 + ~2 us; off while py-spy samples),
+encoder cache hits, service RSS (``/proc/<pid>/status`` VmRSS, VmHWM) after load and at the
+end, index build time and size; then PASS/MISS against the issues' targets (precomputed-hit QPS
+>= 60 % of the echo QPS at every level; online p99 <= 6 ms and QPS >= 1,000; RSS <= 1 GB) and,
+with ``--json FILE``, the medians, ratios and checks as JSON. ``--profile S`` also samples the
 server with py-spy (``.venv/bin/pip install py-spy``; not a project dependency) for S
 seconds of online load (``--profile-concurrency``, default 1) and prints where the samples
 fall (``--native`` adds C frames but pauses the process per sample, which inflates I/O waits;
@@ -83,6 +84,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -471,8 +473,10 @@ def publish_workload(
 
 class StageClock:
     """Wall and thread-CPU time of wrapped callables (seconds), by name; read and reset over the
-    Stats RPC. Thread CPU time is what a call costs without contention: ONNX Runtime (1
-    intra-op thread) and FAISS (1 OpenMP thread) run on the calling thread."""
+    Stats RPC. Thread CPU time leaves out waiting for the GIL or a core: ONNX Runtime (1
+    intra-op thread) and FAISS (1 OpenMP thread) run on the calling thread. It still grows
+    when the other vCPU is busy (on the benchmark's VM ~1.7x: see the README), so compare it
+    within a run."""
 
     def __init__(self) -> None:
         self.samples: defaultdict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -569,6 +573,8 @@ def stats_handler(get_server: Callable[[], RewriteServer], clock: StageClock) ->
             REGISTRY.get_sample_value(f"qrw_online_batch_size_{part}") or 0.0
             for part in ("count", "sum")
         ]
+        # the service's Python threads (OS thread id -> name), for thread_cpu_s
+        out["threads"] = {str(t.native_id): t.name for t in threading.enumerate()}
         out["personal_cache"] = {
             result: REGISTRY.get_sample_value("qrw_personal_cache_total", {"result": result})
             for result in ("hit", "miss")
@@ -640,6 +646,41 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+#: Thread groups of the service process whose CPU the benchmark reports apart
+#: (:func:`thread_cpu_s`): the asyncio event loop (main thread: gRPC handlers, protobuf,
+#: validate / normalize / precomputed, finishing the response), the online worker threads
+#: (``qrw-online_*``: encode → trigger), gRPC's C-core threads (``event_engine``, ``grpc*``)
+#: and the rest (the gRPC poller thread, threads that ended between readings).
+THREAD_GROUPS = ("loop", "workers", "grpc", "other")
+
+
+def thread_cpu_s(pid: int, names: dict[str, str]) -> dict[str, float]:
+    """User + system CPU seconds of a process by :data:`THREAD_GROUPS`, from
+    ``/proc/<pid>/task/<tid>/{comm,stat}`` (clock ticks); ``names``: the process's Python
+    thread names by OS thread id (its Stats RPC; Python does not name OS threads, so the
+    workers show as ``python`` in ``comm``); ``other`` = the process total
+    (:func:`proc_cpu_s`, which keeps ended threads' time) less the three named groups."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = dict.fromkeys(THREAD_GROUPS, 0.0)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if task.name == str(pid):
+            group = "loop"
+        elif names.get(task.name, "").startswith("qrw-online"):
+            group = "workers"
+        elif comm == "event_engine" or comm.startswith("grpc"):
+            group = "grpc"
+        else:
+            continue
+        out[group] += (int(fields[11]) + int(fields[12])) / tick
+    out["other"] = proc_cpu_s(pid) - out["loop"] - out["workers"] - out["grpc"]
+    return out
+
+
 def own_cpu_s() -> float:
     """User + system CPU seconds of this process (all threads)."""
     t = os.times()
@@ -672,6 +713,8 @@ class Row:
     reasons: Counter[str] = field(default_factory=Counter)
     server_ms: list[float] = field(default_factory=list)
     batches: tuple[float, float] = (0.0, 0.0)  # online micro-batches run, requests in them
+    # service CPU seconds over the timed calls by thread group (THREAD_GROUPS)
+    server_threads_s: dict[str, float] = field(default_factory=dict)
 
 
 async def drive(
@@ -762,15 +805,20 @@ class Client:
         """``n`` timed calls of ``rpc`` (echo | online | precomputed), no warm-up."""
         call, payloads = self.payloads(rpc, n)
         b0 = (await self.stats()).get("batches", [0.0, 0.0])
+        names = (await self.stats()).get("threads", {})
+        t0 = thread_cpu_s(self.pid, names)
         s0, c0 = proc_cpu_s(self.pid), own_cpu_s()
         lat, wall, resp = await drive(call, payloads, conc)
         cpu = (proc_cpu_s(self.pid) - s0, own_cpu_s() - c0)
+        t1 = thread_cpu_s(self.pid, names)
+        threads = {g: t1[g] - t0[g] for g in THREAD_GROUPS}
         b1 = (await self.stats()).get("batches", [0.0, 0.0])
         if rpc == "echo":
-            return Row(rpc, conc, lat, wall, *cpu)
+            return Row(rpc, conc, lat, wall, *cpu, server_threads_s=threads)
         reasons = Counter(r.source if r.rewritten else r.reason for r in resp)
         batches = (b1[0] - b0[0], b1[1] - b0[1])
-        return Row(rpc, conc, lat, wall, *cpu, reasons, [r.latency_ms for r in resp], batches)
+        server_ms = [r.latency_ms for r in resp]
+        return Row(rpc, conc, lat, wall, *cpu, reasons, server_ms, batches, threads)
 
 
 def merge_rows(parts: Sequence[Row]) -> Row:
@@ -790,6 +838,7 @@ def merge_rows(parts: Sequence[Row]) -> Row:
         reasons,
         [x for p in parts for x in p.server_ms],
         (sum(p.batches[0] for p in parts), sum(p.batches[1] for p in parts)),
+        {g: sum(p.server_threads_s.get(g, 0.0) for p in parts) for g in THREAD_GROUPS},
     )
 
 
@@ -947,6 +996,16 @@ def degraded(rows: list[Row], rpc: str, conc: int) -> int:
     return sum(r.reasons[k] for r in rows if r.rpc == rpc and r.conc == conc for k in BAD_REASONS)
 
 
+def thread_ms_per_call(rows: list[Row], rpc: str, conc: int) -> dict[str, float]:
+    """Service CPU ms per call of the rows of ``rpc`` at ``conc``, by :data:`THREAD_GROUPS`
+    (all rounds pooled)."""
+    sel = [r for r in rows if r.rpc == rpc and r.conc == conc]
+    calls = max(sum(len(r.latencies) for r in sel), 1)
+    return {
+        g: 1e3 * sum(r.server_threads_s.get(g, 0.0) for r in sel) / calls for g in THREAD_GROUPS
+    }
+
+
 def med(rows: list[Row], rpc: str, conc: int) -> tuple[float, float, float, float, float]:
     """Medians over rounds of (p50 ms, p99 ms, QPS) plus the QPS range."""
     figs = [summary(r.latencies, r.wall_s) for r in rows if r.rpc == rpc and r.conc == conc]
@@ -1044,6 +1103,12 @@ def report(
         "client latency - Rewriter time = gRPC both ways + event loops; srv/cli CPU = CPU ms "
         "per call of the service / this client process, all threads)"
     )
+    print(f"\nservice CPU ms per call by thread ({', '.join(THREAD_GROUPS)}; see THREAD_GROUPS)")
+    print(f"{'rpc':<12}{'conc':>5}" + "".join(f"{g:>9}" for g in THREAD_GROUPS))
+    for conc in args.concurrency:
+        for rpc in RPCS:
+            per = thread_ms_per_call(rows, rpc, conc)
+            print(f"{rpc:<12}{conc:>5}" + "".join(f"{per[g]:>9.3f}" for g in THREAD_GROUPS))
     timers = stats.get("timers", {})
     if timers:
         total = timers.get("rewriter", [1, 1, 0, 0, 1])
@@ -1164,6 +1229,7 @@ def write_json(
                     "p50_over_echo": p50 / e50,
                     "qps_over_echo": qps / eqps,
                     "degraded_answers": degraded(rows, rpc, conc) if rpc != "echo" else 0,
+                    "server_cpu_ms_per_call_by_thread": thread_ms_per_call(rows, rpc, conc),
                 }
             )
     out = {
