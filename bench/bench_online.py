@@ -474,8 +474,8 @@ def publish_workload(
 class StageClock:
     """Wall and thread-CPU time of wrapped callables (seconds), by name; read and reset over the
     Stats RPC. Thread CPU time leaves out waiting for the GIL or a core: ONNX Runtime (1
-    intra-op thread) and FAISS (1 OpenMP thread) run on the calling thread. It still grows
-    when the other vCPU is busy (on the benchmark's VM ~1.7x: see the README), so compare it
+    intra-op thread) and FAISS (1 OpenMP thread) run on the calling thread. It still moves
+    with the host's state (up to ~1.6x on the benchmark's VM: see the README), so compare it
     within a run."""
 
     def __init__(self) -> None:
