@@ -60,6 +60,7 @@ bench: $(BENCH_STAMP)
 		--dpr $(STATIC_DPR)/$$(cat $(STATIC_DPR)/LATEST)
 	$(BIN)/python bench/bench_nightly.py --sizes $(NIGHTLY_SIZES) $(NIGHTLY_ARGS) --data-root $(DATA)
 	$(BIN)/python bench/bench_detector.py
+	$(BIN)/python bench/bench_grpc_floor.py --rounds 3
 
 clean:
 	rm -rf $(VENV) rewrite/_pb *.egg-info build
