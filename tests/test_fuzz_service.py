@@ -239,6 +239,18 @@ def _bad_control(text: str) -> bool:
     return any((ord(c) < 32 and c not in "\t\n\r") or c == "\x7f" for c in text)
 
 
+def test_validator_flags_exactly_the_contract_control_characters() -> None:
+    """The validator's scan (one regex) flags exactly the contract's characters, tried
+    alone and inside text at every code point of the Basic Multilingual Plane."""
+    from rewrite.rewriter import _has_bad_control_chars
+
+    for cp in range(0x10000):
+        c = chr(cp)
+        assert _has_bad_control_chars(c) == _bad_control(c), hex(cp)
+        assert _has_bad_control_chars(f"turn {c} on") == _bad_control(f"turn {c} on"), hex(cp)
+    assert not _has_bad_control_chars("")
+
+
 def violations(req: pb.RewriteRequest, svc: ServiceSettings = LIMITS) -> list[str]:
     """Every way ``req`` breaks the API contract, as a fragment its error message contains.
 
