@@ -649,9 +649,10 @@ def proc_cpu_s(pid: int) -> float:
 #: Thread groups of the service process whose CPU the benchmark reports apart
 #: (:func:`thread_cpu_s`): the asyncio event loop (main thread: gRPC handlers, protobuf,
 #: validate / normalize / precomputed, finishing the response), the online worker threads
-#: (``qrw-online_*``: encode → trigger), gRPC's C-core threads (``event_engine``, ``grpc*``)
-#: and the rest (the gRPC poller thread, threads that ended between readings).
-THREAD_GROUPS = ("loop", "workers", "grpc", "other")
+#: (``qrw-online_*``: encode → trigger), gRPC's C-core threads (``event_engine``, ``grpc*``),
+#: grpc.aio's Python poller thread (``..._poll_wrapper``: hands completion-queue events to
+#: the loop) and the rest (threads that ended between readings, Redis, the metrics server).
+THREAD_GROUPS = ("loop", "workers", "grpc", "poller", "other")
 
 
 def thread_cpu_s(pid: int, names: dict[str, str]) -> dict[str, float]:
@@ -659,7 +660,7 @@ def thread_cpu_s(pid: int, names: dict[str, str]) -> dict[str, float]:
     ``/proc/<pid>/task/<tid>/{comm,stat}`` (clock ticks); ``names``: the process's Python
     thread names by OS thread id (its Stats RPC; Python does not name OS threads, so the
     workers show as ``python`` in ``comm``); ``other`` = the process total
-    (:func:`proc_cpu_s`, which keeps ended threads' time) less the three named groups."""
+    (:func:`proc_cpu_s`, which keeps ended threads' time) less the named groups."""
     tick = os.sysconf("SC_CLK_TCK")
     out = dict.fromkeys(THREAD_GROUPS, 0.0)
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -674,10 +675,12 @@ def thread_cpu_s(pid: int, names: dict[str, str]) -> dict[str, float]:
             group = "workers"
         elif comm == "event_engine" or comm.startswith("grpc"):
             group = "grpc"
+        elif "_poll_wrapper" in names.get(task.name, ""):
+            group = "poller"
         else:
             continue
         out[group] += (int(fields[11]) + int(fields[12])) / tick
-    out["other"] = proc_cpu_s(pid) - out["loop"] - out["workers"] - out["grpc"]
+    out["other"] = proc_cpu_s(pid) - sum(out[g] for g in THREAD_GROUPS if g != "other")
     return out
 
 
