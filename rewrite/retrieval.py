@@ -319,6 +319,9 @@ class GlobalIndex:
         self.index = index
         self.info = info
         self.directory = directory
+        #: FAISS OpenMP threads per search, set on each searching thread (:meth:`search`);
+        #: None = leave the thread's own setting (:meth:`load` sets it)
+        self.search_threads: int | None = None
         try:
             self.lexical = LexicalChannel.from_params(info.params.get("lexical"))
         except (TypeError, ValueError) as err:
@@ -605,8 +608,11 @@ class GlobalIndex:
             expected_encoder_id: the query encoder's ``encoder_id``; None = do not check.
             ef_search: HNSW search breadth (default: the value recorded at build).
             nprobe: IVF lists searched per query (default: the value recorded at build).
-            threads: FAISS OpenMP threads (process-wide setting; the online service uses 1 and
-                parallelises over requests); None = leave FAISS's default.
+            threads: FAISS OpenMP threads per search (the online service uses 1 and
+                parallelises over requests); None = leave each thread's setting. OpenMP's
+                thread count is a per-thread setting, and a thread started later (the
+                service's online workers) starts from the machine's default (every core), so
+                :meth:`search` applies it on the thread that searches, not only here.
             verify: check SHA-256 of both files (reads them once more; ~1 s per GB).
             refine_k_factor: ``ivf_pq_refine``: PQ candidates re-scored per result, as a
                 multiple of k (default: the value recorded at build).
@@ -702,6 +708,7 @@ class GlobalIndex:
         )
         try:
             out = cls(index, table, info, directory, device_types)
+            out.search_threads = None if threads is None else int(threads)
         except (pa.ArrowInvalid, OSError) as err:
             raise IndexCorruptError(f"cannot read {directory / CATALOG_FILE}: {err}") from err
         del table
@@ -764,6 +771,13 @@ class GlobalIndex:
             return [[] for _ in range(x.shape[0])]
         if self.lexical is not None and texts is not None:  # texts: checked above
             x = self.lexical.query_vectors(x, texts)
+        threads = self.search_threads
+        if threads is not None:
+            import faiss
+
+            # per calling thread (OpenMP): without it a worker thread searches on every core
+            if faiss.omp_get_max_threads() != threads:
+                faiss.omp_set_num_threads(threads)
         scores, ids = self.index.search(np.ascontiguousarray(x), min(k, self.info.n))
         found = ids >= 0  # FAISS pads with -1 when fewer than k entries are reachable
         rows, hit_scores = ids[found].astype(np.int64), scores[found]

@@ -147,6 +147,34 @@ def test_ivf_index_builds_loads_and_finds_neighbours(tmp_path: Path, kind: str) 
     assert (again / INDEX_FILE).read_bytes() == (directory / INDEX_FILE).read_bytes()
 
 
+def test_search_runs_faiss_on_the_configured_threads_of_any_thread(tmp_path: Path) -> None:
+    """OpenMP's thread count is per thread, and a thread started after :meth:`load` (the
+    service's online workers) starts from the machine's default: every search applies
+    ``threads`` on the thread that searches, so a worker's batch does not fan out over every
+    core. ``threads=None`` leaves the thread's own setting alone."""
+    import threading
+
+    import faiss
+
+    directory, vecs = build(tmp_path / "a", 3000, flat_max=100, ivf_min=1000)
+    seen: dict[str, int] = {}
+
+    def worker(index: GlobalIndex, name: str) -> None:
+        faiss.omp_set_num_threads(3)  # a fresh thread's default on a 3-core machine
+        index.search(near(vecs[:4], seed=3), k=5)
+        seen[name] = faiss.omp_get_max_threads()
+
+    for name, index in (
+        ("one", GlobalIndex.load(directory, threads=1)),
+        ("two", GlobalIndex.load(directory, threads=2)),
+        ("unset", GlobalIndex.load(directory, threads=None)),
+    ):
+        t = threading.Thread(target=worker, args=(index, name))
+        t.start()
+        t.join()
+    assert seen == {"one": 1, "two": 2, "unset": 3}
+
+
 def test_ivf_refine_rescores_the_fast_scan_candidates(tmp_path: Path) -> None:
     """The refine step is what ranks: with k_factor 1 the order is the 4-bit PQ's (coarse),
     with the default 8 the top-1 agrees with exact search on almost every query and the top-10
