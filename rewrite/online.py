@@ -454,9 +454,14 @@ class GlobalRetrievalStage(_BatchedOnlineStage):
                 by_snapshot.setdefault(id(state.online), []).append(state)
         for group in by_snapshot.values():
             queries = np.stack([state.query_vector for state in group])  # type: ignore[misc]
-            # device-type counts stay in the index: the ranker reads them from there
+            # device-type counts stay in the index (the ranker reads them from there), and so
+            # do domain and intent (nothing online reads them)
             found = group[0].online.index.search(
-                queries, k, device_types=False, texts=[state.normalized for state in group]
+                queries,
+                k,
+                device_types=False,
+                texts=[state.normalized for state in group],
+                nlu_labels=False,
             )
             for state, cands in zip(group, found, strict=True):
                 state.retrieved = list(cands)
@@ -499,7 +504,7 @@ class PersonalRetrievalStage(_BatchedOnlineStage):
                 for state in group:
                     state.reason, state.done = "store_unavailable", True
                 continue
-            lookup = functools.partial(snap.index.lookup_many, device_types=False)
+            lookup = functools.partial(snap.index.lookup_many, device_types=False, nlu_labels=False)
             for state, hist in zip(group, hists, strict=True):
                 state.user_success_count = hist.count_of(state.normalized)
                 if not len(hist) or hist.vectors is None or state.query_vector is None:

@@ -173,8 +173,9 @@ class RetrievedCandidate:
         n_users: distinct users behind the catalog entry.
         personal_count: this user's successful uses (personal layer).
         personal_age_s: seconds since the user last used it successfully; -1 unknown.
-        domain: NLU domain, if logged.
-        intent: NLU intent, if logged.
+        domain: NLU domain, if logged (``""`` also when the service's search left it in the
+            index, ``nlu_labels=False``).
+        intent: NLU intent, if logged (likewise).
         device_types: the catalog's per-device-type turns and successes of the text (empty
             when the logs named no device types or the text is not in the catalog — or when
             the service's :meth:`GlobalIndex.search` / :meth:`GlobalIndex.lookup` left them
@@ -483,33 +484,44 @@ class GlobalIndex:
         """Whether ``text`` (normalized) is a catalog entry (a dict lookup, no object built)."""
         return isinstance(text, str) and self._id_of(text) is not None
 
-    def lookup(self, text: str, device_types: bool = True) -> RetrievedCandidate | None:
+    def lookup(
+        self, text: str, device_types: bool = True, nlu_labels: bool = True
+    ) -> RetrievedCandidate | None:
         """Catalog metadata of an exact (normalized) text as a ``layer="global"`` candidate with
         ``dense_score`` 0.0 (no query involved), or None when the text is not in the catalog.
-        ``device_types=False``: leave the device-type counts in the index (see
-        :meth:`search`)."""
+        ``device_types=False`` / ``nlu_labels=False``: leave the device-type counts / the
+        domain and intent in the index (see :meth:`search`)."""
         i = self._id_of(text)  # one text: the scalar hash search (cheaper than _ids_of)
-        return None if i is None else self._candidates(np.asarray([i]), [0.0], device_types)[0]
+        if i is None:
+            return None
+        return self._candidates(np.asarray([i]), [0.0], device_types, nlu_labels)[0]
 
     def lookup_many(
-        self, texts: Sequence[str], device_types: bool = True
+        self, texts: Sequence[str], device_types: bool = True, nlu_labels: bool = True
     ) -> list[RetrievedCandidate | None]:
         """:meth:`lookup` of several texts with one hash search and one metadata gather
         (the personal layer looks up a user's top history entries together)."""
         rows = self._ids_of(texts)
         found = rows >= 0
-        cands = iter(self._candidates(rows[found], [0.0] * int(found.sum()), device_types))
+        cands = iter(
+            self._candidates(rows[found], [0.0] * int(found.sum()), device_types, nlu_labels)
+        )
         return [next(cands) if f else None for f in found.tolist()]
 
     def _candidates(
-        self, rows: np.ndarray, scores: list[float], device_types: bool = True
+        self,
+        rows: np.ndarray,
+        scores: list[float],
+        device_types: bool = True,
+        nlu_labels: bool = True,
     ) -> list[RetrievedCandidate]:
         """Candidates of catalog ``rows`` (``(n,)`` int64, FAISS ids) with their dense scores
         (Python floats), the metadata of all rows gathered with one numpy / string-column call
-        per column (numbers as Python ints and floats via ``tolist``)."""
+        per column (numbers as Python ints and floats via ``tolist``); ``nlu_labels=False``
+        leaves domain and intent ``""`` (two string columns not decoded)."""
         texts = self._text.take(rows)
-        domains = self._domain.take(rows)
-        intents = self._intent.take(rows)
+        domains = self._domain.take(rows) if nlu_labels else [""] * len(texts)
+        intents = self._intent.take(rows) if nlu_labels else domains
         freq = self._frequency[rows].tolist()
         rate = self._success[rows].tolist()
         users = self._n_users[rows].tolist()
@@ -730,6 +742,7 @@ class GlobalIndex:
         k: int,
         device_types: bool = True,
         texts: Sequence[str] | None = None,
+        nlu_labels: bool = True,
     ) -> list[list[RetrievedCandidate]]:
         """Top-``k`` catalog entries per query by inner product: the cosine, or with a lexical
         channel (:mod:`rewrite.lexical`, ``self.lexical``) by ``w * cosine + (1 - w) * n-gram
@@ -746,6 +759,11 @@ class GlobalIndex:
                 the index (``catalog_row`` points there) for :meth:`device_features` — the
                 online service's choice: building the tuples was ~13 % of the time its
                 worker threads held the GIL under load.
+            nlu_labels: fill each candidate's ``domain`` and ``intent``; False leaves them
+                ``""`` (``catalog_row`` says where they are) — the online service's choice:
+                neither the ranker nor the response reads them, and decoding strings from the
+                catalog was 6.6 % of the time the service held the GIL under load (four of
+                a request's seven string-column reads were these two columns).
 
         Returns:
             Per query, candidates best first, ``layer="global"``, catalog metadata filled.
@@ -790,7 +808,7 @@ class GlobalIndex:
             query_of = np.nonzero(found)[0]
             dense = np.einsum("ij,ij->i", stored[:, : self.dim], x[query_of, : self.dim])
             hit_scores = dense / self.lexical.dense_weight
-        flat = self._candidates(rows, hit_scores.tolist(), device_types)
+        flat = self._candidates(rows, hit_scores.tolist(), device_types, nlu_labels)
         out: list[list[RetrievedCandidate]] = []
         at = 0
         for n_found in found.sum(axis=1).tolist():

@@ -260,6 +260,30 @@ def test_lookup_many_equals_one_lookup_per_text_and_walks_hash_collisions(
     assert [c.catalog_row if c else None for c in found] == [250, 3, None]
 
 
+def test_without_nlu_labels_candidates_differ_only_in_domain_and_intent(tmp_path: Path) -> None:
+    """``nlu_labels=False`` (the service's search and history lookups) leaves domain and
+    intent in the index and changes nothing else: same candidates, order, scores, metadata and
+    catalog rows."""
+    directory, vecs = build(tmp_path, 300, flat_max=1000)
+    index = GlobalIndex.load(directory)
+    queries = near(vecs[[5, 77, 210]], seed=4)
+    full = index.search(queries, k=6, device_types=False)
+    lean = index.search(queries, k=6, device_types=False, nlu_labels=False)
+    assert any(c.domain and c.intent for res in full for c in res)  # the catalog has labels
+    blank = [[dataclasses.replace(c, domain="", intent="") for c in res] for res in full]
+    assert lean == blank
+    assert [[c.catalog_row for c in res] for res in lean] == [
+        [c.catalog_row for c in res] for res in full
+    ]
+    texts = ["utterance 7", "nope", "utterance 299"]
+    many = index.lookup_many(texts, nlu_labels=False)
+    assert many == [
+        None if c is None else dataclasses.replace(c, domain="", intent="")
+        for c in index.lookup_many(texts)
+    ]
+    assert index.lookup("utterance 7", nlu_labels=False) == many[0]
+
+
 def test_string_column_reads_sliced_and_large_string_arrays() -> None:
     """``StringColumn`` honours an array's offset (a slice) and 64-bit offsets, and refuses
     nulls (they must be filled first)."""
