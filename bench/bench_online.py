@@ -807,14 +807,14 @@ class Client:
     async def row(self, rpc: str, conc: int, n: int) -> Row:
         """``n`` timed calls of ``rpc`` (echo | online | precomputed), no warm-up."""
         call, payloads = self.payloads(rpc, n)
-        b0 = (await self.stats()).get("batches", [0.0, 0.0])
-        names = (await self.stats()).get("threads", {})
-        t0 = thread_cpu_s(self.pid, names)
-        s0, c0 = proc_cpu_s(self.pid), own_cpu_s()
+        before = await self.stats()
+        b0, names = before.get("batches", [0.0, 0.0]), before.get("threads", {})
+        t0, c0 = thread_cpu_s(self.pid, names), own_cpu_s()
         lat, wall, resp = await drive(call, payloads, conc)
-        cpu = (proc_cpu_s(self.pid) - s0, own_cpu_s() - c0)
-        t1 = thread_cpu_s(self.pid, names)
+        t1, c1 = thread_cpu_s(self.pid, names), own_cpu_s()
         threads = {g: t1[g] - t0[g] for g in THREAD_GROUPS}
+        # the groups add up to the process total (``other`` is the remainder)
+        cpu = (sum(threads.values()), c1 - c0)
         b1 = (await self.stats()).get("batches", [0.0, 0.0])
         if rpc == "echo":
             return Row(rpc, conc, lat, wall, *cpu, server_threads_s=threads)
