@@ -12,7 +12,9 @@ checking protocol (https://github.com/grpc/grpc/blob/master/doc/health-checking.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,6 +42,11 @@ class RewriteClient:
         timeout_s: deadline of each call, seconds (sent to the server as the gRPC deadline).
         max_message_bytes: max send/receive message size, bytes (match
             ``service.max_message_bytes``).
+        options: more gRPC channel options, e.g. ``("grpc.use_local_subchannel_pool", 1)``
+            for a connection of this client's own: channels with the same target and options
+            share one connection otherwise, which matters when the service runs several
+            processes on one port (:mod:`rewrite.processes`; connections are spread, not
+            calls).
 
     The channel connects lazily on the first call. Use as a context manager or call
     :meth:`close`.
@@ -50,10 +57,13 @@ class RewriteClient:
         target: str,
         timeout_s: float = 1.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._channel = grpc.insecure_channel(
+            target, options=[*channel_options(max_message_bytes), *options]
+        )
         self._rewrite = self._channel.unary_unary(
             REWRITE_METHOD,
             request_serializer=rewrite_pb2.RewriteRequest.SerializeToString,

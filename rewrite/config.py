@@ -216,6 +216,12 @@ class ServiceSettings(BaseModel):
     ``release_first`` checks the new folder, drops the old snapshot and then loads, so one
     index is resident at a time and the online layer passes through for the few seconds of
     the load (precomputed pairs keep answering) — for a service under a hard memory limit.
+
+    ``processes``: service processes on one port (``SO_REUSEPORT``; the kernel spreads
+    incoming connections over them), each with its own event loop, GIL, Rewriter and loaded
+    index (the mapped index file's pages are shared through the page cache, the rest is per
+    process); 1 (default) = this process serves. One process is capped by its GIL, not by the
+    cores (see :mod:`rewrite.processes` and the README's figures).
     """
 
     host: str = "127.0.0.1"
@@ -237,6 +243,7 @@ class ServiceSettings(BaseModel):
     online_threads: int = Field(default=2, ge=0)
     online_max_batch: int = Field(default=32, ge=1)
     index_swap: Literal["overlap", "release_first"] = "overlap"
+    processes: int = Field(default=1, ge=1, le=64)
 
 
 class SimulatorSettings(BaseModel):

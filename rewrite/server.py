@@ -91,7 +91,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -418,6 +418,10 @@ class RewriteServer:
             stop; a given one is left open).
         extra_handlers: more generic RPC handlers to serve beside the API (async behaviours;
             e.g. the benchmark's echo method).
+        reuse_port: bind with ``SO_REUSEPORT`` (gRPC's ``grpc.so_reuseport``), so that
+            several service processes listen on one port and the kernel spreads incoming
+            connections over them (:mod:`rewrite.processes`); off by default, so a second
+            server on a taken port fails to bind instead of sharing it by accident.
     """
 
     def __init__(
@@ -429,8 +433,10 @@ class RewriteServer:
         metrics_port: int | None = None,
         rewriter: Rewriter | None = None,
         extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+        reuse_port: bool = False,
     ) -> None:
         self.settings = settings
+        self._reuse_port = reuse_port
         self.host = host if host is not None else settings.service.host
         self._requested_port = port
         self._requested_metrics_port = metrics_port
@@ -483,7 +489,7 @@ class RewriteServer:
         server = grpc.aio.server(
             options=[
                 *channel_options(svc.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
                 # calls received but not yet handed to a handler; beyond this gRPC core
                 # cancels new ones at once (soft = hard limit: no random early rejection)
                 ("grpc.server.max_pending_requests", svc.max_pending_calls),
@@ -621,14 +627,26 @@ class RewriteServer:
 
 
 async def serve_async(
-    settings: Settings, port: int | None = None, metrics_port: int | None = None
+    settings: Settings,
+    port: int | None = None,
+    metrics_port: int | None = None,
+    *,
+    reuse_port: bool = False,
+    extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+    on_ready: Callable[[RewriteServer], None] | None = None,
 ) -> None:
     """Serve on the running event loop until SIGTERM or SIGINT, then drain and stop.
 
-    Args: see :func:`serve`.
+    Args: ``settings``, ``port``, ``metrics_port``: see :func:`serve`; ``reuse_port``,
+    ``extra_handlers``: see :class:`RewriteServer`; ``on_ready``: called once the server
+    answers (after warm-up and bind), with the server (its ``port``, ``metrics_port``).
     """
     server = RewriteServer(
-        settings, port=settings.service.port if port is None else port, metrics_port=metrics_port
+        settings,
+        port=settings.service.port if port is None else port,
+        metrics_port=metrics_port,
+        extra_handlers=extra_handlers,
+        reuse_port=reuse_port,
     )
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
@@ -642,6 +660,8 @@ async def serve_async(
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         await server.astart()
+        if on_ready is not None:
+            on_ready(server)
         await stop_requested.wait()
     finally:
         for sig in signals:
@@ -652,14 +672,23 @@ async def serve_async(
 def serve(settings: Settings, port: int | None = None, metrics_port: int | None = None) -> None:
     """Run the service until SIGTERM or SIGINT, then shut down gracefully (blocking).
 
-    Call from the main thread (signal handlers); it runs its own event loop.
+    Call from the main thread (signal handlers). With ``service.processes`` = 1 it runs its
+    own event loop in this process; with more it supervises that many service processes on
+    one port (:func:`rewrite.processes.serve_processes`).
 
     Args:
         settings: loaded settings; binds ``service.host``.
         port: TCP port; default ``service.port`` (0 = ephemeral, logged).
-        metrics_port: serve Prometheus ``/metrics`` on ``127.0.0.1:metrics_port`` when given.
+        metrics_port: serve Prometheus ``/metrics`` on ``127.0.0.1:metrics_port`` when given
+            (with several processes, process ``i`` uses ``metrics_port + i``).
 
     Raises:
-        RuntimeError: the port could not be bound.
+        RuntimeError: the port could not be bound, or (several processes) one of them failed
+            to start or exited while serving.
     """
+    if settings.service.processes > 1:
+        from rewrite.processes import serve_processes
+
+        serve_processes(settings, port=port, metrics_port=metrics_port)
+        return
     asyncio.run(serve_async(settings, port=port, metrics_port=metrics_port))

@@ -1,0 +1,363 @@
+"""Several service processes on one port: past the GIL of one process.
+
+One service process is capped by its GIL, not by the cores: at concurrency 64 the GIL is held
+in ~98 % of py-spy's samples while the process uses ~1.25 of 2 cores (README, "Where the
+service's CPU goes"). The standard way past that in Python is one process per core, each
+with its own interpreter, bound to the same port with ``SO_REUSEPORT``, so that the kernel
+spreads incoming connections over them — gRPC's own multiprocessing example
+(https://github.com/grpc/grpc/tree/master/examples/python/multiprocessing) and gunicorn's
+``reuse_port`` do this.
+
+:class:`ServiceProcesses` is the supervisor:
+
+- it reserves the port in this process (a bound, non-listening ``SO_REUSEPORT`` socket,
+  held until :meth:`~ServiceProcesses.stop`), so port 0 resolves to one ephemeral port that
+  every service process then binds, and no other program takes it meanwhile;
+- it starts the processes with ``multiprocessing``'s *spawn* method (a fresh interpreter;
+  nothing of this process's threads, gRPC, ONNX Runtime or OpenMP state is inherited, which
+  *fork* would make unsafe), each running :func:`rewrite.server.serve_async` with
+  ``reuse_port=True``: its own event loop, Rewriter, Redis connections, loaded index
+  (``dpr.index_mmap`` maps the index file, whose pages the processes then share through the
+  page cache; the catalog, models and caches are per process);
+- it waits until every process answers (each reports its pid and port over a pipe) and fails
+  as a whole when one cannot start (the others are stopped);
+- :meth:`~ServiceProcesses.stop` sends SIGTERM to each process by its handle (each drains as
+  a single service does: health NOT_SERVING, queued calls answered, then stop), waits, and
+  kills only what is left of its own processes.
+
+:func:`serve_processes` (what ``qrw serve`` runs when ``service.processes`` > 1) supervises
+until SIGTERM/SIGINT, and stops everything and raises when a service process exits on its own
+(fail fast: the orchestrator — systemd, Kubernetes — restarts the service as a whole, rather
+than one process silently serving with half the capacity).
+
+Connections, not calls, are spread: one client channel (one HTTP/2 connection) reaches one
+process. Many callers (an assistant's fleet) spread well; a benchmark must open several
+channels (``bench/bench_processes.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from rewrite.config import Settings
+
+log = logging.getLogger(__name__)
+
+#: Zero-argument callable (importable by reference: a module-level function) returning extra
+#: generic RPC handlers for every service process, e.g. a benchmark's echo method.
+HandlerFactory = Callable[[], Sequence[Any]]
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """One running service process: OS ``pid``, gRPC ``port`` and Prometheus
+    ``metrics_port`` (None when off)."""
+
+    pid: int
+    port: int
+    metrics_port: int | None
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) a TCP socket with ``SO_REUSEPORT`` on ``host:port``.
+
+    Holding it keeps the port for processes that bind it with ``SO_REUSEPORT`` too (a
+    non-listening socket receives no connections); port 0 picks an ephemeral port (read it
+    with ``getsockname()``).
+
+    Raises:
+        OSError: the address cannot be bound (taken without ``SO_REUSEPORT``, bad host).
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _process_main(
+    settings: Settings,
+    port: int,
+    metrics_port: int | None,
+    conn: multiprocessing.connection.Connection,
+    extra_handlers: HandlerFactory | None,
+    log_level: int,
+) -> None:
+    """Entry point of one spawned service process: serve until SIGTERM/SIGINT; report
+    ``("ready", pid, port, metrics_port)`` or ``("error", message)`` over ``conn``."""
+    import asyncio
+
+    from rewrite.server import RewriteServer, serve_async
+
+    logging.basicConfig(
+        level=log_level,
+        format=f"%(asctime)s %(levelname)s [{os.getpid()}] %(name)s: %(message)s",
+    )
+
+    def ready(server: RewriteServer) -> None:
+        conn.send(("ready", os.getpid(), server.port, server.metrics_port))
+
+    try:
+        handlers = tuple(extra_handlers()) if extra_handlers is not None else ()
+        asyncio.run(
+            serve_async(
+                settings,
+                port=port,
+                metrics_port=metrics_port,
+                reuse_port=True,
+                extra_handlers=handlers,
+                on_ready=ready,
+            )
+        )
+    except BaseException as err:  # report why, then exit non-zero
+        with contextlib.suppress(OSError):
+            conn.send(("error", f"{type(err).__name__}: {err}"))
+        raise
+    finally:
+        conn.close()
+
+
+class ServiceProcesses:
+    """Supervise ``processes`` service processes on one port (see the module docstring).
+
+    Args:
+        settings: loaded settings; each process serves them (``service.host``).
+        processes: how many service processes (>= 1).
+        port: TCP port; 0 = an ephemeral port, the same for all (read :attr:`port`).
+        metrics_port: Prometheus ``/metrics`` of process ``i`` on ``metrics_port + i``
+            (0 = an ephemeral port each; None = off).
+        extra_handlers: see :data:`HandlerFactory` (called in each process).
+        start_timeout_s: bound on each process's start (load + warm-up + bind), seconds.
+
+    Use ``with ServiceProcesses(...) as procs:`` or :meth:`start` … :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        processes: int,
+        *,
+        port: int = 0,
+        metrics_port: int | None = None,
+        extra_handlers: HandlerFactory | None = None,
+        start_timeout_s: float = 300.0,
+    ) -> None:
+        if processes < 1:
+            raise ValueError(f"processes must be >= 1, not {processes}")
+        self.settings = settings
+        self.processes = processes
+        self._requested_port = port
+        self._metrics_port = metrics_port
+        self._extra_handlers = extra_handlers
+        self._start_timeout_s = start_timeout_s
+        self._ctx = multiprocessing.get_context("spawn")
+        self._procs: list[Any] = []  # multiprocessing.Process handles (spawn context)
+        self._info: list[ProcessInfo] = []
+        self._reserved: socket.socket | None = None
+        self._port = 0
+
+    @property
+    def port(self) -> int:
+        """The shared TCP port (0 before :meth:`start`)."""
+        return self._port
+
+    @property
+    def target(self) -> str:
+        """``host:port`` to dial."""
+        return f"{self.settings.service.host}:{self._port}"
+
+    @property
+    def info(self) -> list[ProcessInfo]:
+        """The started processes, in start order."""
+        return list(self._info)
+
+    @property
+    def pids(self) -> list[int]:
+        """OS pids of the started processes."""
+        return [i.pid for i in self._info]
+
+    def start(self) -> ServiceProcesses:
+        """Reserve the port, spawn the processes, wait until each answers.
+
+        Raises:
+            RuntimeError: already started, or a process failed to start or did not report
+                ready within ``start_timeout_s`` (every process is stopped first).
+            OSError: the port cannot be reserved.
+        """
+        if self._procs:
+            raise RuntimeError("service processes already started")
+        svc = self.settings.service
+        self._reserved = reserve_port(svc.host, self._requested_port)
+        self._port = int(self._reserved.getsockname()[1])
+        pipes = []
+        try:
+            for i in range(self.processes):
+                parent_end, child_end = self._ctx.Pipe(duplex=False)
+                metrics = self._metrics_port + i if self._metrics_port else self._metrics_port
+                proc = self._ctx.Process(
+                    target=_process_main,
+                    args=(
+                        self.settings,
+                        self._port,
+                        metrics,
+                        child_end,
+                        self._extra_handlers,
+                        logging.getLogger().getEffectiveLevel(),
+                    ),
+                    name=f"qrw-service-{i}",
+                    daemon=False,
+                )
+                proc.start()
+                child_end.close()
+                self._procs.append(proc)
+                pipes.append(parent_end)
+            deadline = time.monotonic() + self._start_timeout_s
+            for i, (proc, pipe) in enumerate(zip(self._procs, pipes, strict=True)):
+                self._info.append(self._await_ready(i, proc, pipe, deadline))
+        except BaseException:
+            self.stop(grace_s=0.0)
+            raise
+        finally:
+            for pipe in pipes:
+                pipe.close()
+        log.info(
+            "qrw: %d service processes on %s (pids %s)", self.processes, self.target, self.pids
+        )
+        return self
+
+    @staticmethod
+    def _await_ready(
+        i: int, proc: Any, pipe: multiprocessing.connection.Connection, deadline: float
+    ) -> ProcessInfo:
+        """Read process ``i``'s ready (or error) report before ``deadline`` (monotonic s)."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"service process {i} (pid {proc.pid}) did not start in time")
+            if pipe.poll(min(left, 0.5)):
+                try:
+                    msg = pipe.recv()
+                except EOFError:
+                    msg = ("error", f"exited with code {proc.exitcode}")
+                if msg[0] == "ready":
+                    return ProcessInfo(int(msg[1]), int(msg[2]), msg[3])
+                raise RuntimeError(f"service process {i} (pid {proc.pid}) failed: {msg[1]}")
+            if not proc.is_alive():
+                raise RuntimeError(
+                    f"service process {i} (pid {proc.pid}) exited with code {proc.exitcode} "
+                    "before it was ready"
+                )
+
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        """Block until one of the processes exits or ``timeout_s`` seconds pass.
+
+        Returns:
+            The pid of a process that has exited, or None (timeout; all running).
+        """
+        sentinels = {p.sentinel: p for p in self._procs}
+        done = multiprocessing.connection.wait(list(sentinels), timeout_s)
+        for s in done:
+            proc = sentinels[s]
+            proc.join(0)
+            return int(proc.pid)
+        return None
+
+    def exit_codes(self) -> dict[int, int | None]:
+        """Exit code of each process by pid (None while it runs; -N = killed by signal N)."""
+        return {int(p.pid): p.exitcode for p in self._procs}
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop every process (idempotent): SIGTERM (each drains within ``service.grace_s``,
+        or ``grace_s`` when given, plus 10 s to exit), then SIGKILL what is still running.
+        Only this supervisor's own processes are signalled, by their handles."""
+        grace = self.settings.service.grace_s if grace_s is None else grace_s
+        procs, self._procs = self._procs, []
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace + 10.0
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("service process %s did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.join(10.0)
+        for proc in procs:
+            proc.close()
+        self._info = []
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
+
+    def __enter__(self) -> ServiceProcesses:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def serve_processes(
+    settings: Settings,
+    port: int | None = None,
+    metrics_port: int | None = None,
+    processes: int | None = None,
+) -> None:
+    """Run ``processes`` (default ``service.processes``) service processes until SIGTERM or
+    SIGINT, then stop them gracefully (blocking; call from the main thread).
+
+    Args: ``port`` (default ``service.port``) and ``metrics_port``: see
+    :class:`ServiceProcesses`.
+
+    Raises:
+        RuntimeError: a process failed to start, or exited while serving (the others are
+            stopped first).
+    """
+    count = settings.service.processes if processes is None else processes
+    procs = ServiceProcesses(
+        settings,
+        count,
+        port=settings.service.port if port is None else port,
+        metrics_port=metrics_port,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s; stopping the service processes", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        procs.start()
+        while not stop.is_set():
+            pid = procs.wait(0.5)
+            if pid is not None and not stop.is_set():
+                code = procs.exit_codes().get(pid)
+                raise RuntimeError(f"service process {pid} exited with code {code} while serving")
+    finally:
+        procs.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)

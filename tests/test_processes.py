@@ -1,0 +1,210 @@
+"""Several service processes on one port (:mod:`rewrite.processes`): real spawned processes,
+real gRPC on 127.0.0.1, a real Redis; every process is stopped by its handle or pid."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from offline.job import run_nightly
+from rewrite.client import RewriteClient
+from rewrite.config import FULL_PIPELINE, Settings
+from rewrite.processes import ServiceProcesses, reserve_port
+from rewrite.types import RewriteRequest
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
+ROOT = Path(__file__).resolve().parents[1]
+QUERY = "what's the weather in wilkerson"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _row(tid: str, user: str, sec: float, utt: str) -> str:
+    ts = (T0 + timedelta(seconds=sec)).isoformat().replace("+00:00", "Z")
+    return json.dumps({"turn_id": tid, "user_id": user, "timestamp": ts, "utterance": utt,
+                       "response": "Here you go."})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def published(
+    settings: Settings, dpr_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    """The wilkerson example (see tests/test_online.py) run through the nightly job and
+    published; settings that serve it with the online pipeline."""
+    tmp = tmp_path_factory.mktemp("processes")
+    redis.Redis.from_url(settings.redis.url).flushdb()
+    s = settings.model_copy(deep=True)
+    s.dpr.artifacts_dir = dpr_dir
+    s.dpr.index_root = tmp / "index"
+    s.rerank.artifacts_dir = tmp / "no-ranker"
+    s.rerank.trigger_threshold = 0.55
+    s.service.pipeline = list(FULL_PIPELINE)
+    rows = []
+    for k in range(6):
+        for d in range(2):
+            t = k * 5000 + d * 1000
+            rows.append(_row(f"u{k}-w{d}", f"user{k}", t, "what's the weather in wilmington"))
+    for d in range(4):
+        rows.append(_row(f"bob-w{d}", "bob", 90000 + d * 1000, "what's the weather in wilkesboro"))
+    logs = tmp / "day-01.jsonl"
+    logs.write_text("\n".join(rows) + "\n")
+    report = run_nightly([logs], tmp / "run", s, publish=True)
+    assert report.publish is not None
+    yield s
+
+
+def _requests_served(metrics_port: int) -> float:
+    """Sum of ``qrw_requests_total`` on one process's Prometheus endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(m) for m in re.findall(r"^qrw_requests_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+def test_two_processes_share_one_port_and_both_answer(published: Settings) -> None:
+    with ServiceProcesses(published, 2, port=0, metrics_port=0, start_timeout_s=180) as procs:
+        info = procs.info
+        assert len({i.pid for i in info}) == 2 and all(_alive(i.pid) for i in info)
+        assert {i.port for i in info} == {procs.port} and procs.port > 0
+        assert all(i.metrics_port for i in info) and info[0].metrics_port != info[1].metrics_port
+        # connections, not calls, are spread: one channel per caller, each its own connection
+        answers = []
+        for _ in range(24):
+            with RewriteClient(procs.target, options=[("grpc.use_local_subchannel_pool", 1)]) as c:
+                answers.append(
+                    (
+                        c.rewrite(RewriteRequest(QUERY, user_id="alice")).rewrite,
+                        c.rewrite(RewriteRequest(QUERY, user_id="bob")).rewrite,
+                    )
+                )
+        assert set(answers) == {
+            ("what's the weather in wilmington", "what's the weather in wilkesboro")
+        }
+        served = [_requests_served(i.metrics_port) for i in info if i.metrics_port]
+        assert sum(served) == 48
+        # 24 connections fall on one process with probability 2 * 2**-24
+        assert min(served) > 0, served
+    assert not any(_alive(i.pid) for i in info)
+
+
+def test_a_process_that_dies_is_noticed_and_the_rest_stopped(published: Settings) -> None:
+    procs = ServiceProcesses(published, 2, port=0, start_timeout_s=180).start()
+    try:
+        victim, other = procs.pids
+        assert procs.wait(0.2) is None  # both running
+        os.kill(victim, signal.SIGKILL)  # a process this test started (through procs)
+        assert procs.wait(30) == victim
+        assert procs.exit_codes()[victim] == -signal.SIGKILL
+        assert procs.exit_codes()[other] is None
+    finally:
+        procs.stop(grace_s=1.0)
+    assert not _alive(victim) and not _alive(other)
+    assert procs.pids == [] and procs.port == procs.port  # stop is idempotent
+    procs.stop()
+
+
+def test_a_process_that_cannot_start_fails_the_start_with_its_reason(
+    published: Settings,
+) -> None:
+    bad = published.model_copy(deep=True)
+    bad.service.pipeline = ["normalize", "no_such_stage"]
+    procs = ServiceProcesses(bad, 2, port=0, start_timeout_s=180)
+    with pytest.raises(RuntimeError, match="no_such_stage"):
+        procs.start()
+    assert procs.pids == []
+
+
+def test_the_reserved_port_refuses_a_server_without_reuse_port(published: Settings) -> None:
+    sock = reserve_port("127.0.0.1", 0)
+    try:
+        port = sock.getsockname()[1]
+        plain = socket.socket()
+        with pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))
+        plain.close()
+        again = reserve_port("127.0.0.1", port)  # a service process binds like this
+        again.close()
+    finally:
+        sock.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_qrw_serve_with_two_processes_serves_and_stops_on_sigterm(
+    published: Settings, tmp_path: Path
+) -> None:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "QRW_REDIS__URL": published.redis.url,
+        "QRW_SERVICE__PROCESSES": "2",
+        "QRW_SERVICE__PIPELINE": json.dumps(published.service.pipeline),
+        "QRW_DPR__ARTIFACTS_DIR": str(published.dpr.artifacts_dir),
+        "QRW_DPR__INDEX_ROOT": str(published.dpr.index_root),
+        "QRW_RERANK__ARTIFACTS_DIR": str(published.rerank.artifacts_dir),
+        "QRW_RERANK__TRIGGER_THRESHOLD": "0.55",
+    }
+    err = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "offline.cli", "-v", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    log = (tmp_path / "serve.log").read_text()
+                    if status == health_pb2.HealthCheckResponse.SERVING and re.search(
+                        r"2 service processes on", log
+                    ):
+                        break
+                except grpc.RpcError:
+                    pass
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+                assert time.monotonic() < deadline, "qrw serve did not become ready"
+                time.sleep(0.5)
+        with RewriteClient(f"127.0.0.1:{port}") as c:
+            assert c.rewrite(RewriteRequest(QUERY, user_id="alice")).source == "global"
+        log = (tmp_path / "serve.log").read_text()
+        pids = [int(p) for p in re.search(r"pids \[(\d+), (\d+)\]", log).groups()]  # type: ignore[union-attr]
+        assert all(_alive(p) for p in pids)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert not any(_alive(p) for p in pids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        err.close()
