@@ -544,12 +544,23 @@ def serve(
         int | None, typer.Option(help="port on service.host (default from config)")
     ] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics port")] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=64,
+            help="service processes sharing the port (default service.processes; see the README)",
+        ),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run the gRPC rewrite service (health checking and reflection included)."""
     from rewrite.server import serve as run_server
 
-    run_server(_settings(config), port=port, metrics_port=metrics_port)
+    settings = _settings(config)
+    if processes is not None:
+        settings.service.processes = processes
+    run_server(settings, port=port, metrics_port=metrics_port)
 
 
 @app.command("rewrite")

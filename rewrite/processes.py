@@ -21,6 +21,11 @@ spreads incoming connections over them — gRPC's own multiprocessing example
   page cache; the catalog, models and caches are per process);
 - it waits until every process answers (each reports its pid and port over a pipe) and fails
   as a whole when one cannot start (the others are stopped);
+- with a metrics port it serves one Prometheus ``/metrics`` for the whole service:
+  prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, a temporary folder of
+  its own, set in the processes' environment; each process writes its counters and histogram
+  there, and the supervisor's ``MultiProcessCollector`` sums them, also over processes that
+  have exited, so counters never go backwards);
 - :meth:`~ServiceProcesses.stop` sends SIGTERM to each process by its handle (each drains as
   a single service does: health NOT_SERVING, queued calls answered, then stop), waits, and
   kills only what is left of its own processes.
@@ -42,8 +47,10 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +62,9 @@ from rewrite.config import Settings
 
 log = logging.getLogger(__name__)
 
+#: prometheus_client's switch to its multiprocess mode (read when it is imported).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
 #: Zero-argument callable (importable by reference: a module-level function) returning extra
 #: generic RPC handlers for every service process, e.g. a benchmark's echo method.
 HandlerFactory = Callable[[], Sequence[Any]]
@@ -62,12 +72,10 @@ HandlerFactory = Callable[[], Sequence[Any]]
 
 @dataclass(frozen=True)
 class ProcessInfo:
-    """One running service process: OS ``pid``, gRPC ``port`` and Prometheus
-    ``metrics_port`` (None when off)."""
+    """One running service process: OS ``pid`` and gRPC ``port``."""
 
     pid: int
     port: int
-    metrics_port: int | None
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -93,16 +101,35 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _restore_env(name: str, value: str | None) -> None:
+    """Set ``os.environ[name]`` back to ``value`` (None = unset)."""
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def _serve_metrics(port: int, directory: str) -> Any:
+    """Serve ``/metrics`` on ``127.0.0.1:port`` summing the multiprocess files in
+    ``directory`` (prometheus_client ``MultiProcessCollector``); returns the HTTP server."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)
+    httpd, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    return httpd
+
+
 def _process_main(
     settings: Settings,
     port: int,
-    metrics_port: int | None,
     conn: multiprocessing.connection.Connection,
     extra_handlers: HandlerFactory | None,
     log_level: int,
 ) -> None:
     """Entry point of one spawned service process: serve until SIGTERM/SIGINT; report
-    ``("ready", pid, port, metrics_port)`` or ``("error", message)`` over ``conn``."""
+    ``("ready", pid, port)`` or ``("error", message)`` over ``conn``."""
     import asyncio
 
     from rewrite.server import RewriteServer, serve_async
@@ -113,7 +140,7 @@ def _process_main(
     )
 
     def ready(server: RewriteServer) -> None:
-        conn.send(("ready", os.getpid(), server.port, server.metrics_port))
+        conn.send(("ready", os.getpid(), server.port))
 
     try:
         handlers = tuple(extra_handlers()) if extra_handlers is not None else ()
@@ -121,7 +148,6 @@ def _process_main(
             serve_async(
                 settings,
                 port=port,
-                metrics_port=metrics_port,
                 reuse_port=True,
                 extra_handlers=handlers,
                 on_ready=ready,
@@ -142,8 +168,9 @@ class ServiceProcesses:
         settings: loaded settings; each process serves them (``service.host``).
         processes: how many service processes (>= 1).
         port: TCP port; 0 = an ephemeral port, the same for all (read :attr:`port`).
-        metrics_port: Prometheus ``/metrics`` of process ``i`` on ``metrics_port + i``
-            (0 = an ephemeral port each; None = off).
+        metrics_port: Prometheus ``/metrics`` of the whole service (every process's counters
+            summed; see the module docstring) on ``127.0.0.1:metrics_port``, served by the
+            supervisor (0 = an ephemeral port, read :attr:`metrics_port`; None = off).
         extra_handlers: see :data:`HandlerFactory` (called in each process).
         start_timeout_s: bound on each process's start (load + warm-up + bind), seconds.
 
@@ -173,6 +200,8 @@ class ServiceProcesses:
         self._info: list[ProcessInfo] = []
         self._reserved: socket.socket | None = None
         self._port = 0
+        self._metrics_dir: str | None = None
+        self._metrics_httpd: Any = None
 
     @property
     def port(self) -> int:
@@ -183,6 +212,16 @@ class ServiceProcesses:
     def target(self) -> str:
         """``host:port`` to dial."""
         return f"{self.settings.service.host}:{self._port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Port of the service's Prometheus endpoint (None when off or not started)."""
+        return None if self._metrics_httpd is None else int(self._metrics_httpd.server_port)
+
+    @property
+    def metrics_dir(self) -> str | None:
+        """The ``PROMETHEUS_MULTIPROC_DIR`` of the processes (None when metrics are off)."""
+        return self._metrics_dir
 
     @property
     def info(self) -> list[ProcessInfo]:
@@ -208,16 +247,18 @@ class ServiceProcesses:
         self._reserved = reserve_port(svc.host, self._requested_port)
         self._port = int(self._reserved.getsockname()[1])
         pipes = []
+        env_before = os.environ.get(MULTIPROC_ENV)
         try:
+            if self._metrics_port is not None:
+                self._metrics_dir = tempfile.mkdtemp(prefix="qrw-metrics-")
+                os.environ[MULTIPROC_ENV] = self._metrics_dir  # inherited by spawn, then undone
             for i in range(self.processes):
                 parent_end, child_end = self._ctx.Pipe(duplex=False)
-                metrics = self._metrics_port + i if self._metrics_port else self._metrics_port
                 proc = self._ctx.Process(
                     target=_process_main,
                     args=(
                         self.settings,
                         self._port,
-                        metrics,
                         child_end,
                         self._extra_handlers,
                         logging.getLogger().getEffectiveLevel(),
@@ -229,17 +270,25 @@ class ServiceProcesses:
                 child_end.close()
                 self._procs.append(proc)
                 pipes.append(parent_end)
+            _restore_env(MULTIPROC_ENV, env_before)
             deadline = time.monotonic() + self._start_timeout_s
             for i, (proc, pipe) in enumerate(zip(self._procs, pipes, strict=True)):
                 self._info.append(self._await_ready(i, proc, pipe, deadline))
+            if self._metrics_dir is not None and self._metrics_port is not None:
+                self._metrics_httpd = _serve_metrics(self._metrics_port, self._metrics_dir)
         except BaseException:
+            _restore_env(MULTIPROC_ENV, env_before)
             self.stop(grace_s=0.0)
             raise
         finally:
             for pipe in pipes:
                 pipe.close()
         log.info(
-            "qrw: %d service processes on %s (pids %s)", self.processes, self.target, self.pids
+            "qrw: %d service processes on %s (pids %s; metrics port %s)",
+            self.processes,
+            self.target,
+            self.pids,
+            self.metrics_port,
         )
         return self
 
@@ -258,7 +307,7 @@ class ServiceProcesses:
                 except EOFError:
                     msg = ("error", f"exited with code {proc.exitcode}")
                 if msg[0] == "ready":
-                    return ProcessInfo(int(msg[1]), int(msg[2]), msg[3])
+                    return ProcessInfo(int(msg[1]), int(msg[2]))
                 raise RuntimeError(f"service process {i} (pid {proc.pid}) failed: {msg[1]}")
             if not proc.is_alive():
                 raise RuntimeError(
@@ -276,7 +325,7 @@ class ServiceProcesses:
         done = multiprocessing.connection.wait(list(sentinels), timeout_s)
         for s in done:
             proc = sentinels[s]
-            proc.join(0)
+            proc.join(5.0)  # its sentinel closes just before it can be reaped
             return int(proc.pid)
         return None
 
@@ -304,6 +353,13 @@ class ServiceProcesses:
         for proc in procs:
             proc.close()
         self._info = []
+        if self._metrics_httpd is not None:
+            httpd, self._metrics_httpd = self._metrics_httpd, None
+            httpd.shutdown()
+            httpd.server_close()
+        if self._metrics_dir is not None:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            self._metrics_dir = None
         if self._reserved is not None:
             self._reserved.close()
             self._reserved = None

@@ -680,7 +680,7 @@ def serve(settings: Settings, port: int | None = None, metrics_port: int | None 
         settings: loaded settings; binds ``service.host``.
         port: TCP port; default ``service.port`` (0 = ephemeral, logged).
         metrics_port: serve Prometheus ``/metrics`` on ``127.0.0.1:metrics_port`` when given
-            (with several processes, process ``i`` uses ``metrics_port + i``).
+            (with several processes the supervisor serves it, every process's counters summed).
 
     Raises:
         RuntimeError: the port could not be bound, or (several processes) one of them failed

@@ -3,6 +3,7 @@ real gRPC on 127.0.0.1, a real Redis; every process is stopped by its handle or 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import grpc
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from offline.job import run_nightly
 from rewrite.client import RewriteClient
@@ -32,6 +34,7 @@ pytestmark = pytest.mark.integration
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = "what's the weather in wilkerson"
+PROCESSES_2 = ("--processes", "2")
 
 
 def _alive(pid: int) -> bool:
@@ -77,10 +80,23 @@ def published(
 
 
 def _requests_served(metrics_port: int) -> float:
-    """Sum of ``qrw_requests_total`` on one process's Prometheus endpoint."""
+    """Sum of ``qrw_requests_total`` on a Prometheus endpoint."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
         text = r.read().decode()
     return sum(float(m) for m in re.findall(r"^qrw_requests_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+def _requests_of(metrics_dir: str, pid: int) -> float:
+    """``qrw_requests_total`` of one process, from its prometheus_client multiprocess file."""
+    files = glob.glob(os.path.join(metrics_dir, f"counter_{pid}.db"))
+    metrics = MultiProcessCollector.merge(files, accumulate=True)
+    return sum(
+        s.value
+        for m in metrics
+        if m.name == "qrw_requests"
+        for s in m.samples
+        if s.name == "qrw_requests_total"
+    )
 
 
 def test_two_processes_share_one_port_and_both_answer(published: Settings) -> None:
@@ -88,7 +104,7 @@ def test_two_processes_share_one_port_and_both_answer(published: Settings) -> No
         info = procs.info
         assert len({i.pid for i in info}) == 2 and all(_alive(i.pid) for i in info)
         assert {i.port for i in info} == {procs.port} and procs.port > 0
-        assert all(i.metrics_port for i in info) and info[0].metrics_port != info[1].metrics_port
+        assert procs.metrics_port and procs.metrics_dir
         # connections, not calls, are spread: one channel per caller, each its own connection
         answers = []
         for _ in range(24):
@@ -102,11 +118,15 @@ def test_two_processes_share_one_port_and_both_answer(published: Settings) -> No
         assert set(answers) == {
             ("what's the weather in wilmington", "what's the weather in wilkesboro")
         }
-        served = [_requests_served(i.metrics_port) for i in info if i.metrics_port]
+        # one endpoint for the service: every process's counters summed
+        assert _requests_served(procs.metrics_port) == 48
+        served = [_requests_of(procs.metrics_dir, i.pid) for i in info]
         assert sum(served) == 48
         # 24 connections fall on one process with probability 2 * 2**-24
         assert min(served) > 0, served
+        metrics_dir = procs.metrics_dir
     assert not any(_alive(i.pid) for i in info)
+    assert not os.path.exists(metrics_dir)  # the supervisor's temporary folder is gone
 
 
 def test_a_process_that_dies_is_noticed_and_the_rest_stopped(published: Settings) -> None:
@@ -156,14 +176,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_qrw_serve_with_two_processes_serves_and_stops_on_sigterm(
+def test_qrw_serve_processes_2_serves_and_stops_on_sigterm(
     published: Settings, tmp_path: Path
 ) -> None:
     port = _free_port()
     env = {
         **os.environ,
         "QRW_REDIS__URL": published.redis.url,
-        "QRW_SERVICE__PROCESSES": "2",
         "QRW_SERVICE__PIPELINE": json.dumps(published.service.pipeline),
         "QRW_DPR__ARTIFACTS_DIR": str(published.dpr.artifacts_dir),
         "QRW_DPR__INDEX_ROOT": str(published.dpr.index_root),
@@ -172,7 +191,7 @@ def test_qrw_serve_with_two_processes_serves_and_stops_on_sigterm(
     }
     err = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "offline.cli", "-v", "serve", "--port", str(port)],
+        [sys.executable, "-m", "offline.cli", "-v", "serve", "--port", str(port), *PROCESSES_2],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
