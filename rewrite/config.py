@@ -222,6 +222,10 @@ class ServiceSettings(BaseModel):
     index (the mapped index file's pages are shared through the page cache, the rest is per
     process); 1 (default) = this process serves. One process is capped by its GIL, not by the
     cores (see :mod:`rewrite.processes` and the README's figures).
+    ``index_swap_lock``: a file the service processes of one host lock
+    (:func:`rewrite.online.index_swap_lock`) around loading a version's index, so they swap
+    one at a time (with ``processes`` > 1 the supervisor sets one of its own when unset;
+    None = no lock).
     """
 
     host: str = "127.0.0.1"
@@ -244,6 +248,7 @@ class ServiceSettings(BaseModel):
     online_max_batch: int = Field(default=32, ge=1)
     index_swap: Literal["overlap", "release_first"] = "overlap"
     processes: int = Field(default=1, ge=1, le=64)
+    index_swap_lock: Path | None = None
 
 
 class SimulatorSettings(BaseModel):

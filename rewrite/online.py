@@ -23,6 +23,7 @@ reranker and a precision-oriented trigger.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -31,7 +32,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,36 @@ def return_freed_memory() -> None:
     pa.default_memory_pool().release_unused()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def index_swap_lock(path: Path | None) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` (created if missing; None = no lock).
+
+    ``service.index_swap_lock``: the service processes of one host (:mod:`rewrite.processes`
+    sets it) take it around loading a version's index, so they load and swap one at a time:
+    with N processes the memory peak of a publish is one extra index (not N), and under
+    ``index_swap: release_first`` one process at a time passes the online layer through.
+    Blocks until the lock is free (another process's load: seconds).
+
+    Raises:
+        OSError: the lock file cannot be opened.
+    """
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a+b") as fh:
+        started = time.monotonic()
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        waited = time.monotonic() - started
+        if waited > 0.05:
+            log.info("waited %.1f s for the index swap lock %s", waited, path)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _when_dropped(index: GlobalIndex) -> None:
@@ -207,6 +238,11 @@ class OnlineLayer:
             if version in self._tried:
                 return
             self._tried.add(version)
+        with index_swap_lock(self.settings.service.index_swap_lock):
+            self._swap(version)
+
+    def _swap(self, version: str) -> None:
+        """The body of :meth:`_load` (under the swap lock)."""
         previous: tuple[str, Path, str] | None = None
         try:
             found = self._index_of(version)

@@ -19,6 +19,9 @@ spreads incoming connections over them — gRPC's own multiprocessing example
   ``reuse_port=True``: its own event loop, Rewriter, Redis connections, loaded index
   (``dpr.index_mmap`` maps the index file, whose pages the processes then share through the
   page cache; the catalog, models and caches are per process);
+- it gives the processes one index swap lock (``service.index_swap_lock``, a file in its
+  temporary folder, unless set), so that after a publish they load the new version's index one
+  at a time: the memory peak is one extra index, not one per process;
 - it waits until every process answers (each reports its pid and port over a pipe) and fails
   as a whole when one cannot start (the others are stopped);
 - with a metrics port it serves one Prometheus ``/metrics`` for the whole service:
@@ -55,6 +58,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -200,6 +204,7 @@ class ServiceProcesses:
         self._info: list[ProcessInfo] = []
         self._reserved: socket.socket | None = None
         self._port = 0
+        self._workdir: str | None = None  # the supervisor's temporary folder
         self._metrics_dir: str | None = None
         self._metrics_httpd: Any = None
 
@@ -248,16 +253,22 @@ class ServiceProcesses:
         self._port = int(self._reserved.getsockname()[1])
         pipes = []
         env_before = os.environ.get(MULTIPROC_ENV)
+        settings = self.settings
         try:
+            self._workdir = tempfile.mkdtemp(prefix="qrw-service-")
+            if settings.service.index_swap_lock is None and self.processes > 1:
+                settings = settings.model_copy(deep=True)
+                settings.service.index_swap_lock = Path(self._workdir) / "index-swap.lock"
             if self._metrics_port is not None:
-                self._metrics_dir = tempfile.mkdtemp(prefix="qrw-metrics-")
+                self._metrics_dir = os.path.join(self._workdir, "metrics")
+                os.mkdir(self._metrics_dir)
                 os.environ[MULTIPROC_ENV] = self._metrics_dir  # inherited by spawn, then undone
             for i in range(self.processes):
                 parent_end, child_end = self._ctx.Pipe(duplex=False)
                 proc = self._ctx.Process(
                     target=_process_main,
                     args=(
-                        self.settings,
+                        settings,
                         self._port,
                         child_end,
                         self._extra_handlers,
@@ -357,9 +368,9 @@ class ServiceProcesses:
             httpd, self._metrics_httpd = self._metrics_httpd, None
             httpd.shutdown()
             httpd.server_close()
-        if self._metrics_dir is not None:
-            shutil.rmtree(self._metrics_dir, ignore_errors=True)
-            self._metrics_dir = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = self._metrics_dir = None
         if self._reserved is not None:
             self._reserved.close()
             self._reserved = None

@@ -447,6 +447,52 @@ def test_release_first_swap_holds_one_index_and_restores_on_failure(
         rewriter.close()
 
 
+def test_index_swap_lock_makes_a_load_wait_for_the_other_process(
+    online_settings: Settings, tmp_path: Path, clean_redis: redis.Redis
+) -> None:
+    """``service.index_swap_lock``: while another holder (here this test, as another service
+    process would) has the lock, a new version's index does not load and the old snapshot
+    keeps answering; once it is released the load goes ahead."""
+    import fcntl
+
+    from rewrite import keyspace
+    from rewrite.online import OnlineLayer
+
+    s = online_settings.model_copy(deep=True)
+    s.service.index_swap_lock = tmp_path / "swap.lock"
+    report = run_nightly([_wilkerson_logs(tmp_path / "d.jsonl")], tmp_path / "run", s, publish=True)
+    assert report.publish is not None
+    good = report.publish["version"]
+    meta = clean_redis.hgetall(keyspace.meta_key(good))
+    rewriter = Rewriter(s)
+    rewriter.warm_up()  # the first load takes (and releases) the lock too
+    layer = rewriter.resources.online
+    assert isinstance(layer, OnlineLayer) and layer._snapshot is not None
+    assert s.service.index_swap_lock.exists()
+    query = RewriteRequest("what's the weather in wilkerson", user_id="alice")
+    try:
+        with open(s.service.index_swap_lock, "a+b") as other:
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+            clean_redis.hset(keyspace.meta_key("v-two"), mapping=meta)
+            clean_redis.set(keyspace.ACTIVE, "v-two")
+            deadline = time.monotonic() + 10
+            while "v-two" not in layer._tried:  # the background load has started
+                layer.snapshot()
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            time.sleep(1.0)
+            loading = layer._loading
+            assert loading is not None and loading.is_alive()  # waiting for the lock
+            assert layer._snapshot is not None and layer._snapshot.version == good
+            assert rewriter.rewrite(query).rewritten  # the old version answers meanwhile
+            fcntl.flock(other.fileno(), fcntl.LOCK_UN)
+        layer.wait_loaded()
+        assert layer._snapshot is not None and layer._snapshot.version == "v-two"
+        assert rewriter.rewrite(query).rewritten
+    finally:
+        rewriter.close()
+
+
 def test_a_micro_batch_answers_exactly_as_requests_one_by_one(
     online_settings: Settings, tmp_path: Path
 ) -> None:

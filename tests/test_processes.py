@@ -105,6 +105,8 @@ def test_two_processes_share_one_port_and_both_answer(published: Settings) -> No
         assert len({i.pid for i in info}) == 2 and all(_alive(i.pid) for i in info)
         assert {i.port for i in info} == {procs.port} and procs.port > 0
         assert procs.metrics_port and procs.metrics_dir
+        # the processes took the supervisor's index swap lock for their first load
+        assert os.path.exists(os.path.join(os.path.dirname(procs.metrics_dir), "index-swap.lock"))
         # connections, not calls, are spread: one channel per caller, each its own connection
         answers = []
         for _ in range(24):
