@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis
+from examples import online_test_settings, wilkerson_logs
 
 from offline.job import run_nightly
 from rewrite.config import FULL_PIPELINE, Settings
@@ -40,39 +41,14 @@ def _row(
 def online_settings(
     settings: Settings, dpr_dir: Path, tmp_path: Path, clean_redis: redis.Redis
 ) -> Iterator[Settings]:
-    s = settings.model_copy(deep=True)
-    s.dpr.artifacts_dir = dpr_dir
-    s.dpr.index_root = tmp_path / "index"
-    s.rerank.artifacts_dir = tmp_path / "no-ranker"
-    # zero-shot MiniLM puts "...wilkerson" at cosine 0.42 to "...wilmington": the heuristic
-    # ranker's score is 0.60 there; a trained ranker calibrates its own threshold
-    s.rerank.trigger_threshold = 0.55
-    s.service.pipeline = list(ONLINE)
-    yield s
-
-
-def _wilkerson_logs(path: Path) -> Path:
-    """Six users succeed with "what's the weather in wilmington"; bob has always succeeded
-    with "what's the weather in wilkesboro"; nobody succeeds with "... wilkerson"."""
-    rows = []
-    for k in range(6):
-        u = f"user{k}"
-        for d in range(2):
-            t = k * 5000 + d * 1000
-            rows.append(_row(f"{u}-w{d}", u, t, "what's the weather in wilmington"))
-    for d in range(4):
-        rows.append(_row(f"bob-w{d}", "bob", 90000 + d * 1000, "what's the weather in wilkesboro"))
-    rows.append(_row("carol-1", "carol", 120000, "play some jazz"))
-    rows.append(_row("carol-2", "carol", 121000, "play some jazz"))
-    path.write_text("\n".join(rows) + "\n")
-    return path
+    yield online_test_settings(settings, dpr_dir, tmp_path)
 
 
 def test_global_fix_for_everyone_personal_fix_for_the_user_with_history(
     online_settings: Settings, tmp_path: Path
 ) -> None:
     s = online_settings
-    logs = _wilkerson_logs(tmp_path / "day-01.jsonl")
+    logs = wilkerson_logs(tmp_path / "day-01.jsonl")
     report = run_nightly([logs], tmp_path / "run", s, publish=True)
     assert report.online is not None and report.online["encoder_kind"] == "zero-shot"
     assert report.publish is not None and report.publish["n_personal_users"] >= 7
@@ -170,7 +146,7 @@ def test_query_precision_setting_picks_the_query_tower(
     """``dpr.query_precision``: ``fp32`` serves ``query.onnx`` (the exact vectors), ``int8``
     and ``auto`` (its check passed) ``query.int8.onnx``; both fix alice's utterance, with
     slightly different dense cosines."""
-    logs = _wilkerson_logs(tmp_path / "day-01.jsonl")
+    logs = wilkerson_logs(tmp_path / "day-01.jsonl")
     run_nightly([logs], tmp_path / "run", online_settings, publish=True)
     query = "what's the weather in wilkerson"
     served: dict[str, tuple[str, float]] = {}
@@ -206,7 +182,7 @@ def test_static_query_tower_serves_the_online_path(
 
     s = online_settings.model_copy(deep=True)
     s.dpr.artifacts_dir = static_dpr_dir
-    logs = _wilkerson_logs(tmp_path / "day-01.jsonl")
+    logs = wilkerson_logs(tmp_path / "day-01.jsonl")
     report = run_nightly([logs], tmp_path / "run", s, publish=True)
     assert report.online is not None and report.online["encoder_kind"] == "static-query"
     query = "what's the weather in wilkerson"
@@ -263,7 +239,7 @@ def test_corrupt_index_of_a_new_version_is_refused_and_the_old_one_kept(
     from rewrite.online import INDEX_ERRORS, OnlineLayer
 
     s = online_settings
-    report = run_nightly([_wilkerson_logs(tmp_path / "d.jsonl")], tmp_path / "run", s, publish=True)
+    report = run_nightly([wilkerson_logs(tmp_path / "d.jsonl")], tmp_path / "run", s, publish=True)
     assert report.publish is not None
     good = report.publish["version"]
     meta = clean_redis.hgetall(keyspace.meta_key(good))
@@ -343,7 +319,7 @@ def test_a_swapped_out_index_returns_its_memory(
 
     s = online_settings.model_copy(deep=True)
     s.service.index_swap = swap  # type: ignore[assignment]
-    report = run_nightly([_wilkerson_logs(tmp_path / "d.jsonl")], tmp_path / "run", s, publish=True)
+    report = run_nightly([wilkerson_logs(tmp_path / "d.jsonl")], tmp_path / "run", s, publish=True)
     assert report.publish is not None
     good = report.publish["version"]
     meta = clean_redis.hgetall(keyspace.meta_key(good))
@@ -393,7 +369,7 @@ def test_release_first_swap_holds_one_index_and_restores_on_failure(
 
     s = online_settings.model_copy(deep=True)
     s.service.index_swap = "release_first"
-    report = run_nightly([_wilkerson_logs(tmp_path / "d.jsonl")], tmp_path / "run", s, publish=True)
+    report = run_nightly([wilkerson_logs(tmp_path / "d.jsonl")], tmp_path / "run", s, publish=True)
     assert report.publish is not None
     good = report.publish["version"]
     meta = clean_redis.hgetall(keyspace.meta_key(good))
@@ -460,7 +436,7 @@ def test_index_swap_lock_makes_a_load_wait_for_the_other_process(
 
     s = online_settings.model_copy(deep=True)
     s.service.index_swap_lock = tmp_path / "swap.lock"
-    report = run_nightly([_wilkerson_logs(tmp_path / "d.jsonl")], tmp_path / "run", s, publish=True)
+    report = run_nightly([wilkerson_logs(tmp_path / "d.jsonl")], tmp_path / "run", s, publish=True)
     assert report.publish is not None
     good = report.publish["version"]
     meta = clean_redis.hgetall(keyspace.meta_key(good))
@@ -509,7 +485,7 @@ def test_a_micro_batch_answers_exactly_as_requests_one_by_one(
     from rewrite.types import ContextTurn
 
     s = online_settings
-    logs = _wilkerson_logs(tmp_path / "day-01.jsonl")
+    logs = wilkerson_logs(tmp_path / "day-01.jsonl")
     report = run_nightly([logs], tmp_path / "run", s, publish=True)
     assert report.publish is not None
     wilkerson = "what's the weather in wilkerson"

@@ -14,26 +14,24 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
 import redis
+from examples import BOBS_FIX, GLOBAL_FIX, QUERY, online_test_settings, wilkerson_logs
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from offline.job import run_nightly
 from rewrite.client import RewriteClient
-from rewrite.config import FULL_PIPELINE, Settings
+from rewrite.config import Settings
 from rewrite.processes import ServiceProcesses, reserve_port
 from rewrite.types import RewriteRequest
 
 pytestmark = pytest.mark.integration
 
-T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 ROOT = Path(__file__).resolve().parents[1]
-QUERY = "what's the weather in wilkerson"
 PROCESSES_2 = ("--processes", "2")
 
 
@@ -45,36 +43,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _row(tid: str, user: str, sec: float, utt: str) -> str:
-    ts = (T0 + timedelta(seconds=sec)).isoformat().replace("+00:00", "Z")
-    return json.dumps({"turn_id": tid, "user_id": user, "timestamp": ts, "utterance": utt,
-                       "response": "Here you go."})  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def published(
     settings: Settings, dpr_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Settings]:
-    """The wilkerson example (see tests/test_online.py) run through the nightly job and
-    published; settings that serve it with the online pipeline."""
+    """The wilkerson example run through the nightly job and published; settings that
+    serve it."""
     tmp = tmp_path_factory.mktemp("processes")
     redis.Redis.from_url(settings.redis.url).flushdb()
-    s = settings.model_copy(deep=True)
-    s.dpr.artifacts_dir = dpr_dir
-    s.dpr.index_root = tmp / "index"
-    s.rerank.artifacts_dir = tmp / "no-ranker"
-    s.rerank.trigger_threshold = 0.55
-    s.service.pipeline = list(FULL_PIPELINE)
-    rows = []
-    for k in range(6):
-        for d in range(2):
-            t = k * 5000 + d * 1000
-            rows.append(_row(f"u{k}-w{d}", f"user{k}", t, "what's the weather in wilmington"))
-    for d in range(4):
-        rows.append(_row(f"bob-w{d}", "bob", 90000 + d * 1000, "what's the weather in wilkesboro"))
-    logs = tmp / "day-01.jsonl"
-    logs.write_text("\n".join(rows) + "\n")
-    report = run_nightly([logs], tmp / "run", s, publish=True)
+    s = online_test_settings(settings, dpr_dir, tmp)
+    report = run_nightly([wilkerson_logs(tmp / "day-01.jsonl")], tmp / "run", s, publish=True)
     assert report.publish is not None
     yield s
 
@@ -117,9 +95,7 @@ def test_two_processes_share_one_port_and_both_answer(published: Settings) -> No
                         c.rewrite(RewriteRequest(QUERY, user_id="bob")).rewrite,
                     )
                 )
-        assert set(answers) == {
-            ("what's the weather in wilmington", "what's the weather in wilkesboro")
-        }
+        assert set(answers) == {(GLOBAL_FIX, BOBS_FIX)}
         # one endpoint for the service: every process's counters summed
         assert _requests_served(procs.metrics_port) == 48
         served = [_requests_of(procs.metrics_dir, i.pid) for i in info]
