@@ -32,6 +32,9 @@ folder that :class:`rewrite.retrieval.GlobalIndex` loads:
   ``index.json`` ``params["lexical"]``; queries get the matching ``[dense, n-grams, 1]``.
 - ``catalog.parquet``: the id sidecar (:data:`rewrite.retrieval.CATALOG_COLUMNS`, in id order;
   duplicate texts dropped, missing metadata filled with defaults);
+- ``catalog.arrow``: the same catalog as the service reads it
+  (:class:`rewrite.retrieval.CatalogColumns`: nulls filled, text hashes sorted, device-type
+  counts flattened), one uncompressed Arrow IPC batch the service memory-maps;
 - ``index.json`` (:class:`rewrite.retrieval.IndexInfo`), written last, so a folder without it is
   incomplete. Files are written under temporary names and renamed.
 """
@@ -56,9 +59,11 @@ from rewrite.lexical import LexicalChannel
 from rewrite.retrieval import (
     CATALOG_FILE,
     CATALOG_SCHEMA,
+    COLUMNS_FILE,
     INDEX_FILE,
     INDEX_META,
     IVF_KINDS,
+    CatalogColumns,
     IndexInfo,
     sha256_file,
 )
@@ -293,8 +298,13 @@ def write_index_dir(
     faiss.write_index(index, str(tmp_index))
     # row groups of 64k rows: the service reads `device_types` batch by batch (GlobalIndex.load)
     pq.write_table(catalog.cast(CATALOG_SCHEMA), tmp_cat, row_group_size=CATALOG_ROW_GROUP)
+    # the same catalog as the service's mapped columns (derived from the Parquet file just
+    # written, so the two cannot disagree): no decode or hashing at load, pages shared
+    tmp_cols = out_dir / f".{COLUMNS_FILE}.tmp-{pid}"
+    CatalogColumns.from_table(pq.read_table(tmp_cat)).write(tmp_cols)
     _replace_into(tmp_index, out_dir / INDEX_FILE)
     _replace_into(tmp_cat, out_dir / CATALOG_FILE)
+    _replace_into(tmp_cols, out_dir / COLUMNS_FILE)
     params: dict[str, Any] = {"build_seconds": round(build_s, 3)}
     if kind == "hnsw":
         params.update(
@@ -317,6 +327,7 @@ def write_index_dir(
         sha256={
             INDEX_FILE: sha256_file(out_dir / INDEX_FILE),
             CATALOG_FILE: sha256_file(out_dir / CATALOG_FILE),
+            COLUMNS_FILE: sha256_file(out_dir / COLUMNS_FILE),
         },
         params=params,
         built_unix=round(time.time(), 3),

@@ -25,7 +25,7 @@ import numpy as np
 from offline.dpr.ids import zero_shot_dir
 from rewrite.config import Settings
 from rewrite.encoder import DPR_META, DprModelMissingError, PassageEncoder, resolve_dpr_artifact
-from rewrite.retrieval import CATALOG_FILE, INDEX_FILE, INDEX_META, IndexInfo
+from rewrite.retrieval import CATALOG_FILE, INDEX_FILE, INDEX_META, IndexInfo, data_files
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def install_index(build: OnlineBuild, settings: Settings) -> Path:
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name in (INDEX_FILE, CATALOG_FILE, INDEX_META):
+    for name in (*data_files(build.info), INDEX_META):
         shutil.copy2(build.index_dir / name, tmp / name)
     if final.exists():  # an incomplete leftover (no index.json)
         shutil.rmtree(final)

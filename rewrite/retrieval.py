@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 CATALOG_FILE = "catalog.parquet"
+#: The catalog's columns as the service reads them, memory-mapped (:class:`CatalogColumns`);
+#: written by the index build since 2026-12-07 and recorded in ``index.json``'s ``sha256``
+#: (an older folder without it is read from ``catalog.parquet``).
+COLUMNS_FILE = "catalog.arrow"
 INDEX_META = "index.json"
 INDEX_FORMAT = 1
 CATALOG_COLUMNS = ("text", "frequency", "n_users", "success_rate", "domain", "intent", "last_seen")
@@ -140,6 +144,11 @@ class StringColumn:
 
     def __len__(self) -> int:
         return len(self._off) - 1
+
+    @property
+    def array(self) -> pa.Array:
+        """The Arrow array read (its buffers back this column)."""
+        return self._array
 
     def __getitem__(self, i: int) -> str:
         return str(self._data[int(self._off[i]) : int(self._off[i + 1])], "utf-8")
@@ -264,6 +273,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def data_files(info: IndexInfo) -> tuple[str, ...]:
+    """The data files of an index folder: ``index.faiss``, ``catalog.parquet`` and, when
+    ``index.json`` records it, ``catalog.arrow``."""
+    extra = (COLUMNS_FILE,) if COLUMNS_FILE in info.sha256 else ()
+    return (INDEX_FILE, CATALOG_FILE, *extra)
+
+
 def verify_index_dir(directory: Path, expected_encoder_id: str | None = None) -> IndexInfo:
     """Check an index folder without loading it: ``index.json`` readable, both files present
     with the recorded SHA-256, and (if given) the expected ``encoder_id``.
@@ -286,7 +302,7 @@ def verify_index_dir(directory: Path, expected_encoder_id: str | None = None) ->
             f"encoder is {expected_encoder_id!r}; rebuild the index with this encoder "
             "(or load the matching DPR artifact)"
         )
-    for name in (INDEX_FILE, CATALOG_FILE):
+    for name in data_files(info):
         path = directory / name
         if not path.exists():
             raise FileNotFoundError(f"index folder {directory} lacks {name}")
@@ -297,6 +313,204 @@ def verify_index_dir(directory: Path, expected_encoder_id: str | None = None) ->
                 f"{path} is corrupt: sha256 {got[:16]}… differs from index.json ({str(want)[:16]}…)"
             )
     return info
+
+
+class CatalogColumns:
+    """The catalog as the service reads it: columnar, about 140 bytes per entry at 1M entries
+    (instead of ~450 as Python lists and a text -> id dict) — strings in Arrow buffers read
+    through :class:`StringColumn`, numbers as numpy arrays, membership by a sorted array of
+    64-bit text hashes, device-type counts in flat CSR-like arrays.
+
+    Built from ``catalog.parquet`` (:meth:`from_table`: fills nulls, hashes every text), or
+    read from ``catalog.arrow`` (:meth:`read`), the same columns written by the index build
+    (:meth:`write`) as one uncompressed Arrow IPC record batch, **memory-mapped**: nothing is
+    decoded or hashed at load, and the pages live in the page cache, shared by every service
+    process that maps the file (:mod:`rewrite.processes`) instead of copied into each.
+
+    Attributes:
+        text, domain, intent: :class:`StringColumn` of ``n`` strings ("" for nulls).
+        frequency, n_users: ``(n,)`` int64; success_rate, last_seen: ``(n,)`` float64.
+        hash_order: ``(n,)`` int64, the rows sorted by their text's 64-bit hash;
+            hash_sorted: ``(n,)`` int64, those hashes in that order.
+        dt_off: ``(n + 1,)`` int32 (int64 past 2**31 entries) offsets into the device-type
+            arrays (row i owns ``[dt_off[i], dt_off[i + 1])``), or None when no entry has a
+            device type; dt_code: ``(m,)`` uint8 (int32 past 256 types) into ``dt_vocab``;
+            dt_turns, dt_ok: ``(m,)`` int32 turns and successful turns.
+        mapped: True when the arrays are views of a memory-mapped ``catalog.arrow``.
+    """
+
+    text: StringColumn
+    domain: StringColumn
+    intent: StringColumn
+    frequency: np.ndarray
+    n_users: np.ndarray
+    success_rate: np.ndarray
+    last_seen: np.ndarray
+    hash_order: np.ndarray
+    hash_sorted: np.ndarray
+
+    def __init__(self) -> None:
+        self.mapped = False
+        self.dt_off: np.ndarray | None = None
+        self.dt_vocab: list[str] = []
+        self.dt_code = np.zeros(0, dtype=np.uint8)
+        self.dt_turns = np.zeros(0, dtype=np.int32)
+        self.dt_ok = np.zeros(0, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    @classmethod
+    def from_table(
+        cls, catalog: pa.Table, device_types: Iterable[pa.Array] | None = None
+    ) -> CatalogColumns:
+        """Columns of a catalog table in :data:`CATALOG_SCHEMA` (``device_types`` may come
+        apart, as batches of that column in row order, or be left in the table)."""
+        out = cls()
+        filled = {c: pc.fill_null(catalog.column(c), _CATALOG_EMPTY[c]) for c in CATALOG_COLUMNS}
+        out.text = StringColumn(filled["text"].combine_chunks())
+        out.domain = StringColumn(filled["domain"].combine_chunks())
+        out.intent = StringColumn(filled["intent"].combine_chunks())
+        out.frequency = filled["frequency"].to_numpy()
+        out.n_users = filled["n_users"].to_numpy()
+        out.success_rate = filled["success_rate"].to_numpy()
+        out.last_seen = filled["last_seen"].to_numpy()
+        if device_types is None and DEVICE_TYPES_COLUMN in catalog.column_names:
+            device_types = catalog.column(DEVICE_TYPES_COLUMN).chunks
+        out._load_device_types(device_types or ())
+        n = len(out.text)
+        hashes = np.empty(n, dtype=np.int64)
+        for start in range(0, n, _HASH_CHUNK):  # chunks: no 1M-string list at load
+            chunk = out.text.slice_pylist(start, _HASH_CHUNK)
+            hashes[start : start + len(chunk)] = [_text_hash(t) for t in chunk]
+        out.hash_order = np.argsort(hashes, kind="stable")
+        out.hash_sorted = hashes[out.hash_order]
+        return out
+
+    def _load_device_types(self, chunks: Iterable[pa.Array]) -> None:
+        """Device-type counts in flat arrays (CSR-like: row i owns ``[off[i], off[i+1])`` of
+        ``dt_code`` (uint8 into ``dt_vocab``) / ``dt_turns`` / ``dt_ok`` (int32)): 4 bytes
+        per entry plus 9 per (entry, device type), ~22 MB at 1M entries with two device types
+        each; nothing kept when no entry has any, so a catalog without device types costs no
+        memory.
+
+        Args:
+            chunks: the ``device_types`` column in row order, as list-of-struct arrays (read
+                in batches by :meth:`load`: converting 2M structs at once left ~190 MB of freed
+                Arrow memory resident).
+        """
+        code_of: dict[str, int] = {}
+        lengths: list[np.ndarray] = []
+        codes: list[np.ndarray] = []
+        turns: list[np.ndarray] = []
+        oks: list[np.ndarray] = []
+        for lists in chunks:
+            lengths.append(
+                pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+            )
+            flat = pc.list_flatten(lists)
+            if not len(flat):
+                continue
+            types = pc.fill_null(flat.field("device_type"), "")
+            for t in pc.unique(types).to_pylist():
+                code_of.setdefault(str(t), len(code_of))
+            vocab = pa.array(list(code_of), pa.string())
+            codes.append(pc.index_in(types, value_set=vocab).to_numpy(zero_copy_only=False))
+            # counts beyond int32 are clipped (shares and rates of such entries barely move)
+            for out, name in ((turns, "turns"), (oks, "successes")):
+                col = pc.fill_null(flat.field(name), 0).to_numpy(zero_copy_only=False)
+                out.append(np.clip(col, 0, 2**31 - 1).astype(np.int32))
+        if not codes:
+            return
+        self.dt_vocab = list(code_of)
+        code_type = np.uint8 if len(self.dt_vocab) <= 256 else np.int32
+        self.dt_code = np.concatenate(codes).astype(code_type)
+        self.dt_turns = np.concatenate(turns)
+        self.dt_ok = np.concatenate(oks)
+        n_entries = np.concatenate(lengths)
+        off = np.zeros(len(n_entries) + 1, dtype=np.int64)
+        np.cumsum(n_entries, out=off[1:])
+        self.dt_off = off.astype(np.int32) if off[-1] < 2**31 else off
+
+    def to_batch(self) -> pa.RecordBatch:
+        """One Arrow record batch of ``n`` rows: the columns, ``hash_order``, ``hash_sorted``
+        and (when any entry has one) ``device_types`` as list<struct<code, turns, ok>>; the
+        device-type vocabulary in the schema metadata."""
+        arrays: dict[str, pa.Array] = {
+            "text": self.text.array,
+            "domain": self.domain.array,
+            "intent": self.intent.array,
+            "frequency": pa.array(self.frequency, pa.int64()),
+            "n_users": pa.array(self.n_users, pa.int64()),
+            "success_rate": pa.array(self.success_rate, pa.float64()),
+            "last_seen": pa.array(self.last_seen, pa.float64()),
+            "hash_order": pa.array(self.hash_order, pa.int64()),
+            "hash_sorted": pa.array(self.hash_sorted, pa.int64()),
+        }
+        if self.dt_off is not None:
+            entries = pa.StructArray.from_arrays(
+                [pa.array(self.dt_code), pa.array(self.dt_turns), pa.array(self.dt_ok)],
+                names=["code", "turns", "ok"],
+            )
+            make = pa.ListArray if self.dt_off.dtype == np.int32 else pa.LargeListArray
+            arrays[DEVICE_TYPES_COLUMN] = make.from_arrays(pa.array(self.dt_off), entries)
+        meta = {"device_vocab": json.dumps(self.dt_vocab)}
+        return pa.RecordBatch.from_pydict(arrays, metadata=meta)
+
+    def write(self, path: Path) -> None:
+        """Write :meth:`to_batch` as an uncompressed Arrow IPC file (memory-mappable)."""
+        batch = self.to_batch()
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+
+    @classmethod
+    def read(cls, path: Path) -> CatalogColumns:
+        """Map a file written by :meth:`write` (zero-copy: every array is a view of the map).
+
+        Raises:
+            IndexCorruptError: not such a file (unreadable, not one batch, a column missing
+                or of another type, nulls).
+        """
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+            if reader.num_record_batches != 1:
+                raise ValueError(f"{reader.num_record_batches} record batches, not 1")
+            batch = reader.get_batch(0)
+            out = cls()
+            out.mapped = True
+            col = batch.column
+            out.text = StringColumn(col("text"))
+            out.domain = StringColumn(col("domain"))
+            out.intent = StringColumn(col("intent"))
+
+            def numbers(name: str, kind: Any) -> np.ndarray:
+                arr = col(name)
+                if arr.type != kind:
+                    raise ValueError(f"column {name} is {arr.type}, not {kind}")
+                return np.asarray(arr.to_numpy(zero_copy_only=True))
+
+            out.frequency = numbers("frequency", pa.int64())
+            out.n_users = numbers("n_users", pa.int64())
+            out.success_rate = numbers("success_rate", pa.float64())
+            out.last_seen = numbers("last_seen", pa.float64())
+            out.hash_order = numbers("hash_order", pa.int64())
+            out.hash_sorted = numbers("hash_sorted", pa.int64())
+            meta = batch.schema.metadata or {}
+            out.dt_vocab = [str(t) for t in json.loads(meta.get(b"device_vocab", b"[]"))]
+            if DEVICE_TYPES_COLUMN in batch.schema.names:
+                lists = col(DEVICE_TYPES_COLUMN)
+                if lists.null_count:
+                    raise ValueError("device_types has nulls")
+                out.dt_off = np.asarray(lists.offsets.to_numpy(zero_copy_only=True))
+                flat = lists.values
+                out.dt_code = np.asarray(flat.field("code").to_numpy(zero_copy_only=True))
+                out.dt_turns = np.asarray(flat.field("turns").to_numpy(zero_copy_only=True))
+                out.dt_ok = np.asarray(flat.field("ok").to_numpy(zero_copy_only=True))
+                if out.dt_off[0] != 0 or len(out.dt_off) != batch.num_rows + 1:
+                    raise ValueError("device_types offsets do not start at 0")
+        except (pa.ArrowException, KeyError, ValueError, TypeError, OSError) as err:
+            raise IndexCorruptError(f"cannot read {path}: {err}") from err
+        return out
 
 
 class GlobalIndex:
@@ -312,7 +526,7 @@ class GlobalIndex:
     def __init__(
         self,
         index: Any,
-        catalog: pa.Table,
+        catalog: pa.Table | CatalogColumns,
         info: IndexInfo,
         directory: Path,
         device_types: Iterable[pa.Array] | None = None,
@@ -338,77 +552,21 @@ class GlobalIndex:
             # search reads hits' stored vectors back (their dense cosines); an inverted file
             # needs an id -> (list, offset) map for that (8 bytes per entry)
             faiss.extract_index_ivf(index).make_direct_map()
-        # The catalog stays columnar (about 60 bytes per entry at 1M entries instead of
-        # ~450 bytes as Python lists and a text -> id dict): strings in Arrow buffers read
-        # through StringColumn, numbers as numpy arrays, and membership by a sorted array of
-        # 64-bit text hashes.
-        filled = {c: pc.fill_null(catalog.column(c), _CATALOG_EMPTY[c]) for c in CATALOG_COLUMNS}
-        self._text = StringColumn(filled["text"].combine_chunks())
-        self._domain = StringColumn(filled["domain"].combine_chunks())
-        self._intent = StringColumn(filled["intent"].combine_chunks())
-        self._frequency = filled["frequency"].to_numpy()
-        self._n_users = filled["n_users"].to_numpy()
-        self._success = filled["success_rate"].to_numpy()
-        self._last_seen = filled["last_seen"].to_numpy()
-        if device_types is None and DEVICE_TYPES_COLUMN in catalog.column_names:
-            device_types = catalog.column(DEVICE_TYPES_COLUMN).chunks
-        self._load_device_types(device_types or ())
-        n = len(self._text)
-        hashes = np.empty(n, dtype=np.int64)
-        for start in range(0, n, _HASH_CHUNK):  # chunks: no 1M-string list at load
-            chunk = self._text.slice_pylist(start, _HASH_CHUNK)
-            hashes[start : start + len(chunk)] = [_text_hash(t) for t in chunk]
-        self._hash_order = np.argsort(hashes, kind="stable")
-        self._hash_sorted = hashes[self._hash_order]
-
-    def _load_device_types(self, chunks: Iterable[pa.Array]) -> None:
-        """Device-type counts in flat arrays (CSR-like: row i owns ``[off[i], off[i+1])`` of
-        ``_dt_code`` (uint8 into ``_dt_vocab``) / ``_dt_turns`` / ``_dt_ok`` (int32)): 4 bytes
-        per entry plus 9 per (entry, device type), ~22 MB at 1M entries with two device types
-        each; nothing kept when no entry has any, so a catalog without device types costs no
-        memory.
-
-        Args:
-            chunks: the ``device_types`` column in row order, as list-of-struct arrays (read
-                in batches by :meth:`load`: converting 2M structs at once left ~190 MB of freed
-                Arrow memory resident).
-        """
-        self._dt_off: np.ndarray | None = None
-        self._dt_vocab: list[str] = []
-        self._dt_code_of: dict[str, int] = {}  # device type -> its code (``_dt_vocab`` index)
-        code_of: dict[str, int] = {}
-        lengths: list[np.ndarray] = []
-        codes: list[np.ndarray] = []
-        turns: list[np.ndarray] = []
-        oks: list[np.ndarray] = []
-        for lists in chunks:
-            lengths.append(
-                pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
-            )
-            flat = pc.list_flatten(lists)
-            if not len(flat):
-                continue
-            types = pc.fill_null(flat.field("device_type"), "")
-            for t in pc.unique(types).to_pylist():
-                code_of.setdefault(str(t), len(code_of))
-            vocab = pa.array(list(code_of), pa.string())
-            codes.append(pc.index_in(types, value_set=vocab).to_numpy(zero_copy_only=False))
-            # counts beyond int32 are clipped (shares and rates of such entries barely move)
-            for out, name in ((turns, "turns"), (oks, "successes")):
-                col = pc.fill_null(flat.field(name), 0).to_numpy(zero_copy_only=False)
-                out.append(np.clip(col, 0, 2**31 - 1).astype(np.int32))
-        if not codes:
-            return
-        self._dt_vocab = list(code_of)
-        self._dt_code_of = code_of
-        code_type = np.uint8 if len(self._dt_vocab) <= 256 else np.int32
-        self._dt_code = np.concatenate(codes).astype(code_type)
-        self._dt_turns = np.concatenate(turns)
-        self._dt_ok = np.concatenate(oks)
-        n_entries = np.concatenate(lengths)
-        off = np.zeros(len(n_entries) + 1, dtype=np.int64)
-        np.cumsum(n_entries, out=off[1:])
-        self._dt_off = off.astype(np.int32) if off[-1] < 2**31 else off
+        cols = (
+            catalog
+            if isinstance(catalog, CatalogColumns)
+            else CatalogColumns.from_table(catalog, device_types)
+        )
+        #: the catalog's columns (:class:`CatalogColumns`; ``mapped`` when read from
+        #: ``catalog.arrow`` through the page cache)
+        self.columns = cols
+        self._text, self._domain, self._intent = cols.text, cols.domain, cols.intent
+        self._frequency, self._n_users = cols.frequency, cols.n_users
+        self._success, self._last_seen = cols.success_rate, cols.last_seen
+        self._hash_order, self._hash_sorted = cols.hash_order, cols.hash_sorted
+        self._dt_off, self._dt_vocab = cols.dt_off, cols.dt_vocab
+        self._dt_code_of = {t: i for i, t in enumerate(cols.dt_vocab)}
+        self._dt_code, self._dt_turns, self._dt_ok = cols.dt_code, cols.dt_turns, cols.dt_ok
 
     def device_types(self, i: int) -> tuple[DeviceTypeStat, ...]:
         """Per-device-type turns and successes of FAISS id ``i`` (empty when unknown)."""
@@ -660,29 +818,35 @@ class GlobalIndex:
             index: Any = faiss.read_index(str(directory / INDEX_FILE), flags)
         except RuntimeError as err:
             raise IndexCorruptError(f"cannot read {directory / INDEX_FILE}: {err}") from err
-        try:
-            parquet = pq.ParquetFile(directory / CATALOG_FILE)
-            columns = [c for c in parquet.schema_arrow.names if c != DEVICE_TYPES_COLUMN]
-            table = parquet.read(columns=columns)
-        except Exception as err:  # pyarrow raises ArrowInvalid / OSError subclasses
-            raise IndexCorruptError(f"cannot read {directory / CATALOG_FILE}: {err}") from err
-        device_types = (
-            (
-                b.column(0)
-                for b in parquet.iter_batches(
-                    batch_size=_DEVICE_BATCH, columns=[DEVICE_TYPES_COLUMN]
+        catalog: pa.Table | CatalogColumns
+        device_types = None
+        if COLUMNS_FILE in info.sha256:
+            if not (directory / COLUMNS_FILE).exists():
+                raise FileNotFoundError(f"index folder {directory} lacks {COLUMNS_FILE}")
+            catalog = CatalogColumns.read(directory / COLUMNS_FILE)
+            n_rows = len(catalog)
+        else:
+            try:
+                parquet = pq.ParquetFile(directory / CATALOG_FILE)
+                columns = [c for c in parquet.schema_arrow.names if c != DEVICE_TYPES_COLUMN]
+                catalog = parquet.read(columns=columns)
+            except Exception as err:  # pyarrow raises ArrowInvalid / OSError subclasses
+                raise IndexCorruptError(f"cannot read {directory / CATALOG_FILE}: {err}") from err
+            n_rows = catalog.num_rows
+            if DEVICE_TYPES_COLUMN in parquet.schema_arrow.names:
+                device_types = (
+                    b.column(0)
+                    for b in parquet.iter_batches(
+                        batch_size=_DEVICE_BATCH, columns=[DEVICE_TYPES_COLUMN]
+                    )
                 )
-            )
-            if DEVICE_TYPES_COLUMN in parquet.schema_arrow.names
-            else None
-        )
         if index.d != info.dim:
             raise IndexMismatchError(
                 f"{directory / INDEX_FILE} has dimension {index.d}, index.json says {info.dim}"
             )
-        if index.ntotal != info.n or table.num_rows != info.n:
+        if index.ntotal != info.n or n_rows != info.n:
             raise IndexMismatchError(
-                f"index at {directory}: {index.ntotal} vectors, {table.num_rows} catalog rows, "
+                f"index at {directory}: {index.ntotal} vectors, {n_rows} catalog rows, "
                 f"index.json says {info.n}"
             )
         kind_of: dict[str, Any] = {
@@ -707,9 +871,10 @@ class GlobalIndex:
             faiss.extract_index_ivf(index).nprobe = int(nprobe or info.params.get("nprobe", 32))
         if info.kind == "ivf_pq_refine":
             index.k_factor = float(refine_k_factor or info.params.get("refine_k_factor", 8))
-        missing = [c for c in CATALOG_COLUMNS if c not in table.column_names]
-        if missing:
-            raise IndexCorruptError(f"{directory / CATALOG_FILE} lacks columns {missing}")
+        if isinstance(catalog, pa.Table):
+            missing = [c for c in CATALOG_COLUMNS if c not in catalog.column_names]
+            if missing:
+                raise IndexCorruptError(f"{directory / CATALOG_FILE} lacks columns {missing}")
         log.info(
             "global index loaded from %s: %s, n=%d, dim=%d, encoder %s",
             directory,
@@ -719,11 +884,11 @@ class GlobalIndex:
             info.encoder_id,
         )
         try:
-            out = cls(index, table, info, directory, device_types)
+            out = cls(index, catalog, info, directory, device_types)
             out.search_threads = None if threads is None else int(threads)
         except (pa.ArrowInvalid, OSError) as err:
             raise IndexCorruptError(f"cannot read {directory / CATALOG_FILE}: {err}") from err
-        del table
+        del catalog
         pa.default_memory_pool().release_unused()  # the pool keeps freed pages otherwise
         return out
 

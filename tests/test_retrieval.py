@@ -24,6 +24,7 @@ from rewrite import retrieval
 from rewrite.config import DprSettings, LexicalSettings
 from rewrite.retrieval import (
     CATALOG_FILE,
+    COLUMNS_FILE,
     DEVICE_TYPES_TYPE,
     INDEX_FILE,
     INDEX_META,
@@ -374,7 +375,7 @@ def test_build_selects_kind_and_search_finds_neighbours(tmp_path: Path, n: int, 
     directory, vecs = build(tmp_path, n, flat_max=100)
     info = json.loads((directory / INDEX_META).read_text())
     assert (info["kind"], info["n"], info["dim"], info["encoder_id"]) == (kind, n, DIM, ENCODER)
-    assert set(info["sha256"]) == {INDEX_FILE, CATALOG_FILE}
+    assert set(info["sha256"]) == {INDEX_FILE, CATALOG_FILE, COLUMNS_FILE}
     index = GlobalIndex.load(directory, expected_encoder_id=ENCODER)
     assert index.kind == kind and len(index) == n and index.dim == DIM
     want = faiss.IndexHNSWFlat if kind == "hnsw" else faiss.IndexFlatIP
@@ -446,13 +447,99 @@ def test_hnsw_ef_search_from_build_or_load(tmp_path: Path) -> None:
     assert GlobalIndex.load(directory, ef_search=128).index.hnsw.efSearch == 128
 
 
+def _without_columns_file(src: Path, dst: Path) -> Path:
+    """A copy of an index folder as written before ``catalog.arrow`` existed."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / COLUMNS_FILE).unlink()
+    meta = json.loads((dst / INDEX_META).read_text())
+    del meta["sha256"][COLUMNS_FILE]
+    (dst / INDEX_META).write_text(json.dumps(meta))
+    return dst
+
+
+def test_mapped_catalog_columns_equal_the_parquet_catalog(tmp_path: Path) -> None:
+    """``catalog.arrow`` (written by the build, memory-mapped at load) holds exactly what
+    the service derives from ``catalog.parquet`` — strings, numbers, sorted text hashes,
+    device-type counts (with nulls and entries without any) — so search, lookup and device
+    features answer the same; a folder without it (built before) still loads, from the
+    Parquet file."""
+    n = 300
+    table = catalog_table(n)
+    stats = [
+        [{"device_type": "speaker", "turns": 5 + i, "successes": 4}, {"device_type": None,
+          "turns": 2, "successes": None}] if i % 3 == 0 else [] if i % 3 == 1 else None
+        for i in range(n)
+    ]  # fmt: skip
+    table = table.set_column(
+        table.schema.get_field_index("device_types"),
+        "device_types",
+        pa.array(stats, DEVICE_TYPES_TYPE),
+    )
+    table = table.set_column(
+        table.schema.get_field_index("domain"),
+        "domain",
+        pa.array([None if i % 5 == 0 else f"d{i}" for i in range(n)], pa.string()),
+    )
+    vecs = unit_vectors(n)
+    write_index_dir(vecs, table, tmp_path / "new", ENCODER, DprSettings(lexical=DENSE_ONLY))
+    mapped = GlobalIndex.load(tmp_path / "new")
+    old = GlobalIndex.load(_without_columns_file(tmp_path / "new", tmp_path / "old"))
+    assert mapped.columns.mapped and not old.columns.mapped
+    a, b = mapped.columns, old.columns
+    for name in ("text", "domain", "intent"):
+        assert getattr(a, name).take(np.arange(n)) == getattr(b, name).take(np.arange(n))
+    for name in ("frequency", "n_users", "success_rate", "last_seen", "hash_order",
+                 "hash_sorted", "dt_off", "dt_code", "dt_turns", "dt_ok"):  # fmt: skip
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and np.array_equal(x, y), name
+    assert a.dt_vocab == b.dt_vocab and len(a.dt_vocab) == 2
+    queries = near(vecs[:20], seed=3)
+    assert mapped.search(queries, k=5) == old.search(queries, k=5)
+    texts = [f"utterance {i}" for i in range(0, n, 7)] + ["not there", ""]
+    assert [mapped.lookup(t) for t in texts] == [old.lookup(t) for t in texts]
+    rows, rates = np.arange(0, n, 2), np.full(n // 2, 0.5)
+    kinds = ["speaker", "", "tv"] * (n // 6)
+    assert np.array_equal(
+        mapped.device_features(rows, rates, kinds), old.device_features(rows, rates, kinds)
+    )
+    # the mapped arrays point into the file's mapping (/proc/self/maps), the others do not
+    spans = [
+        tuple(int(x, 16) for x in line.split()[0].split("-"))
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if line.endswith(str((tmp_path / "new" / COLUMNS_FILE).resolve()))
+    ]
+    assert spans
+
+    def in_map(arr: np.ndarray) -> bool:
+        addr = arr.__array_interface__["data"][0]
+        return any(lo <= addr < hi for lo, hi in spans)
+
+    assert all(in_map(getattr(a, c)) for c in ("frequency", "hash_sorted", "dt_off", "dt_ok"))
+    assert not any(in_map(getattr(b, c)) for c in ("frequency", "hash_sorted", "dt_off"))
+
+
+def test_a_recorded_columns_file_must_be_there_and_readable(tmp_path: Path) -> None:
+    directory, _ = build(tmp_path / "a", 50)
+    (directory / COLUMNS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=COLUMNS_FILE):
+        GlobalIndex.load(directory)
+    with pytest.raises(FileNotFoundError, match=COLUMNS_FILE):
+        GlobalIndex.load(directory, verify=False)
+    directory, _ = build(tmp_path / "b", 50)
+    (directory / COLUMNS_FILE).write_bytes(b"not an arrow file")  # checksum not checked:
+    with pytest.raises(IndexCorruptError, match=COLUMNS_FILE):
+        GlobalIndex.load(directory, verify=False)
+
+
 def flip_byte(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset % len(data)] ^= 0x01
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name", [INDEX_FILE, CATALOG_FILE])
+@pytest.mark.parametrize("name", [INDEX_FILE, CATALOG_FILE, COLUMNS_FILE])
 def test_corrupt_file_is_refused(tmp_path: Path, name: str) -> None:
     directory, _ = build(tmp_path, 50)
     GlobalIndex.load(directory, expected_encoder_id=ENCODER)  # fine before
