@@ -161,7 +161,8 @@ class StaticEmbeddingBag:
 
     @classmethod
     def load(cls, path: Path, vocab_size: int) -> StaticEmbeddingBag:
-        """Read ``query.static.npy`` (no pickles) for a tokenizer of ``vocab_size`` wordpieces.
+        """Map ``query.static.npy`` (no pickles; read-only, ``numpy.load(mmap_mode="r")``) for a
+        tokenizer of ``vocab_size`` wordpieces.
 
         Raises:
             FileNotFoundError: no file at ``path``; ValueError: not a finite 2-d table, or not
@@ -169,7 +170,9 @@ class StaticEmbeddingBag:
         """
         if not Path(path).exists():
             raise FileNotFoundError(f"static query tower not found: {path}")
-        bag = cls(np.load(path, allow_pickle=False))
+        # mapped, not read: the table's pages stay in the page cache, shared by every service
+        # process (rewrite.processes) that loads the same artifact
+        bag = cls(np.load(path, allow_pickle=False, mmap_mode="r"))
         if bag.vocab_size != vocab_size:
             raise ValueError(
                 f"{path} has {bag.vocab_size} rows for a vocabulary of {vocab_size} wordpieces"
