@@ -29,6 +29,9 @@ spreads incoming connections over them — gRPC's own multiprocessing example
   its own, set in the processes' environment; each process writes its counters and histogram
   there, and the supervisor's ``MultiProcessCollector`` sums them, also over processes that
   have exited, so counters never go backwards);
+- each process asks the kernel for SIGTERM when the supervisor exits (``PR_SET_PDEATHSIG``),
+  so a supervisor killed without a chance to stop them (SIGKILL, the OOM killer) leaves no
+  orphaned service processes behind holding the port;
 - :meth:`~ServiceProcesses.stop` sends SIGTERM to each process by its handle (each drains as
   a single service does: health NOT_SERVING, queued calls answered, then stop), waits, and
   kills only what is left of its own processes.
@@ -125,16 +128,41 @@ def _serve_metrics(port: int, directory: str) -> Any:
     return httpd
 
 
+def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``sig`` to this process when its parent exits (Linux
+    ``prctl(PR_SET_PDEATHSIG)``), so service processes never outlive a supervisor that was
+    killed (SIGKILL, OOM) without stopping them; exits at once if the parent
+    ``parent_pid`` is already gone. A no-op where ``prctl`` is unavailable."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name, use_errno=True) if name else None
+    if libc is None or not hasattr(libc, "prctl"):
+        log.warning("prctl unavailable: service processes may outlive their supervisor")
+        return
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d)", ctypes.get_errno())
+        return
+    if os.getppid() != parent_pid:  # the parent died before the call above
+        os._exit(1)
+
+
 def _process_main(
     settings: Settings,
     port: int,
     conn: multiprocessing.connection.Connection,
     extra_handlers: HandlerFactory | None,
     log_level: int,
+    parent_pid: int,
 ) -> None:
-    """Entry point of one spawned service process: serve until SIGTERM/SIGINT; report
-    ``("ready", pid, port)`` or ``("error", message)`` over ``conn``."""
+    """Entry point of one spawned service process: serve until SIGTERM/SIGINT (also sent when
+    the supervisor ``parent_pid`` dies: :func:`die_with_parent`); report ``("ready", pid,
+    port)`` or ``("error", message)`` over ``conn``."""
     import asyncio
+
+    die_with_parent(parent_pid)
 
     from rewrite.server import RewriteServer, serve_async
 
@@ -273,6 +301,7 @@ class ServiceProcesses:
                         child_end,
                         self._extra_handlers,
                         logging.getLogger().getEffectiveLevel(),
+                        os.getpid(),
                     ),
                     name=f"qrw-service-{i}",
                     daemon=False,

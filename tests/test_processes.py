@@ -36,11 +36,12 @@ PROCESSES_2 = ("--processes", "2")
 
 
 def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's zombie waits for init)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,46 @@ def test_a_process_that_dies_is_noticed_and_the_rest_stopped(published: Settings
     assert not _alive(victim) and not _alive(other)
     assert procs.pids == [] and procs.port == procs.port  # stop is idempotent
     procs.stop()
+
+
+SUPERVISOR = """
+import json, sys, time
+from rewrite.config import Settings
+from rewrite.processes import ServiceProcesses
+procs = ServiceProcesses(Settings.model_validate_json(sys.argv[1]), 2, start_timeout_s=180)
+print(json.dumps(procs.start().pids), flush=True)
+time.sleep(300)
+"""
+
+
+def test_service_processes_stop_when_their_supervisor_is_killed(published: Settings) -> None:
+    """A supervisor killed without a chance to stop its processes (SIGKILL) leaves none
+    behind: each asked the kernel for SIGTERM when its parent exits."""
+    sup = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, published.model_dump_json()],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pids: list[int] = []
+    try:
+        assert sup.stdout is not None
+        line = sup.stdout.readline()  # the supervisor's start is bounded (start_timeout_s)
+        pids = json.loads(line)
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        sup.kill()  # the supervisor this test started, by its handle
+        sup.wait(10)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait(10)
+        for p in pids:  # only if the test failed: its own grandchildren, by pid
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
 
 
 def test_a_process_that_cannot_start_fails_the_start_with_its_reason(
