@@ -297,7 +297,9 @@ def build_index(n: int, seed: int, encoder_id: str, settings: Settings, threads:
     params = f"{kind}-{dpr.hnsw_m}-{EF_CONSTRUCTION}" if kind == "hnsw" else kind
     lexical = dpr.lexical.channel()
     params += f"-lexical-{json.dumps(lexical.to_params(), sort_keys=True)}" if lexical else ""
-    key = hashlib.sha256(f"{params}-device_types-rg64k-nlist-sqrt".encode()).hexdigest()[:8]
+    # "-columns": folders since catalog.arrow (the service maps it; older ones it decodes)
+    tag = f"{params}-device_types-rg64k-nlist-sqrt-columns"
+    key = hashlib.sha256(tag.encode()).hexdigest()[:8]
     out = CACHE / "online-index" / f"n{n}-s{seed}-{key}"
     sidecar = out / "bench.json"
     if (out / INDEX_META).exists() and sidecar.exists():
