@@ -603,8 +603,9 @@ async def serve(settings: Settings) -> None:
     await srv.astop(0)
 
 
-def run_server(redis_url: str, ranker: str) -> None:
-    """Server process entry point (``--serve``)."""
+def server_settings(redis_url: str, ranker: str) -> Settings:
+    """What the benchmarked service runs: the config's settings with ``redis_url``, the full
+    online pipeline and ``ranker`` (``heuristic`` or a ranker artifact folder)."""
     settings = load_settings()
     settings.redis.url = redis_url
     settings.service.pipeline = list(FULL_PIPELINE)
@@ -613,7 +614,12 @@ def run_server(redis_url: str, ranker: str) -> None:
         settings.rerank.artifacts_dir = CACHE / "no-ranker"  # no LATEST: heuristic ranker
     else:
         settings.rerank.artifact = Path(ranker)
-    asyncio.run(serve(settings))
+    return settings
+
+
+def run_server(redis_url: str, ranker: str) -> None:
+    """Server process entry point (``--serve``)."""
+    asyncio.run(serve(server_settings(redis_url, ranker)))
 
 
 def start_server(
@@ -692,14 +698,20 @@ def own_cpu_s() -> float:
     return t.user + t.system
 
 
-def proc_memory_mb(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM of a process, MB."""
+def proc_fields_mb(path: Path, names: Sequence[str]) -> dict[str, float]:
+    """The ``names`` fields of a ``/proc`` file of ``Name: <n> kB`` lines (``status``,
+    ``smaps_rollup``), MB."""
     out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    for line in path.read_text().splitlines():
         name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
+        if name in names:
             out[name] = int(value.split()[0]) / 1024.0
     return out
+
+
+def proc_memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM of a process, MB."""
+    return proc_fields_mb(Path(f"/proc/{pid}/status"), ("VmRSS", "VmHWM"))
 
 
 # --------------------------------------------------------------------------- client side

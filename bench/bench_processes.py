@@ -70,12 +70,9 @@ def extra_handlers() -> list[grpc.GenericRpcHandler]:
 
 def smaps_mb(pid: int) -> dict[str, float]:
     """``Rss``, ``Pss``, ``Pss_Anon``, ``Pss_File`` of a process (``smaps_rollup``), MB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        name, _, value = line.partition(":")
-        if name in ("Rss", "Pss", "Pss_Anon", "Pss_File"):
-            out[name] = int(value.split()[0]) / 1024.0
-    return out
+    return bo.proc_fields_mb(
+        Path(f"/proc/{pid}/smaps_rollup"), ("Rss", "Pss", "Pss_Anon", "Pss_File")
+    )
 
 
 @dataclass
@@ -196,12 +193,10 @@ async def measure_config(
 
 
 def server_settings(redis_url: str, ranker: str, artifact: Path) -> Settings:
-    """What ``bench_online.run_server`` serves: the full pipeline, the given ranker."""
-    settings = load_settings()
-    settings.redis.url = redis_url
-    settings.service.pipeline = list(bo.FULL_PIPELINE)
+    """What ``bench_online.py`` serves (:func:`bench_online.server_settings`), with the
+    query tower of the DPR ``artifact``."""
+    settings = bo.server_settings(redis_url, ranker)
     settings.dpr.artifacts_dir = artifact.parent
-    settings.rerank.artifact = Path(ranker)
     return settings
 
 
@@ -234,7 +229,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=4, help="interleaved blocks per row")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--users", type=int, default=100)
-    ap.add_argument("--ranker", default="synthetic", help="synthetic | ARTIFACT_DIR")
+    ap.add_argument("--ranker", default="synthetic", help="synthetic | heuristic | ARTIFACT_DIR")
     ap.add_argument("--ranker-trees", type=int, default=500)
     ap.add_argument("--dpr", type=Path, help="DPR artifact dir (as bench_online.py --dpr)")
     ap.add_argument("--load-timeout", type=float, default=300.0)

@@ -297,11 +297,12 @@ def write_index_dir(
     tmp_cat = out_dir / f".{CATALOG_FILE}.tmp-{pid}"
     faiss.write_index(index, str(tmp_index))
     # row groups of 64k rows: the service reads `device_types` batch by batch (GlobalIndex.load)
-    pq.write_table(catalog.cast(CATALOG_SCHEMA), tmp_cat, row_group_size=CATALOG_ROW_GROUP)
-    # the same catalog as the service's mapped columns (derived from the Parquet file just
-    # written, so the two cannot disagree): no decode or hashing at load, pages shared
+    table = catalog.cast(CATALOG_SCHEMA)
+    pq.write_table(table, tmp_cat, row_group_size=CATALOG_ROW_GROUP)
+    # the same table as the service's mapped columns: no decode or hashing at load, pages
+    # shared by the service processes
     tmp_cols = out_dir / f".{COLUMNS_FILE}.tmp-{pid}"
-    CatalogColumns.from_table(pq.read_table(tmp_cat)).write(tmp_cols)
+    CatalogColumns.from_table(table).write(tmp_cols)
     _replace_into(tmp_index, out_dir / INDEX_FILE)
     _replace_into(tmp_cat, out_dir / CATALOG_FILE)
     _replace_into(tmp_cols, out_dir / COLUMNS_FILE)
