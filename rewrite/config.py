@@ -202,6 +202,12 @@ class ServiceSettings(BaseModel):
     ``online_max_batch``: requests that queued while the workers were busy run together, up to
     this many per micro-batch (one FAISS search, feature pass and ranker call;
     :class:`rewrite.batching.OnlineBatcher`); 1 = one request per worker call.
+    ``online_inline_max_ms``: a request that is the only open call, with no micro-batch
+    running or queued, runs its online stages on the event loop instead of a worker thread
+    (no hand-over: ~0.5 ms less at concurrency 1 on the benchmark VM; under load calls still
+    go to the workers and batch) while a lone request's online stages take at most this many
+    ms on average (a slow query tower or store never blocks the loop for long); 0 = never
+    inline. See :mod:`rewrite.batching`.
 
     ``pair_cache_size``: entries of the in-process cache of precomputed-pair answers per
     ``(version, normalized utterance)`` (:class:`rewrite.store.PairStore`; 0 = off).
@@ -246,6 +252,7 @@ class ServiceSettings(BaseModel):
     max_pending_calls: int = Field(default=2000, ge=1)
     online_threads: int = Field(default=2, ge=0)
     online_max_batch: int = Field(default=32, ge=1)
+    online_inline_max_ms: float = Field(default=5.0, ge=0.0)
     index_swap: Literal["overlap", "release_first"] = "overlap"
     processes: int = Field(default=1, ge=1, le=64)
     index_swap_lock: Path | None = None

@@ -42,7 +42,10 @@ cores (``bench/bench_online.py`` measures it; 0 threads = all inline). Requests 
 while both workers are busy queue in a :class:`rewrite.batching.OnlineBatcher` and run
 together as one micro-batch (:meth:`Rewriter.complete_batch`, at most
 ``service.online_max_batch``) when a worker frees up; a request that finds a free worker runs
-at once, alone. Up to :data:`MAX_CONCURRENT_RPCS` calls may then wait inside their handlers.
+at once, alone. A call that is the service's only open call, finding no batch running, runs
+its online stages inline on the event loop instead (``service.online_inline_max_ms``: the
+hand-over and the wait cost ~0.5 ms at concurrency 1; see :mod:`rewrite.batching`). Up to
+:data:`MAX_CONCURRENT_RPCS` calls may then wait inside their handlers.
 The inline choice for the precomputed path was made by measurement with
 ``bench/bench_server_mode.py`` (3,000 Rewrite calls per row, half precomputed hits and half
 misses, against an embedded Redis; server in its own process, a grpc.aio load client in
@@ -93,7 +96,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import prometheus_client
@@ -282,7 +285,8 @@ class QueryRewriteServicer:
         rewriter: a warmed-up Rewriter; the servicer neither warms nor closes it. Its
             :meth:`~Rewriter.prepare` and :meth:`~Rewriter.finish` run inline on the event
             loop; the online stages run in micro-batches on ``online``'s worker threads when
-            given, else inline too.
+            given (inline when the call is alone and the batcher idle, if it allows), else
+            inline too.
         request_deadline_s: server-side budget per call, seconds; the client's deadline wins
             when it is earlier (see the module docstring).
         online: the micro-batcher of the online stages over the worker threads
@@ -300,6 +304,12 @@ class QueryRewriteServicer:
         self.online = online
         #: ``time.monotonic()`` when the last Rewrite call reached its handler (drain uses it)
         self.last_call_at = -1e18
+        #: Rewrite calls whose handler started and that gRPC has not yet finished (their
+        #: done callback has not run); 1 = this call alone (the batcher's inline-when-idle test)
+        self.open_calls = 0
+
+    def _call_finished(self, _context: object) -> None:
+        self.open_calls -= 1
 
     async def Rewrite(  # the gRPC method name
         self, request: rewrite_pb2.RewriteRequest, context: RewriteContext
@@ -316,6 +326,10 @@ class QueryRewriteServicer:
             deadline passed before the handler started.
         """
         started = time.monotonic()
+        self.open_calls += 1
+        # grpc-stubs (only) declares the callback as a generic class; gRPC takes any callable
+        done = cast("grpc.aio.DoneCallback[Any, Any]", self._call_finished)
+        context.add_done_callback(done)
         remaining = context.time_remaining()  # seconds; None when the client set no deadline
         budget_s = self.request_deadline_s
         if remaining is not None:
@@ -332,7 +346,7 @@ class QueryRewriteServicer:
                 else:
                     # a cancelled call (client deadline, disconnect, shutdown) is marked
                     # abandoned: its batch drops it before the next stage
-                    state = await self.online.complete(state)
+                    state = await self.online.complete(state, alone=self.open_calls == 1)
                 return result_to_proto(self.rewriter.finish(state))
             except InvalidRequestError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_message(str(e)))
@@ -508,6 +522,7 @@ class RewriteServer:
                 self._online_pool,
                 workers=svc.online_threads,
                 max_batch=svc.online_max_batch,
+                inline_max_s=svc.online_inline_max_ms / 1e3,
             )
         servicer = QueryRewriteServicer(self._rewriter, svc.request_deadline_s, batcher)
         server.add_generic_rpc_handlers((rewrite_handler(servicer), *self._extra_handlers))

@@ -515,7 +515,8 @@ def test_a_micro_batch_answers_exactly_as_requests_one_by_one(
         assert alone[0][:3] == ("what's the weather in wilmington", True, "global")
         assert alone[1][:3] == ("what's the weather in wilkesboro", True, "personal")
         states = [rewriter.prepare(r) for r in requests]
-        assert sum(not st.done for st in states) >= 7  # most of them reach the online stages
+        n_online = sum(not st.done for st in states)
+        assert n_online >= 7  # most of them reach the online stages
         batched = [_answer(rewriter.finish(st)) for st in rewriter.complete_batch(states)]
         assert batched == alone
     finally:
@@ -550,13 +551,17 @@ def test_a_micro_batch_answers_exactly_as_requests_one_by_one(
     count0 = next(x.value for x in batches_before if x.name.endswith("_count"))
     sum0 = next(x.value for x in batches_before if x.name.endswith("_sum"))
     many = [requests[i % len(requests)] for i in range(60)]
+    inline0 = batching.INLINE._value.get()
     with RewriteServer(s3, host="127.0.0.1", port=0) as srv:
         import concurrent.futures
 
         with RewriteClient(srv.target, timeout_s=10.0) as rc:
             sequential = [_answer(rc.rewrite(r)) for r in requests]
+            # one call at a time: each finds the service idle and runs on the event loop
+            assert batching.INLINE._value.get() - inline0 == n_online
             with concurrent.futures.ThreadPoolExecutor(12) as pool:
                 parallel = list(pool.map(lambda r: _answer(rc.rewrite(r)), many))
+        assert srv._servicer is not None and srv._servicer.open_calls == 0
     assert sequential == alone
     assert parallel == [alone[i % len(requests)] for i in range(60)]
     samples = batching.BATCH_SIZE.collect()[0].samples

@@ -614,6 +614,7 @@ def test_online_stages_run_on_worker_threads(settings: Settings, threads: int) -
     s = settings.model_copy(deep=True)
     s.service.pipeline = ["normalize", "precomputed", "thread_probe"]
     s.service.online_threads = threads
+    s.service.online_inline_max_ms = 0.0  # the first of two calls must not run on the loop
     _ThreadProbeStage.seen.clear()
     with RewriteServer(s, host="127.0.0.1", port=0) as srv, RewriteClient(srv.target) as rc:
         results: list[RewriteResult] = []
@@ -684,6 +685,9 @@ def test_online_stages_stop_when_over_budget_or_abandoned(settings: Settings) ->
     assert waited < 0.75  # two stages, not three
 
     s.service.request_deadline_s = 5.0
+    # a cancellation reaches a request on a worker; one running inline on the event loop
+    # (service idle, fast stages) is not interrupted by it but still stops at its budget
+    s.service.online_inline_max_ms = 0.0
     _CountingSlowStage.runs.clear()
     with RewriteServer(s, host="127.0.0.1", port=0) as srv:
         channel = grpc.insecure_channel(srv.target)
