@@ -2,7 +2,7 @@
 
 The online path's handler hands its request to a worker thread and awaits it for the
 Rewriter's few milliseconds; the echo RPC answers at once. This benchmark measures, on a bare
-``grpc.aio`` server (no qrw code) in its own process on 127.0.0.1, four handlers at
+``grpc.aio`` server (no qrw code) in its own process on 127.0.0.1, five handlers at
 concurrency 1 (one call after another from a ``grpc.aio`` client in this process):
 
 - ``echo``: returns the request bytes at once (the floor ``bench_online.py`` divides by);
@@ -10,13 +10,16 @@ concurrency 1 (one call after another from a ``grpc.aio`` client in this process
   alone, no work);
 - ``sleep``: ``await asyncio.sleep(--wait-ms)`` on the loop (a suspension, no thread);
 - ``hop_wait``: a worker thread sleeps ``--wait-ms`` (``time.sleep``) — the shape of an
-  online call.
+  online call handed to a worker;
+- ``spin``: the handler itself busy-waits ``--wait-ms`` on the loop (no suspension) — the
+  shape of an online call run inline when the service is idle
+  (``service.online_inline_max_ms``).
 
 Printed per handler: client p50 / p99 (ms), the p50 above ``--wait-ms`` for the waiting
 handlers, and the server event-loop thread's CPU per call (µs; ``time.thread_time`` read by a
 fifth RPC before and after each row). The handlers are interleaved over ``--rounds``
 rounds; medians of the rounds are printed, because the machine is shared. Bounded:
-``rounds x 4 x (calls + 200 warm-up)`` calls (4,800 by default; ~30 s on 2 cores). The
+``rounds x 5 x (calls + 200 warm-up)`` calls (6,000 by default; ~35 s on 2 cores). The
 server process is started and stopped by handle.
 
 Run from the repository root: ``python bench/bench_grpc_floor.py [--wait-ms 4]``.
@@ -42,12 +45,12 @@ if str(ROOT) not in sys.path:
 from bench._machine import describe  # noqa: E402
 
 SERVICE = "qrw.bench.Floor"
-HANDLERS = ("echo", "hop", "sleep", "hop_wait")
+HANDLERS = ("echo", "hop", "sleep", "hop_wait", "spin")
 WARMUP = 200
 
 
 def serve(wait_s: float) -> None:
-    """Server process: the four handlers plus ``loop_cpu`` (the loop thread's CPU seconds);
+    """Server process: the five handlers plus ``loop_cpu`` (the loop thread's CPU seconds);
     prints ``PORT <n>`` when ready, runs until terminated."""
     pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="floor")
 
@@ -68,12 +71,25 @@ def serve(wait_s: float) -> None:
     async def hop_wait(req: bytes, ctx: object) -> bytes:
         return await asyncio.get_running_loop().run_in_executor(pool, nap, req)
 
+    async def spin(req: bytes, ctx: object) -> bytes:
+        end = time.perf_counter() + wait_s
+        while time.perf_counter() < end:
+            pass
+        return req
+
     async def loop_cpu(req: bytes, ctx: object) -> bytes:
         return repr(time.thread_time()).encode()
 
     async def main() -> None:
         server = grpc.aio.server()
-        fns = {"echo": echo, "hop": hop, "sleep": sleep, "hop_wait": hop_wait, "cpu": loop_cpu}
+        fns = {
+            "echo": echo,
+            "hop": hop,
+            "sleep": sleep,
+            "hop_wait": hop_wait,
+            "spin": spin,
+            "cpu": loop_cpu,
+        }
         handlers = {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in fns.items()}
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
         port = server.add_insecure_port("127.0.0.1:0")
@@ -148,7 +164,7 @@ def main() -> None:
     print(f"{'handler':<10}{'p50 ms':>9}{'p99 ms':>9}{'p50 - wait':>12}{'loop CPU us':>13}")
     for h in HANDLERS:
         p50, p99, cpu = (statistics.median(v[i] for v in res[h]) for i in range(3))
-        over = f"{p50 - args.wait_ms:.3f}" if h in ("sleep", "hop_wait") else "-"
+        over = f"{p50 - args.wait_ms:.3f}" if h in ("sleep", "hop_wait", "spin") else "-"
         print(f"{h:<10}{p50:>9.3f}{p99:>9.3f}{over:>12}{cpu:>13.0f}")
     print(
         "(p50 - wait: what a call that waits costs beyond its wait; compare with echo's p50, "

@@ -14,10 +14,10 @@ window). Under load, batch sizes grow with the queue by themselves.
 **Inline when idle** (``inline_max_s``, ``service.online_inline_max_ms``): a request that is
 the service's only open call, finding no batch running or queued, runs its online stages
 right on the event loop instead of handing them to a worker thread and awaiting the result.
-On the 2-vCPU benchmark VM a call whose handler suspends for its work pays ~0.5 ms more
-gRPC/asyncio overhead than one doing the same work without suspending
-(``bench/bench_grpc_floor.py``: a 1.5 ms busy handler cost 0.67 ms beyond its work, a worker
-thread sleeping 1.5 ms 1.13 ms) — a sixth of the online path's latency at concurrency 1.
+On the 2-vCPU benchmark VM a call whose handler suspends for its work pays more gRPC/asyncio
+overhead than one doing the same work without suspending (``bench/bench_grpc_floor.py``, 2 ms
+of work: busy on the loop 0.86 ms beyond it, echo 0.83, a worker thread 1.11, a sleep on the
+loop 1.01), and the hand-over itself costs the loop and the worker a few wake-ups.
 While a request runs inline the loop is blocked and calls that arrive meanwhile wait inside
 gRPC; the next to start usually finds the service idle again and also runs inline, so at
 concurrency 2 calls are served one after the other (measured faster than the hand-over
@@ -26,9 +26,9 @@ workers and batch as before. Only while a lone request's online stages are fast:
 moving average (batches of one, inline or on a worker) exceeds ``inline_max_s``, every
 request goes to the workers, so a slow query tower or store stalls the loop once, not on
 every call. A request run inline cannot be marked abandoned when its call is cancelled (the
-loop is busy running it); its budget still ends it between stages. Measured in interleaved ``bench_online.py`` runs (README "Benchmarks" (b)):
-online p50 at concurrency 1 2.65-2.98 ms instead of 3.43-3.65, QPS at concurrency 2 345-374
-instead of 303-322, unchanged within the noise at 4-64.
+loop is busy running it); its budget still ends it between stages. Measured in interleaved
+``bench_online.py`` runs (README "Benchmarks" (b), four pairs): online p50 at concurrency 1
+lower by 0.3-1.0 ms, QPS at concurrency 2 up 14-42 %, the same within the noise at 64.
 
 Library: asyncio and ``concurrent.futures`` (standard library).
 """

@@ -204,7 +204,7 @@ class ServiceSettings(BaseModel):
     :class:`rewrite.batching.OnlineBatcher`); 1 = one request per worker call.
     ``online_inline_max_ms``: a request that is the only open call, with no micro-batch
     running or queued, runs its online stages on the event loop instead of a worker thread
-    (no hand-over: ~0.5 ms less at concurrency 1 on the benchmark VM; under load calls still
+    (no hand-over: p50 0.3-1.0 ms lower at concurrency 1 on the benchmark VM; under load calls still
     go to the workers and batch) while a lone request's online stages take at most this many
     ms on average (a slow query tower or store never blocks the loop for long); 0 = never
     inline. See :mod:`rewrite.batching`.

@@ -44,7 +44,7 @@ together as one micro-batch (:meth:`Rewriter.complete_batch`, at most
 ``service.online_max_batch``) when a worker frees up; a request that finds a free worker runs
 at once, alone. A call that is the service's only open call, finding no batch running, runs
 its online stages inline on the event loop instead (``service.online_inline_max_ms``: the
-hand-over and the wait cost ~0.5 ms at concurrency 1; see :mod:`rewrite.batching`). Up to
+hand-over and the wait cost 0.3-1 ms at concurrency 1; see :mod:`rewrite.batching`). Up to
 :data:`MAX_CONCURRENT_RPCS` calls may then wait inside their handlers.
 The inline choice for the precomputed path was made by measurement with
 ``bench/bench_server_mode.py`` (3,000 Rewrite calls per row, half precomputed hits and half
