@@ -122,10 +122,10 @@ class OnlineBatcher:
         Args:
             state: a prepared request (:meth:`rewrite.rewriter.Rewriter.prepare`).
             alone: the caller's request is the service's only open call. With
-                ``inline_max_s``, no batch running or queued and :attr:`lone_s` within
-                ``inline_max_s``, the stages then run
-                inline on the event loop (a batch of one, counted in
-                ``qrw_online_inline_total``) and the coroutine returns without suspending.
+                ``inline_max_s`` > 0, no batch running or queued and :attr:`lone_s` within
+                ``inline_max_s``, the stages then run inline on the event loop (a batch of
+                one, counted in ``qrw_online_inline_total``) and the coroutine returns
+                without suspending.
 
         Raises:
             Exception: what a stage raised on this request (``state.error``).
@@ -175,11 +175,11 @@ class OnlineBatcher:
                     batch.append(item)
             if not batch:
                 continue
+            started = time.perf_counter()
             try:
                 done = loop.run_in_executor(
                     self._pool, self._complete_batch, [state for state, _ in batch]
                 )
-                started = time.perf_counter()
             except RuntimeError as err:  # the pool was shut down (server stopping)
                 for _state, future in batch:
                     future.set_exception(err)
