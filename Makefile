@@ -61,6 +61,8 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/bench_nightly.py --sizes $(NIGHTLY_SIZES) $(NIGHTLY_ARGS) --data-root $(DATA)
 	$(BIN)/python bench/bench_detector.py
 	$(BIN)/python bench/bench_grpc_floor.py --rounds 3
+	$(BIN)/python bench/bench_mixed.py --n $(ONLINE_N) --dpr $(STATIC_DPR)/$$(cat $(STATIC_DPR)/LATEST) \
+		--json runs/bench/mixed.json
 	$(BIN)/python bench/bench_processes.py --n $(ONLINE_N) --rounds 2 --requests 3000 \
 		--dpr $(STATIC_DPR)/$$(cat $(STATIC_DPR)/LATEST) --json runs/bench/processes.json
 
