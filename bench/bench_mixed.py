@@ -127,7 +127,6 @@ def main() -> None:
             )
             for rnd in range(args.rounds):
                 for inline_ms in args.inline_ms:
-                    proc: subprocess.Popen[str]
                     proc, port = bo.start_server(
                         redis_server.url,
                         ranker,

@@ -104,12 +104,13 @@ from bench._artifacts import zero_shot_artifact  # noqa: E402
 from bench._machine import describe  # noqa: E402
 from bench.bench_server_mode import ECHO_METHOD, echo_handler, summary  # noqa: E402
 from rewrite._pb.queryrewrite.v1 import rewrite_pb2  # noqa: E402
+from rewrite.client import rewrite_stub  # noqa: E402
 from rewrite.config import FULL_PIPELINE as CONFIG_FULL_PIPELINE  # noqa: E402
 from rewrite.config import Settings, load_settings  # noqa: E402
 from rewrite.normalize import normalize_utterance  # noqa: E402
 from rewrite.redis_server import EmbeddedRedis  # noqa: E402
 from rewrite.retrieval import IVF_KINDS  # noqa: E402
-from rewrite.server import REWRITE_METHOD, RewriteServer  # noqa: E402
+from rewrite.server import RewriteServer  # noqa: E402
 
 FULL_PIPELINE = list(CONFIG_FULL_PIPELINE)
 STATS_SERVICE = "qrw.bench.Stats"
@@ -758,11 +759,7 @@ class Client:
     """grpc.aio stubs on one channel, and a cursor over the distinct online requests."""
 
     def __init__(self, channel: grpc.aio.Channel, work: Workload, pid: int) -> None:
-        self._rewrite = channel.unary_unary(
-            REWRITE_METHOD,
-            request_serializer=rewrite_pb2.RewriteRequest.SerializeToString,
-            response_deserializer=rewrite_pb2.RewriteResponse.FromString,
-        )
+        self._rewrite = rewrite_stub(channel)
         self._echo = channel.unary_unary(ECHO_METHOD)
         self._stats = channel.unary_unary(STATS_METHOD)
         self.work = work

@@ -55,9 +55,9 @@ from bench._artifacts import zero_shot_artifact  # noqa: E402
 from bench._machine import describe  # noqa: E402
 from bench.bench_server_mode import ECHO_METHOD, echo_handler  # noqa: E402
 from rewrite._pb.queryrewrite.v1 import rewrite_pb2  # noqa: E402
+from rewrite.client import rewrite_stub  # noqa: E402
 from rewrite.config import Settings, load_settings  # noqa: E402
 from rewrite.processes import ServiceProcesses  # noqa: E402
-from rewrite.server import REWRITE_METHOD  # noqa: E402
 
 WARMUP = 200
 RPCS = ("echo", "online")
@@ -95,14 +95,7 @@ class Channels:
     def __init__(self, target: str, n: int) -> None:
         opts = [("grpc.use_local_subchannel_pool", 1)]
         self.channels = [grpc.aio.insecure_channel(target, options=opts) for _ in range(n)]
-        self.rewrite = [
-            ch.unary_unary(
-                REWRITE_METHOD,
-                request_serializer=rewrite_pb2.RewriteRequest.SerializeToString,
-                response_deserializer=rewrite_pb2.RewriteResponse.FromString,
-            )
-            for ch in self.channels
-        ]
+        self.rewrite = [rewrite_stub(ch) for ch in self.channels]
         self.echo = [ch.unary_unary(ECHO_METHOD) for ch in self.channels]
 
     async def close(self) -> None:

@@ -42,12 +42,12 @@ if str(ROOT) not in sys.path:  # allow `python bench/bench_server_mode.py` witho
 
 from rewrite import keyspace  # noqa: E402
 from rewrite._pb.queryrewrite.v1 import rewrite_pb2  # noqa: E402
+from rewrite.client import rewrite_stub  # noqa: E402
 from rewrite.config import Settings, load_settings  # noqa: E402
 from rewrite.redis_server import EmbeddedRedis  # noqa: E402
 from rewrite.rewriter import Rewriter  # noqa: E402
 from rewrite.server import (  # noqa: E402
     MAX_CONCURRENT_RPCS,
-    REWRITE_METHOD,
     SERVICE_NAME,
     QueryRewriteServicer,
     RewriteContext,
@@ -262,11 +262,7 @@ async def measure(port: int, n: int, levels: list[int]) -> list[tuple[int, str, 
     reqs = requests()
     echo_payloads = [r.SerializeToString() for r in reqs]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        rewrite = channel.unary_unary(
-            REWRITE_METHOD,
-            request_serializer=rewrite_pb2.RewriteRequest.SerializeToString,
-            response_deserializer=rewrite_pb2.RewriteResponse.FromString,
-        )
+        rewrite = rewrite_stub(channel)
         echo = channel.unary_unary(ECHO_METHOD, request_serializer=None, response_deserializer=None)
         check = await rewrite(reqs[0], timeout=5)
         if not (check.rewritten and check.model_version == VERSION):

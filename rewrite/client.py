@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, overload
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,6 +32,27 @@ from rewrite.types import InvalidRequestError, RewriteRequest, RewriteResult
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
+
+
+@overload
+def rewrite_stub(
+    channel: grpc.aio.Channel,
+) -> grpc.aio.UnaryUnaryMultiCallable[rewrite_pb2.RewriteRequest, rewrite_pb2.RewriteResponse]: ...
+@overload
+def rewrite_stub(
+    channel: grpc.Channel,
+) -> grpc.UnaryUnaryMultiCallable[rewrite_pb2.RewriteRequest, rewrite_pb2.RewriteResponse]: ...
+def rewrite_stub(channel: grpc.Channel | grpc.aio.Channel) -> Any:
+    """The ``Rewrite`` method on ``channel`` (blocking or ``grpc.aio``), taking a
+    ``RewriteRequest`` proto and returning a ``RewriteResponse`` proto — the typed stub the
+    generated ``rewrite_pb2_grpc.QueryRewriteStub`` would give (that module has no type
+    stubs). For callers that want gRPC's own call objects and status codes rather than
+    :class:`RewriteClient`'s dataclasses (load generators, contract tests)."""
+    return channel.unary_unary(
+        REWRITE_METHOD,
+        request_serializer=rewrite_pb2.RewriteRequest.SerializeToString,
+        response_deserializer=rewrite_pb2.RewriteResponse.FromString,
+    )
 
 
 class RewriteClient:
@@ -64,11 +85,7 @@ class RewriteClient:
         self._channel = grpc.insecure_channel(
             target, options=[*channel_options(max_message_bytes), *options]
         )
-        self._rewrite = self._channel.unary_unary(
-            REWRITE_METHOD,
-            request_serializer=rewrite_pb2.RewriteRequest.SerializeToString,
-            response_deserializer=rewrite_pb2.RewriteResponse.FromString,
-        )
+        self._rewrite = rewrite_stub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def rewrite(self, request: RewriteRequest, timeout_s: float | None = None) -> RewriteResult:

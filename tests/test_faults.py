@@ -46,10 +46,10 @@ from offline.job import read_pairs, run_nightly
 from offline.publish import TEST_PAUSE_ENV, PublishError, connect, publish_pairs
 from rewrite import keyspace, metrics
 from rewrite._pb.queryrewrite.v1 import rewrite_pb2 as pb
-from rewrite.client import RewriteClient
+from rewrite.client import RewriteClient, rewrite_stub
 from rewrite.config import Settings
 from rewrite.redis_server import EmbeddedRedis
-from rewrite.server import REWRITE_METHOD, RewriteServer
+from rewrite.server import RewriteServer
 from rewrite.store import PairStore
 from rewrite.types import RewriteRequest, RewriteResult
 
@@ -295,14 +295,7 @@ class LoadClient:
 
     def __init__(self, target: str) -> None:
         self.channels = [grpc.aio.insecure_channel(target) for _ in range(2)]
-        self.stubs = [
-            ch.unary_unary(
-                REWRITE_METHOD,
-                request_serializer=pb.RewriteRequest.SerializeToString,
-                response_deserializer=pb.RewriteResponse.FromString,
-            )
-            for ch in self.channels
-        ]
+        self.stubs = [rewrite_stub(ch) for ch in self.channels]
         self.n = 0
 
     async def call(self) -> tuple[float, float, str]:

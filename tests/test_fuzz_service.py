@@ -51,7 +51,7 @@ from procs import SERVING_LINE, start_qrw_serve, stop_process, wait_for_log
 from offline.job import run_nightly
 from rewrite import keyspace
 from rewrite._pb.queryrewrite.v1 import rewrite_pb2 as pb
-from rewrite.client import RewriteClient
+from rewrite.client import RewriteClient, rewrite_stub
 from rewrite.config import FULL_PIPELINE, ServiceSettings, Settings, load_settings
 from rewrite.normalize import normalize_utterance
 from rewrite.pipeline import RewriteState
@@ -215,11 +215,7 @@ def fuzz_rewriter(fuzz_env: FuzzEnv) -> Iterator[Rewriter]:
 def rpc(fuzz_server: RewriteServer) -> Iterator[grpc.UnaryUnaryMultiCallable]:
     """``Rewrite`` on a plain channel (status codes as they are, no client wrapping)."""
     with grpc.insecure_channel(fuzz_server.target) as channel:
-        yield channel.unary_unary(
-            REWRITE_METHOD,
-            request_serializer=pb.RewriteRequest.SerializeToString,
-            response_deserializer=pb.RewriteResponse.FromString,
-        )
+        yield rewrite_stub(channel)
 
 
 @pytest.fixture(scope="module")
@@ -699,11 +695,7 @@ def test_client_deadline_shorter_than_the_work(
             grpc.insecure_channel(srv.target) as ch,
             RewriteClient(srv.target, timeout_s=5.0) as rc,
         ):
-            rewrite = ch.unary_unary(
-                REWRITE_METHOD,
-                request_serializer=pb.RewriteRequest.SerializeToString,
-                response_deserializer=pb.RewriteResponse.FromString,
-            )
+            rewrite = rewrite_stub(ch)
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as info:
                 rewrite(pb.RewriteRequest(utterance="hello", user_id="u"), timeout=0.1)
