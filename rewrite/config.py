@@ -327,8 +327,12 @@ class DprSettings(BaseModel):
     kinds' vectors, ``ivf_pq_refine``'s 6-bit refine codes) from the page cache instead of
     copying them into its own memory (FAISS ``IO_FLAG_MMAP_IFC``): clean file pages that
     several service processes share and the kernel may reclaim (1M entries: 288 MB of refine
-    codes; RSS after loading 390 -> 154 MB for the index alone). Index folders are
-    content-addressed and never rewritten, so a mapped file does not change under the service.
+    codes; RSS after loading 390 -> 154 MB for the index alone). The part of the file that
+    loading reads and copies (inverted lists, HNSW links) is then released from the process's
+    mapping (:func:`rewrite.libc.release_file_pages`; 1M entries with the lexical channel:
+    the mapping's resident size 422 -> 352 MB after 200 queries, RSS after loading 305 -> 236
+    MB). Index folders are content-addressed and never rewritten, so a mapped file does not
+    change under the service.
 
     ``query_precision``: which query tower the service runs — ``auto`` (``query.int8.onnx``
     when the artifact's int8 check passed, else ``query.onnx``), ``int8`` (error when absent)

@@ -24,8 +24,6 @@ reranker and a precision-oriented trigger.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import functools
 import itertools
 import logging
@@ -40,7 +38,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import Counter
 
-from rewrite import keyspace, metrics
+from rewrite import keyspace, libc, metrics
 from rewrite.config import Settings
 from rewrite.encoder import QueryEncoder
 from rewrite.personal import PersonalStore
@@ -67,19 +65,6 @@ class OnlineSnapshot:
     encoder: QueryEncoder
 
 
-def _libc() -> Any:
-    """glibc, when the process runs on it (``malloc_trim``); None elsewhere."""
-    name = ctypes.util.find_library("c")
-    try:
-        lib = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return lib if lib is not None and hasattr(lib, "malloc_trim") else None
-
-
-_LIBC = _libc()
-
-
 def return_freed_memory() -> None:
     """Hand memory that a dropped index freed back to the OS: the Arrow memory pool's cached
     pages (pyarrow ``MemoryPool.release_unused``) and glibc's free lists (``malloc_trim(0)``;
@@ -90,8 +75,7 @@ def return_freed_memory() -> None:
     import pyarrow as pa
 
     pa.default_memory_pool().release_unused()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    libc.malloc_trim()
 
 
 @contextlib.contextmanager

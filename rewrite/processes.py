@@ -65,6 +65,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from rewrite import libc
 from rewrite.config import Settings
 
 log = logging.getLogger(__name__)
@@ -133,17 +134,8 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
     ``prctl(PR_SET_PDEATHSIG)``), so service processes never outlive a supervisor that was
     killed (SIGKILL, OOM) without stopping them; exits at once if the parent
     ``parent_pid`` is already gone. A no-op where ``prctl`` is unavailable."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name, use_errno=True) if name else None
-    if libc is None or not hasattr(libc, "prctl"):
-        log.warning("prctl unavailable: service processes may outlive their supervisor")
-        return
-    pr_set_pdeathsig = 1
-    if libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d)", ctypes.get_errno())
+    if not libc.set_parent_death_signal(sig):
+        log.warning("service processes may outlive their supervisor")
         return
     if os.getppid() != parent_pid:  # the parent died before the call above
         os._exit(1)

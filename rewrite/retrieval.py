@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rewrite import libc
 from rewrite.lexical import LexicalChannel
 
 log = logging.getLogger(__name__)
@@ -789,7 +790,11 @@ class GlobalIndex:
             mmap: map the index file's flat codes instead of reading them into memory
                 (FAISS ``IO_FLAG_MMAP_IFC``: the flat and HNSW vectors, the refine codes of
                 ``ivf_pq_refine``; inverted lists are read as before). The file must then not
-                change while the index is in use (index folders never are rewritten).
+                change while the index is in use (index folders never are rewritten). The
+                pages that loading read through the mapping and copied (inverted lists, HNSW
+                links, headers) are then released from this process's page tables
+                (:func:`rewrite.libc.release_file_pages`), so only the codes searches read
+                count in its memory.
 
         Raises:
             FileNotFoundError: a file is missing.
@@ -871,6 +876,9 @@ class GlobalIndex:
             faiss.extract_index_ivf(index).nprobe = int(nprobe or info.params.get("nprobe", 32))
         if info.kind == "ivf_pq_refine":
             index.k_factor = float(refine_k_factor or info.params.get("refine_k_factor", 8))
+        if mmap:
+            released = libc.release_file_pages(directory / INDEX_FILE)
+            log.debug("released %d bytes of %s's mapping", released, directory / INDEX_FILE)
         if isinstance(catalog, pa.Table):
             missing = [c for c in CATALOG_COLUMNS if c not in catalog.column_names]
             if missing:

@@ -20,7 +20,7 @@ from offline.index import (
     pq_subquantizers,
     write_index_dir,
 )
-from rewrite import retrieval
+from rewrite import libc, retrieval
 from rewrite.config import DprSettings, LexicalSettings
 from rewrite.retrieval import (
     CATALOG_FILE,
@@ -423,7 +423,9 @@ def test_mapped_index_answers_as_the_one_in_memory(
 ) -> None:
     """``mmap=True`` (the service's ``dpr.index_mmap``) maps the index file's flat codes
     instead of copying them: every kind gives the same ids and scores as the in-memory load,
-    and the file shows up in the process's memory maps."""
+    and the file shows up in the process's memory maps — with no page of it resident right
+    after loading (what loading read was copied, and is released: ``libc.release_file_pages``),
+    and only what searches read afterwards."""
     ivf_kind = kind if kind.startswith("ivf") else "ivf_pq_refine"
     directory, vecs = build(tmp_path, n, flat_max=flat_max, ivf_min=ivf_min, ivf_kind=ivf_kind)
     queries = near(vecs[::37], seed=3)
@@ -435,6 +437,8 @@ def test_mapped_index_answers_as_the_one_in_memory(
 
     assert plain.kind == kind and not mapped()
     mmapped = GlobalIndex.load(directory, mmap=True)
+    maps = libc.file_mappings(directory / INDEX_FILE, with_rss=True)
+    assert len(maps) == 1 and maps[0].rss_bytes == 0
     want = [[(c.text, c.dense_score) for c in r] for r in plain.search(queries, k=10)]
     got = [[(c.text, c.dense_score) for c in r] for r in mmapped.search(queries, k=10)]
     assert got == want and len(want[0]) == 10
