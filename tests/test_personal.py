@@ -22,7 +22,7 @@ from offline.markov import RewritePair
 from offline.publish import connect, content_hash, publish_pairs, version_content_hash
 from rewrite import keyspace, privacy
 from rewrite.config import DEV_USER_KEY, Settings, load_settings
-from rewrite.personal import PersonalStore
+from rewrite.personal import PersonalStore, fp16_to_fp32
 from rewrite.privacy import pseudonymize, user_key_from_settings
 from rewrite.store import MembershipFilter, StoreUnavailableError
 
@@ -411,3 +411,20 @@ def test_nightly_encodes_each_catalog_text_once_for_index_and_histories(
         h = _store(s.redis.url).history(user)
         assert h.vectors is not None and set(h.texts) & set(common) and set(h.texts) & set(rare)
         np.testing.assert_allclose(h.vectors, tower.encode(list(h.texts)), atol=2e-3)
+
+
+def test_fp16_to_fp32_gives_numpys_values_for_every_half_float() -> None:
+    """The FAISS decoder used for stored vectors agrees bit for bit with numpy's conversion
+    on all 65,536 float16 bit patterns (zeros, subnormals, inf, NaN included), and a blob
+    that is not ``n`` rows of float16 is refused."""
+    patterns = np.arange(65536, dtype=np.uint16).astype("<u2")
+    blob = patterns.tobytes()
+    got = fp16_to_fp32(blob, 256)
+    want = np.frombuffer(blob, dtype="<f2").reshape(256, 256).astype(np.float32)
+    assert got.dtype == np.float32 and got.shape == (256, 256)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    for bad, n in ((b"", 1), (b"\x00" * 6, 2), (b"\x00" * 4, 0)):
+        with pytest.raises(ValueError, match="float16 rows"):
+            fp16_to_fp32(bad, n)
