@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import logging
 import mmap
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,9 @@ def libc() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(name, use_errno=True)
     except OSError:
         return None
-    lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    lib.madvise.restype = ctypes.c_int
+    if hasattr(lib, "madvise"):
+        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        lib.madvise.restype = ctypes.c_int
     return lib
 
 
@@ -65,7 +66,7 @@ def set_parent_death_signal(sig: int) -> bool:
     return True
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class FileMapping:
     """One mapping of a file in this process (a ``/proc/self/maps`` line): addresses
     ``[start, end)``, permissions (``r--s``, ``r--p`` ...), and its resident size in bytes
@@ -93,20 +94,16 @@ def file_mappings(path: Path, with_rss: bool = False) -> list[FileMapping]:
     except OSError:
         return []
     out: list[FileMapping] = []
-    current: list[int | str] | None = None
+    ours = False  # the mapping whose header came last is of this file
     for line in lines:
         fields = line.split()
         if len(fields) >= 5 and "-" in fields[0] and ":" in fields[3]:
-            if current is not None:
-                out.append(FileMapping(*current))  # type: ignore[arg-type]
-                current = None
-            if fields[3] == dev and fields[4] == str(st.st_ino):
+            ours = fields[3] == dev and fields[4] == str(st.st_ino)
+            if ours:
                 lo, hi = (int(a, 16) for a in fields[0].split("-"))
-                current = [lo, hi, fields[1], -1]
-        elif current is not None and fields and fields[0] == "Rss:":
-            current[3] = int(fields[1]) * 1024
-    if current is not None:
-        out.append(FileMapping(*current))  # type: ignore[arg-type]
+                out.append(FileMapping(lo, hi, fields[1]))
+        elif ours and fields and fields[0] == "Rss:":
+            out[-1] = dataclasses.replace(out[-1], rss_bytes=int(fields[1]) * 1024)
     return out
 
 
