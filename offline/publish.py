@@ -10,7 +10,8 @@ Protocol (see :mod:`rewrite.keyspace`):
    the content hash, so re-publishing identical content rewrites identical keys
    (idempotent) and a crashed publish is finished by re-running it;
    — the rewrite pairs and, when given, each user's personal history
-   (``qrw:{version}:personal:{pseudo_user}``, optionally with float16 passage vectors),
+   (``qrw:{version}:personal:{pseudo_user}``, packed, optionally with float16 passage
+   vectors),
    skipping users on the forget set ``qrw:forgotten`` (``qrw forget-user``), and the two
    membership filters the service reads once per version instead of asking Redis per
    request: the pair sources and the pseudonyms with a personal history;
@@ -49,6 +50,7 @@ from redis.typing import EncodableT, FieldT
 from offline.catalog import PersonalEntry
 from offline.markov import RewritePair
 from rewrite import keyspace
+from rewrite.personal import PACKED_FIELD, pack_history
 from rewrite.store import MembershipFilter
 
 log = logging.getLogger(__name__)
@@ -194,7 +196,8 @@ def personal_content_hash(personal: Sequence[PersonalEntry]) -> str:
     Raises:
         ValueError: a (user, text) pair occurs twice.
     """
-    h = hashlib.sha256(b"qrw-personal-v1\n")
+    # v2: the packed layout (rewrite.personal.pack_history); a version's stored bytes differ
+    h = hashlib.sha256(b"qrw-personal-v2\n")
     for user, entries in _personal_groups(personal):
         rows = [[e.text, e.count, repr(float(e.last_seen))] for e in entries]
         h.update(json.dumps([user, rows], ensure_ascii=False).encode())
@@ -264,15 +267,18 @@ def _personal_mapping(
     rows: dict[str, int] | None,
     matrix: np.ndarray | None,
 ) -> dict[FieldT, EncodableT]:
-    mapping: dict[FieldT, EncodableT] = {
-        "texts": json.dumps([e.text for e in entries], ensure_ascii=False),
-        "counts": json.dumps([int(e.count) for e in entries]),
-        "last_seen": json.dumps([float(e.last_seen) for e in entries]),
-    }
+    """One user's personal hash: the packed history (:func:`rewrite.personal.pack_history`)."""
+    vectors = None
     if rows is not None and matrix is not None:
         idx = np.fromiter((rows[e.text] for e in entries), dtype=np.int64, count=len(entries))
-        mapping["vectors"] = np.ascontiguousarray(matrix[idx]).tobytes()
-    return mapping
+        vectors = matrix[idx]
+    packed = pack_history(
+        [e.text for e in entries],
+        [int(e.count) for e in entries],
+        [float(e.last_seen) for e in entries],
+        vectors,
+    )
+    return {PACKED_FIELD.decode(): packed}
 
 
 def connect(url: str, timeout_s: float = 5.0) -> redis.Redis:
@@ -344,12 +350,13 @@ def publish_pairs(
         lock_wait_s: how long to wait for a lock held by another publish, seconds (0 = fail
             at once).
         personal: personal-history entries (pseudonymous users), written as one hash per user
-            (``qrw:{version}:personal:{user}``) with ``texts``, ``counts``, ``last_seen``.
+            (``qrw:{version}:personal:{user}``) whose ``packed`` field holds texts, counts,
+            last-seen times and vectors (:func:`rewrite.personal.pack_history`).
             Users on the forget set ``qrw:forgotten`` are skipped (counted in
             ``n_forgotten_skipped``).
         encode: passage encoder, ``texts -> (n, dim) float32`` L2-normalised (e.g.
-            ``rewrite.encoder.PassageEncoder.encode``); when given, each hash also gets
-            ``vectors`` (float16 little-endian bytes, ``(n, dim)``). None = no vectors.
+            ``rewrite.encoder.PassageEncoder.encode``); when given, each history also packs
+            its vectors (float16, ``(n, dim)``). None = no vectors.
         encoder_id: id of that encoder; part of the version content and stored in meta.
         index_dir: the version's global index directory, stored in meta (not hashed).
         extra_content: more content identifiers folded into the version id (e.g. the FAISS

@@ -17,9 +17,12 @@ Layout (see DESIGN.md):
   traffic of a large assistant). ``qrw forget-user`` removes the user's hash from it.
 - ``qrw:{version}:meta`` may also hold ``n_personal_users``, ``personal_dim``, ``index_dir``
   and ``encoder_id`` (the global FAISS index and passage encoder of the version).
-- ``qrw:{version}:personal:{pseudo_user}`` → hash: ``texts``, ``counts``, ``last_seen`` (JSON
-  lists: normalized utterances, successful uses, float epoch s), optional ``vectors`` (raw
-  float16 little-endian bytes, shape ``(n, dim)``, L2-normalised). ``pseudo_user`` is
+- ``qrw:{version}:personal:{pseudo_user}`` → hash with one field, ``packed``: the user's
+  normalized utterances, successful uses, last use (float epoch s) and optional passage
+  vectors (float16, ``(n, dim)``, L2-normalised) in one binary string
+  (:func:`rewrite.personal.pack_history` gives the layout). Versions published before that
+  layout hold ``texts``, ``counts``, ``last_seen`` (JSON lists) and ``vectors`` (raw
+  float16 bytes) instead; the service reads both. ``pseudo_user`` is
   :func:`rewrite.privacy.pseudonymize` of the user id; raw ids never appear in keys.
 - ``qrw:forgotten`` → set of pseudonyms removed with ``qrw forget-user``: their personal
   hashes are deleted from every version, the nightly job drops their turns and publish never

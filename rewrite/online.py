@@ -333,7 +333,8 @@ def merge_personal(
     k: int,
     lookup: Callable[[Sequence[str]], Sequence[RetrievedCandidate | None]],
 ) -> list[RetrievedCandidate]:
-    """Merge the user's top-``k`` history entries into the global candidates, by text.
+    """Merge the user's top-``k`` history entries into the global candidates, by text
+    (:func:`merge_personal_top` of the ``k`` highest ``scores``, equal scores in entry order).
 
     Args:
         global_cands: the global layer's candidates (best first).
@@ -343,6 +344,36 @@ def merge_personal(
         scores: ``(n,)`` scores of the history entries against the query (dense, or any
             similarity; only their order matters here).
         k: personal candidates kept (highest scores).
+        lookup: as :func:`merge_personal_top`.
+
+    Returns:
+        As :func:`merge_personal_top`.
+    """
+    s = np.asarray(scores)
+    top = np.argsort(-s, kind="stable")[: max(k, 0)]
+    return merge_personal_top(global_cands, texts, counts, ages_s, top, s[top], lookup)
+
+
+def merge_personal_top(
+    global_cands: Sequence[RetrievedCandidate],
+    texts: Sequence[str],
+    counts: np.ndarray,
+    ages_s: np.ndarray,
+    top: np.ndarray,
+    top_scores: np.ndarray,
+    lookup: Callable[[Sequence[str]], Sequence[RetrievedCandidate | None]],
+) -> list[RetrievedCandidate]:
+    """Merge chosen history entries into the global candidates, by text.
+
+    Args:
+        global_cands: the global layer's candidates (best first).
+        texts, counts: the user's history (``(n,)`` successful uses).
+        ages_s: ``(n,)`` seconds since the user last used each entry (:func:`history_ages`);
+            negative = unknown (becomes ``personal_age_s`` -1).
+        top: ``(m,)`` int positions of the entries to merge, best first
+            (:meth:`rewrite.personal.PersonalHistory.top`).
+        top_scores: ``(m,)`` their scores against the query (each candidate's
+            ``dense_score``).
         lookup: catalog metadata of texts, None for a text outside the catalog (one call
             for all the history entries the global layer did not return;
             :meth:`rewrite.retrieval.GlobalIndex.lookup_many`).
@@ -353,17 +384,17 @@ def merge_personal(
         entry the global layer did not return gets its catalog metadata from ``lookup``.
     """
     by_text = {c.text: c for c in global_cands}
-    top = np.argsort(-np.asarray(scores), kind="stable")[: max(k, 0)].tolist()
-    unseen = [texts[i] for i in top if texts[i] not in by_text]
+    chosen = np.asarray(top, dtype=np.int64).tolist()
+    unseen = [texts[i] for i in chosen if texts[i] not in by_text]
     looked_up = dict(zip(unseen, lookup(unseen), strict=True)) if unseen else {}
-    for i in top:
+    for i, score in zip(chosen, np.asarray(top_scores).tolist(), strict=True):
         text = texts[i]
         g = by_text.get(text) or looked_up.get(text)
         age = float(ages_s[i])
         by_text[text] = RetrievedCandidate(
             text=text,
             layer="personal",
-            dense_score=float(scores[i]),
+            dense_score=float(score),
             frequency=g.frequency if g else 0,
             success_rate=g.success_rate if g else 0.0,
             n_users=g.n_users if g else 0,
@@ -492,10 +523,10 @@ class PersonalRetrievalStage(_BatchedOnlineStage):
 
     Reads the users' hashes (:meth:`rewrite.personal.PersonalStore.histories`: a micro-batch
     in at most one Redis round trip, none for users the cache or the version's user filter
-    answers), scores each history's float16 vectors against its query vector
-    (``(n, dim) @ (dim,)``), keeps the top ``rerank.personal_top_k``, and merges by text: an
-    utterance found by both layers becomes one candidate with ``layer="personal"`` and the
-    global metadata kept. Also records how often the query itself succeeded for this user
+    answers), searches each history's float16 vectors exactly for its query vector's top
+    ``rerank.personal_top_k`` (:meth:`rewrite.personal.PersonalHistory.top`), and merges by
+    text: an utterance found by both layers becomes one candidate with ``layer="personal"``
+    and the global metadata kept. Also records how often the query itself succeeded for this user
     (``state.user_success_count``; the trigger never rewrites those). A Redis failure passes
     the requests that needed it through (``reason="store_unavailable"``).
     """
@@ -527,15 +558,16 @@ class PersonalRetrievalStage(_BatchedOnlineStage):
             lookup = functools.partial(snap.index.lookup_many, device_types=False, nlu_labels=False)
             for state, hist in zip(group, hists, strict=True):
                 state.user_success_count = hist.count_of(state.normalized)
-                if not len(hist) or hist.vectors is None or state.query_vector is None:
+                if not len(hist) or hist.scorer is None or state.query_vector is None:
                     continue
-                state.retrieved = merge_personal(
+                top, top_scores = hist.top(state.query_vector, top_k)
+                state.retrieved = merge_personal_top(
                     state.retrieved,
                     hist.texts,
                     hist.counts,
                     history_ages(hist.last_seen, now),
-                    hist.vectors @ state.query_vector,
-                    top_k,
+                    top,
+                    top_scores,
                     lookup,
                 )
 

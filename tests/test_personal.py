@@ -22,7 +22,13 @@ from offline.markov import RewritePair
 from offline.publish import connect, content_hash, publish_pairs, version_content_hash
 from rewrite import keyspace, privacy
 from rewrite.config import DEV_USER_KEY, Settings, load_settings
-from rewrite.personal import PersonalStore, fp16_to_fp32
+from rewrite.personal import (
+    PACKED_FIELD,
+    PersonalStore,
+    fp16_scorer,
+    pack_history,
+    unpack_history,
+)
 from rewrite.privacy import pseudonymize, user_key_from_settings
 from rewrite.store import MembershipFilter, StoreUnavailableError
 
@@ -106,10 +112,13 @@ def test_publish_and_read_back_with_float16_vectors(redis_url: str, clean_redis:
     assert h.last_seen.tolist() == [1.7e9, 1.65e9, 1.6e9] and h.last_seen.dtype == np.float64
     assert h.vectors is not None and h.vectors.dtype == np.float32 and h.vectors.shape == (3, DIM)
     np.testing.assert_allclose(h.vectors, _encode(h.texts), atol=2e-3)
-    raw = redis.Redis.from_url(redis_url).hget(
-        keyspace.personal_version_key(res.version, h.user), "vectors"
+    stored = redis.Redis.from_url(redis_url).hgetall(
+        keyspace.personal_version_key(res.version, h.user)
     )
-    assert raw is not None and len(raw) == 3 * DIM * 2  # float16
+    assert list(stored) == [PACKED_FIELD]  # one binary field, no JSON lists
+    texts = "\0".join(h.texts).encode()
+    assert len(stored[PACKED_FIELD]) == 20 + 3 * 16 + 3 * DIM * 2 + len(texts)  # float16
+    assert h.nbytes < 512 + 3 * 16 + 3 * DIM * 2 + 3 * 49 + len(texts) + 1  # float16 kept
     assert h.count_of("call mom") == 2 and h.count_of("never said") == 0
     store.close()
 
@@ -182,8 +191,53 @@ def test_reader_pinned_to_a_version_never_mixes(redis_url: str, clean_redis: Non
 def test_malformed_history_reads_as_empty(redis_url: str, clean_redis: None) -> None:
     v = publish_pairs(connect(redis_url), PAIRS, personal=BOB).version
     key = keyspace.personal_version_key(v, pseudonymize("bob", KEY))
-    clean_redis.hset(key, mapping={"counts": json.dumps([1, 2])})  # 1 text, 2 counts
-    assert len(_store(redis_url).history("bob")) == 0
+    raw = redis.Redis.from_url(redis_url)  # bytes: the packed field is binary
+    try:
+        blob = raw.hget(key, PACKED_FIELD)
+        assert blob is not None
+        raw.hset(key, PACKED_FIELD, blob[:-3])  # truncated
+        assert len(_store(redis_url).history("bob")) == 0
+        raw.hset(key, PACKED_FIELD, b"XXXX" + blob[4:])  # not the packed magic
+        assert len(_store(redis_url).history("bob")) == 0
+        # the JSON layout of versions published before the packed one, malformed
+        raw.delete(key)
+        raw.hset(key, mapping={"texts": json.dumps(["a"]), "counts": json.dumps([1, 2])})
+        raw.hset(key, "last_seen", json.dumps([1.0]))
+        assert len(_store(redis_url).history("bob")) == 0
+    finally:
+        raw.close()
+
+
+@pytest.mark.integration
+def test_histories_of_the_json_layout_are_still_read(redis_url: str, clean_redis: None) -> None:
+    """A version published before the packed layout (JSON lists and a float16 ``vectors``
+    field) reads as the same history as its packed form: the service can still answer from
+    it (e.g. after a rollback to it)."""
+    res = publish_pairs(connect(redis_url), PAIRS, personal=ALICE, encode=_encode)
+    key = keyspace.personal_version_key(res.version, pseudonymize("alice", KEY))
+    packed = _store(redis_url).history("alice")
+    vectors = _encode(packed.texts).astype("<f2")
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        raw.delete(key)
+        raw.hset(
+            key,
+            mapping={
+                "texts": json.dumps(list(packed.texts)),
+                "counts": json.dumps(packed.counts.tolist()),
+                "last_seen": json.dumps(packed.last_seen.tolist()),
+                "vectors": vectors.tobytes(),
+            },
+        )
+    finally:
+        raw.close()
+    legacy = _store(redis_url).history("alice")
+    assert legacy.texts == packed.texts and legacy.version == packed.version
+    assert np.array_equal(legacy.counts, packed.counts) and legacy.counts.dtype == np.int64
+    assert np.array_equal(legacy.last_seen, packed.last_seen)
+    assert legacy.vectors is not None and packed.vectors is not None
+    assert np.array_equal(legacy.vectors, packed.vectors)
+    assert np.array_equal(legacy.vectors, vectors.astype(np.float32))
 
 
 @pytest.mark.integration
@@ -245,7 +299,7 @@ def test_cache_serves_repeat_reads_until_expiry_and_forget_reaches_the_service(
     hits, misses = metrics.PERSONAL_CACHE_HIT._value.get(), metrics.PERSONAL_CACHE_MISS._value.get()
     first = store.history("alice")
     assert first.texts[0] == "what's the weather in wilkerson"
-    assert first.vectors is not None and not first.vectors.flags.writeable  # shared: read-only
+    assert first.scorer is not None and not first.counts.flags.writeable  # shared: read-only
     assert store.history("alice") is first  # second read: from the cache
     # "no history" of a user the version's filter does not list: no Redis read, no cache entry
     filtered = metrics.PERSONAL_FILTERED._value.get()
@@ -413,13 +467,13 @@ def test_nightly_encodes_each_catalog_text_once_for_index_and_histories(
         np.testing.assert_allclose(h.vectors, tower.encode(list(h.texts)), atol=2e-3)
 
 
-def test_fp16_to_fp32_gives_numpys_values_for_every_half_float() -> None:
-    """The FAISS decoder used for stored vectors agrees bit for bit with numpy's conversion
-    on all 65,536 float16 bit patterns (zeros, subnormals, inf, NaN included), and a blob
-    that is not ``n`` rows of float16 is refused."""
+def test_fp16_scorer_decodes_numpys_values_for_every_half_float() -> None:
+    """The FAISS index that holds a history's stored vectors gives back numpy's float32 value
+    of every one of the 65,536 float16 bit patterns (zeros, subnormals, inf, NaN included),
+    and a blob that is not ``n`` rows of float16 is refused."""
     patterns = np.arange(65536, dtype=np.uint16).astype("<u2")
     blob = patterns.tobytes()
-    got = fp16_to_fp32(blob, 256)
+    got = np.asarray(fp16_scorer(blob, 256).reconstruct_n(0, 256))
     want = np.frombuffer(blob, dtype="<f2").reshape(256, 256).astype(np.float32)
     assert got.dtype == np.float32 and got.shape == (256, 256)
     nan = np.isnan(want)
@@ -427,4 +481,66 @@ def test_fp16_to_fp32_gives_numpys_values_for_every_half_float() -> None:
     assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
     for bad, n in ((b"", 1), (b"\x00" * 6, 2), (b"\x00" * 4, 0)):
         with pytest.raises(ValueError, match="float16 rows"):
-            fp16_to_fp32(bad, n)
+            fp16_scorer(bad, n)
+
+
+def _unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_packed_history_round_trips_and_refuses_bad_input() -> None:
+    texts = ["play jazz", "what's the weather in zürich", "call mom"]
+    vectors = _unit_rows(3, 16, 1).astype("<f2")
+    blob = pack_history(texts, [5, 2, 1], [1.7e9, 1.65e9 + 0.25, 1.6e9], vectors)
+    h = unpack_history(blob, "u", "v1")
+    assert (h.user, h.version, h.texts) == ("u", "v1", tuple(texts))
+    assert h.counts.tolist() == [5, 2, 1] and h.counts.dtype == np.int64
+    assert h.last_seen.tolist() == [1.7e9, 1.65e9 + 0.25, 1.6e9]
+    assert h.last_seen.dtype == np.float64 and not h.last_seen.flags.writeable
+    assert h.dim == 16 and h.vectors is not None
+    assert np.array_equal(h.vectors, vectors.astype(np.float32))  # float16 values, exactly
+    # without vectors, and with no entries at all
+    bare = unpack_history(pack_history(texts[:1], [3], [1.0]))
+    assert bare.texts == ("play jazz",) and bare.scorer is None and bare.vectors is None
+    assert bare.dim == 0
+    assert len(unpack_history(pack_history([], [], []))) == 0
+    with pytest.raises(ValueError, match="NUL"):
+        pack_history(["a\x00b"], [1], [1.0])
+    with pytest.raises(ValueError, match="counts"):
+        pack_history(["a", "b"], [1], [1.0, 2.0])
+    with pytest.raises(ValueError, match="shape"):
+        pack_history(["a", "b"], [1, 1], [1.0, 2.0], vectors[:1])
+    for bad in (blob[:10], blob[:-40], b"QRWX" + blob[4:], blob[:4] + b"\x09" + blob[5:]):
+        with pytest.raises(ValueError):
+            unpack_history(bad)
+    with pytest.raises(ValueError, match="header says"):
+        unpack_history(blob + b"\x00extra")
+
+
+def test_history_top_matches_a_stable_argsort_of_float32_scores() -> None:
+    """``top`` (FAISS fp16 search) picks the entries a stable argsort of ``vectors @ query``
+    would, best first, equal scores in entry order; scores within float32 rounding."""
+    n, dim = 200, 64
+    rows = _unit_rows(n, dim, 2)
+    rows[50] = rows[7]  # an exact tie: the earlier entry first
+    rows[120] = rows[7]
+    h = unpack_history(pack_history([f"t{i}" for i in range(n)], [1] * n, [0.0] * n, rows))
+    assert h.vectors is not None
+    for seed in range(20):
+        q = _unit_rows(1, dim, 100 + seed)[0]
+        if seed == 0:
+            q = h.vectors[7] / np.linalg.norm(h.vectors[7])
+        full = h.vectors @ q
+        want = np.argsort(-full, kind="stable")[:10]
+        ids, scores = h.top(q, 10)
+        assert ids.tolist() == want.tolist()
+        np.testing.assert_allclose(scores, full[want], rtol=0, atol=1e-6)
+        if seed == 0:
+            assert ids[:3].tolist() == [7, 50, 120]
+    q = _unit_rows(1, dim, 9)[0]
+    assert h.top(q, 0)[0].size == 0 and h.top(q, 10_000)[0].size == n
+    with pytest.raises(ValueError, match="dims"):
+        h.top(np.ones(dim + 1, dtype=np.float32), 3)
+    with pytest.raises(ValueError, match="no vectors"):
+        unpack_history(pack_history(["a"], [1], [0.0])).top(q, 3)
