@@ -26,7 +26,7 @@ pass-through).
 A history is stored packed (:func:`pack_history`: one binary field, decoded with numpy
 views, no JSON) and kept as stored: its passage vectors stay float16 in the cache (half the
 memory of float32) and are scored by FAISS's fp16 scalar quantizer
-(:meth:`PersonalHistory.scores`). Versions published before the packed layout (JSON lists
+(:meth:`PersonalHistory.top`). Versions published before the packed layout (JSON lists
 and a vectors field) are still read. Library: redis-py, numpy, cachetools, FAISS.
 """
 
@@ -55,9 +55,11 @@ from rewrite.store import MembershipFilter, RedisReader, StoreUnavailableError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "PACKED_FIELD",
     "PersonalHistory",
     "PersonalStore",
     "StoreUnavailableError",
+    "fp16_scorer",
     "pack_history",
     "unpack_history",
 ]
