@@ -44,6 +44,7 @@ from offline.job import run_nightly
 from offline.schema import MAX_LINE_CHARS, read_turn_logs
 from rewrite import keyspace
 from rewrite.config import Settings
+from rewrite.personal import unpack_history
 from rewrite.privacy import pseudonymize, user_key_from_settings
 
 pytestmark = pytest.mark.integration
@@ -326,7 +327,8 @@ def test_rerunning_the_job_publishes_identical_content(
     assert content[keyspace.pair_sources_key(version)][""]  # the pair-source filter too
     assert sum(":pair:" in k for k in content) == first.publish["n_pairs"]
     assert sum(":personal:" in k for k in content) == first.publish["n_personal_users"]
-    assert all("vectors" in v for k, v in content.items() if ":personal:" in k)
+    histories = [unpack_history(v["packed"]) for k, v in content.items() if ":personal:" in k]
+    assert histories and all(h.dim > 0 for h in histories)  # packed with their vectors
     index_dir = content[keyspace.meta_key(version)]["index_dir"].decode()
     installed = _sha256_dir(Path(index_dir))
 
