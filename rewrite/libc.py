@@ -58,10 +58,13 @@ def set_parent_death_signal(sig: int) -> bool:
     the thread that started it exits. False (logged) when ``prctl`` is unavailable or fails."""
     lib = libc()
     if lib is None or not hasattr(lib, "prctl"):
-        log.warning("prctl unavailable: cannot ask for a signal when the parent exits")
+        log.warning("prctl unavailable: this process may outlive its parent")
         return False
     if lib.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d)", ctypes.get_errno())
+        log.warning(
+            "prctl(PR_SET_PDEATHSIG) failed (errno %d): this process may outlive its parent",
+            ctypes.get_errno(),
+        )
         return False
     return True
 

@@ -50,6 +50,7 @@ from rewrite import keyspace, metrics
 from rewrite.config import Settings
 from rewrite.privacy import pseudonymize, user_key_from_settings
 from rewrite.redis_server import resolve_redis_url
+from rewrite.retrieval import faiss_threads_on_this_thread
 from rewrite.store import MembershipFilter, RedisReader, StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class PersonalHistory:
         search of the float16 codes by FAISS's fp16 scalar quantizer (half floats decoded in
         SIMD registers, accumulated in float32; within ~1e-7 of ``vectors @ query``), ~7-8 us
         for 20-200 x 384 on one thread, about what a float32 product and an argsort cost.
-        Runs on one OpenMP thread (sets the calling thread's FAISS thread count to 1, as
+        Runs on one OpenMP thread (:func:`rewrite.retrieval.faiss_threads_on_this_thread`, as
         :meth:`rewrite.retrieval.GlobalIndex.search` does with its own count).
 
         Args:
@@ -162,10 +163,7 @@ class PersonalHistory:
         m = min(max(k, 0), len(self))
         if m == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        import faiss
-
-        if faiss.omp_get_max_threads() != 1:
-            faiss.omp_set_num_threads(1)
+        faiss_threads_on_this_thread(1)
         dist, ids = self.scorer.search(q, m)
         order = np.lexsort((ids[0], -dist[0]))  # ties: entry order
         return ids[0][order].astype(np.int64), dist[0][order].astype(np.float32)

@@ -133,9 +133,10 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
     """Have the kernel send ``sig`` to this process when its parent exits (Linux
     ``prctl(PR_SET_PDEATHSIG)``), so service processes never outlive a supervisor that was
     killed (SIGKILL, OOM) without stopping them; exits at once if the parent
-    ``parent_pid`` is already gone. A no-op where ``prctl`` is unavailable."""
+    ``parent_pid`` is already gone. A no-op where ``prctl`` is unavailable (logged by
+    :func:`rewrite.libc.set_parent_death_signal`: the process may then outlive its
+    supervisor)."""
     if not libc.set_parent_death_signal(sig):
-        log.warning("service processes may outlive their supervisor")
         return
     if os.getppid() != parent_pid:  # the parent died before the call above
         os._exit(1)

@@ -514,6 +514,16 @@ class CatalogColumns:
         return out
 
 
+def faiss_threads_on_this_thread(threads: int) -> None:
+    """Set FAISS's OpenMP thread count for searches made on the calling thread (an OpenMP
+    setting is per thread: without it a worker thread's search runs a team on every core);
+    a no-op when it is already ``threads``."""
+    import faiss
+
+    if faiss.omp_get_max_threads() != threads:
+        faiss.omp_set_num_threads(threads)
+
+
 class GlobalIndex:
     """The global catalog index: FAISS search plus catalog metadata per hit.
 
@@ -962,13 +972,8 @@ class GlobalIndex:
             return [[] for _ in range(x.shape[0])]
         if self.lexical is not None and texts is not None:  # texts: checked above
             x = self.lexical.query_vectors(x, texts)
-        threads = self.search_threads
-        if threads is not None:
-            import faiss
-
-            # per calling thread (OpenMP): without it a worker thread searches on every core
-            if faiss.omp_get_max_threads() != threads:
-                faiss.omp_set_num_threads(threads)
+        if self.search_threads is not None:
+            faiss_threads_on_this_thread(self.search_threads)
         scores, ids = self.index.search(np.ascontiguousarray(x), min(k, self.info.n))
         found = ids >= 0  # FAISS pads with -1 when fewer than k entries are reachable
         rows, hit_scores = ids[found].astype(np.int64), scores[found]
