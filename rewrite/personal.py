@@ -39,7 +39,7 @@ import struct
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -93,6 +93,12 @@ class PersonalHistory:
         last_seen: ``(n,)`` float64, the user's latest successful use, epoch seconds.
         scorer: the FAISS index holding the ``(n, dim)`` float16 vectors
             (:func:`fp16_scorer`), or None when the version holds no vectors.
+        catalog_memo: the catalog metadata of history entries as the personal stage looked
+            them up in this version's global index (text -> candidate, None when not in the
+            catalog; :func:`rewrite.online.history_lookup`), filled on first use: a cached
+            history then costs no catalog search on later requests. At most one entry per
+            history text (~250 bytes each; not in :attr:`nbytes`, which is taken when the
+            history enters the cache). Not part of equality.
     """
 
     user: str
@@ -101,6 +107,9 @@ class PersonalHistory:
     counts: np.ndarray
     last_seen: np.ndarray
     scorer: Any = None
+    catalog_memo: dict[str, Any] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     def __len__(self) -> int:
         return len(self.texts)

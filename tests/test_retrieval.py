@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from offline.index import (
 )
 from rewrite import libc, retrieval
 from rewrite.config import DprSettings, LexicalSettings
+from rewrite.online import history_lookup
+from rewrite.personal import PersonalHistory
 from rewrite.retrieval import (
     CATALOG_FILE,
     COLUMNS_FILE,
@@ -259,6 +262,41 @@ def test_lookup_many_equals_one_lookup_per_text_and_walks_hash_collisions(
     monkeypatch.setattr(retrieval, "_text_hash", lambda _text: 0)
     found = index.lookup_many(["utterance 250", "utterance 3", "missing"])
     assert [c.catalog_row if c else None for c in found] == [250, 3, None]
+
+
+def test_history_lookup_searches_the_catalog_once_per_history_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The personal stage's catalog lookup (:func:`rewrite.online.history_lookup`) answers as
+    ``lookup_many`` (device types and NLU labels left in the index), remembers each answer in
+    the history's ``catalog_memo`` — None for a text outside the catalog too — and later
+    requests with the same cached history search the catalog only for texts not seen yet."""
+    directory, _ = build(tmp_path, 300, flat_max=1000)
+    index = GlobalIndex.load(directory)
+    searched: list[list[str]] = []
+    real = index.lookup_many
+
+    def spy(texts: Sequence[str], **kw: bool) -> list[RetrievedCandidate | None]:
+        searched.append(list(texts))
+        return real(texts, **kw)
+
+    monkeypatch.setattr(index, "lookup_many", spy)
+    texts = ("utterance 7", "nope", "utterance 299")
+    hist = PersonalHistory(
+        "u", "v1", texts, np.ones(3, dtype=np.int64), np.zeros(3, dtype=np.float64)
+    )
+    expected = real(list(texts), device_types=False, nlu_labels=False)
+    assert history_lookup(hist, index)(list(texts)) == expected
+    assert searched == [list(texts)]
+    assert hist.catalog_memo == dict(zip(texts, expected, strict=True))
+    # another request, same cached history: nothing searched again, a repeat answered twice
+    again = history_lookup(hist, index)(["nope", "utterance 7", "utterance 7"])
+    assert again == [None, expected[0], expected[0]] and searched == [list(texts)]
+    hist2 = dataclasses.replace(hist, texts=(*texts, "utterance 3"))
+    assert hist2.catalog_memo == {}  # a new history starts empty (not a shared memo)
+    hist2.catalog_memo.update(hist.catalog_memo)
+    history_lookup(hist2, index)(["utterance 3", "utterance 7"])
+    assert searched[-1] == ["utterance 3"]
 
 
 def test_without_nlu_labels_candidates_differ_only_in_domain_and_intent(tmp_path: Path) -> None:
