@@ -156,6 +156,9 @@ class StaticEmbeddingBag:
             raise ValueError(f"a static tower is a (vocab, dim) table (got {table.shape})")
         if not np.all(np.isfinite(table)):
             raise ValueError("the static tower's table holds NaN or infinite values")
+        # a plain ndarray view of a memmap: the same mapped pages, without np.memmap's
+        # Python-level __getitem__ / __array_finalize__ on every lookup (~4 us a call)
+        table = np.asarray(table)
         table.setflags(write=False)
         self.table = table
 
@@ -202,15 +205,23 @@ class StaticEmbeddingBag:
         """
         ids = np.asarray(feeds["input_ids"])
         mask = np.asarray(feeds["attention_mask"]) != 0
+        if ids.shape[0] == 1 and mask.all():  # a lone text (the service's common case)
+            # the same additions in the same order as below (token order along the seq
+            # axis, float32), without the masking: the same bits, ~40 % less time
+            one = self.table[ids[0]].astype(np.float32)  # (seq, dim)
+            return [(one.sum(axis=0) / np.float32(max(ids.shape[1], 1)))[None, :]]
         rows = self.table[ids].astype(np.float32)  # (batch, seq, dim)
         rows *= mask[:, :, None]
         counts = np.maximum(mask.sum(axis=1, keepdims=True), 1).astype(np.float32)
         return [rows.sum(axis=1) / counts]
 
 
-def load_fast_tokenizer(artifact_dir: Path, max_length: int) -> Any:
+def load_fast_tokenizer(artifact_dir: Path, max_length: int, padding: bool = True) -> Any:
     """The artifact's ``tokenizers.Tokenizer`` with truncation to ``max_length`` tokens
-    (``[CLS]``/``[SEP]`` included) and padding to the longest text of a batch.
+    (``[CLS]``/``[SEP]`` included) and, with ``padding``, padding to the longest text of a
+    batch (right side, ``[PAD]``'s id). Without it a batch's encodings keep their lengths
+    (:func:`pad_token_ids` pads them the same way): the query towers tokenize a lone text per
+    request, for which the tokenizer's padding step costs ~9 of ~24 us and pads nothing.
 
     Raises:
         FileNotFoundError: no ``tokenizer.json`` in the artifact.
@@ -222,9 +233,38 @@ def load_fast_tokenizer(artifact_dir: Path, max_length: int) -> Any:
         raise FileNotFoundError(f"no fast tokenizer ({TOKENIZER_FILE}) in {artifact_dir}")
     tok = Tokenizer.from_file(str(path))
     tok.enable_truncation(max_length=max_length)
-    pad_id = tok.token_to_id("[PAD]")
-    tok.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+    if padding:
+        tok.enable_padding(pad_id=pad_token_id(tok), pad_token="[PAD]")
+    else:  # also a padding setting saved in the file
+        tok.no_padding()
     return tok
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """Id of ``[PAD]`` in a ``tokenizers.Tokenizer`` (0 when it has none)."""
+    pad_id = tokenizer.token_to_id("[PAD]")
+    return 0 if pad_id is None else int(pad_id)
+
+
+def pad_token_ids(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of a batch padded on the right to the longest, as the tokenizer's own padding
+    does (:func:`load_fast_tokenizer`).
+
+    Args:
+        ids: per text, its token ids (``[CLS]``/``[SEP]`` included).
+        pad_id: :func:`pad_token_id`.
+
+    Returns:
+        ``(input_ids, attention_mask)``: ``(len(ids), longest)`` int64 each; the mask is 1 on
+        tokens, 0 on padding.
+    """
+    width = max((len(row) for row in ids), default=0)
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return input_ids, mask
 
 
 class _OnnxTower:
@@ -255,6 +295,7 @@ class _OnnxTower:
         )
         self._cache_lock = threading.Lock()
         self._hits = self._misses = 0
+        self._pad_id = pad_token_id(tokenizer)
 
     @classmethod
     def _pick_onnx(cls, artifact_dir: Path, meta: dict[str, Any], quantized: bool | None) -> Path:
@@ -289,7 +330,7 @@ class _OnnxTower:
         meta = read_dpr_meta(artifact_dir)
         length = int(max_length or meta.get("max_length", 32))
         onnx_path = cls._pick_onnx(artifact_dir, meta, quantized)
-        tokenizer = load_fast_tokenizer(artifact_dir, length)
+        tokenizer = load_fast_tokenizer(artifact_dir, length, padding=False)
         session: Any
         if onnx_path.name == QUERY_STATIC:
             session = StaticEmbeddingBag.load(onnx_path, tokenizer.get_vocab_size())
@@ -299,13 +340,14 @@ class _OnnxTower:
         return cls(session, tokenizer, meta, artifact_dir, onnx_path, cache_size=cache_size)
 
     def _run(self, texts: Sequence[str]) -> np.ndarray:
-        # one text: plain encode (encode_batch dispatches to the tokenizers thread pool)
+        # one text: plain encode (encode_batch dispatches to the tokenizers thread pool) and
+        # nothing to pad; a batch is padded here (the tokenizer has no padding configured)
         if len(texts) == 1:
-            encs = [self.tokenizer.encode(texts[0])]
+            ids = np.asarray([self.tokenizer.encode(texts[0]).ids], dtype=np.int64)
+            mask = np.ones_like(ids)
         else:
             encs = self.tokenizer.encode_batch(list(texts))
-        ids = np.asarray([e.ids for e in encs], dtype=np.int64)
-        mask = np.asarray([e.attention_mask for e in encs], dtype=np.int64)
+            ids, mask = pad_token_ids([e.ids for e in encs], self._pad_id)
         (out,) = self.session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})
         vecs = np.asarray(out, dtype=np.float32)
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)

@@ -184,7 +184,7 @@ def test_missing_artifact_names_the_command(tmp_path: Path) -> None:
 def test_fast_tokenizer_matches_transformers() -> None:
     from transformers import AutoTokenizer
 
-    from rewrite.encoder import load_fast_tokenizer
+    from rewrite.encoder import load_fast_tokenizer, pad_token_id, pad_token_ids
 
     texts = ["What's the WEATHER in Wilkerson?", "play sum jazz", "x " * 60]
     ref = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
@@ -192,6 +192,16 @@ def test_fast_tokenizer_matches_transformers() -> None:
     got = load_fast_tokenizer(minilm_path(), 32).encode_batch(texts)
     assert [e.ids for e in got] == want["input_ids"]
     assert [e.attention_mask for e in got] == want["attention_mask"]
+    # the query towers' tokenizer pads nothing; pad_token_ids pads a batch as transformers
+    # does (and the tokenizer's padding would), and a lone text comes back unpadded
+    bare = load_fast_tokenizer(minilm_path(), 32, padding=False)
+    encs = bare.encode_batch(texts)
+    assert len({len(e.ids) for e in encs}) == 3  # not padded
+    ids, mask = pad_token_ids([e.ids for e in encs], pad_token_id(bare))
+    assert ids.dtype == mask.dtype == np.int64
+    assert ids.tolist() == want["input_ids"] and mask.tolist() == want["attention_mask"]
+    assert bare.encode(texts[1]).ids == want["input_ids"][1][: sum(want["attention_mask"][1])]
+    assert pad_token_ids([], 0)[0].shape == (0, 0)
 
 
 @pytest.mark.slow
@@ -422,6 +432,8 @@ def test_static_embedding_bag_is_the_masked_mean(tmp_path: Path) -> None:
     # each row on its own: the same bits alone, padded, or next to other rows
     (alone,) = bag.run(["embedding"], {"input_ids": ids[1:, :2], "attention_mask": mask[1:, :2]})
     assert np.array_equal(alone[0], out[1])
+    (alone,) = bag.run(["embedding"], {"input_ids": ids[:1, :3], "attention_mask": mask[:1, :3]})
+    assert alone.shape == (1, 8) and np.array_equal(alone[0], out[0])
     wide = np.pad(ids, ((0, 0), (0, 5)))
     (padded,) = bag.run(
         ["embedding"], {"input_ids": wide, "attention_mask": np.pad(mask, ((0, 0), (0, 5)))}

@@ -70,6 +70,7 @@ from rewrite.encoder import (
     QUERY_STATIC,
     STATIC_TOWER,
     QueryEncoder,
+    load_fast_tokenizer,
     read_dpr_meta,
 )
 
@@ -261,7 +262,9 @@ def distill_query_tower(
     t_enc = QueryEncoder.load(teacher, threads=config.threads, quantized=False, cache_size=0)
     target_train = t_enc.encode(train)  # (n, dim) float32, L2-normalised
     target_dev = t_enc.encode(dev)
-    tok = t_enc.tokenizer  # the teacher's, truncated to its max_length
+    # the teacher's tokenizer, truncated to its max_length, padding batches (the tower's own
+    # tokenizer pads nothing: rewrite.encoder.load_fast_tokenizer)
+    tok = load_fast_tokenizer(teacher, int(t_enc.meta.get("max_length", 32)))
 
     t0 = time.perf_counter()
     student: nn.Module
