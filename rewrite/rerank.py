@@ -203,24 +203,39 @@ def feature_matrices(
     pair_qkeys = [qkeys[q] for q in queries]
     ckeys = [phonetic_key(t) for t in texts]
     x[:, _COL["phonetic_ratio"]] = process.cpdist(pair_qkeys, ckeys, scorer=fuzz.ratio) / 100.0
-    x[:, _COL["phonetic_equal"]] = [k == qk for k, qk in zip(ckeys, pair_qkeys, strict=True)]
-    x[:, _COL["dense_cosine"]] = [c.dense_score for c in cands]
-    x[:, _COL["log_frequency"]] = np.log1p([max(c.frequency, 0) for c in cands])
-    x[:, _COL["success_rate"]] = [c.success_rate for c in cands]
-    x[:, _COL["log_n_users"]] = np.log1p([max(c.n_users, 0) for c in cands])
-    x[:, _COL["log_personal_count"]] = np.log1p([max(c.personal_count, 0) for c in cands])
-    x[:, _COL["has_personal"]] = [c.personal_count > 0 for c in cands]
-    x[:, _COL["personal_log_age_s"]] = [
-        math.log1p(c.personal_age_s) if c.personal_age_s >= 0 else -1.0 for c in cands
-    ]
-    x[:, _COL["is_personal"]] = [c.layer == "personal" for c in cands]
+    # the per-candidate numbers in one pass over the candidates (one list and one array,
+    # not a list and an assignment per column), then a vectorised transform per column
     n_words = {q: len(q.split()) for q in qkeys}
-    x[:, _COL["len_diff_words"]] = np.clip(
-        [len(t.split()) - n_words[q] for t, q in zip(texts, queries, strict=True)],
-        -MAX_LEN_DIFF_WORDS,
-        MAX_LEN_DIFF_WORDS,
+    per = np.array(
+        [
+            (
+                c.dense_score,
+                c.frequency,
+                c.success_rate,
+                c.n_users,
+                c.personal_count,
+                c.personal_age_s,
+                c.layer == "personal",
+                len(t.split()) - n_words[q],
+                t == q,
+                k == qk,
+            )
+            for c, t, q, k, qk in zip(cands, texts, queries, ckeys, pair_qkeys, strict=True)
+        ],
+        dtype=np.float64,
     )
-    x[:, _COL["identical_to_query"]] = [t == q for t, q in zip(texts, queries, strict=True)]
+    x[:, _COL["dense_cosine"]] = per[:, 0]
+    x[:, _COL["log_frequency"]] = np.log1p(np.maximum(per[:, 1], 0.0))
+    x[:, _COL["success_rate"]] = per[:, 2]
+    x[:, _COL["log_n_users"]] = np.log1p(np.maximum(per[:, 3], 0.0))
+    x[:, _COL["log_personal_count"]] = np.log1p(np.maximum(per[:, 4], 0.0))
+    x[:, _COL["has_personal"]] = per[:, 4] > 0
+    age = per[:, 5]
+    x[:, _COL["personal_log_age_s"]] = np.where(age >= 0, np.log1p(np.maximum(age, 0.0)), -1.0)
+    x[:, _COL["is_personal"]] = per[:, 6]
+    x[:, _COL["len_diff_words"]] = np.clip(per[:, 7], -MAX_LEN_DIFF_WORDS, MAX_LEN_DIFF_WORDS)
+    x[:, _COL["identical_to_query"]] = per[:, 8]
+    x[:, _COL["phonetic_equal"]] = per[:, 9]
     device_cols = np.asarray([_COL["device_share"], _COL["device_success_rate"]])
     # candidates whose device-type counts stay in an index: one call per index for the batch
     by_catalog: dict[int, tuple[DeviceTypeCatalog, list[int], list[str]]] = {}
