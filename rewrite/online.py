@@ -40,7 +40,7 @@ from prometheus_client import Counter
 from rewrite import keyspace, libc, metrics
 from rewrite.config import Settings
 from rewrite.encoder import QueryEncoder
-from rewrite.personal import PersonalHistory, PersonalStore
+from rewrite.personal import UNKNOWN_ROW, PersonalHistory, PersonalStore
 from rewrite.pipeline import Resources, RewriteState, register_stage
 from rewrite.rerank import FEATURE_NAMES, CandidateRanker, feature_matrices, load_ranker, trigger
 from rewrite.retrieval import GlobalIndex, RetrievedCandidate, verify_index_dir
@@ -408,24 +408,37 @@ def merge_personal_top(
 
 
 def history_lookup(
-    hist: PersonalHistory, index: GlobalIndex
+    hist: PersonalHistory, index: GlobalIndex, positions: Sequence[int]
 ) -> Callable[[Sequence[str]], list[RetrievedCandidate | None]]:
     """The ``lookup`` of :func:`merge_personal_top` for one user's history: catalog metadata of
-    history texts from ``index`` (:meth:`rewrite.retrieval.GlobalIndex.lookup_many`, device
-    types and NLU labels left in the index, as the global search leaves them), remembered in
-    ``hist.catalog_memo``: a history served from the personal cache pays the catalog search
-    (a hash search over every catalog row, ~40-60 us for a request's entries with the caches
-    cold) once, not on every request. ``index`` must be the index of ``hist.version`` (the
-    personal stage reads histories of its snapshot's version); the candidates are shared, so
-    callers must not change them (stages make new ones)."""
-    memo = hist.catalog_memo
+    history texts from ``index`` (device types and NLU labels left in the index, as the
+    global search leaves them), each entry's catalog row remembered in
+    ``hist.catalog_rows``: a history served from the personal cache pays the catalog's hash
+    search (~40-60 us for a request's entries with the caches cold) once per entry, not on
+    every request, and then only the metadata gather (:meth:`GlobalIndex.candidates_at`).
+
+    Args:
+        hist: the history (of ``index``'s version: the personal stage reads histories of its
+            snapshot's version).
+        index: the global index of that version.
+        positions: the history entries the lookup may be asked about (the chosen top-k);
+            their texts map to their memo slots.
+
+    Raises:
+        KeyError: (from the returned function) a text that is not the text of one of
+            ``positions``.
+    """
+    slot = {hist.texts[i]: i for i in positions}
+    memo = hist.catalog_rows
 
     def lookup(texts: Sequence[str]) -> list[RetrievedCandidate | None]:
-        todo = [t for t in dict.fromkeys(texts) if t not in memo]
-        if todo:
-            found = index.lookup_many(todo, device_types=False, nlu_labels=False)
-            memo.update(zip(todo, found, strict=True))
-        return [memo[t] for t in texts]
+        at = np.asarray([slot[t] for t in texts], dtype=np.int64)
+        rows = memo[at]
+        todo = np.flatnonzero(rows == UNKNOWN_ROW)
+        if len(todo):
+            rows[todo] = index.rows_of([texts[i] for i in todo.tolist()])
+            memo[at[todo]] = rows[todo]
+        return index.candidates_at(rows, device_types=False, nlu_labels=False)
 
     return lookup
 
@@ -589,7 +602,7 @@ class PersonalRetrievalStage(_BatchedOnlineStage):
                     history_ages(hist.last_seen, now),
                     top,
                     top_scores,
-                    history_lookup(hist, snap.index),
+                    history_lookup(hist, snap.index, top.tolist()),
                 )
 
 

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "PACKED_FIELD",
+    "UNKNOWN_ROW",
     "PersonalHistory",
     "PersonalStore",
     "StoreUnavailableError",
@@ -65,6 +66,8 @@ __all__ = [
     "unpack_history",
 ]
 
+#: :attr:`PersonalHistory.catalog_rows` of an entry not looked up in the catalog yet.
+UNKNOWN_ROW = -2
 #: Field of a packed personal hash (:func:`pack_history`).
 PACKED_FIELD = b"packed"
 #: First bytes of a packed history; the format number follows.
@@ -93,12 +96,11 @@ class PersonalHistory:
         last_seen: ``(n,)`` float64, the user's latest successful use, epoch seconds.
         scorer: the FAISS index holding the ``(n, dim)`` float16 vectors
             (:func:`fp16_scorer`), or None when the version holds no vectors.
-        catalog_memo: the catalog metadata of history entries as the personal stage looked
-            them up in this version's global index (text -> candidate, None when not in the
-            catalog; :func:`rewrite.online.history_lookup`), filled on first use: a cached
-            history then costs no catalog search on later requests. At most one entry per
-            history text (~250 bytes each; not in :attr:`nbytes`, which is taken when the
-            history enters the cache). Not part of equality.
+        catalog_rows: ``(n,)`` int64, each entry's row in this version's global index as the
+            personal stage found it (-1 not in the catalog, :data:`UNKNOWN_ROW` not looked up
+            yet; :func:`rewrite.online.history_lookup`): a cached history pays the catalog's
+            hash search once per entry, not on every request. 8 bytes an entry, counted in
+            :attr:`nbytes`. Not part of equality.
     """
 
     user: str
@@ -107,9 +109,11 @@ class PersonalHistory:
     counts: np.ndarray
     last_seen: np.ndarray
     scorer: Any = None
-    catalog_memo: dict[str, Any] = field(
-        default_factory=dict, init=False, compare=False, repr=False
-    )
+    catalog_rows: np.ndarray = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # a frozen dataclass: the memo array is set once here and only its items change
+        object.__setattr__(self, "catalog_rows", np.full(len(self.texts), UNKNOWN_ROW))
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -132,7 +136,7 @@ class PersonalHistory:
     def nbytes(self) -> int:
         """Approximate memory of the decoded history, bytes (arrays + float16 codes + texts +
         fixed overhead)."""
-        arrays = self.counts.nbytes + self.last_seen.nbytes
+        arrays = self.counts.nbytes + self.last_seen.nbytes + self.catalog_rows.nbytes
         if self.scorer is not None:
             arrays += int(self.scorer.codes.size())
         return 512 + arrays + sum(49 + len(t) for t in self.texts)

@@ -669,8 +669,22 @@ class GlobalIndex:
         self, texts: Sequence[str], device_types: bool = True, nlu_labels: bool = True
     ) -> list[RetrievedCandidate | None]:
         """:meth:`lookup` of several texts with one hash search and one metadata gather
-        (the personal layer looks up a user's top history entries together)."""
-        rows = self._ids_of(texts)
+        (the personal layer looks up a user's top history entries together):
+        :meth:`candidates_at` of :meth:`rows_of`."""
+        return self.candidates_at(self.rows_of(texts), device_types, nlu_labels)
+
+    def rows_of(self, texts: Sequence[str]) -> np.ndarray:
+        """Catalog rows of normalized ``texts``: ``(n,)`` int64, -1 where a text is not in the
+        catalog (one binary search over the sorted text hashes for all of them)."""
+        return self._ids_of(texts)
+
+    def candidates_at(
+        self, rows: np.ndarray, device_types: bool = True, nlu_labels: bool = True
+    ) -> list[RetrievedCandidate | None]:
+        """Catalog metadata of ``rows`` (``(n,)`` int, -1 = none, as :meth:`rows_of` gives)
+        as ``layer="global"`` candidates with ``dense_score`` 0.0, None at -1; flags as
+        :meth:`lookup`."""
+        rows = np.asarray(rows, dtype=np.int64)
         found = rows >= 0
         cands = iter(
             self._candidates(rows[found], [0.0] * int(found.sum()), device_types, nlu_labels)

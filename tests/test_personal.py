@@ -118,7 +118,8 @@ def test_publish_and_read_back_with_float16_vectors(redis_url: str, clean_redis:
     assert list(stored) == [PACKED_FIELD]  # one binary field, no JSON lists
     texts = "\0".join(h.texts).encode()
     assert len(stored[PACKED_FIELD]) == 20 + 3 * 16 + 3 * DIM * 2 + len(texts)  # float16
-    assert h.nbytes < 512 + 3 * 16 + 3 * DIM * 2 + 3 * 49 + len(texts) + 1  # float16 kept
+    # float16 kept; per entry also its count, last-seen time and remembered catalog row
+    assert h.nbytes < 512 + 3 * 24 + 3 * DIM * 2 + 3 * 49 + len(texts) + 1
     assert h.count_of("call mom") == 2 and h.count_of("never said") == 0
     store.close()
 

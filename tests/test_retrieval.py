@@ -24,7 +24,7 @@ from offline.index import (
 from rewrite import libc, retrieval
 from rewrite.config import DprSettings, LexicalSettings
 from rewrite.online import history_lookup
-from rewrite.personal import PersonalHistory
+from rewrite.personal import UNKNOWN_ROW, PersonalHistory
 from rewrite.retrieval import (
     CATALOG_FILE,
     COLUMNS_FILE,
@@ -268,35 +268,40 @@ def test_history_lookup_searches_the_catalog_once_per_history_text(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The personal stage's catalog lookup (:func:`rewrite.online.history_lookup`) answers as
-    ``lookup_many`` (device types and NLU labels left in the index), remembers each answer in
-    the history's ``catalog_memo`` — None for a text outside the catalog too — and later
-    requests with the same cached history search the catalog only for texts not seen yet."""
+    ``lookup_many`` (device types and NLU labels left in the index), remembers each entry's
+    catalog row in the history's ``catalog_rows`` (-1 for a text outside the catalog), counted
+    in its ``nbytes``, and later requests with the same cached history search the catalog only
+    for entries not looked up yet."""
     directory, _ = build(tmp_path, 300, flat_max=1000)
     index = GlobalIndex.load(directory)
     searched: list[list[str]] = []
-    real = index.lookup_many
+    real = index.rows_of
 
-    def spy(texts: Sequence[str], **kw: bool) -> list[RetrievedCandidate | None]:
+    def spy(texts: Sequence[str]) -> np.ndarray:
         searched.append(list(texts))
-        return real(texts, **kw)
+        return real(texts)
 
-    monkeypatch.setattr(index, "lookup_many", spy)
-    texts = ("utterance 7", "nope", "utterance 299")
+    texts = ("utterance 7", "nope", "utterance 299", "utterance 3")
+    expected = index.lookup_many(list(texts[:3]), device_types=False, nlu_labels=False)
+    monkeypatch.setattr(index, "rows_of", spy)
     hist = PersonalHistory(
-        "u", "v1", texts, np.ones(3, dtype=np.int64), np.zeros(3, dtype=np.float64)
+        "u", "v1", texts, np.ones(4, dtype=np.int64), np.zeros(4, dtype=np.float64)
     )
-    expected = real(list(texts), device_types=False, nlu_labels=False)
-    assert history_lookup(hist, index)(list(texts)) == expected
-    assert searched == [list(texts)]
-    assert hist.catalog_memo == dict(zip(texts, expected, strict=True))
-    # another request, same cached history: nothing searched again, a repeat answered twice
-    again = history_lookup(hist, index)(["nope", "utterance 7", "utterance 7"])
-    assert again == [None, expected[0], expected[0]] and searched == [list(texts)]
-    hist2 = dataclasses.replace(hist, texts=(*texts, "utterance 3"))
-    assert hist2.catalog_memo == {}  # a new history starts empty (not a shared memo)
-    hist2.catalog_memo.update(hist.catalog_memo)
-    history_lookup(hist2, index)(["utterance 3", "utterance 7"])
-    assert searched[-1] == ["utterance 3"]
+    assert hist.catalog_rows.tolist() == [UNKNOWN_ROW] * 4
+    assert hist.nbytes == dataclasses.replace(hist).nbytes > 4 * 8 * 3
+    assert history_lookup(hist, index, [0, 1, 2])(list(texts[:3])) == expected
+    assert searched == [list(texts[:3])]
+    assert hist.catalog_rows.tolist() == [7, -1, 299, UNKNOWN_ROW]
+    # another request, same cached history: nothing searched again (also not the text outside
+    # the catalog), a repeat answered twice, only the new entry searched
+    again = history_lookup(hist, index, [1, 0])(["nope", "utterance 7", "utterance 7"])
+    assert again == [None, expected[0], expected[0]] and len(searched) == 1
+    both = history_lookup(hist, index, [3, 0])(["utterance 3", "utterance 7"])
+    assert searched[-1] == ["utterance 3"] and [c.catalog_row for c in both if c] == [3, 7]
+    # a new history object (another version, or re-read) starts with nothing remembered
+    assert dataclasses.replace(hist).catalog_rows.tolist() == [UNKNOWN_ROW] * 4
+    with pytest.raises(KeyError):
+        history_lookup(hist, index, [0])(["utterance 3"])
 
 
 def test_without_nlu_labels_candidates_differ_only_in_domain_and_intent(tmp_path: Path) -> None:
