@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rewrite import libc
+from rewrite.hashing import stable_hash64
 from rewrite.lexical import LexicalChannel
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,21 @@ IVF_KINDS = ("ivf_pq_refine", "ivf_sq8")
 KINDS = ("flat", "hnsw", *IVF_KINDS)
 _HASH_CHUNK = 65_536  # catalog texts hashed per step at load
 _DEVICE_BATCH = 65_536  # catalog rows of `device_types` converted per step at load
-#: 64-bit hash of a catalog text for membership (Python's ``hash`` of ``str``: SipHash,
-#: per-process seed, so the sorted hashes are rebuilt at every load); a name of its own so
-#: tests can force collisions.
-_text_hash = hash
+#: How ``catalog.arrow``'s ``hash_sorted`` column was made (its schema metadata
+#: ``text_hash``); a file without this value has hashes no other process can use.
+TEXT_HASH = "blake2b-64-le-signed"
+
+
+def _text_hash(text: str) -> int:
+    """64-bit hash of a catalog text for membership: BLAKE2b
+    (:func:`rewrite.hashing.stable_hash64`, signed), the same in every process. The build
+    writes the sorted hashes into ``catalog.arrow`` and the service maps them; until
+    2026-12-08 this was Python's ``hash``, seeded per process, so an index built by one
+    process answered "not in the catalog" for its own texts in every other (the trigger's
+    ``succeeds_globally`` and the personal layer's catalog metadata silently lost; see
+    :meth:`CatalogColumns.read`). A name of its own so tests can force collisions."""
+    return stable_hash64(text, signed=True)
+
 
 _CATALOG_EMPTY: dict[str, Any] = {
     "text": "",
@@ -326,7 +338,9 @@ class CatalogColumns:
     read from ``catalog.arrow`` (:meth:`read`), the same columns written by the index build
     (:meth:`write`) as one uncompressed Arrow IPC record batch, **memory-mapped**: nothing is
     decoded or hashed at load, and the pages live in the page cache, shared by every service
-    process that maps the file (:mod:`rewrite.processes`) instead of copied into each.
+    process that maps the file (:mod:`rewrite.processes`) instead of copied into each. The
+    text hashes are :func:`_text_hash` (stable across processes; schema metadata
+    ``text_hash`` = :data:`TEXT_HASH`).
 
     Attributes:
         text, domain, intent: :class:`StringColumn` of ``n`` strings ("" for nulls).
@@ -379,14 +393,18 @@ class CatalogColumns:
         if device_types is None and DEVICE_TYPES_COLUMN in catalog.column_names:
             device_types = catalog.column(DEVICE_TYPES_COLUMN).chunks
         out._load_device_types(device_types or ())
-        n = len(out.text)
+        out._hash_texts()
+        return out
+
+    def _hash_texts(self) -> None:
+        """Set ``hash_order`` / ``hash_sorted`` from the text column (:func:`_text_hash`)."""
+        n = len(self.text)
         hashes = np.empty(n, dtype=np.int64)
         for start in range(0, n, _HASH_CHUNK):  # chunks: no 1M-string list at load
-            chunk = out.text.slice_pylist(start, _HASH_CHUNK)
+            chunk = self.text.slice_pylist(start, _HASH_CHUNK)
             hashes[start : start + len(chunk)] = [_text_hash(t) for t in chunk]
-        out.hash_order = np.argsort(hashes, kind="stable")
-        out.hash_sorted = hashes[out.hash_order]
-        return out
+        self.hash_order = np.argsort(hashes, kind="stable")
+        self.hash_sorted = hashes[self.hash_order]
 
     def _load_device_types(self, chunks: Iterable[pa.Array]) -> None:
         """Device-type counts in flat arrays (CSR-like: row i owns ``[off[i], off[i+1])`` of
@@ -455,7 +473,7 @@ class CatalogColumns:
             )
             make = pa.ListArray if self.dt_off.dtype == np.int32 else pa.LargeListArray
             arrays[DEVICE_TYPES_COLUMN] = make.from_arrays(pa.array(self.dt_off), entries)
-        meta = {"device_vocab": json.dumps(self.dt_vocab)}
+        meta = {"device_vocab": json.dumps(self.dt_vocab), "text_hash": TEXT_HASH}
         return pa.RecordBatch.from_pydict(arrays, metadata=meta)
 
     def write(self, path: Path) -> None:
@@ -497,6 +515,17 @@ class CatalogColumns:
             out.hash_order = numbers("hash_order", pa.int64())
             out.hash_sorted = numbers("hash_sorted", pa.int64())
             meta = batch.schema.metadata or {}
+            if meta.get(b"text_hash") != TEXT_HASH.encode():
+                # written before the hashes were stable: the build process's per-process
+                # `hash()` values, useless here; hash the mapped texts again (~1 s and 16 MB
+                # per 1M entries) rather than answer "not in the catalog" for every text
+                log.warning(
+                    "%s has text hashes of another process (built before 2026-12-08); "
+                    "rehashing its %d texts at load - rebuild the index to map them",
+                    path,
+                    batch.num_rows,
+                )
+                out._hash_texts()
             out.dt_vocab = [str(t) for t in json.loads(meta.get(b"device_vocab", b"[]"))]
             if DEVICE_TYPES_COLUMN in batch.schema.names:
                 lists = col(DEVICE_TYPES_COLUMN)

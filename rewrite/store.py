@@ -15,7 +15,6 @@ Library: redis-py.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -31,6 +30,7 @@ from redis.client import NEVER_DECODE
 from redis.retry import Retry
 
 from rewrite import keyspace, metrics
+from rewrite.hashing import stable_hash64
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +193,9 @@ class MembershipFilter:
 
     @staticmethod
     def hash(member: str) -> int:
-        """64-bit BLAKE2b of the UTF-8 text (stable across processes, unlike ``hash()``)."""
-        digest = hashlib.blake2b(member.encode("utf-8"), digest_size=8).digest()
-        return int.from_bytes(digest, "little")
+        """64-bit BLAKE2b of the UTF-8 text (:func:`rewrite.hashing.stable_hash64`: stable
+        across processes, unlike ``hash()``)."""
+        return stable_hash64(member)
 
     @classmethod
     def build(cls, members: Iterable[str]) -> Self:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from offline.index import (
 )
 from rewrite import libc, retrieval
 from rewrite.config import DprSettings, LexicalSettings
+from rewrite.hashing import stable_hash64
 from rewrite.online import history_lookup
 from rewrite.personal import UNKNOWN_ROW, PersonalHistory
 from rewrite.retrieval import (
@@ -504,6 +508,58 @@ def _without_columns_file(src: Path, dst: Path) -> Path:
     del meta["sha256"][COLUMNS_FILE]
     (dst / INDEX_META).write_text(json.dumps(meta))
     return dst
+
+
+def test_an_index_built_by_another_process_finds_its_own_texts(tmp_path: Path) -> None:
+    """The sorted text hashes the build writes into ``catalog.arrow`` are the same in every
+    process (BLAKE2b, not Python's per-process ``hash``): indexes built by two processes with
+    other hash seeds answer membership, lookups and catalog rows for every text here. (With
+    ``hash()`` every text read as "not in the catalog" outside the building process: the
+    trigger's ``succeeds_globally`` and the personal layer's metadata were lost.)"""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys; from pathlib import Path; from test_retrieval import build; "
+        "build(Path(sys.argv[1]), 300, flat_max=1000)"
+    )
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests")])
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], env=env, check=True)
+        index = GlobalIndex.load(tmp_path / seed)
+        assert index.columns.mapped
+        texts = [f"utterance {i}" for i in range(300)]
+        assert all(t in index for t in texts)
+        assert index.rows_of(texts).tolist() == list(range(300))
+        assert index.rows_of(["utterance 300", ""]).tolist() == [-1, -1]
+        hit = index.lookup("utterance 42")
+        assert hit is not None and hit.catalog_row == 42 and hit.frequency == 52
+    assert retrieval._text_hash("utterance 7") == stable_hash64("utterance 7", signed=True)
+
+
+def test_a_catalog_file_with_per_process_hashes_is_rehashed_at_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``catalog.arrow`` written before the text hashes were stable (no ``text_hash``
+    metadata; its hashes another process's ``hash()``) is not trusted: the service hashes the
+    mapped texts again, warns, and finds every text."""
+    directory, _ = build(tmp_path / "idx", 200, flat_max=1000)
+    path = directory / COLUMNS_FILE
+    batch = pa.ipc.open_file(pa.BufferReader(path.read_bytes())).get_batch(0)  # not mapped
+    shuffled = np.random.default_rng(0).permutation(batch.column("hash_sorted").to_numpy())
+    cols = {name: batch.column(name) for name in batch.schema.names}
+    cols["hash_sorted"] = pa.array(np.sort(shuffled * 7 + 1), pa.int64())  # others' hashes
+    meta = {k: v for k, v in (batch.schema.metadata or {}).items() if k != b"text_hash"}
+    old = pa.RecordBatch.from_pydict(cols, metadata=meta)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, old.schema) as writer:
+        writer.write_batch(old)
+    info = json.loads((directory / INDEX_META).read_text())
+    info["sha256"][COLUMNS_FILE] = sha256_file(path)
+    (directory / INDEX_META).write_text(json.dumps(info))
+    with caplog.at_level("WARNING", logger="rewrite.retrieval"):
+        index = GlobalIndex.load(directory)
+    assert "text hashes of another process" in caplog.text
+    assert all(f"utterance {i}" in index for i in range(200))
+    assert "utterance 200" not in index
 
 
 def test_mapped_catalog_columns_equal_the_parquet_catalog(tmp_path: Path) -> None:
