@@ -172,10 +172,12 @@ class SelfLearningSettings(BaseModel):
     max_report_entries: int = Field(default=50, ge=0)
 
 
-#: The full service: precomputed pair, else the online layer (``rewrite/online.py``).
+#: The full service: precomputed pair, else (unless the query is a catalog entry, which
+#: succeeds as it is) the online layer (``rewrite/online.py``).
 FULL_PIPELINE: tuple[str, ...] = (
     "normalize",
     "precomputed",
+    "catalog_gate",
     "encode",
     "global_retrieval",
     "personal_retrieval",

@@ -492,6 +492,37 @@ class _BatchedOnlineStage(_OnlineStage):
         raise NotImplementedError
 
 
+class CatalogGateStage(_OnlineStage):
+    """End a request whose query is itself an entry of the global catalog before any online
+    work: such a query historically succeeds for many users, and :func:`rewrite.rerank.trigger`
+    never rewrites it (``succeeds_globally``), so encoding it, searching FAISS, reading the
+    user's history and scoring candidates (~1.5 ms of CPU a request at 1M entries) would
+    only confirm a pass-through. One hash search of the snapshot's catalog
+    (:meth:`rewrite.retrieval.GlobalIndex.__contains__`), on the event loop like the
+    precomputed lookup (``offload = False``): a working head query, most of an assistant's
+    traffic, is answered without a hand-over to the online workers.
+
+    Passes untouched: a request with ``explain`` (its response lists the candidates with their
+    features, so it runs the online stages and ends at the trigger as before), one whose arm
+    has no online layer, and any request while no index is published (the encode stage
+    answers those). The one difference to the full path is the reason of a catalog query that
+    the user's own history also holds: ``succeeds_globally`` here, ``already_succeeds`` from
+    the trigger (both pass through).
+    """
+
+    name = "catalog_gate"
+    offload = False  # a hash search: cheaper than the hand-over to a worker
+
+    def run(self, state: RewriteState) -> RewriteState:
+        if state.request.explain or not state.layers & _ONLINE_LAYERS:
+            return state
+        snap = _online(self._resources).snapshot()
+        if snap is not None and state.normalized in snap.index:
+            state.reason, state.done = "succeeds_globally", True
+            state.model_version = snap.version
+        return state
+
+
 class EncodeStage(_BatchedOnlineStage):
     """Query vector of the normalized utterance (DPR query tower, ONNX Runtime).
 
@@ -688,6 +719,7 @@ class TriggerStage(_OnlineStage):
         return state
 
 
+register_stage("catalog_gate", CatalogGateStage)
 register_stage("encode", EncodeStage)
 register_stage("global_retrieval", GlobalRetrievalStage)
 register_stage("personal_retrieval", PersonalRetrievalStage)

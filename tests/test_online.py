@@ -72,6 +72,30 @@ def test_global_fix_for_everyone_personal_fix_for_the_user_with_history(
         # something unrelated is not forced onto a catalog entry
         other = rewriter.rewrite(RewriteRequest("set a timer for ten minutes", user_id="alice"))
         assert not other.rewritten and other.reason == "below_threshold"
+        # a catalog entry succeeds as it is: the catalog gate ends it before any online work
+        # (no FAISS search), unless `explain` asks for the candidates
+        layer = rewriter.resources.online
+        snap = layer.snapshot() if layer is not None else None
+        assert snap is not None
+        searched: list[int] = []
+        real_search = snap.index.search
+
+        def counting_search(*args: Any, **kwargs: Any) -> Any:
+            searched.append(1)
+            return real_search(*args, **kwargs)
+
+        snap.index.search = counting_search  # type: ignore[method-assign]
+        target = "what's the weather in wilmington"
+        gated = rewriter.rewrite(RewriteRequest(target.upper(), user_id="carol"))
+        assert (gated.rewritten, gated.reason, gated.source) == (False, "succeeds_globally", "none")
+        assert gated.rewrite == target.upper() and gated.model_version == report.publish["version"]
+        assert searched == [] and gated.candidates == ()
+        explained = rewriter.rewrite(RewriteRequest(target, user_id="carol", explain=True))
+        assert (explained.rewritten, explained.reason) == (False, "succeeds_globally")
+        assert searched == [1] and target in {c.text for c in explained.candidates}
+        not_gated = rewriter.rewrite(RewriteRequest("set a timer for ten minutes", user_id="u"))
+        assert not_gated.reason == "below_threshold" and searched == [1, 1]
+        snap.index.search = real_search  # type: ignore[method-assign]
         # experiment arms: bob's own fix needs the personal layer; control rewrites nothing
         by_arm = {
             arm: rewriter.rewrite(RewriteRequest(query, user_id="bob", arm=arm))
