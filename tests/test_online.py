@@ -90,6 +90,9 @@ def test_global_fix_for_everyone_personal_fix_for_the_user_with_history(
         assert (gated.rewritten, gated.reason, gated.source) == (False, "succeeds_globally", "none")
         assert gated.rewrite == target.upper() and gated.model_version == report.publish["version"]
         assert searched == [] and gated.candidates == ()
+        # decided in `prepare` (the event loop's part): nothing is handed to the online workers
+        prepared = rewriter.prepare(RewriteRequest(target, user_id="dave"))
+        assert prepared.done and prepared.reason == "succeeds_globally"
         explained = rewriter.rewrite(RewriteRequest(target, user_id="carol", explain=True))
         assert (explained.rewritten, explained.reason) == (False, "succeeds_globally")
         assert searched == [1] and target in {c.text for c in explained.candidates}
