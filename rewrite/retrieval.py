@@ -637,7 +637,7 @@ class GlobalIndex:
             pos += 1
         return None
 
-    def _ids_of(self, texts: Sequence[str]) -> np.ndarray:
+    def rows_of(self, texts: Sequence[str]) -> np.ndarray:
         """Catalog rows of ``texts``: ``(n,)`` int64, -1 where a text is not in the catalog.
         One binary search over the sorted 64-bit text hashes for all texts and one text
         comparison each; a text whose first hash hit is another text (a shared hash) is
@@ -689,7 +689,7 @@ class GlobalIndex:
         ``dense_score`` 0.0 (no query involved), or None when the text is not in the catalog.
         ``device_types=False`` / ``nlu_labels=False``: leave the device-type counts / the
         domain and intent in the index (see :meth:`search`)."""
-        i = self._id_of(text)  # one text: the scalar hash search (cheaper than _ids_of)
+        i = self._id_of(text)  # one text: the scalar hash search (cheaper than rows_of)
         if i is None:
             return None
         return self._candidates(np.asarray([i]), [0.0], device_types, nlu_labels)[0]
@@ -701,11 +701,6 @@ class GlobalIndex:
         (the personal layer looks up a user's top history entries together):
         :meth:`candidates_at` of :meth:`rows_of`."""
         return self.candidates_at(self.rows_of(texts), device_types, nlu_labels)
-
-    def rows_of(self, texts: Sequence[str]) -> np.ndarray:
-        """Catalog rows of normalized ``texts``: ``(n,)`` int64, -1 where a text is not in the
-        catalog (one binary search over the sorted text hashes for all of them)."""
-        return self._ids_of(texts)
 
     def candidates_at(
         self, rows: np.ndarray, device_types: bool = True, nlu_labels: bool = True
