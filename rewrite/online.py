@@ -493,33 +493,48 @@ class _BatchedOnlineStage(_OnlineStage):
 
 
 class CatalogGateStage(_OnlineStage):
-    """End a request whose query is itself an entry of the global catalog before any online
-    work: such a query historically succeeds for many users, and :func:`rewrite.rerank.trigger`
-    never rewrites it (``succeeds_globally``), so encoding it, searching FAISS, reading the
-    user's history and scoring candidates (~1.5 ms of CPU a request at 1M entries) would
-    only confirm a pass-through. One hash search of the snapshot's catalog
-    (:meth:`rewrite.retrieval.GlobalIndex.__contains__`), on the event loop like the
-    precomputed lookup (``offload = False``): a working head query, most of an assistant's
-    traffic, is answered without a hand-over to the online workers.
+    """End a request that :func:`rewrite.rerank.trigger` would never rewrite before any online
+    work, when that is known for free: the query is itself an entry of the global catalog
+    (it historically succeeds for many users: ``succeeds_globally``), or — with the personal
+    layer in the request's arm — the user's history, already in the in-process cache, holds
+    it at least ``catalog.personal_min_count`` times (``already_succeeds``;
+    :meth:`rewrite.personal.PersonalStore.cached_history`, no Redis read). Encoding such a
+    query, searching FAISS, reading the history and scoring candidates (~1.5 ms of CPU a
+    request at 1M entries) would only confirm a pass-through. One hash search of the
+    snapshot's catalog (:meth:`rewrite.retrieval.GlobalIndex.__contains__`) and at most one
+    cache look-up, on the event loop like the precomputed lookup (``offload = False``): a
+    working head query, most of an assistant's traffic, is answered without a hand-over to
+    the online workers.
 
     Passes untouched: a request with ``explain`` (its response lists the candidates with their
     features, so it runs the online stages and ends at the trigger as before), one whose arm
     has no online layer, and any request while no index is published (the encode stage
-    answers those). The one difference to the full path is the reason of a catalog query that
-    the user's own history also holds: ``succeeds_globally`` here, ``already_succeeds`` from
-    the trigger (both pass through).
+    answers those). The decision is the trigger's; only its reason can differ when more than
+    one applies (the trigger checks ``no_candidates``, then ``already_succeeds``, then
+    ``succeeds_globally``; the gate the catalog first).
     """
 
     name = "catalog_gate"
-    offload = False  # a hash search: cheaper than the hand-over to a worker
+    offload = False  # a hash search and a cache look-up: cheaper than the hand-over
 
     def run(self, state: RewriteState) -> RewriteState:
         if state.request.explain or not state.layers & _ONLINE_LAYERS:
             return state
-        snap = _online(self._resources).snapshot()
-        if snap is not None and state.normalized in snap.index:
-            state.reason, state.done = "succeeds_globally", True
-            state.model_version = snap.version
+        layer = _online(self._resources)
+        snap = layer.snapshot()
+        if snap is None:
+            return state
+        if state.normalized in snap.index:
+            state.reason = "succeeds_globally"
+        elif "personal" in state.layers and layer.personal is not None:
+            hist = layer.personal.cached_history(state.request.user_id, snap.version)
+            least = max(self._resources.settings.catalog.personal_min_count, 1)
+            if hist is None or hist.count_of(state.normalized) < least:
+                return state
+            state.reason = "already_succeeds"
+        else:
+            return state
+        state.done, state.model_version = True, snap.version
         return state
 
 

@@ -273,6 +273,19 @@ class PersonalStore(RedisReader):
         """
         return self._version_filter(keyspace.personal_users_key(version))
 
+    def cached_history(self, user_id: str, version: str) -> PersonalHistory | None:
+        """The user's history of ``version`` if the in-process cache holds it (and it has not
+        expired), else None — no Redis read, never raises; None also without a cache or an
+        id. For decisions that are only worth making when they are free (the catalog gate's
+        ``already_succeeds``, :class:`rewrite.online.CatalogGateStage`); not counted in the
+        cache's hit / miss metrics (the personal stage's reads are)."""
+        if self._cache is None or not user_id or not version:
+            return None
+        key = (version, self.pseudonym(user_id))
+        with self._cache_lock:
+            hist: PersonalHistory | None = self._cache.get(key)
+        return hist
+
     def history(self, user_id: str, version: str | None = None) -> PersonalHistory:
         """The personal history of the requesting user (:meth:`histories` of one user).
 

@@ -93,11 +93,25 @@ def test_global_fix_for_everyone_personal_fix_for_the_user_with_history(
         # decided in `prepare` (the event loop's part): nothing is handed to the online workers
         prepared = rewriter.prepare(RewriteRequest(target, user_id="dave"))
         assert prepared.done and prepared.reason == "succeeds_globally"
+        # bob's own fix is no catalog entry, but his cached history holds it: also decided in
+        # `prepare` (already_succeeds, no Redis read); alice's history does not hold it
+        own = "what's the weather in wilkesboro"
+        assert own not in snap.index
+        prepared = rewriter.prepare(RewriteRequest(own, user_id="bob"))
+        assert prepared.done and prepared.reason == "already_succeeds"
+        assert prepared.model_version == report.publish["version"]
+        assert not rewriter.prepare(RewriteRequest(own, user_id="alice")).done
+        bob_again = rewriter.rewrite(RewriteRequest(own, user_id="bob"))
+        assert (bob_again.rewritten, bob_again.reason) == (False, "already_succeeds")
+        assert searched == []  # none of them searched FAISS
         explained = rewriter.rewrite(RewriteRequest(target, user_id="carol", explain=True))
         assert (explained.rewritten, explained.reason) == (False, "succeeds_globally")
         assert searched == [1] and target in {c.text for c in explained.candidates}
         not_gated = rewriter.rewrite(RewriteRequest("set a timer for ten minutes", user_id="u"))
         assert not_gated.reason == "below_threshold" and searched == [1, 1]
+        # the personal part needs the personal layer in the arm
+        global_only = rewriter.prepare(RewriteRequest(own, user_id="bob", arm="global"))
+        assert not global_only.done
         snap.index.search = real_search  # type: ignore[method-assign]
         # experiment arms: bob's own fix needs the personal layer; control rewrites nothing
         by_arm = {
@@ -572,6 +586,22 @@ def test_a_micro_batch_answers_exactly_as_requests_one_by_one(
     finally:
         rewriter.close()
 
+    # how many of the requests, sent one after the other to a fresh service, reach the online
+    # stages: the catalog gate's `already_succeeds` needs the user's history in the cache
+    # already, so this depends on the order (a request is decided early only once an earlier
+    # one has read that user's history)
+    fresh = Rewriter(s)
+    fresh.warm_up()
+    try:
+        n_online_in_order = 0
+        for r in requests:
+            st = fresh.prepare(r)
+            n_online_in_order += not st.done
+            fresh.finish(st if st.done else fresh.complete(st))
+    finally:
+        fresh.close()
+    assert n_online <= n_online_in_order <= n_online + 1
+
     s3 = s.model_copy(deep=True)
     s3.service.online_threads = 1  # one batch in flight: concurrent calls must queue
     batches_before = batching.BATCH_SIZE.collect()[0].samples
@@ -585,7 +615,7 @@ def test_a_micro_batch_answers_exactly_as_requests_one_by_one(
         with RewriteClient(srv.target, timeout_s=10.0) as rc:
             sequential = [_answer(rc.rewrite(r)) for r in requests]
             # one call at a time: each finds the service idle and runs on the event loop
-            assert batching.INLINE._value.get() - inline0 == n_online
+            assert batching.INLINE._value.get() - inline0 == n_online_in_order
             with concurrent.futures.ThreadPoolExecutor(12) as pool:
                 parallel = list(pool.map(lambda r: _answer(rc.rewrite(r)), many))
         assert srv._servicer is not None and srv._servicer.open_calls == 0
