@@ -4,8 +4,9 @@
 What is real and what is synthetic:
 
 - **Real:** the service (:class:`rewrite.server.RewriteServer`, grpc.aio, in its own process,
-  127.0.0.1, ``service.pipeline`` = normalize → precomputed → encode → global_retrieval →
-  personal_retrieval → rerank → trigger), the zero-shot DPR query tower on ONNX Runtime
+  127.0.0.1, ``service.pipeline`` = normalize → precomputed → catalog_gate → encode →
+  global_retrieval → personal_retrieval → rerank → trigger; the online requests are no catalog
+  entries, so none ends at the gate), the zero-shot DPR query tower on ONNX Runtime
   (``offline.dpr.train.export_zero_shot``; its int8 graph when the artifact kept it), the FAISS
   index written by :func:`offline.index.write_index_dir` (the job's kind for ``--n``: HNSW
   above ``dpr.flat_max_entries``, the ``dpr.ivf_kind`` inverted file above ``dpr.ivf_min_entries``),
