@@ -530,6 +530,7 @@ class CatalogGateStage(_OnlineStage):
             hist = layer.personal.cached_history(state.request.user_id, snap.version)
             least = max(self._resources.settings.catalog.personal_min_count, 1)
             if hist is None or hist.count_of(state.normalized) < least:
+                state.personal_history = hist  # the personal stage need not look again
                 return state
             state.reason = "already_succeeds"
         else:
@@ -627,16 +628,26 @@ class PersonalRetrievalStage(_BatchedOnlineStage):
         for group in by_snapshot.values():
             snap = group[0].online
             assert isinstance(snap, OnlineSnapshot)
+            # the catalog gate may have found the history in the cache already (same version)
+            hists: list[PersonalHistory | None] = [
+                h if h is not None and h.version == snap.version else None
+                for h in (state.personal_history for state in group)
+            ]
+            todo = [i for i, h in enumerate(hists) if h is None]
             try:
-                hists = layer.personal.histories(
-                    [state.request.user_id for state in group], version=snap.version
-                )
+                if todo:
+                    read = layer.personal.histories(
+                        [group[i].request.user_id for i in todo], version=snap.version
+                    )
+                    for i, h in zip(todo, read, strict=True):
+                        hists[i] = h
             except StoreUnavailableError:
                 metrics.STORE_ERRORS.inc(len(group))
                 for state in group:
                     state.reason, state.done = "store_unavailable", True
                 continue
             for state, hist in zip(group, hists, strict=True):
+                assert hist is not None
                 state.user_success_count = hist.count_of(state.normalized)
                 if not len(hist) or hist.scorer is None or state.query_vector is None:
                     continue

@@ -277,13 +277,16 @@ class PersonalStore(RedisReader):
         """The user's history of ``version`` if the in-process cache holds it (and it has not
         expired), else None — no Redis read, never raises; None also without a cache or an
         id. For decisions that are only worth making when they are free (the catalog gate's
-        ``already_succeeds``, :class:`rewrite.online.CatalogGateStage`); not counted in the
-        cache's hit / miss metrics (the personal stage's reads are)."""
+        ``already_succeeds``, :class:`rewrite.online.CatalogGateStage`, which hands what it
+        found to the personal stage). A history found counts as a cache hit; a miss is not
+        counted (the personal stage's read that follows is)."""
         if self._cache is None or not user_id or not version:
             return None
         key = (version, self.pseudonym(user_id))
         with self._cache_lock:
             hist: PersonalHistory | None = self._cache.get(key)
+        if hist is not None:
+            metrics.PERSONAL_CACHE_HIT.inc()
         return hist
 
     def history(self, user_id: str, version: str | None = None) -> PersonalHistory:

@@ -54,6 +54,9 @@ class RewriteState:
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n,) ranker scores
     decision_score: float = 0.0  # what the trigger compares with the threshold (ranker)
     user_success_count: int = 0  # the user's successful uses of the query itself
+    # the user's PersonalHistory, when the catalog gate found it in the cache (its version
+    # says which snapshot it belongs to); the personal stage then does not read it again
+    personal_history: Any = None
     # a stage raised on this request (Rewriter.complete_batch); complete() re-raises it
     error: BaseException | None = None
 

@@ -20,6 +20,7 @@ import redis
 from examples import online_test_settings, wilkerson_logs
 
 from offline.job import run_nightly
+from rewrite import metrics
 from rewrite.config import FULL_PIPELINE, Settings
 from rewrite.rewriter import Rewriter
 from rewrite.types import RewriteRequest
@@ -112,6 +113,13 @@ def test_global_fix_for_everyone_personal_fix_for_the_user_with_history(
         # the personal part needs the personal layer in the arm
         global_only = rewriter.prepare(RewriteRequest(own, user_id="bob", arm="global"))
         assert not global_only.done
+        # a request the gate lets through carries the cached history it looked at: the
+        # personal stage uses it instead of reading the cache again (one hit, same answer)
+        hits0 = metrics.PERSONAL_CACHE_HIT._value.get()
+        through = rewriter.prepare(RewriteRequest(query, user_id="bob"))
+        assert not through.done and through.personal_history is not None
+        assert rewriter.finish(rewriter.complete(through)).rewrite == own
+        assert metrics.PERSONAL_CACHE_HIT._value.get() - hits0 == 1
         snap.index.search = real_search  # type: ignore[method-assign]
         # experiment arms: bob's own fix needs the personal layer; control rewrites nothing
         by_arm = {
