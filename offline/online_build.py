@@ -25,7 +25,14 @@ import numpy as np
 from offline.dpr.ids import zero_shot_dir
 from rewrite.config import Settings
 from rewrite.encoder import DPR_META, DprModelMissingError, PassageEncoder, resolve_dpr_artifact
-from rewrite.retrieval import CATALOG_FILE, INDEX_FILE, INDEX_META, IndexInfo, data_files
+from rewrite.retrieval import (
+    CATALOG_FILE,
+    INDEX_FILE,
+    INDEX_META,
+    TEXT_HASH,
+    IndexInfo,
+    data_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +77,13 @@ class OnlineBuild:
 
     @property
     def content_id(self) -> str:
-        """sha256 over the index file, the catalog sidecar and the encoder id (part of the
-        published version's content, and the installed folder's name)."""
+        """sha256 over the index file, the catalog sidecar, the encoder id and the catalog's
+        text-hash scheme (part of the published version's content, and the installed
+        folder's name: a folder installed before the text hashes were stable, whose
+        ``catalog.arrow`` the service would have to rehash, is not taken for a new build)."""
         h = hashlib.sha256()
         for part in (self.info.sha256[INDEX_FILE], self.info.sha256[CATALOG_FILE],
-                     self.info.encoder_id):  # fmt: skip
+                     self.info.encoder_id, TEXT_HASH):  # fmt: skip
             h.update(part.encode())
             h.update(b"\0")
         return h.hexdigest()

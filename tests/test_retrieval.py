@@ -38,6 +38,7 @@ from rewrite.retrieval import (
     DeviceTypeStat,
     GlobalIndex,
     IndexCorruptError,
+    IndexInfo,
     IndexMismatchError,
     RetrievedCandidate,
     StringColumn,
@@ -560,6 +561,23 @@ def test_a_catalog_file_with_per_process_hashes_is_rehashed_at_load(
     assert "text hashes of another process" in caplog.text
     assert all(f"utterance {i}" in index for i in range(200))
     assert "utterance 200" not in index
+
+
+def test_the_installed_folder_name_covers_the_text_hash_scheme(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job installs an index under ``content_id`` (index file, catalog sidecar, encoder
+    id) and reuses a folder of that name; the name also covers the catalog's text-hash
+    scheme, so a new build never takes a folder whose ``catalog.arrow`` holds hashes of
+    another scheme (per-process ``hash()`` ones, before 2026-12-08)."""
+    from offline import online_build
+
+    directory, _ = build(tmp_path / "idx", 50)
+    made = online_build.OnlineBuild(None, "zero-shot", directory, IndexInfo.read(directory))  # type: ignore[arg-type]
+    now = made.content_id
+    assert now == online_build.OnlineBuild(None, "x", directory, made.info).content_id  # type: ignore[arg-type]
+    monkeypatch.setattr(online_build, "TEXT_HASH", "python-hash")
+    assert made.content_id != now
 
 
 def test_mapped_catalog_columns_equal_the_parquet_catalog(tmp_path: Path) -> None:
