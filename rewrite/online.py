@@ -42,7 +42,14 @@ from rewrite.config import Settings
 from rewrite.encoder import QueryEncoder
 from rewrite.personal import UNKNOWN_ROW, PersonalHistory, PersonalStore
 from rewrite.pipeline import Resources, RewriteState, register_stage
-from rewrite.rerank import FEATURE_NAMES, CandidateRanker, feature_matrices, load_ranker, trigger
+from rewrite.rerank import (
+    FEATURE_NAMES,
+    CandidateRanker,
+    feature_matrices,
+    load_ranker,
+    succeeds_for_user,
+    trigger,
+)
 from rewrite.retrieval import GlobalIndex, RetrievedCandidate, verify_index_dir
 from rewrite.store import StoreUnavailableError
 from rewrite.types import Candidate
@@ -528,8 +535,8 @@ class CatalogGateStage(_OnlineStage):
             state.reason = "succeeds_globally"
         elif "personal" in state.layers and layer.personal is not None:
             hist = layer.personal.cached_history(state.request.user_id, snap.version)
-            least = max(self._resources.settings.catalog.personal_min_count, 1)
-            if hist is None or hist.count_of(state.normalized) < least:
+            least = self._resources.settings.catalog.personal_min_count
+            if hist is None or not succeeds_for_user(hist.count_of(state.normalized), least):
                 state.personal_history = hist  # the personal stage need not look again
                 return state
             state.reason = "already_succeeds"

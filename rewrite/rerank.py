@@ -720,6 +720,14 @@ class TriggerDecision:
     reason: str
 
 
+def succeeds_for_user(user_success_count: int, min_success_count: int = 1) -> bool:
+    """Whether a query already succeeds for this user: its successful uses in the user's
+    personal history reach ``min_success_count`` (``catalog.personal_min_count``; at least 1).
+    The ``already_succeeds`` rule of :func:`trigger` and of the catalog gate
+    (:class:`rewrite.online.CatalogGateStage`)."""
+    return user_success_count >= max(min_success_count, 1)
+
+
 def trigger(
     query: str,
     best_text: str | None,
@@ -751,7 +759,7 @@ def trigger(
     """
     if best_text is None:
         return TriggerDecision(False, "no_candidates")
-    if user_success_count >= max(min_success_count, 1):
+    if succeeds_for_user(user_success_count, min_success_count):
         return TriggerDecision(False, "already_succeeds")
     if query_in_catalog:
         return TriggerDecision(False, "succeeds_globally")
