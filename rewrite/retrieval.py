@@ -351,7 +351,8 @@ class CatalogColumns:
             arrays (row i owns ``[dt_off[i], dt_off[i + 1])``), or None when no entry has a
             device type; dt_code: ``(m,)`` uint8 (int32 past 256 types) into ``dt_vocab``;
             dt_turns, dt_ok: ``(m,)`` int32 turns and successful turns.
-        mapped: True when the arrays are views of a memory-mapped ``catalog.arrow``.
+        mapped: True when the arrays are views of a memory-mapped ``catalog.arrow``
+            (except the two hash arrays of a file :meth:`read` had to rehash).
     """
 
     text: StringColumn
