@@ -26,8 +26,10 @@ What is real and what is synthetic:
   synthetic`` (default) trains a LightGBM lambdarank model on random feature groups with
   the production parameters and a fixed ``--ranker-trees`` (500 =
   ``RankerTrainConfig.num_boost_round``, an upper bound: early stopping keeps fewer), so the
-  cost of a real booster is measured before one is trained; ``heuristic`` uses the fallback
-  ranker; a path uses that ranker artifact.
+  cost of a real booster is measured before one is trained; ``--ranker trained`` serves
+  what ``qrw train ranker`` makes of a simulated night (:func:`trained_ranker`: the
+  one-standard-error round count and the trigger model, as in production; cached);
+  ``heuristic`` uses the fallback ranker; a path uses that ranker artifact.
 - **Requests:** online-path utterances are catalog texts with one ASR-like character edit, all
   distinct across the whole run (so the query encoder's LRU cache never hits: worst case), none
   a precomputed pair; 3 of 4 come from users with a personal history (1..200 entries, the
@@ -80,6 +82,7 @@ import json
 import math
 import os
 import selectors
+import shutil
 import signal
 import statistics
 import subprocess
@@ -378,6 +381,82 @@ def synthetic_ranker(trees: int, seed: int) -> Path:
     (out / RANKER_MODEL_FILE).write_text(model)
     (out / RANKER_META_FILE).write_text(json.dumps(meta, indent=2))
     return out
+
+
+def trained_ranker(seed: int, users: int = 1500, days: int = 2) -> Path:
+    """A ranker artifact as production trains it: ``qrw simulate`` (``users`` simulated
+    users on SLURP commands, ``days`` days), ``qrw nightly`` over those logs (heuristic
+    rephrase detector: the ranker's shape, not the detector, is what this measures) and
+    ``qrw train ranker --run`` — the real CLI in subprocesses, ~1 minute. Its tree count is
+    the one-standard-error round count of the cross-fit (17-36 trees for seeds 0-2 on
+    2026-12-08) and it has a trigger model (150 trees, scored on one row per request). The
+    service serves it on the synthetic index like any artifact (same feature names).
+    Cached under ``var/bench/ranker/trained-s<seed>``.
+
+    Raises:
+        FileNotFoundError: no SLURP corpus at ``../shared/data/slurp/utterances.jsonl``.
+        RuntimeError: a CLI step failed (the end of its stderr in the message).
+    """
+    from rewrite.rerank import RANKER_META_FILE
+
+    out = CACHE / "ranker" / f"trained-s{seed}-u{users}-d{days}"
+    done = [p.parent for p in sorted(out.glob(f"ranker/*/{RANKER_META_FILE}"))]
+    if done:
+        return done[0]
+    corpus = ROOT.parent / "shared" / "data" / "slurp" / "utterances.jsonl"
+    if not corpus.exists():
+        raise FileNotFoundError(f"--ranker trained needs the SLURP corpus at {corpus}")
+    qrw = [sys.executable, "-m", "offline.cli"]
+    env = {**os.environ, "QRW_REPHRASE__DETECTOR": "heuristic_baseline"}
+    work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"training a ranker on a simulated night ({users} users; once)")
+
+    def run(*argv: str) -> None:
+        done = subprocess.run([*qrw, *argv], cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"qrw {argv[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
+
+    run(
+        "simulate",
+        "--corpus",
+        str(corpus),
+        "--users",
+        str(users),
+        "--days",
+        str(days),
+        "--seed",
+        str(seed),
+        "--out",
+        str(work / "sim"),
+    )
+    logs = [a for day in sorted((work / "sim").glob("day-*.jsonl")) for a in ("--logs", str(day))]
+    run("nightly", *logs, "--out", str(work / "run"))
+    run(
+        "train",
+        "ranker",
+        "--run",
+        str(work / "run"),
+        "--seed",
+        str(seed),
+        "--out",
+        str(out / "ranker"),
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    return trained_ranker(seed, users, days)
+
+
+def ranker_trees(artifact: Path) -> str:
+    """``"N trees + trigger model of M"`` of a ranker artifact (LightGBM text models)."""
+    from rewrite.rerank import RANKER_MODEL_FILE, TRIGGER_MODEL_FILE
+
+    def trees(path: Path) -> int:
+        return sum(line.startswith("Tree=") for line in path.read_text().splitlines())
+
+    desc = f"{trees(artifact / RANKER_MODEL_FILE)} trees"
+    if (artifact / TRIGGER_MODEL_FILE).exists():
+        desc += f" + trigger model of {trees(artifact / TRIGGER_MODEL_FILE)}"
+    return desc
 
 
 # --------------------------------------------------------------------------- publish
@@ -1292,7 +1371,9 @@ def main() -> None:
         "this many blocks (order rotating), so the ratios compare calls of the same seconds",
     )
     ap.add_argument("--users", type=int, default=100, help="users with a personal history")
-    ap.add_argument("--ranker", default="synthetic", help="synthetic | heuristic | ARTIFACT_DIR")
+    ap.add_argument(
+        "--ranker", default="synthetic", help="synthetic | trained | heuristic | ARTIFACT_DIR"
+    )
     ap.add_argument("--ranker-trees", type=int, default=500, help="trees of --ranker synthetic")
     ap.add_argument("--build-threads", type=int, default=2, help="FAISS threads for the build")
     ap.add_argument("--load-timeout", type=float, default=300.0, help="service start bound (s)")
@@ -1361,6 +1442,9 @@ def main() -> None:
     if args.ranker == "synthetic":
         ranker = str(synthetic_ranker(args.ranker_trees, args.seed))
         ranker_desc = f"synthetic LightGBM lambdarank ({args.ranker_trees} trees)"
+    elif args.ranker == "trained":
+        ranker = str(trained_ranker(args.seed))
+        ranker_desc = f"trained on a simulated night ({ranker_trees(Path(ranker))})"
     else:
         ranker = args.ranker
         ranker_desc = args.ranker
