@@ -459,6 +459,18 @@ def ranker_trees(artifact: Path) -> str:
     return desc
 
 
+def resolve_ranker(name: str, trees: int, seed: int) -> tuple[str, str]:
+    """``(ranker, description)`` of a ``--ranker`` value: ``synthetic`` (``trees`` trees,
+    :func:`synthetic_ranker`), ``trained`` (:func:`trained_ranker`), ``heuristic`` or an
+    artifact folder (as given)."""
+    if name == "synthetic":
+        return str(synthetic_ranker(trees, seed)), f"synthetic LightGBM lambdarank ({trees} trees)"
+    if name == "trained":
+        path = trained_ranker(seed)
+        return str(path), f"trained on a simulated night ({ranker_trees(path)})"
+    return name, name
+
+
 # --------------------------------------------------------------------------- publish
 
 
@@ -1439,15 +1451,7 @@ def main() -> None:
         server_env["QRW_SERVICE__PERSONAL_CACHE_MB"] = str(args.personal_cache_mb)
     build = build_index(args.n, args.seed, artifact.name, settings, args.build_threads)
     log(f"index {build.directory} ({'cached' if build.cached else 'built'})")
-    if args.ranker == "synthetic":
-        ranker = str(synthetic_ranker(args.ranker_trees, args.seed))
-        ranker_desc = f"synthetic LightGBM lambdarank ({args.ranker_trees} trees)"
-    elif args.ranker == "trained":
-        ranker = str(trained_ranker(args.seed))
-        ranker_desc = f"trained on a simulated night ({ranker_trees(Path(ranker))})"
-    else:
-        ranker = args.ranker
-        ranker_desc = args.ranker
+    ranker, ranker_desc = resolve_ranker(args.ranker, args.ranker_trees, args.seed)
     if args.build_only:
         return
     n_online = args.rounds * len(args.concurrency) * 2 * (args.requests + WARMUP)

@@ -222,7 +222,9 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=4, help="interleaved blocks per row")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--users", type=int, default=100)
-    ap.add_argument("--ranker", default="synthetic", help="synthetic | heuristic | ARTIFACT_DIR")
+    ap.add_argument(
+        "--ranker", default="synthetic", help="synthetic | trained | heuristic | ARTIFACT_DIR"
+    )
     ap.add_argument("--ranker-trees", type=int, default=500)
     ap.add_argument("--dpr", type=Path, help="DPR artifact dir (as bench_online.py --dpr)")
     ap.add_argument("--load-timeout", type=float, default=300.0)
@@ -239,11 +241,7 @@ def main() -> None:
             ap.error(f"--dpr {args.dpr} is not distilled from the zero-shot {artifact.name}")
         artifact = args.dpr.resolve()
     build = bo.build_index(args.n, args.seed, artifact.name, settings, 2)
-    ranker = (
-        str(bo.synthetic_ranker(args.ranker_trees, args.seed))
-        if args.ranker == "synthetic"
-        else args.ranker
-    )
+    ranker = bo.resolve_ranker(args.ranker, args.ranker_trees, args.seed)[0]
     per_config = len(args.concurrency) * len(RPCS) * (args.requests + WARMUP) + 100
     n_online = args.rounds * len(args.processes) * per_config
     rows: list[Row] = []
