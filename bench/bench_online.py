@@ -34,7 +34,10 @@ What is real and what is synthetic:
   distinct across the whole run (so the query encoder's LRU cache never hits: worst case), none
   a precomputed pair; 3 of 4 come from users with a personal history (1..200 entries, the
   ``catalog.personal_max_per_user`` cap). Precomputed-hit requests use the pairs' sources with
-  other casing and punctuation.
+  other casing and punctuation. With ``--head``, a fourth row of head queries: distinct
+  catalog texts as they are (an assistant's commonest requests, which already succeed), from
+  the same users, which the service answers at its catalog gate (``succeeds_globally``)
+  without encoding, FAISS or the ranker.
 
 Measured per round (``--rounds``, medians printed): for each concurrency in ``--concurrency``
 (default 1 2 4 8; ``make bench`` sweeps 1 2 4 8 16 32 64) ``--requests`` calls each of the echo
@@ -484,6 +487,8 @@ class Workload:
     n_users: int
     n_personal: int
     personal_s: float
+    #: head queries (``--head``): catalog texts as they are, from the same users as ``online``
+    catalog: list[rewrite_pb2.RewriteRequest] = field(default_factory=list)
 
 
 def publish_workload(
@@ -494,9 +499,11 @@ def publish_workload(
     n_online: int,
     users: int,
     seed: int,
+    n_catalog: int = 0,
 ) -> Workload:
     """Publish pairs + personal histories (passage-tower vectors) + index into Redis and build
-    the request lists."""
+    the request lists (``n_catalog`` head queries: distinct catalog texts, which no pair
+    covers, so that the service answers them at its catalog gate)."""
     import pyarrow.parquet as pq
 
     from offline.catalog import PersonalEntry
@@ -560,7 +567,19 @@ def publish_workload(
         shown = p.source.capitalize() + ("?" if i % 2 else "!")
         assert normalize_utterance(shown) == p.source
         pre_reqs.append(rewrite_pb2.RewriteRequest(utterance=shown, user_id=user_of(i)))
-    return Workload(online_reqs, pre_reqs, res.version, users, len(entries), personal_s)
+    head_rows = np.random.default_rng(seed + 13).choice(len(texts), n_catalog, replace=False)
+    catalog_reqs = [
+        rewrite_pb2.RewriteRequest(
+            utterance=texts[j],
+            user_id=user_of(i),
+            request_id=f"c{i}",
+            device_type=DEVICE_TYPES[i % 5],
+        )
+        for i, j in enumerate(head_rows.tolist())
+    ]
+    return Workload(
+        online_reqs, pre_reqs, res.version, users, len(entries), personal_s, catalog_reqs
+    )
 
 
 # --------------------------------------------------------------------------- server side
@@ -858,6 +877,7 @@ class Client:
         self.pid = pid
         self._next = 0
         self._next_pre = 0
+        self._next_head = 0
 
     async def rewrite(self, req: rewrite_pb2.RewriteRequest) -> rewrite_pb2.RewriteResponse:
         return await self._rewrite(req, timeout=5)
@@ -889,13 +909,17 @@ class Client:
             await asyncio.sleep(0.5)
 
     def payloads(self, rpc: str, n: int) -> tuple[Callable[[Any], Any], list[Any]]:
-        """The call and ``n`` payloads of ``rpc`` (echo | online | precomputed): online
-        requests never sent before, precomputed hits cycling through the pairs, echo payloads
-        the bytes of online requests."""
+        """The call and ``n`` payloads of ``rpc`` (echo | online | precomputed | head): online
+        and head requests never sent before (head: wraps only past its pool), precomputed hits
+        cycling through the pairs, echo payloads the bytes of online requests."""
         if rpc == "precomputed":
             pre = self.work.precomputed
             reqs = [pre[(self._next_pre + i) % len(pre)] for i in range(n)]
             self._next_pre += n
+        elif rpc == "head":
+            head = self.work.catalog
+            reqs = [head[(self._next_head + i) % len(head)] for i in range(n)]
+            self._next_head += n
         else:
             reqs = self.take_online(n)
         if rpc == "echo":
@@ -949,24 +973,30 @@ def merge_rows(parts: Sequence[Row]) -> Row:
 
 
 RPCS = ("echo", "online", "precomputed")
+#: The rows with ``--head``: also head queries (catalog texts), which end at the catalog gate.
+RPCS_HEAD = (*RPCS, "head")
 
 
-async def level(client: Client, conc: int, n: int, blocks: int, timed_online: bool) -> list[Row]:
-    """The three rows of one concurrency level, interleaved: after a warm-up of each rpc,
+async def level(
+    client: Client, conc: int, n: int, blocks: int, timed_online: bool, rpcs: Sequence[str] = RPCS
+) -> list[Row]:
+    """The rows of one concurrency level (``rpcs``), interleaved: after a warm-up of each rpc,
     ``blocks`` rounds of ``n / blocks`` calls of each, the order rotating every block, so a
     drift of the machine's speed (a shared VM's neighbours, clock changes) falls on echo,
     online and precomputed alike and the ratios to echo compare calls made in the same
     seconds. ``timed_online``: the server's stage timers run during the online blocks only
     (the concurrency-1 stage table)."""
-    for rpc in RPCS:
+    rpcs = tuple(rpcs)
+    for rpc in rpcs:
         await client.warm(rpc, conc)
     sizes = [n // blocks + (1 if b < n % blocks else 0) for b in range(blocks)]
-    parts: dict[str, list[Row]] = {rpc: [] for rpc in RPCS}
+    parts: dict[str, list[Row]] = {rpc: [] for rpc in rpcs}
     if timed_online:
         await client.stats("reset")
         await client.stats("off")
     for b, size in enumerate(sizes):  # every size >= 1: --blocks <= --requests
-        for rpc in RPCS[b % 3 :] + RPCS[: b % 3]:
+        turn = b % len(rpcs)
+        for rpc in rpcs[turn:] + rpcs[:turn]:
             if timed_online and rpc == "online":
                 await client.stats("on")
             parts[rpc].append(await client.row(rpc, conc, size))
@@ -974,7 +1004,7 @@ async def level(client: Client, conc: int, n: int, blocks: int, timed_online: bo
                 await client.stats("off")
     if timed_online:
         await client.stats("on")
-    return [merge_rows(parts[rpc]) for rpc in RPCS]
+    return [merge_rows(parts[rpc]) for rpc in rpcs]
 
 
 async def measure(
@@ -995,7 +1025,9 @@ async def measure(
         log(f"online layer answering ({first.reason or first.source}); RSS {mem['after_load']}")
         for rnd in range(args.rounds):
             for conc in args.concurrency:
-                rows += await level(client, conc, args.requests, args.blocks, conc == 1)
+                rows += await level(
+                    client, conc, args.requests, args.blocks, conc == 1, rpcs_of(args)
+                )
                 if conc == 1 and rnd == args.rounds - 1:
                     stats = await client.stats()
             log(f"round {rnd + 1}/{args.rounds} done")
@@ -1095,6 +1127,11 @@ def classify_profile(path: Path) -> dict[str, float]:
 # --------------------------------------------------------------------------- report
 
 
+def rpcs_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The rows this run measures: :data:`RPCS`, plus ``head`` with ``--head``."""
+    return RPCS_HEAD if getattr(args, "head", False) else RPCS
+
+
 def degraded(rows: list[Row], rpc: str, conc: int) -> int:
     """Answers of (rpc, conc) that passed through because a dependency failed
     (:data:`BAD_REASONS`, e.g. a Redis read over ``redis.socket_timeout_s`` on a loaded
@@ -1182,7 +1219,7 @@ def report(
     )
     for conc in args.concurrency:
         e50, _, eqps, _, _ = med(rows, "echo", conc)
-        for rpc in ("echo", "online", "precomputed"):
+        for rpc in rpcs_of(args):
             p50, p99, qps, lo, hi = med(rows, rpc, conc)
             sel = [r for r in rows if r.rpc == rpc and r.conc == conc]
             srv = [x for r in sel for x in r.server_ms]
@@ -1212,7 +1249,7 @@ def report(
     print(f"\nservice CPU ms per call by thread ({', '.join(THREAD_GROUPS)}; see THREAD_GROUPS)")
     print(f"{'rpc':<12}{'conc':>5}" + "".join(f"{g:>9}" for g in THREAD_GROUPS))
     for conc in args.concurrency:
-        for rpc in RPCS:
+        for rpc in rpcs_of(args):
             per = thread_ms_per_call(rows, rpc, conc)
             print(f"{rpc:<12}{conc:>5}" + "".join(f"{per[g]:>9.3f}" for g in THREAD_GROUPS))
     timers = stats.get("timers", {})
@@ -1322,7 +1359,7 @@ def write_json(
     table = []
     for conc in args.concurrency:
         e50, _, eqps, _, _ = med(rows, "echo", conc)
-        for rpc in ("echo", "online", "precomputed"):
+        for rpc in rpcs_of(args):
             p50, p99, qps, lo, hi = med(rows, rpc, conc)
             table.append(
                 {
@@ -1419,6 +1456,11 @@ def main() -> None:
         help="service.personal_cache_mb of the service (default: the config's; 0 = every "
         "personal-layer read asks Redis and decodes the history)",
     )
+    ap.add_argument(
+        "--head",
+        action="store_true",
+        help="also a row of head queries (distinct catalog texts: they end at the catalog gate)",
+    )
     ap.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--redis-url", help=argparse.SUPPRESS)
@@ -1456,13 +1498,22 @@ def main() -> None:
         return
     n_online = args.rounds * len(args.concurrency) * 2 * (args.requests + WARMUP)
     n_online += 50 + int(args.profile * 2000)
+    per_row = args.rounds * len(args.concurrency) * (args.requests + WARMUP)
+    n_head = min(per_row + 50, args.n) if args.head else 0
     with tempfile.TemporaryDirectory(prefix="qrw-bench-online-") as tmp:
         redis_server = EmbeddedRedis(Path(tmp) / "redis")
         redis_server.start()
         try:
             log("publishing pairs, personal histories (passage tower) and the index")
             work = publish_workload(
-                redis_server.url, build, artifact, settings, n_online, args.users, args.seed
+                redis_server.url,
+                build,
+                artifact,
+                settings,
+                n_online,
+                args.users,
+                args.seed,
+                n_catalog=n_head,
             )
             log(f"starting the service ({len(work.online):,} distinct online utterances)")
             spawned = time.perf_counter()
