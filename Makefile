@@ -57,7 +57,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/bench_encoders.py --data-root $(DATA) --static $(STATIC_DPR)/$$(cat $(STATIC_DPR)/LATEST)
 	$(BIN)/python bench/bench_online.py --n $(ONLINE_N) $(ONLINE_ARGS) --json runs/bench/online.json
 	$(BIN)/python bench/bench_online.py --n $(ONLINE_N) $(ONLINE_ARGS) --json runs/bench/online-static.json \
-		--dpr $(STATIC_DPR)/$$(cat $(STATIC_DPR)/LATEST)
+		--dpr $(STATIC_DPR)/$$(cat $(STATIC_DPR)/LATEST) --head
 	$(BIN)/python bench/bench_nightly.py --sizes $(NIGHTLY_SIZES) $(NIGHTLY_ARGS) --data-root $(DATA)
 	$(BIN)/python bench/bench_detector.py
 	$(BIN)/python bench/bench_grpc_floor.py --rounds 3
