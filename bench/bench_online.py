@@ -398,14 +398,20 @@ def trained_ranker(seed: int, users: int = 1500, days: int = 2) -> Path:
 
     Raises:
         FileNotFoundError: no SLURP corpus at ``../shared/data/slurp/utterances.jsonl``.
-        RuntimeError: a CLI step failed (the end of its stderr in the message).
+        RuntimeError: a CLI step failed (the end of its stderr in the message), or training
+            left no artifact.
     """
     from rewrite.rerank import RANKER_META_FILE
 
     out = CACHE / "ranker" / f"trained-s{seed}-u{users}-d{days}"
-    done = [p.parent for p in sorted(out.glob(f"ranker/*/{RANKER_META_FILE}"))]
-    if done:
-        return done[0]
+
+    def trained() -> Path | None:
+        metas = sorted(out.glob(f"ranker/*/{RANKER_META_FILE}"))
+        return metas[0].parent if metas else None
+
+    cached = trained()
+    if cached is not None:
+        return cached
     corpus = ROOT.parent / "shared" / "data" / "slurp" / "utterances.jsonl"
     if not corpus.exists():
         raise FileNotFoundError(f"--ranker trained needs the SLURP corpus at {corpus}")
@@ -416,9 +422,9 @@ def trained_ranker(seed: int, users: int = 1500, days: int = 2) -> Path:
     log(f"training a ranker on a simulated night ({users} users; once)")
 
     def run(*argv: str) -> None:
-        done = subprocess.run([*qrw, *argv], cwd=ROOT, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"qrw {argv[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
+        proc = subprocess.run([*qrw, *argv], cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"qrw {argv[0]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
 
     run(
         "simulate",
@@ -446,7 +452,10 @@ def trained_ranker(seed: int, users: int = 1500, days: int = 2) -> Path:
         str(out / "ranker"),
     )
     shutil.rmtree(work, ignore_errors=True)
-    return trained_ranker(seed, users, days)
+    path = trained()
+    if path is None:
+        raise RuntimeError(f"qrw train ranker wrote no {RANKER_META_FILE} under {out / 'ranker'}")
+    return path
 
 
 def ranker_trees(artifact: Path) -> str:
