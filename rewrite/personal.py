@@ -38,7 +38,7 @@ import logging
 import struct
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,12 +282,19 @@ class PersonalStore(RedisReader):
         counted (the personal stage's read that follows is)."""
         if self._cache is None or not user_id or not version:
             return None
-        key = (version, self.pseudonym(user_id))
-        with self._cache_lock:
-            hist: PersonalHistory | None = self._cache.get(key)
+        user = self.pseudonym(user_id)
+        hist = self._cached(version, [user])[user]
         if hist is not None:
             metrics.PERSONAL_CACHE_HIT.inc()
         return hist
+
+    def _cached(self, version: str, users: Iterable[str]) -> dict[str, PersonalHistory | None]:
+        """The cache's histories of ``version`` for pseudonymous ``users`` (None where it holds
+        none, or has expired it), under one hold of the cache lock; counts nothing. Needs a
+        cache."""
+        assert self._cache is not None
+        with self._cache_lock:
+            return {user: self._cache.get((version, user)) for user in users}
 
     def history(self, user_id: str, version: str | None = None) -> PersonalHistory:
         """The personal history of the requesting user (:meth:`histories` of one user).
@@ -332,9 +339,7 @@ class PersonalStore(RedisReader):
             if user:
                 todo.setdefault(user, []).append(i)
         if todo and self._cache is not None:
-            with self._cache_lock:
-                cached = {user: self._cache.get((version, user)) for user in todo}
-            for user, hist in cached.items():
+            for user, hist in self._cached(version, todo).items():
                 if hist is not None:
                     metrics.PERSONAL_CACHE_HIT.inc(len(todo[user]))
                     for i in todo.pop(user):
