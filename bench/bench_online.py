@@ -1138,7 +1138,7 @@ def classify_profile(path: Path) -> dict[str, float]:
 
 def rpcs_of(args: argparse.Namespace) -> tuple[str, ...]:
     """The rows this run measures: :data:`RPCS`, plus ``head`` with ``--head``."""
-    return RPCS_HEAD if getattr(args, "head", False) else RPCS
+    return RPCS_HEAD if args.head else RPCS
 
 
 def degraded(rows: list[Row], rpc: str, conc: int) -> int:
