@@ -325,6 +325,10 @@ class DprSettings(BaseModel):
     0.40-0.41 ms against 0.878 / 0.828 in 0.47-0.48 ms for 4 sqrt(n) at nprobe 64 (AVX-512
     Xeon; :func:`offline.index.ivf_nlist`).
 
+    ``threads``: per request, ONNX Runtime's intra-op threads of the query tower and FAISS's
+    OpenMP threads of the global search (applied on whichever thread searches); 1 (the
+    default) because the service parallelises over requests and processes, not within one.
+
     ``index_mmap``: the service maps the index file's flat vector codes (the exact and HNSW
     kinds' vectors, ``ivf_pq_refine``'s 6-bit refine codes) from the page cache instead of
     copying them into its own memory (FAISS ``IO_FLAG_MMAP_IFC``): clean file pages that

@@ -212,6 +212,7 @@ class OnlineLayer:
             refine_k_factor=self.settings.dpr.ivf_refine_k_factor,
             mmap=self.settings.dpr.index_mmap,
             verify=verify,
+            threads=self.settings.dpr.threads,
         )
 
     def _load(self, version: str) -> None:

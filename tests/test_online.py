@@ -231,6 +231,7 @@ def test_static_query_tower_serves_the_online_path(
 
     s = online_settings.model_copy(deep=True)
     s.dpr.artifacts_dir = static_dpr_dir
+    s.dpr.threads = 2  # reaches the global index's searches (as it does the query tower)
     logs = wilkerson_logs(tmp_path / "day-01.jsonl")
     report = run_nightly([logs], tmp_path / "run", s, publish=True)
     assert report.online is not None and report.online["encoder_kind"] == "static-query"
@@ -241,6 +242,7 @@ def test_static_query_tower_serves_the_online_path(
         layer = rewriter.resources.online
         snap = layer.snapshot() if layer is not None else None
         assert snap is not None and isinstance(snap.encoder.session, StaticEmbeddingBag)
+        assert snap.index.search_threads == 2
         assert snap.encoder.onnx_path.name == "query.static.npy"
         alice = rewriter.rewrite(RewriteRequest(query, user_id="alice", explain=True))
         assert alice.rewritten and alice.source == "global", (alice.reason, alice.candidates)
