@@ -305,8 +305,9 @@ def build_index(n: int, seed: int, encoder_id: str, settings: Settings, threads:
     params = f"{kind}-{dpr.hnsw_m}-{EF_CONSTRUCTION}" if kind == "hnsw" else kind
     lexical = dpr.lexical.channel()
     params += f"-lexical-{json.dumps(lexical.to_params(), sort_keys=True)}" if lexical else ""
-    # "-columns": folders since catalog.arrow (the service maps it; older ones it decodes)
-    tag = f"{params}-device_types-rg64k-nlist-sqrt-columns"
+    # "-columns": folders since catalog.arrow (the service maps it; older ones it decodes);
+    # "-ivfdata": since the fast-scan lists have a file of their own (format 2, mapped)
+    tag = f"{params}-device_types-rg64k-nlist-sqrt-columns-ivfdata"
     key = hashlib.sha256(tag.encode()).hexdigest()[:8]
     out = CACHE / "online-index" / f"n{n}-s{seed}-{key}"
     sidecar = out / "bench.json"

@@ -53,8 +53,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from rewrite import ivflists
 from rewrite.config import DprSettings
 from rewrite.encoder import PassageEncoder
+from rewrite.ivflists import IVFDATA_FILE
 from rewrite.lexical import LexicalChannel
 from rewrite.retrieval import (
     CATALOG_FILE,
@@ -295,6 +297,14 @@ def write_index_dir(
     pid = os.getpid()
     tmp_index = out_dir / f".{INDEX_FILE}.tmp-{pid}"
     tmp_cat = out_dir / f".{CATALOG_FILE}.tmp-{pid}"
+    tmp_lists = out_dir / f".{IVFDATA_FILE}.tmp-{pid}"
+    if kind == "ivf_pq_refine":
+        # the lists go to a file of their own that the service maps (rewrite.ivflists);
+        # index.faiss keeps empty ones (the in-memory lists are not needed after this)
+        ivflists.write_ivf_lists(index, tmp_lists)
+        empty = ivflists.empty_lists_like(index)
+        faiss.extract_index_ivf(index).replace_invlists(empty, True)
+        empty.thisown = False
     faiss.write_index(index, str(tmp_index))
     # row groups of 64k rows: the service reads `device_types` batch by batch (GlobalIndex.load)
     table = catalog.cast(CATALOG_SCHEMA)
@@ -306,6 +316,10 @@ def write_index_dir(
     _replace_into(tmp_index, out_dir / INDEX_FILE)
     _replace_into(tmp_cat, out_dir / CATALOG_FILE)
     _replace_into(tmp_cols, out_dir / COLUMNS_FILE)
+    if kind == "ivf_pq_refine":
+        _replace_into(tmp_lists, out_dir / IVFDATA_FILE)
+    else:  # an older ivf_pq_refine index in this folder leaves no stale lists behind
+        (out_dir / IVFDATA_FILE).unlink(missing_ok=True)
     params: dict[str, Any] = {"build_seconds": round(build_s, 3)}
     if kind == "hnsw":
         params.update(
@@ -329,6 +343,11 @@ def write_index_dir(
             INDEX_FILE: sha256_file(out_dir / INDEX_FILE),
             CATALOG_FILE: sha256_file(out_dir / CATALOG_FILE),
             COLUMNS_FILE: sha256_file(out_dir / COLUMNS_FILE),
+            **(
+                {IVFDATA_FILE: sha256_file(out_dir / IVFDATA_FILE)}
+                if kind == "ivf_pq_refine"
+                else {}
+            ),
         },
         params=params,
         built_unix=round(time.time(), 3),

@@ -38,8 +38,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rewrite import libc
+from rewrite import ivflists, libc
 from rewrite.hashing import stable_hash64
+from rewrite.ivflists import IVFDATA_FILE
 from rewrite.lexical import LexicalChannel
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,12 @@ CATALOG_FILE = "catalog.parquet"
 #: (an older folder without it is read from ``catalog.parquet``).
 COLUMNS_FILE = "catalog.arrow"
 INDEX_META = "index.json"
-INDEX_FORMAT = 1
+#: 2 (since 2026-12-08): an ``ivf_pq_refine`` folder keeps its inverted lists in
+#: ``index.ivfdata`` (:mod:`rewrite.ivflists`) and ``index.faiss`` holds empty ones, so code
+#: that reads only format 1 refuses it instead of searching empty lists. Format 1 folders
+#: (lists inside ``index.faiss``) still load.
+INDEX_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 CATALOG_COLUMNS = ("text", "frequency", "n_users", "success_rate", "domain", "intent", "last_seen")
 #: Per-entry device-type counts: the device types the utterance was said on (most turns
 #: first, at most ``catalog.max_device_types``) with turns and successful turns on each.
@@ -288,8 +294,8 @@ def sha256_file(path: Path) -> str:
 
 def data_files(info: IndexInfo) -> tuple[str, ...]:
     """The data files of an index folder: ``index.faiss``, ``catalog.parquet`` and, when
-    ``index.json`` records it, ``catalog.arrow``."""
-    extra = (COLUMNS_FILE,) if COLUMNS_FILE in info.sha256 else ()
+    ``index.json`` records them, ``catalog.arrow`` and ``index.ivfdata``."""
+    extra = tuple(name for name in (COLUMNS_FILE, IVFDATA_FILE) if name in info.sha256)
     return (INDEX_FILE, CATALOG_FILE, *extra)
 
 
@@ -305,9 +311,9 @@ def verify_index_dir(directory: Path, expected_encoder_id: str | None = None) ->
     """
     directory = Path(directory)
     info = IndexInfo.read(directory)
-    if info.format != INDEX_FORMAT:
+    if info.format not in READABLE_FORMATS:
         raise IndexMismatchError(
-            f"index at {directory} has format {info.format}; this code reads {INDEX_FORMAT}"
+            f"index at {directory} has format {info.format}; this code reads {READABLE_FORMATS}"
         )
     if expected_encoder_id is not None and info.encoder_id != expected_encoder_id:
         raise IndexMismatchError(
@@ -858,7 +864,7 @@ class GlobalIndex:
             info = verify_index_dir(directory, expected_encoder_id)
         else:
             info = IndexInfo.read(directory)
-            if info.format != INDEX_FORMAT:
+            if info.format not in READABLE_FORMATS:
                 raise IndexMismatchError(f"index at {directory} has format {info.format}")
             if expected_encoder_id is not None and info.encoder_id != expected_encoder_id:
                 raise IndexMismatchError(
@@ -919,6 +925,14 @@ class GlobalIndex:
             faiss.downcast_index(index.base_index), faiss.IndexIVFPQFastScan
         ):
             raise IndexMismatchError(f"index at {directory} does not refine an IVF fast-scan PQ")
+        if IVFDATA_FILE in info.sha256:
+            lists = directory / IVFDATA_FILE
+            if not lists.exists():
+                raise FileNotFoundError(f"index folder {directory} lacks {IVFDATA_FILE}")
+            try:
+                ivflists.map_ivf_lists(index, lists)
+            except (ivflists.IvfListsError, RuntimeError) as err:
+                raise IndexCorruptError(f"cannot map {lists}: {err}") from err
         if info.kind == "hnsw":
             index.hnsw.efSearch = int(ef_search or info.params.get("ef_search", 64))
         elif info.kind in IVF_KINDS:

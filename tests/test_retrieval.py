@@ -156,6 +156,110 @@ def test_ivf_index_builds_loads_and_finds_neighbours(tmp_path: Path, kind: str) 
     assert (again / INDEX_FILE).read_bytes() == (directory / INDEX_FILE).read_bytes()
 
 
+def _maps_of(path: Path) -> list[str]:
+    return [
+        line
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if line.endswith(str(path.resolve()))
+    ]
+
+
+def test_ivf_lists_are_served_from_a_shared_read_only_mapping(tmp_path: Path) -> None:
+    """``ivf_pq_refine`` keeps its fast-scan lists in ``index.ivfdata`` (format 2), served from
+    a read-only shared mapping (FAISS ``OnDiskInvertedLists``): a search returns exactly what
+    the same index with its lists in memory returns, list by list (sizes that are no multiple
+    of the 32-entry block, empty ones, batches and lone queries), the file is unchanged by
+    loading and searching, and ``index.faiss`` holds no list data."""
+    import faiss
+
+    from offline.index import make_faiss_index
+    from rewrite.ivflists import IVFDATA_FILE, read_table
+
+    n = 3000
+    directory, vecs = build(tmp_path / "a", n, flat_max=100, ivf_min=1000)
+    info = json.loads((directory / INDEX_META).read_text())
+    assert info["format"] == 2 and IVFDATA_FILE in info["sha256"]
+    index = GlobalIndex.load(directory)
+    ivf = faiss.downcast_index(index.index.base_index)
+    assert type(faiss.downcast_InvertedLists(ivf.invlists)) is faiss.OnDiskInvertedLists
+    maps = _maps_of(directory / IVFDATA_FILE)
+    assert maps and all(line.split()[1] == "r--s" for line in maps)  # read-only, shared
+    # the same build with its lists in memory (the build is deterministic)
+    memory = make_faiss_index(unit_vectors(n), "ivf_pq_refine", nprobe=40)
+    mem_ivf = faiss.downcast_index(memory.base_index)
+    sizes = [mem_ivf.invlists.list_size(i) for i in range(mem_ivf.nlist)]
+    assert [ivf.invlists.list_size(i) for i in range(ivf.nlist)] == sizes
+    assert any(s % 32 for s in sizes) and sum(sizes) == n
+    assert read_table(directory / IVFDATA_FILE)[2][:, 0].tolist() == sizes
+    queries = np.concatenate([near(vecs[::37], seed=5), unit_vectors(50, seed=9)])
+    for nprobe in (1, 5, ivf.nlist):  # one list at a time, a few, every list
+        ivf.nprobe = mem_ivf.nprobe = nprobe
+        for batch in (queries, queries[:1]):
+            got_d, got_i = index.index.search(batch, 10)
+            want_d, want_i = memory.search(batch, 10)
+            np.testing.assert_array_equal(got_i, want_i)
+            np.testing.assert_array_equal(got_d, want_d)
+    assert sha256_file(directory / IVFDATA_FILE) == info["sha256"][IVFDATA_FILE]
+    faiss.write_index(memory, str(tmp_path / "full.faiss"))  # lists inside: codes and ids more
+    full = (tmp_path / "full.faiss").stat().st_size
+    assert full - (directory / INDEX_FILE).stat().st_size >= n * (8 + mem_ivf.M2 // 2)
+    del index, ivf
+    import gc
+
+    gc.collect()
+    assert _maps_of(directory / IVFDATA_FILE) == []  # unmapped with its index
+
+
+def test_a_format_1_ivf_folder_still_loads_and_a_bad_lists_file_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A folder of the previous format (lists inside ``index.faiss``, no ``index.ivfdata``)
+    loads and searches as before; a lists file that is missing, not one, or that disagrees
+    with the index is refused with a clear error, also when checksums are not verified."""
+    import faiss
+
+    from offline.index import make_faiss_index
+    from rewrite.ivflists import IVFDATA_FILE
+
+    n = 3000
+    directory, vecs = build(tmp_path / "a", n, flat_max=100, ivf_min=1000)
+    new = GlobalIndex.load(directory)
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in (CATALOG_FILE, COLUMNS_FILE):
+        (old / name).write_bytes((directory / name).read_bytes())
+    faiss.write_index(
+        make_faiss_index(unit_vectors(n), "ivf_pq_refine", nprobe=40), str(old / INDEX_FILE)
+    )
+    meta = json.loads((directory / INDEX_META).read_text())
+    del meta["sha256"][IVFDATA_FILE]
+    meta["sha256"][INDEX_FILE] = sha256_file(old / INDEX_FILE)
+    (old / INDEX_META).write_text(json.dumps({**meta, "format": 1}))
+    loaded = GlobalIndex.load(old)
+    base = faiss.downcast_index(loaded.index.base_index)
+    assert type(faiss.downcast_InvertedLists(base.invlists)) is faiss.BlockInvertedLists
+    queries = near(vecs[::50], seed=4)
+    assert loaded.search(queries, k=5) == new.search(queries, k=5)
+
+    lists = directory / IVFDATA_FILE
+    good = lists.read_bytes()
+    lists.write_bytes(b"not a lists file" + good[16:])
+    with pytest.raises(IndexCorruptError, match="not an inverted-lists file"):
+        GlobalIndex.load(directory, verify=False)
+    with pytest.raises(IndexCorruptError, match=f"{IVFDATA_FILE} is corrupt"):
+        GlobalIndex.load(directory)
+    lists.write_bytes(good[: len(good) // 2])  # lists past its end
+    with pytest.raises(IndexCorruptError, match="outside the file"):
+        GlobalIndex.load(directory, verify=False)
+    other, _ = build(tmp_path / "b", 2000, flat_max=100, ivf_min=1000)  # other list count
+    lists.write_bytes((other / IVFDATA_FILE).read_bytes())
+    with pytest.raises(IndexCorruptError, match="lists of"):
+        GlobalIndex.load(directory, verify=False)
+    lists.unlink()
+    with pytest.raises(FileNotFoundError, match=IVFDATA_FILE):
+        GlobalIndex.load(directory, verify=False)
+
+
 def test_search_runs_faiss_on_the_configured_threads_of_any_thread(tmp_path: Path) -> None:
     """OpenMP's thread count is per thread, and a thread started after :meth:`load` (the
     service's online workers) starts from the machine's default: every search applies
