@@ -230,6 +230,13 @@ class ServiceSettings(BaseModel):
     index (the mapped index file's pages are shared through the page cache, the rest is per
     process); 1 (default) = this process serves. One process is capped by its GIL, not by the
     cores (see :mod:`rewrite.processes` and the README's figures).
+    ``split_caches`` (default true): with ``processes`` > 1 the three in-process caches'
+    sizes (``pair_cache_size``, ``personal_cache_mb``, ``dpr.query_cache_size``) are budgets
+    of the whole service, split evenly over its processes
+    (:func:`rewrite.processes.per_process_settings`), so the service's memory does not grow
+    with its process count; false = every process gets the full sizes. Each process sees
+    about 1/``processes`` of the calls, so its share of the budget holds its share of the hot
+    set; with more distinct users than the budget holds, misses rise (README, "Benchmarks" (b)).
     ``index_swap_lock``: a file the service processes of one host lock
     (:func:`rewrite.online.index_swap_lock`) around loading a version's index, so they swap
     one at a time (with ``processes`` > 1 the supervisor sets one of its own when unset;
@@ -257,6 +264,7 @@ class ServiceSettings(BaseModel):
     online_inline_max_ms: float = Field(default=5.0, ge=0.0)
     index_swap: Literal["overlap", "release_first"] = "overlap"
     processes: int = Field(default=1, ge=1, le=64)
+    split_caches: bool = True
     index_swap_lock: Path | None = None
 
 
@@ -338,7 +346,9 @@ class DprSettings(BaseModel):
     mapping (:func:`rewrite.libc.release_file_pages`; 1M entries with the lexical channel:
     the mapping's resident size 422 -> 352 MB after 200 queries, RSS after loading 305 -> 236
     MB). Index folders are content-addressed and never rewritten, so a mapped file does not
-    change under the service.
+    change under the service. Whatever this says, ``ivf_pq_refine``'s inverted lists (index
+    format 2) are served from a read-only shared mapping of ``index.ivfdata``
+    (:mod:`rewrite.ivflists`: 72 MB at 1M entries that each process copied before).
 
     ``query_precision``: which query tower the service runs — ``auto`` (``query.int8.onnx``
     when the artifact's int8 check passed, else ``query.onnx``), ``int8`` (error when absent)
@@ -346,7 +356,8 @@ class DprSettings(BaseModel):
     fp32); on AVX2-only CPUs it is ~1.1x fp32 at cosine 0.992 (``bench/bench_encoders.py``),
     where ``fp32`` keeps the exact vectors for ~12 % more encoder time.
 
-    ``query_cache_size``: entries of the service's LRU of query vectors per process (0 = off),
+    ``query_cache_size``: entries of the service's LRU of query vectors (0 = off; split over
+    the service processes, see ``service.split_caches``),
     1.75 KB each measured (a 384-d float32 vector, its key and the LRU's links): 16,384 (since
     2026-12-07) hold 28 MB; the earlier 100,000 grew to 175 MB on a long run of distinct
     queries, which benchmark runs (~15k queries) never reached, and would have taken a

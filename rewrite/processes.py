@@ -18,7 +18,8 @@ spreads incoming connections over them — gRPC's own multiprocessing example
   *fork* would make unsafe), each running :func:`rewrite.server.serve_async` with
   ``reuse_port=True``: its own event loop, Rewriter, Redis connections, loaded index
   (``dpr.index_mmap`` maps the index file, whose pages the processes then share through the
-  page cache; the catalog, models and caches are per process);
+  page cache, as do the inverted lists and catalog columns; models and caches are per
+  process, the caches' sizes split over the processes: :func:`per_process_settings`);
 - it gives the processes one index swap lock (``service.index_swap_lock``, a file in its
   temporary folder, unless set), so that after a publish they load the new version's index one
   at a time: the memory peak is one extra index, not one per process;
@@ -186,6 +187,42 @@ def _process_main(
         conn.close()
 
 
+def per_process_settings(settings: Settings, processes: int) -> Settings:
+    """The settings each of ``processes`` service processes runs with.
+
+    With ``service.split_caches`` (default) the in-process caches' sizes are budgets of the
+    whole service: ``service.pair_cache_size``, ``service.personal_cache_mb`` and
+    ``dpr.query_cache_size`` are divided by ``processes`` (entries rounded down, at least 1
+    when the cache is on; a cache set to 0 stays off). Otherwise, or with one process,
+    ``settings`` is returned as it is.
+
+    Raises:
+        ValueError: ``processes`` below 1.
+    """
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, not {processes}")
+    if processes == 1 or not settings.service.split_caches:
+        return settings
+    out = settings.model_copy(deep=True)
+    svc = out.service
+
+    def share(entries: int) -> int:
+        return max(1, entries // processes) if entries > 0 else 0
+
+    svc.pair_cache_size = share(svc.pair_cache_size)
+    svc.personal_cache_mb = svc.personal_cache_mb / processes
+    out.dpr.query_cache_size = share(out.dpr.query_cache_size)
+    log.info(
+        "caches split over %d processes: each %d pair answers, %.1f MiB of personal "
+        "histories, %d query vectors",
+        processes,
+        svc.pair_cache_size,
+        svc.personal_cache_mb,
+        out.dpr.query_cache_size,
+    )
+    return out
+
+
 class ServiceProcesses:
     """Supervise ``processes`` service processes on one port (see the module docstring).
 
@@ -228,6 +265,9 @@ class ServiceProcesses:
         self._workdir: str | None = None  # the supervisor's temporary folder
         self._metrics_dir: str | None = None
         self._metrics_httpd: Any = None
+        #: the settings the processes were started with (:func:`per_process_settings`, plus
+        #: the swap lock); None before :meth:`start`
+        self.process_settings: Settings | None = None
 
     @property
     def port(self) -> int:
@@ -277,9 +317,11 @@ class ServiceProcesses:
         settings = self.settings
         try:
             self._workdir = tempfile.mkdtemp(prefix="qrw-service-")
+            settings = per_process_settings(settings, self.processes)
             if settings.service.index_swap_lock is None and self.processes > 1:
                 settings = settings.model_copy(deep=True)
                 settings.service.index_swap_lock = Path(self._workdir) / "index-swap.lock"
+            self.process_settings = settings
             if self._metrics_port is not None:
                 self._metrics_dir = os.path.join(self._workdir, "metrics")
                 os.mkdir(self._metrics_dir)

@@ -26,7 +26,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from offline.job import run_nightly
 from rewrite.client import RewriteClient
 from rewrite.config import Settings
-from rewrite.processes import ServiceProcesses, reserve_port
+from rewrite.processes import ServiceProcesses, per_process_settings, reserve_port
 from rewrite.types import RewriteRequest
 
 pytestmark = pytest.mark.integration
@@ -86,6 +86,12 @@ def test_two_processes_share_one_port_and_both_answer(published: Settings) -> No
         assert procs.metrics_port and procs.metrics_dir
         # the processes took the supervisor's index swap lock for their first load
         assert os.path.exists(os.path.join(os.path.dirname(procs.metrics_dir), "index-swap.lock"))
+        # each process runs with its share of the service's cache budgets
+        run = procs.process_settings
+        assert run is not None and run.service.split_caches
+        assert run.service.personal_cache_mb == published.service.personal_cache_mb / 2
+        assert run.service.pair_cache_size == published.service.pair_cache_size // 2
+        assert run.dpr.query_cache_size == published.dpr.query_cache_size // 2
         # connections, not calls, are spread: one channel per caller, each its own connection
         answers = []
         for _ in range(24):
@@ -106,6 +112,26 @@ def test_two_processes_share_one_port_and_both_answer(published: Settings) -> No
         metrics_dir = procs.metrics_dir
     assert not any(_alive(i.pid) for i in info)
     assert not os.path.exists(metrics_dir)  # the supervisor's temporary folder is gone
+
+
+def test_cache_budgets_are_split_over_the_processes(settings: Settings) -> None:
+    """``service.split_caches``: the pair, personal-history and query-vector caches' sizes are
+    the whole service's, divided over its processes (entries rounded down, at least one while
+    on; off stays off); one process, or the flag off, keeps the settings as they are."""
+    s = settings.model_copy(deep=True)
+    s.service.pair_cache_size, s.service.personal_cache_mb, s.dpr.query_cache_size = 65536, 64, 5
+    assert per_process_settings(s, 1) is s
+    two = per_process_settings(s, 2)
+    assert (two.service.pair_cache_size, two.service.personal_cache_mb) == (32768, 32.0)
+    assert two.dpr.query_cache_size == 2 and s.dpr.query_cache_size == 5  # a copy
+    many = per_process_settings(s, 8)
+    assert (many.service.pair_cache_size, many.dpr.query_cache_size) == (8192, 1)
+    s.service.pair_cache_size = 0
+    assert per_process_settings(s, 2).service.pair_cache_size == 0
+    s.service.split_caches = False
+    assert per_process_settings(s, 2) is s
+    with pytest.raises(ValueError, match="processes"):
+        per_process_settings(s, 0)
 
 
 def test_a_process_that_dies_is_noticed_and_the_rest_stopped(published: Settings) -> None:
