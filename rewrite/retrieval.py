@@ -830,7 +830,10 @@ class GlobalIndex:
         """Load and check an index folder.
 
         Args:
-            directory: folder with ``index.faiss``, ``catalog.parquet``, ``index.json``.
+            directory: folder with ``index.faiss``, ``catalog.parquet``, ``index.json`` (and,
+                when recorded there, ``catalog.arrow`` and ``index.ivfdata``: the inverted
+                lists of a format-2 ``ivf_pq_refine`` folder, always served from a read-only
+                shared mapping, :func:`rewrite.ivflists.map_ivf_lists`).
             expected_encoder_id: the query encoder's ``encoder_id``; None = do not check.
             ef_search: HNSW search breadth (default: the value recorded at build).
             nprobe: IVF lists searched per query (default: the value recorded at build).
@@ -839,12 +842,13 @@ class GlobalIndex:
                 thread count is a per-thread setting, and a thread started later (the
                 service's online workers) starts from the machine's default (every core), so
                 :meth:`search` applies it on the thread that searches, not only here.
-            verify: check SHA-256 of both files (reads them once more; ~1 s per GB).
+            verify: check SHA-256 of the data files (reads them once more; ~1 s per GB).
             refine_k_factor: ``ivf_pq_refine``: PQ candidates re-scored per result, as a
                 multiple of k (default: the value recorded at build).
             mmap: map the index file's flat codes instead of reading them into memory
                 (FAISS ``IO_FLAG_MMAP_IFC``: the flat and HNSW vectors, the refine codes of
-                ``ivf_pq_refine``; inverted lists are read as before). The file must then not
+                ``ivf_pq_refine``; inverted lists inside ``index.faiss``, format 1, are read
+                into memory as before). The file must then not
                 change while the index is in use (index folders never are rewritten). The
                 pages that loading read through the mapping and copied (inverted lists, HNSW
                 links, headers) are then released from this process's page tables
