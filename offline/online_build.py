@@ -25,6 +25,7 @@ import numpy as np
 from offline.dpr.ids import zero_shot_dir
 from rewrite.config import Settings
 from rewrite.encoder import DPR_META, DprModelMissingError, PassageEncoder, resolve_dpr_artifact
+from rewrite.ivflists import IVFDATA_FILE
 from rewrite.retrieval import (
     CATALOG_FILE,
     INDEX_FILE,
@@ -77,14 +78,18 @@ class OnlineBuild:
 
     @property
     def content_id(self) -> str:
-        """sha256 over the index file, the catalog sidecar, the encoder id and the catalog's
-        text-hash scheme (part of the published version's content, and the installed
+        """sha256 over the index file (and its lists file, when it has one), the catalog
+        sidecar, the encoder id and the catalog's text-hash scheme (part of the published
+        version's content, and the installed
         folder's name: a folder installed before the text hashes were stable, whose
         ``catalog.arrow`` the service would have to rehash, is not taken for a new build)."""
         h = hashlib.sha256()
         for part in (self.info.sha256[INDEX_FILE], self.info.sha256[CATALOG_FILE],
                      self.info.encoder_id, TEXT_HASH):  # fmt: skip
             h.update(part.encode())
+            h.update(b"\0")
+        if IVFDATA_FILE in self.info.sha256:  # format 2: the inverted lists' own file
+            h.update(self.info.sha256[IVFDATA_FILE].encode())
             h.update(b"\0")
         return h.hexdigest()
 

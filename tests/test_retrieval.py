@@ -682,6 +682,14 @@ def test_the_installed_folder_name_covers_the_text_hash_scheme(
     assert now == online_build.OnlineBuild(None, "x", directory, made.info).content_id  # type: ignore[arg-type]
     monkeypatch.setattr(online_build, "TEXT_HASH", "python-hash")
     assert made.content_id != now
+    # an inverted file's lists file is part of the content too (index format 2)
+    from rewrite.ivflists import IVFDATA_FILE
+
+    ivf_dir, _ = build(tmp_path / "ivf", 3000, flat_max=100, ivf_min=1000)
+    info = IndexInfo.read(ivf_dir)
+    lists = online_build.OnlineBuild(None, "z", ivf_dir, info)  # type: ignore[arg-type]
+    other = dataclasses.replace(info, sha256={**info.sha256, IVFDATA_FILE: "0" * 64})
+    assert lists.content_id != online_build.OnlineBuild(None, "z", ivf_dir, other).content_id  # type: ignore[arg-type]
 
 
 def test_mapped_catalog_columns_equal_the_parquet_catalog(tmp_path: Path) -> None:
