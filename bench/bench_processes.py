@@ -246,6 +246,7 @@ def main() -> None:
     n_online = args.rounds * len(args.processes) * per_config
     rows: list[Row] = []
     memory: dict[int, list[dict[str, Any]]] = {p: [] for p in args.processes}
+    caches: dict[int, dict[str, float]] = {}  # each process's cache sizes (split_caches)
     with tempfile.TemporaryDirectory(prefix="qrw-bench-processes-") as tmp:
         redis_server = bo.EmbeddedRedis(Path(tmp) / "redis")
         redis_server.start()
@@ -276,9 +277,16 @@ def main() -> None:
                             pid: {**bo.proc_memory_mb(pid), **smaps_mb(pid)} for pid in procs.pids
                         }
                         memory[procs_n].append(per_pid)
+                        run = procs.process_settings
+                        assert run is not None
+                        caches[procs_n] = {
+                            "pair_cache_size": run.service.pair_cache_size,
+                            "personal_cache_mb": run.service.personal_cache_mb,
+                            "query_cache_size": run.dpr.query_cache_size,
+                        }
         finally:
             redis_server.stop()
-    report(args, build, rows, memory, start)
+    report(args, build, rows, memory, caches, start)
 
 
 def report(
@@ -286,6 +294,7 @@ def report(
     build: bo.IndexBuild,
     rows: list[Row],
     memory: dict[int, list[dict[int, dict[str, float]]]],
+    caches: dict[int, dict[str, float]],
     start: float,
 ) -> None:
     """Print the table (and ``--json``)."""
@@ -324,11 +333,17 @@ def report(
             pss = sum(m["Pss"] for m in per_pid.values())
             anon = sum(m["Pss_Anon"] for m in per_pid.values())
             file = sum(m["Pss_File"] for m in per_pid.values())
+            c = caches.get(procs_n, {})
             print(
                 f"  {procs_n} process(es), round {i + 1}: RSS/HWM {rss}; Pss total {pss:.0f} "
-                f"(anonymous {anon:.0f}, file-backed {file:.0f})"
+                f"(anonymous {anon:.0f}, file-backed {file:.0f}); caches per process: "
+                f"{c.get('pair_cache_size', 0):.0f} pair answers, "
+                f"{c.get('personal_cache_mb', 0):.0f} MiB of histories, "
+                f"{c.get('query_cache_size', 0):.0f} query vectors"
             )
-            mem_out.append({"processes": procs_n, "per_process": list(per_pid.values())})
+            mem_out.append(
+                {"processes": procs_n, "per_process": list(per_pid.values()), "caches": c}
+            )
     best = {
         p: max(pooled(rows, p, "online", c)["qps"] for c in args.concurrency)
         for p in args.processes
