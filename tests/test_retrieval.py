@@ -25,7 +25,7 @@ from offline.index import (
     write_index_dir,
 )
 from rewrite import libc, retrieval
-from rewrite.config import DprSettings, LexicalSettings
+from rewrite.config import DprSettings, LexicalSettings, Settings
 from rewrite.hashing import stable_hash64
 from rewrite.online import history_lookup
 from rewrite.personal import UNKNOWN_ROW, PersonalHistory
@@ -673,7 +673,8 @@ def test_the_installed_folder_name_covers_the_text_hash_scheme(
     """The job installs an index under ``content_id`` (index file, catalog sidecar, encoder
     id) and reuses a folder of that name; the name also covers the catalog's text-hash
     scheme, so a new build never takes a folder whose ``catalog.arrow`` holds hashes of
-    another scheme (per-process ``hash()`` ones, before 2026-12-08)."""
+    another scheme (per-process ``hash()`` ones, before 2026-12-08), and an inverted file's
+    lists file (format 2), which installing copies with the rest."""
     from offline import online_build
 
     directory, _ = build(tmp_path / "idx", 50)
@@ -690,6 +691,16 @@ def test_the_installed_folder_name_covers_the_text_hash_scheme(
     lists = online_build.OnlineBuild(None, "z", ivf_dir, info)  # type: ignore[arg-type]
     other = dataclasses.replace(info, sha256={**info.sha256, IVFDATA_FILE: "0" * 64})
     assert lists.content_id != online_build.OnlineBuild(None, "z", ivf_dir, other).content_id  # type: ignore[arg-type]
+    # installing copies the lists file with the rest: the installed folder verifies and
+    # answers as the built one
+    settings = Settings()
+    settings.dpr.index_root = tmp_path / "installed"
+    installed = online_build.install_index(lists, settings)
+    assert installed.name == lists.content_id[:16] and (installed / IVFDATA_FILE).exists()
+    queries = unit_vectors(20, seed=11)
+    assert GlobalIndex.load(installed).search(queries, k=5) == GlobalIndex.load(ivf_dir).search(
+        queries, k=5
+    )
 
 
 def test_mapped_catalog_columns_equal_the_parquet_catalog(tmp_path: Path) -> None:
