@@ -298,7 +298,8 @@ def write_index_dir(
     tmp_index = out_dir / f".{INDEX_FILE}.tmp-{pid}"
     tmp_cat = out_dir / f".{CATALOG_FILE}.tmp-{pid}"
     tmp_lists = out_dir / f".{IVFDATA_FILE}.tmp-{pid}"
-    if kind == "ivf_pq_refine":
+    lists_file = kind == "ivf_pq_refine"  # index format 2: the fast-scan lists apart
+    if lists_file:
         # the lists go to a file of their own that the service maps (rewrite.ivflists);
         # index.faiss keeps empty ones (the in-memory lists are not needed after this)
         ivflists.write_ivf_lists(index, tmp_lists)
@@ -316,7 +317,7 @@ def write_index_dir(
     _replace_into(tmp_index, out_dir / INDEX_FILE)
     _replace_into(tmp_cat, out_dir / CATALOG_FILE)
     _replace_into(tmp_cols, out_dir / COLUMNS_FILE)
-    if kind == "ivf_pq_refine":
+    if lists_file:
         _replace_into(tmp_lists, out_dir / IVFDATA_FILE)
     else:  # an older ivf_pq_refine index in this folder leaves no stale lists behind
         (out_dir / IVFDATA_FILE).unlink(missing_ok=True)
@@ -340,14 +341,9 @@ def write_index_dir(
         n=n,
         kind=kind,
         sha256={
-            INDEX_FILE: sha256_file(out_dir / INDEX_FILE),
-            CATALOG_FILE: sha256_file(out_dir / CATALOG_FILE),
-            COLUMNS_FILE: sha256_file(out_dir / COLUMNS_FILE),
-            **(
-                {IVFDATA_FILE: sha256_file(out_dir / IVFDATA_FILE)}
-                if kind == "ivf_pq_refine"
-                else {}
-            ),
+            name: sha256_file(out_dir / name)
+            for name in (INDEX_FILE, CATALOG_FILE, COLUMNS_FILE)
+            + ((IVFDATA_FILE,) if lists_file else ())
         },
         params=params,
         built_unix=round(time.time(), 3),

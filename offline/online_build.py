@@ -83,13 +83,11 @@ class OnlineBuild:
         version's content, and the installed
         folder's name: a folder installed before the text hashes were stable, whose
         ``catalog.arrow`` the service would have to rehash, is not taken for a new build)."""
+        sha = self.info.sha256
+        lists = [sha[IVFDATA_FILE]] if IVFDATA_FILE in sha else []  # format 2's lists file
         h = hashlib.sha256()
-        for part in (self.info.sha256[INDEX_FILE], self.info.sha256[CATALOG_FILE],
-                     self.info.encoder_id, TEXT_HASH):  # fmt: skip
+        for part in (sha[INDEX_FILE], sha[CATALOG_FILE], self.info.encoder_id, TEXT_HASH, *lists):
             h.update(part.encode())
-            h.update(b"\0")
-        if IVFDATA_FILE in self.info.sha256:  # format 2: the inverted lists' own file
-            h.update(self.info.sha256[IVFDATA_FILE].encode())
             h.update(b"\0")
         return h.hexdigest()
 

@@ -65,6 +65,11 @@ def _fast_scan_ivf(index: Any) -> Any:
     return ivf
 
 
+def _entry_bytes(ivf: Any) -> int:
+    """Bytes per entry of ``ivf``'s packed blocks (``M2 / 2``: two 4-bit codes a byte)."""
+    return int(ivf.M2) // 2
+
+
 def _header_bytes(nlist: int) -> int:
     raw = len(MAGIC) + 3 * 8 + nlist * 3 * 8
     return -(-raw // _PAGE) * _PAGE
@@ -164,7 +169,7 @@ def map_ivf_lists(index: Any, path: Path) -> int:
 
     ivf = _fast_scan_ivf(index)
     nlist, code_size, table = read_table(path)
-    want = ivf.M2 // 2
+    want = _entry_bytes(ivf)
     if nlist != ivf.nlist or code_size != want:
         raise IvfListsError(
             f"{path} holds {nlist} lists of {code_size} bytes per entry; the index has "
@@ -202,4 +207,4 @@ def empty_lists_like(index: Any) -> Any:
     import faiss
 
     ivf = _fast_scan_ivf(index)
-    return faiss.ArrayInvertedLists(ivf.nlist, ivf.M2 // 2)
+    return faiss.ArrayInvertedLists(ivf.nlist, _entry_bytes(ivf))
