@@ -123,12 +123,13 @@ def write_ivf_lists(index: Any, path: Path) -> int:
     return written
 
 
-def read_table(path: Path) -> tuple[int, int, np.ndarray]:
-    """``(nlist, code_size, table)`` of a lists' file; ``table`` ``(nlist, 3)`` int64
-    (size, capacity, offset per list).
+def read_table(path: Path) -> tuple[int, int, int, np.ndarray]:
+    """``(nlist, code_size, n_per_block, table)`` of a lists' file; ``table`` ``(nlist, 3)``
+    int64 (size, capacity, offset per list).
 
     Raises:
-        IvfListsError: not such a file, or a list lies outside it.
+        IvfListsError: not such a file, a list lies outside it, or a list's capacity is not
+            whole blocks covering its entries (the kernels read every block of a list).
         OSError: it cannot be read.
     """
     path = Path(path)
@@ -137,8 +138,8 @@ def read_table(path: Path) -> tuple[int, int, np.ndarray]:
         fixed = fh.read(len(MAGIC) + 24)
         if len(fixed) < len(MAGIC) + 24 or fixed[: len(MAGIC)] != MAGIC:
             raise IvfListsError(f"{path} is not an inverted-lists file")
-        nlist, code_size, _per_block = (int(v) for v in np.frombuffer(fixed[8:], dtype="<i8"))
-        if nlist < 1 or code_size < 1 or _header_bytes(nlist) > total:
+        nlist, code_size, per_block = (int(v) for v in np.frombuffer(fixed[8:], dtype="<i8"))
+        if nlist < 1 or code_size < 1 or per_block < 1 or _header_bytes(nlist) > total:
             raise IvfListsError(f"{path}: bad header (nlist {nlist}, code_size {code_size})")
         raw = fh.read(nlist * 24)
     table = np.frombuffer(raw, dtype="<i8").reshape(nlist, 3).astype(np.int64)
@@ -146,7 +147,9 @@ def read_table(path: Path) -> tuple[int, int, np.ndarray]:
     ends = offsets + capacity * (code_size + 8)
     if (sizes < 0).any() or (capacity < sizes).any() or (offsets < 0).any() or (ends > total).any():
         raise IvfListsError(f"{path}: a list lies outside the file")
-    return nlist, code_size, table
+    if (capacity % per_block).any():
+        raise IvfListsError(f"{path}: a list's capacity is not whole blocks of {per_block}")
+    return nlist, code_size, per_block, table
 
 
 def map_ivf_lists(index: Any, path: Path) -> int:
@@ -162,18 +165,18 @@ def map_ivf_lists(index: Any, path: Path) -> int:
 
     Raises:
         IvfListsError: the file is not such a file, or its lists do not fit the index
-            (number of lists, bytes per entry, entries).
+            (number of lists, bytes per entry, block size, entries).
         OSError / RuntimeError: the file cannot be opened or mapped.
     """
     import faiss
 
     ivf = _fast_scan_ivf(index)
-    nlist, code_size, table = read_table(path)
+    nlist, code_size, per_block, table = read_table(path)
     want = _entry_bytes(ivf)
-    if nlist != ivf.nlist or code_size != want:
+    if nlist != ivf.nlist or code_size != want or per_block != ivf.bbs:
         raise IvfListsError(
-            f"{path} holds {nlist} lists of {code_size} bytes per entry; the index has "
-            f"{ivf.nlist} lists of {want}"
+            f"{path} holds {nlist} lists of {code_size} bytes per entry in blocks of "
+            f"{per_block}; the index has {ivf.nlist} lists of {want} in blocks of {ivf.bbs}"
         )
     entries = int(table[:, 0].sum())
     if entries != ivf.ntotal:

@@ -190,7 +190,7 @@ def test_ivf_lists_are_served_from_a_shared_read_only_mapping(tmp_path: Path) ->
     sizes = [mem_ivf.invlists.list_size(i) for i in range(mem_ivf.nlist)]
     assert [ivf.invlists.list_size(i) for i in range(ivf.nlist)] == sizes
     assert any(s % 32 for s in sizes) and sum(sizes) == n
-    assert read_table(directory / IVFDATA_FILE)[2][:, 0].tolist() == sizes
+    assert read_table(directory / IVFDATA_FILE)[3][:, 0].tolist() == sizes
     queries = np.concatenate([near(vecs[::37], seed=5), unit_vectors(50, seed=9)])
     for nprobe in (1, 5, ivf.nlist):  # one list at a time, a few, every list
         ivf.nprobe = mem_ivf.nprobe = nprobe
@@ -248,6 +248,14 @@ def test_a_format_1_ivf_folder_still_loads_and_a_bad_lists_file_is_refused(
         GlobalIndex.load(directory, verify=False)
     with pytest.raises(IndexCorruptError, match=f"{IVFDATA_FILE} is corrupt"):
         GlobalIndex.load(directory)
+    # a list whose capacity stops inside its last block (the kernels read whole blocks)
+    nlist = int(np.frombuffer(good[8:16], dtype="<i8")[0])
+    table = np.frombuffer(good[32 : 32 + nlist * 24], dtype="<i8").reshape(nlist, 3).copy()
+    cut = int(np.flatnonzero(table[:, 0] % 32)[0])
+    table[cut, 1] = table[cut, 0]
+    lists.write_bytes(good[:32] + table.tobytes() + good[32 + nlist * 24 :])
+    with pytest.raises(IndexCorruptError, match="not whole blocks"):
+        GlobalIndex.load(directory, verify=False)
     lists.write_bytes(good[: len(good) // 2])  # lists past its end
     with pytest.raises(IndexCorruptError, match="outside the file"):
         GlobalIndex.load(directory, verify=False)
